@@ -1,0 +1,133 @@
+"""GPT-2 byte-level BPE through tiktoken, built offline from a checkpoint's own vocabulary files.
+
+Accepts OpenAI's names (`encoder.json` + `vocab.bpe`) or HuggingFace's (`vocab.json` + `merges.txt`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import tiktoken
+
+from gpt2kit.errors import Gpt2kitError
+
+EOT = "<|endoftext|>"
+# GPT-2's pre-tokenisation regex (OpenAI encoder.py), identical to tiktoken's r50k_base.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+VOCAB_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2 stores byte strings as printable unicode: bytes 33-126, 161-172, 174-255 map to themselves,
+    # the rest to 256+n in order.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def find_vocab_files(directory: str | Path) -> tuple[Path, Path] | None:
+    d = Path(directory)
+    for enc, merges in VOCAB_FILE_PAIRS:
+        if (d / enc).is_file() and (d / merges).is_file():
+            return d / enc, d / merges
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoding(encoder_path: str, merges_path: str) -> tiktoken.Encoding:
+    try:
+        encoder: dict[str, int] = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise Gpt2kitError(f"cannot read vocabulary {encoder_path}: {e}") from None
+    dec = _byte_decoder()
+    ranks: dict[bytes, int] = {}
+    special: dict[str, int] = {}
+    try:
+        for tok, idx in encoder.items():
+            if tok == EOT:
+                special[tok] = idx
+            else:
+                ranks[bytes(dec[ch] for ch in tok)] = idx
+    except KeyError:
+        raise Gpt2kitError(f"{encoder_path} is not a GPT-2 byte-level vocabulary") from None
+    # tiktoken merges by rank == token id. GPT-2's ids are exactly its merge order (256 bytes first, then
+    # merges.txt line by line), so check that instead of trusting it.
+    try:
+        lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    except OSError as e:
+        raise Gpt2kitError(f"cannot read merges {merges_path}: {e}") from None
+    merges = [ln for ln in lines[1:] if ln and not ln.startswith("#version")]
+    for rank, line in enumerate(merges[:2000], start=256):
+        a, b = line.split(" ")
+        tok = bytes(dec[c] for c in a + b)
+        if ranks.get(tok) != rank:
+            raise Gpt2kitError(f"{encoder_path} and {merges_path} do not agree (merge {rank}); "
+                               "the vocabulary files are mismatched or not GPT-2's")
+    return tiktoken.Encoding(
+        name=f"gpt2kit:{encoder_path}",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+    )
+
+
+class Tokenizer:
+    def __init__(self, encoding: tiktoken.Encoding, source_dir: Path | None = None):
+        self.encoding = encoding
+        self.source_dir = source_dir
+        self.eot_token: int = encoding.eot_token if EOT in encoding.special_tokens_set else encoding.n_vocab - 1
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> Tokenizer:
+        files = find_vocab_files(directory)
+        if files is None:
+            raise Gpt2kitError(
+                f"no tokenizer files in {directory}: expected vocab.json + merges.txt or encoder.json + vocab.bpe")
+        return cls(_load_encoding(str(files[0].resolve()), str(files[1].resolve())), Path(directory))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Text to ids. `<|endoftext|>` in the text becomes token 50256 (as HF's GPT-2 tokenizer does)
+        unless allow_special=False, in which case it is encoded as ordinary characters."""
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode(text, disallowed_special=())
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
+        if allow_special:
+            return self.encoding.encode_ordinary_batch(texts) if not any(EOT in t for t in texts) else \
+                self.encoding.encode_batch(list(texts), allowed_special="all")
+        return self.encoding.encode_batch(list(texts), disallowed_special=())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token)
+
+    def save(self, directory: str | Path) -> None:
+        """Write HF's vocab.json + merges.txt (the same files GPT2Tokenizer.save_pretrained writes)."""
+        if self.source_dir is None:
+            raise Gpt2kitError("this tokenizer was not built from files and cannot be saved")
+        enc, merges = find_vocab_files(self.source_dir)  # type: ignore[misc]
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vocab.json").write_bytes(enc.read_bytes())
+        (out / "merges.txt").write_bytes(merges.read_bytes())
