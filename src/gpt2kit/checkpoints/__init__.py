@@ -1,0 +1,159 @@
+"""Find, read and write GPT-2 checkpoints in any supported format.
+
+Readable: HuggingFace directories, OpenAI's TensorFlow checkpoint directories, gpt2kit run directories
+(which hold HuggingFace-format models), and model names (downloaded from the Hub). Written: one format,
+HuggingFace-compatible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gpt2kit.config import OPENAI_NAMES, GPTConfig
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.model import GPT
+from gpt2kit.tokenizer import Tokenizer, find_vocab_files
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """'auto'/None picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise Gpt2kitError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Gpt2kitError(f"--device {device} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise Gpt2kitError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise Gpt2kitError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
+    return DTYPES[dtype]
+
+
+def run_model_dir(path: Path) -> Path | None:
+    """A gpt2kit run directory (has run.json): its best model if validation picked one, else its final
+    model, else its newest checkpoint."""
+    if not (path / "run.json").is_file():
+        return None
+    for sub in ("best", "final"):
+        if _is_model_dir(path / sub):
+            return path / sub
+    ckpts = sorted((path / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[-1])) \
+        if (path / "checkpoints").is_dir() else []
+    for c in reversed(ckpts):
+        if _is_model_dir(c):
+            return c
+    raise Gpt2kitError(f"run directory {path} has no saved model yet (no best/, final/ or checkpoints/)")
+
+
+def _is_model_dir(path: Path) -> bool:
+    from gpt2kit.checkpoints.hf import is_hf_dir
+    return path.is_dir() and (is_hf_dir(path) or _is_tf_dir(path))
+
+
+def _is_tf_dir(path: Path) -> bool:
+    from gpt2kit.checkpoints.openai_tf import is_openai_tf_dir
+    return is_openai_tf_dir(path)
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local model directory for `name_or_path`: a directory as it is, a run directory's model,
+    or a model name downloaded (and cached) from the Hugging Face Hub."""
+    s = str(name_or_path)
+    path = Path(s).expanduser()
+    if path.is_dir():
+        return run_model_dir(path) or path
+    if path.exists():
+        raise Gpt2kitError(f"--model {s} is a file; pass the directory that holds config.json and the weights")
+    from gpt2kit.checkpoints import hub
+    return hub.resolve(OPENAI_NAMES.get(s, s))
+
+
+def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Config and state dict (our layout) from an HF or OpenAI-TF directory."""
+    from gpt2kit.checkpoints import hf
+    if hf.is_hf_dir(path):
+        config = GPTConfig.from_json_file(path / "config.json")
+        return config, hf.hf_to_gpt2kit(hf.read_hf_state_dict(path), config)
+    if _is_tf_dir(path):
+        from gpt2kit.checkpoints.openai_tf import read_openai_tf
+        hparams, sd = read_openai_tf(path)
+        config = GPTConfig.from_openai_hparams(hparams)
+        return config, hf.hf_to_gpt2kit(sd, config)
+    if (path / "config.json").is_file():
+        raise Gpt2kitError(f"{path} has config.json but no model.safetensors or pytorch_model.bin")
+    raise Gpt2kitError(f"{path} is not a GPT-2 checkpoint: expected config.json + model.safetensors "
+                       "(HuggingFace), hparams.json + model.ckpt.* (OpenAI TF), or a gpt2kit run directory")
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None,
+               tokenizer_dir: str | Path | None = None) -> tuple[GPT, Tokenizer]:
+    """Load any readable checkpoint (or model name) as an eval-mode GPT plus its tokenizer."""
+    path = resolve_model_dir(name_or_path)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    config, sd = read_checkpoint(path)
+    with torch.device("meta"):
+        model = GPT(config)  # no time spent on random init: every tensor comes from the file
+    sd = {k: v.to(device=dev, dtype=dt) for k, v in sd.items()}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    model.load_state_dict(sd, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+    model.eval()
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else path
+    if find_vocab_files(tok_src) is None:
+        raise Gpt2kitError(f"{tok_src} has no tokenizer files (vocab.json + merges.txt or encoder.json + "
+                           "vocab.bpe); copy them from the base model's directory")
+    return model, Tokenizer.from_dir(tok_src)
+
+
+def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path:
+    """Write HuggingFace-compatible config.json, model.safetensors, vocab.json and merges.txt."""
+    from gpt2kit.checkpoints.hf import write_hf_dir
+    out = Path(out)
+    write_hf_dir(out, model.config, model.state_dict())
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Any readable checkpoint -> our (HuggingFace-compatible) format."""
+    path = resolve_model_dir(src)
+    config, sd = read_checkpoint(path)
+    if dtype not in (None, "auto"):
+        dt = pick_dtype(dtype, torch.device("cpu"))
+        sd = {k: v.to(dt) for k, v in sd.items()}
+    from gpt2kit.checkpoints.hf import write_hf_dir
+    out = Path(out)
+    if out.exists() and out.resolve() == path.resolve():
+        raise Gpt2kitError("convert would overwrite its own source; choose another output directory")
+    write_hf_dir(out, config, sd)
+    files = find_vocab_files(path)
+    if files is not None:
+        (out / "vocab.json").write_bytes(files[0].read_bytes())
+        (out / "merges.txt").write_bytes(files[1].read_bytes())
+    (out / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
+    return out

@@ -1,0 +1,174 @@
+"""GPT-2 as a pure nn.Module. Parameter names follow GPT-2 (wte, wpe, h.{i}.attn.c_attn, ln_f) so that
+HuggingFace and OpenAI checkpoints map key for key; the only differences are listed in checkpoints/hf.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gpt2kit.config import GPTConfig
+from gpt2kit.kv_cache import KVCache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
+                kv_len: int | None, rows: slice | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.kv_cache is None or input_pos is None:
+            # training / no-cache scoring: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            ck, cv = self.kv_cache.k, self.kv_cache.v  # (Bmax, nh, S, hs)
+            if rows is not None:
+                ck, cv = ck[rows], cv[rows]  # a view: in-place writes reach the cache
+            # each row writes its own positions: input_pos (B, T) -> index (B, nh, T, hs)
+            idx = input_pos[:, None, :, None].expand(B, self.n_head, T, self.head_dim)
+            ck.scatter_(2, idx, k)
+            cv.scatter_(2, idx, v)
+            if kv_len is not None:  # attend only to the filled prefix (eager fast path; shapes vary)
+                ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
+            y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, input_pos=None, mask=None, kv_len=None, rows=None):
+        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len, rows)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def setup_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a KV cache for `batch_size` rows of up to `max_len` positions (<= n_positions)."""
+        max_len = min(max_len, self.config.n_positions)
+        for block in self.transformer.h:
+            c = block.attn.kv_cache
+            if c is not None and c.k.shape[0] == batch_size and c.max_len == max_len and c.k.device == self.device:
+                continue
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, self.config.head_dim,
+                                          dtype or self.dtype, self.device)
+
+    def clear_caches(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int:
+        c = self.transformer.h[0].attn.kv_cache
+        return 0 if c is None else c.max_len
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *,
+                kv_len: int | None = None, rows: slice | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        Without input_pos: plain causal forward over positions 0..T-1 (training, scoring).
+        With input_pos (B, T) or (T,): absolute positions; keys/values go into the KV cache at those
+        positions and each query sees cache slots <= its own position. kv_len (a Python int) limits
+        attention to the first kv_len slots; rows selects a contiguous slice of cache rows."""
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.n_positions}")
+            pos = torch.arange(T, device=idx.device)
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+            mask = None
+        else:
+            if input_pos.dim() == 1:
+                input_pos = input_pos.unsqueeze(0).expand(B, T)
+            x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)
+            S = kv_len if kv_len is not None else self.cache_len
+            slots = torch.arange(S, device=idx.device)
+            mask = slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and input_pos is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, input_pos, mask, kv_len, rows)
+        if last_only:
+            x = x[:, -1:, :]
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)  # (B, T, vocab)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        logits = self(idx)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
