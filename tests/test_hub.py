@@ -1,0 +1,265 @@
+"""gpt2kit.checkpoints.hub against a stand-in Hugging Face Hub on 127.0.0.1 (no real network, ever).
+
+The stand-in answers the three endpoints snapshot_download uses: GET /api/models/{repo}/revision/{rev}
+(repo_info: sha + siblings), GET /api/models/{repo}/tree/{rev} (file listing) and HEAD/GET
+/{repo}/resolve/{rev}/{file} (X-Repo-Commit, ETag, Content-Length, body); errors carry X-Error-Code
+like the real Hub's, since that is how huggingface_hub tells a missing repo from a gated one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import torch
+from huggingface_hub import constants
+from safetensors.torch import save as st_save
+
+from gpt2kit.checkpoints import hub
+from gpt2kit.errors import Gpt2kitError
+
+TINY = Path("/work/shared/data/tf-gpt2-tiny/hf")
+SHA = "0123456789abcdef0123456789abcdef01234567"
+WANTED = {"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt"}
+LFS = {"model.safetensors", "pytorch_model.bin", "tf_model.h5"}
+
+
+def _files(weights=("model.safetensors", "pytorch_model.bin")) -> dict[str, bytes]:
+    files = {f: (TINY / f).read_bytes() for f in ("config.json", "generation_config.json", "vocab.json",
+                                                    "merges.txt")}
+    files["README.md"] = b"# stand-in\n"
+    files["tf_model.h5"] = b"not for gpt2kit"
+    if "model.safetensors" in weights:
+        files["model.safetensors"] = st_save({"x": torch.arange(4, dtype=torch.float32)})
+    if "pytorch_model.bin" in weights:
+        files["pytorch_model.bin"] = b"pickle bytes gpt2kit should not fetch when safetensors exist"
+    return files
+
+
+def _etag(name: str, data: bytes) -> str:
+    # The Hub's ETag: sha256 for LFS files, git blob sha1 otherwise (huggingface_hub names cache blobs by it).
+    if name in LFS:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos = {"openai-community/gpt2": _files(),
+                      "someone/old-gpt2": _files(weights=("pytorch_model.bin",))}
+        self.gated = {"meta/gated-gpt2"}
+        self.requests: list[tuple[str, str]] = []
+        hub_ = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                hub_.handle(self, body=True)
+
+            def do_HEAD(self):
+                hub_.handle(self, body=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, req: BaseHTTPRequestHandler, body: bool):
+        path = unquote(urlsplit(req.path).path)
+        self.requests.append((req.command, path))
+        m = (re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)", path)
+             or re.fullmatch(r"/()([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path))
+        if not m:
+            return self.send(req, 404, b"{}", body, {"X-Error-Code": "EntryNotFound"})
+        if m.group(1):
+            repo, kind, rev = m.groups()
+        else:
+            _, repo, rev, fname = m.groups()
+            kind = "resolve"
+        if repo in self.gated:
+            return self.send(req, 401, b"{}", body, {"X-Error-Code": "GatedRepo"})
+        if repo not in self.repos:
+            return self.send(req, 404, b"{}", body, {"X-Error-Code": "RepoNotFound"})
+        if rev not in ("main", SHA):
+            return self.send(req, 404, b"{}", body, {"X-Error-Code": "RevisionNotFound"})
+        files = self.repos[repo]
+        if kind == "revision":
+            info = {"id": repo, "sha": SHA, "private": False, "siblings": [{"rfilename": f} for f in files]}
+            return self.send(req, 200, json.dumps(info).encode(), body)
+        if kind == "tree":
+            tree = [{"type": "file", "path": f, "size": len(d), "oid": _etag("", d),
+                     **({"lfs": {"oid": _etag(f, d), "size": len(d), "pointerSize": 134}} if f in LFS else {})}
+                    for f, d in files.items()]
+            return self.send(req, 200, json.dumps(tree).encode(), body)
+        if fname not in files:
+            return self.send(req, 404, b"{}", body, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": SHA})
+        data = files[fname]
+        return self.send(req, 200, data, body, {"X-Repo-Commit": SHA, "ETag": f'"{_etag(fname, data)}"'})
+
+    @staticmethod
+    def send(req, status, data, body, headers=None):
+        req.send_response(status)
+        for k, v in {"Content-Length": str(len(data)), **(headers or {})}.items():
+            req.send_header(k, v)
+        req.end_headers()
+        if body:
+            req.wfile.write(data)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """Own cache, no token, short timeouts, and a guard that fails any connection not to 127.0.0.1."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 2)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1"):
+            raise AssertionError(f"test tried to reach {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    h = FakeHub()
+    # huggingface_hub read HF_ENDPOINT at import: point its module-level defaults at the stand-in too.
+    monkeypatch.setattr(constants, "ENDPOINT", h.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.url + "/{repo_id}/resolve/{revision}/{filename}")
+    yield h
+    h.stop()
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def _resolve_paths(h: FakeHub) -> set[str]:
+    return {p.rsplit("/", 1)[1] for m, p in h.requests if "/resolve/" in p}
+
+
+def test_download_bare_name_fetches_only_needed_files(fake_hub, tmp_path):
+    d = hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert d == tmp_path / "c" / "models--openai-community--gpt2" / "snapshots" / SHA
+    assert {p.name for p in d.iterdir()} == WANTED
+    for f in WANTED:
+        assert (d / f).read_bytes() == fake_hub.repos["openai-community/gpt2"][f]
+    # allow_patterns: the pickle, README and TF weights are never even asked for.
+    assert _resolve_paths(fake_hub) == WANTED
+
+
+def test_cached_model_loads_with_server_down(fake_hub, tmp_path):
+    first = hub.download("openai-community/gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    fake_hub.stop()
+    n = len(fake_hub.requests)
+    t = time.monotonic()
+    assert hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url) == first
+    assert time.monotonic() - t < 1 and len(fake_hub.requests) == n
+
+
+def test_resolve_uses_hf_endpoint_and_default_cache(fake_hub, tmp_path):
+    d = hub.resolve("gpt2")
+    assert d.is_relative_to(tmp_path / "hf" / "hub") and (d / "model.safetensors").is_file()
+    fake_hub.stop()
+    assert hub.resolve("gpt2") == d
+
+
+def test_pickle_only_repo_falls_back_to_pytorch_model_bin(fake_hub, tmp_path):
+    d = hub.download("someone/old-gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert {p.name for p in d.iterdir()} == WANTED - {"model.safetensors"} | {"pytorch_model.bin"}
+    fake_hub.stop()  # and the pickle-only snapshot counts as complete in the cache
+    assert hub.download("someone/old-gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url) == d
+
+
+def test_force_downloads_again(fake_hub, tmp_path):
+    hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    n = len(fake_hub.requests)
+    hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url, force=True)
+    assert len(fake_hub.requests) > n
+
+
+def test_unknown_repo(fake_hub, tmp_path):
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("foo/bar", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert _one_line(e) == "model 'foo/bar' not found on the Hub: check the name, or pass a local directory"
+
+
+def test_unknown_revision(fake_hub, tmp_path):
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("gpt2", revision="nope", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert _one_line(e).startswith("revision 'nope' of model 'gpt2' not found on the Hub")
+
+
+def test_gated_repo(fake_hub, tmp_path):
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("meta/gated-gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert "is gated on the Hub" in _one_line(e) and "HF_TOKEN" in str(e.value)
+
+
+def test_server_down_empty_cache_fails_fast(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t = time.monotonic()
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=url)
+    assert time.monotonic() - t < 5
+    assert _one_line(e) == ("cannot download 'gpt2' from the Hugging Face Hub (no network connection): connect to "
+                            "the internet, or pass --model a local directory holding config.json and "
+                            "model.safetensors")
+
+
+def test_offline_mode(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert "HF_HUB_OFFLINE is set" in _one_line(e)
+    assert fake_hub.requests == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    d = hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url) == d
+
+
+def test_resolve_local_paths(tmp_path, monkeypatch):
+    assert hub.resolve(str(tmp_path)) == tmp_path
+    for arg in ("./missing", "/x/y", "a/b/c"):
+        with pytest.raises(Gpt2kitError) as e:
+            hub.resolve(arg)
+        assert _one_line(e).startswith(f"no such directory: {arg}")
+    with pytest.raises(Gpt2kitError, match="neither a local directory nor a known model name"):
+        hub.resolve("gpt3")
+    (tmp_path / "f.bin").write_bytes(b"")
+    with pytest.raises(Gpt2kitError, match="is a file"):
+        hub.resolve(str(tmp_path / "f.bin"))
+
+
+def test_is_model_name(tmp_path, monkeypatch):
+    assert all(hub.is_model_name(n) for n in hub.KNOWN_MODELS)
+    assert hub.is_model_name("openai-community/gpt2") and hub.is_model_name("distilbert/distilgpt2")
+    assert hub.repo_id("distilgpt2") == "distilbert/distilgpt2" and hub.repo_id("gpt2-xl").startswith("openai-")
+    assert not hub.is_model_name("./gpt2") and not hub.is_model_name("/x/y") and not hub.is_model_name("gpt3")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert hub.is_model_name("runs/b") and not hub.is_model_name("runs/a")
