@@ -47,8 +47,7 @@ def hf_to_gpt2kit(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
     """HF (or OpenAI-TF-converted) tensors -> our state dict, shapes checked."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if k.startswith("transformer."):
-            k = k[len("transformer."):]
+        k = k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers of old HF files; lm_head is tied to wte
         if k.endswith(CONV1D_SUFFIXES):
