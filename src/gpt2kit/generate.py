@@ -288,12 +288,13 @@ class Generator:
         for batch in self._batches(prompt, cfg, nsamples, batch_size):
             yield from batch
 
-    def generate(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig | None = None,
-                 nsamples: int = 1, batch_size: int | None = None,
-                 on_delta: Callable[[Delta], None] | None = None, **overrides) -> list[Completion]:
-        """Finished completions; `prompt=None` is unconditional. Keyword overrides patch `cfg`."""
-        cfg = replace(cfg or GenerationConfig(), **overrides)
-        outs: list[Completion] = []
+    def completions(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int = 1,
+                    batch_size: int | None = None) -> Iterator[Completion]:
+        """Finished completions in index order, batch by batch (bulk generation with progress)."""
         for batch in self._batches(prompt, cfg, nsamples, batch_size):
-            outs += run_stream(batch, on_delta)
-        return outs
+            yield from run_stream(batch)
+
+    def generate(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig | None = None,
+                 nsamples: int = 1, batch_size: int | None = None, **overrides) -> list[Completion]:
+        """Finished completions; `prompt=None` is unconditional. Keyword overrides patch `cfg`."""
+        return list(self.completions(prompt, replace(cfg or GenerationConfig(), **overrides), nsamples, batch_size))

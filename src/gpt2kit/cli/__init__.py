@@ -16,12 +16,17 @@ from gpt2kit.errors import Gpt2kitError
 VERBS = ("generate", "eval", "download", "convert", "encode", "finetune", "merge", "runs", "serve")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the whole usage block
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gpt2kit import __version__
-    parser = argparse.ArgumentParser(prog="gpt2kit", description="GPT-2 generation, fine-tuning, evaluation "
+    parser = _Parser(prog="gpt2kit", description="GPT-2 generation, fine-tuning, evaluation "
                                      "and serving.")
     parser.add_argument("--version", action="version", version=f"gpt2kit {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for verb in VERBS:
         try:
             mod = importlib.import_module(f"gpt2kit.cli.{verb}")

@@ -1,0 +1,36 @@
+"""Flags and helpers shared by the verb modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = "gpt2") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=default,
+                   help="a model directory, a gpt2kit run directory, or a name (gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl, distilgpt2, org/name) downloaded from the Hugging Face Hub"
+                        + (f" (default {default})" if default else ""))
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16 or auto (bfloat16 on a GPU that has it, else float32)")
+    g.add_argument("--tokenizer", help="a folder with vocab.json + merges.txt (default: the model's own)")
+
+
+def setup_logging() -> None:
+    """Library notices (logger 'gpt2kit') go to stderr as one line each."""
+    log = logging.getLogger("gpt2kit")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("note: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def load_generator(args: argparse.Namespace):
+    from gpt2kit.generate import Generator
+
+    return Generator.load(args.model, device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer)

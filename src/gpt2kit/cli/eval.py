@@ -1,0 +1,44 @@
+"""`gpt2kit eval`: perplexity of a text file with a sliding window."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gpt2kit.cli.common import add_model_args, load_generator
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a text file",
+                       description="Perplexity and mean loss of a text file, scored with a sliding window.")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--block-size", type=int, help="window length in tokens (default: the model's context)")
+    p.add_argument("--stride", type=int, help="tokens the window moves each step (default: half the block)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gpt2kit.errors import Gpt2kitError
+    from gpt2kit.evaluate import evaluate_file, read_eval_text
+
+    if args.batch_size <= 0:
+        raise Gpt2kitError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.block_size is not None and args.block_size < 2:
+        raise Gpt2kitError(f"--block-size must be >= 2, got {args.block_size}")
+    read_eval_text(args.data, args.encoding)  # fail on bad data before loading the model
+    gen = load_generator(args)
+    with tqdm(unit="window", file=sys.stderr, disable=args.format == "jsonl") as bar:
+        r = evaluate_file(gen.model, gen.tokenizer, args.data, args.block_size, args.stride, args.batch_size,
+                          args.encoding, progress=bar.update)
+    if args.format == "jsonl":
+        print(json.dumps(r.to_dict()))
+    else:
+        print(f"perplexity {r.perplexity:.4f}  loss {r.loss:.4f}  tokens {r.tokens}")
+    return 0

@@ -1,0 +1,100 @@
+"""Perplexity with a sliding window: the strided procedure of transformers' perplexity guide, counted
+token-exactly (every token after the first is scored once, with up to `block_size` tokens of context)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.model import GPT
+from gpt2kit.tokenizer import Tokenizer
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    loss: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens}
+
+
+def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) for each window; the scored positions tile 1..n_tokens-1."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + block_size, n_tokens)
+        first = max(prev_end, begin + 1)  # position 0 of the text has no context to be predicted from
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.inference_mode()
+def perplexity(model: GPT, ids: list[int] | torch.Tensor, block_size: int | None = None,
+               stride: int | None = None, batch_size: int = 4,
+               progress: Callable[[int], None] | None = None) -> EvalResult:
+    block_size = min(block_size or model.config.n_positions, model.config.n_positions)
+    stride = stride or block_size // 2
+    if not 0 < stride <= block_size:
+        raise Gpt2kitError(f"stride must be in 1..{block_size} (the block size), got {stride}")
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.numel() < 2:
+        raise Gpt2kitError("the evaluation text has fewer than 2 tokens; give a longer file")
+    model.eval()
+    spans = windows(ids.numel(), block_size, stride)
+    nll, count = 0.0, 0
+    # windows of equal length run together as one batch
+    i = 0
+    while i < len(spans):
+        T = spans[i][1] - spans[i][0]
+        group = [spans[i]]
+        while i + len(group) < len(spans) and len(group) < batch_size and \
+                spans[i + len(group)][1] - spans[i + len(group)][0] == T:
+            group.append(spans[i + len(group)])
+        x = torch.stack([ids[b:e] for b, e, _ in group]).to(model.device)  # (B, T)
+        logits = model(x).float()  # (B, T, V)
+        for j, (b, e, first) in enumerate(group):
+            # logits at position p predict token p + 1
+            pred = logits[j, first - b - 1:e - b - 1]
+            tgt = x[j, first - b:e - b]
+            nll += F.cross_entropy(pred, tgt, reduction="sum").item()
+            count += tgt.numel()
+        i += len(group)
+        if progress:
+            progress(len(group))
+    loss = nll / count
+    return EvalResult(perplexity=math.exp(loss), loss=loss, tokens=count)
+
+
+def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise Gpt2kitError(f"evaluation data {p} does not exist or is not a file")
+    try:
+        text = p.read_text(encoding=encoding).replace("\r\n", "\n").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        raise Gpt2kitError(f"{p} is not valid {encoding} (byte {e.start}); pass --encoding latin-1 "
+                           "or re-save the file as UTF-8") from None
+    except OSError as e:
+        raise Gpt2kitError(f"cannot read {p}: {e.strerror}") from None
+    if not text.strip():
+        raise Gpt2kitError(f"evaluation data {p} is empty")
+    return text
+
+
+def evaluate_file(model: GPT, tokenizer: Tokenizer, path: str | Path, block_size: int | None = None,
+                  stride: int | None = None, batch_size: int = 4, encoding: str = "utf-8",
+                  progress: Callable[[int], None] | None = None) -> EvalResult:
+    ids = tokenizer.encode(read_eval_text(path, encoding))
+    return perplexity(model, ids, block_size, stride, batch_size, progress)
