@@ -1,0 +1,47 @@
+"""`gpt2kit encode INPUT... --out FILE.tokens`: tokenize training data once, ahead of fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "encode", help="tokenize text/csv/jsonl files into a .tokens cache for finetune",
+        description="Tokenize .txt files (one document each), folders, globs, .csv (--column) and .jsonl "
+                    "(--field) into a .tokens file that `gpt2kit finetune` reads directly.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
+    p.add_argument("--out", "-o", required=True, metavar="FILE.tokens", help="token cache to write")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", "-m", default="gpt2", help="model whose tokenizer to use (default: gpt2)")
+    src.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json+merges.txt or "
+                     "encoder.json+vocab.bpe (instead of --model)")
+    p.add_argument("--column", help=".csv: the column holding one document per row")
+    p.add_argument("--field", help=".jsonl: the field holding the text (default: text)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the inputs (default: utf-8)")
+    p.add_argument("--line-by-line", action="store_true", help=".txt: each non-empty line is a document")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2kit.data import DataSpec, encode_files  # imported here so `gpt2kit --help` stays quick
+    from gpt2kit.tokenizer import Tokenizer
+
+    if args.tokenizer:
+        tok = Tokenizer.from_dir(args.tokenizer)
+    else:
+        from gpt2kit.checkpoints import resolve_model_dir  # imports torch and the model: only when needed
+        from gpt2kit.errors import Gpt2kitError
+        try:
+            model_dir = resolve_model_dir(args.model)
+        except Gpt2kitError as e:
+            raise Gpt2kitError(f"{e} (or pass the vocabulary directory with --tokenizer DIR)") from None
+        tok = Tokenizer.from_dir(model_dir)
+    spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
+    t0 = time.perf_counter()
+    cache = encode_files(args.inputs, args.out, tok, spec)
+    docs = f"{cache.n_docs:,} document" + ("s" if cache.n_docs != 1 else "")
+    print(f"encoded {docs}, {len(cache):,} tokens -> {cache.path} "
+          f"({time.perf_counter() - t0:.1f}s)")
+    return 0

@@ -1,0 +1,572 @@
+"""Fine-tuning data: raw files -> documents -> a memmapped token cache -> (x, y) batches.
+
+Raw inputs are .txt files (one document per file, or per line with line_by_line), folders (searched
+recursively), globs, .csv/.tsv (one document per row of one column) and .jsonl (one document per line,
+one field). Documents are encoded with the model's tokenizer, each followed by <|endoftext|>, and stored
+in a `.tokens` file (format below) that is read back with np.memmap, so a corpus larger than memory
+trains without loading it.
+
+Undecodable bytes are an error, not a warning: replacing them with U+FFFD would silently train the model
+on garbage, and the fix (`--encoding latin-1`, or the file's real encoding) is one flag away.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # only Batcher needs torch; importing it lazily keeps `gpt2kit encode` quick to start
+    import torch
+
+log = logging.getLogger(__name__)
+
+RAW_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")  # what a folder is searched for
+
+
+@dataclass
+class DataSpec:
+    column: str | None = None  # .csv/.tsv: the column holding one document per row
+    field: str | None = None  # .jsonl: the field holding the text (None means "text")
+    encoding: str = "utf-8"  # a leading BOM is dropped; CRLF and CR become LF
+    line_by_line: bool = False  # .txt: each non-empty line is a document (and, in Batcher, a sample)
+
+
+# ---------------------------------------------------------------------------------------------------
+# raw inputs -> documents
+
+
+def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Files, folders (recursive, sorted, hidden entries skipped) and globs -> a de-duplicated file list."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not items:
+        raise Gpt2kitError("no input files given")
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in RAW_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise Gpt2kitError(f"folder {p} has no {', '.join(RAW_SUFFIXES)} files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        elif glob.has_magic(str(item)):
+            matches = sorted(glob.glob(os.path.expanduser(str(item)), recursive=True))
+            if not matches:
+                raise Gpt2kitError(f"no files match {item}")
+            files += expand_inputs(matches)
+        else:
+            raise Gpt2kitError(f"input {item} does not exist")
+    seen: set[Path] = set()
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except LookupError:
+        raise Gpt2kitError(f"unknown encoding {encoding!r}; use e.g. --encoding utf-8 or latin-1") from None
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise Gpt2kitError(
+            f"{path}: byte {e.start} (0x{data[e.start]:02x}, line {line}) is not valid {encoding}; "
+            f"pass the file's encoding, e.g. --encoding latin-1 (cp1252 for Windows text)") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_table(path: Path, text: str, spec: DataSpec) -> list[str]:
+    csv.field_size_limit(2**31 - 1)  # default 128 KiB per cell is too small for long documents
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return []
+    column = spec.column
+    if column is None and len(header) == 1:
+        column = header[0]
+    if column not in header:
+        what = "has no column " + repr(column) if column else "needs a text column"
+        raise Gpt2kitError(f"{path} {what}; its columns are: {', '.join(header)} "
+                           "(pick one with --column NAME)")
+    i = header.index(column)
+    return [row[i] for row in reader if len(row) > i and row[i].strip()]
+
+
+def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
+    field = spec.field or "text"
+    docs = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Gpt2kitError(f"{path}:{n}: not valid JSON ({e.msg}); "
+                               "each line must be one JSON object") from None
+        if not isinstance(obj, dict) or field not in obj:
+            keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise Gpt2kitError(f"{path}:{n}: no field {field!r} (found: {keys}); pick one with --field NAME")
+        if not isinstance(obj[field], str):
+            raise Gpt2kitError(f"{path}:{n}: field {field!r} is a {type(obj[field]).__name__}, not a string")
+        if obj[field].strip():
+            docs.append(obj[field])
+    return docs
+
+
+def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None) -> list[str]:
+    """All documents from `inputs`, in file order. Blank documents are skipped; no documents at all is
+    an error. CSV rows and JSONL records stay one document each even with line_by_line (a cell may hold
+    several lines)."""
+    spec = spec or DataSpec()
+    files = expand_inputs(inputs)
+    docs: list[str] = []
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix == ".tokens":
+            raise Gpt2kitError(f"{f} is already a token cache; pass it as the training data instead")
+        text = _read_text(f, spec.encoding)
+        if suffix in (".csv", ".tsv"):
+            docs += _read_table(f, text, spec)
+        elif suffix == ".jsonl":
+            docs += _read_jsonl(f, text, spec)
+        elif spec.line_by_line:
+            docs += [ln for ln in text.split("\n") if ln.strip()]
+        elif text.strip():
+            docs.append(text)
+    if not docs:
+        names = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
+        raise Gpt2kitError(f"no documents in {names}: the input is empty or blank")
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenizing
+
+# Cutting text just before a "\n" that follows a non-space character never changes GPT-2's tokenization:
+# only whitespace-only pieces can hold a "\n", and no piece runs from a non-space character into
+# whitespace, so the pre-tokenizer ends a piece there either way, and the whitespace run (whose split
+# depends on what follows it) stays whole in the next chunk. Chunks then encode independently, in parallel.
+_SAFE_CUT = re.compile(r"(?<=\S)\n")
+_CHUNK_CHARS = 1 << 16
+
+
+def _chunks(text: str) -> list[str]:
+    out, pos = [], 0
+    while len(text) - pos > 2 * _CHUNK_CHARS:
+        m = _SAFE_CUT.search(text, pos + _CHUNK_CHARS)
+        if m is None:
+            break
+        out.append(text[pos:m.start()])
+        pos = m.start()
+    out.append(text[pos:])
+    return out
+
+
+def tokenizer_id(tok: Tokenizer) -> str:
+    """Identity of the vocabulary: sha256 over every token's bytes in id order (not over the files, so the
+    same vocabulary saved as OpenAI's encoder.json or HF's vocab.json gets the same id)."""
+    enc = tok.encoding
+    h = hashlib.sha256()
+    for i in range(enc.n_vocab):
+        try:
+            b = enc.decode_single_token_bytes(i)
+        except KeyError:  # a hole in the id space
+            b = b""
+        h.update(struct.pack("<H", len(b)) + b)
+    for name in sorted(enc.special_tokens_set):
+        h.update(f"special:{name}={enc.encode_single_token(name)}".encode())
+    return f"bpe{enc.n_vocab}-sha256:{h.hexdigest()}"
+
+
+def encode_documents(docs: Sequence[str], tok: Tokenizer) -> list[list[int]]:
+    """Token ids of each document followed by <|endoftext|>. A literal "<|endoftext|>" in the text is
+    encoded as the special token (as HF's tokenizer does), so pre-joined corpora keep their separators."""
+    pieces, owner = [], []
+    for i, d in enumerate(docs):
+        for c in _chunks(d):
+            pieces.append(c)
+            owner.append(i)
+    out: list[list[int]] = [[] for _ in docs]
+    for i, ids in zip(owner, tok.encode_batch(pieces), strict=True):
+        out[i] += ids
+    for ids in out:
+        ids.append(tok.eot_token)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the token cache
+#
+# Layout, little-endian:
+#   header, 128 bytes: magic b"GPT2KTOK" | u32 version | u32 bytes per token (2 or 4) | u64 n_tokens |
+#                      u64 n_docs | 96 bytes tokenizer id, ASCII, NUL-padded
+#   tokens: n_tokens x uint16/uint32, then zero padding to a multiple of 16 bytes
+#   doc offsets: (n_docs + 1) x uint64, the start of each document in tokens; the last is n_tokens
+
+MAGIC = b"GPT2KTOK"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQQ96s")  # 128 bytes
+_DTYPES = {2: np.uint16, 4: np.uint32}
+
+
+def _pad16(n: int) -> int:
+    return -n % 16
+
+
+class TokenCache:
+    def __init__(self, path: Path, tokens: np.ndarray, doc_offsets: np.ndarray, tokenizer_id: str):
+        self.path = path
+        self.tokens = tokens  # (n_tokens,) uint16/uint32 memmap
+        self.doc_offsets = doc_offsets  # (n_docs + 1,) int64, in memory
+        self.tokenizer_id = tokenizer_id
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    def doc(self, i: int) -> np.ndarray:
+        return self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]]
+
+    def __repr__(self) -> str:
+        return f"TokenCache({str(self.path)!r}, n_tokens={len(self)}, n_docs={self.n_docs})"
+
+    @classmethod
+    def write(cls, path: str | Path, docs_tokens: Sequence[Sequence[int]], tokenizer_id: str) -> TokenCache:
+        lengths = np.fromiter((len(d) for d in docs_tokens), dtype=np.int64, count=len(docs_tokens))
+        flat = np.fromiter((t for d in docs_tokens for t in d), dtype=np.int64, count=int(lengths.sum()))
+        return cls.write_arrays(path, flat, np.concatenate([[0], np.cumsum(lengths)]), tokenizer_id)
+
+    @classmethod
+    def write_arrays(cls, path: str | Path, tokens: np.ndarray, doc_offsets: np.ndarray,
+                     tokenizer_id: str) -> TokenCache:
+        """Write from a flat token array and its (n_docs + 1,) offsets; atomic (temporary file + rename)."""
+        path = Path(path)
+        tid = tokenizer_id.encode("ascii")
+        if len(tid) > 96:
+            raise ValueError(f"tokenizer id longer than 96 bytes: {tokenizer_id!r}")
+        width = 2 if len(tokens) == 0 or int(tokens.max()) < 1 << 16 else 4
+        offsets = np.asarray(doc_offsets, dtype=np.int64)
+        if offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0):
+            raise ValueError("doc_offsets must rise from 0 to len(tokens)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, VERSION, width, len(tokens), len(offsets) - 1, tid))
+                body = np.asarray(tokens).astype(f"<u{width}", copy=False)
+                body.tofile(f)
+                f.write(b"\0" * _pad16(body.nbytes))
+                offsets.astype("<u8").tofile(f)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise Gpt2kitError(f"cannot write token cache {path}: {e}") from None
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenCache:
+        path = Path(path)
+        fix = f"re-create it with `gpt2kit encode INPUT... --out {path}`"
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(_HEADER.size)
+        except OSError as e:
+            raise Gpt2kitError(f"cannot read token cache {path}: {e.strerror}") from None
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
+            raise Gpt2kitError(f"{path} is not a gpt2kit token cache (bad header); {fix}")
+        _, version, width, n_tokens, n_docs, tid = _HEADER.unpack(head)
+        if version != VERSION:
+            raise Gpt2kitError(f"{path} is token cache format v{version}, this gpt2kit reads v{VERSION}; "
+                               f"upgrade gpt2kit or {fix}")
+        if width not in _DTYPES:
+            raise Gpt2kitError(f"{path} is corrupt (token width {width}); {fix}")
+        tok_bytes = n_tokens * width
+        expected = _HEADER.size + tok_bytes + _pad16(tok_bytes) + 8 * (n_docs + 1)
+        if size != expected:
+            raise Gpt2kitError(f"{path} is truncated or corrupt ({size} bytes, the header says {expected}); "
+                               + fix)
+        dtype = np.dtype(_DTYPES[width]).newbyteorder("<")
+        tokens = (np.memmap(path, dtype=dtype, mode="r", offset=_HEADER.size, shape=(n_tokens,))
+                  if n_tokens else np.zeros(0, dtype))  # mmap of zero bytes is an error
+        offsets = np.fromfile(path, dtype="<u8", count=n_docs + 1, offset=expected - 8 * (n_docs + 1))
+        offsets = offsets.astype(np.int64)
+        if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
+            raise Gpt2kitError(f"{path} is corrupt (document offsets); {fix}")
+        return cls(path, tokens, offsets, tid.rstrip(b"\0").decode("ascii", "replace"))
+
+
+def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path, tok: Tokenizer,
+                 spec: DataSpec | None = None) -> TokenCache:
+    """Read, encode and cache: what `gpt2kit encode` does."""
+    docs = read_documents(inputs, spec or DataSpec())
+    tokens, offsets = _encode_to_arrays(docs, tok)
+    return TokenCache.write_arrays(out_path, tokens, offsets, tokenizer_id(tok))
+
+
+def _encode_to_arrays(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    # Encode in groups and keep compact numpy arrays, so peak memory is ~4 bytes per token rather than
+    # a Python int object per token for the whole corpus.
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    parts, lengths, group, size = [], [], [], 0
+    for i, d in enumerate(docs):
+        group.append(d)
+        size += len(d)
+        if size >= 1 << 24 or i == len(docs) - 1:
+            ids = encode_documents(group, tok)
+            lengths += [len(x) for x in ids]
+            parts.append(np.fromiter((t for x in ids for t in x), dtype=dtype, count=sum(map(len, ids))))
+            group, size = [], 0
+    return np.concatenate(parts), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# preparing train/val caches
+
+
+def _stamp(files: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files]
+
+
+def _is_cache_input(data: str | Path | Sequence[str | Path]) -> Path | None:
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    caches = [Path(x) for x in items if str(x).endswith(".tokens")]
+    if caches and len(items) > 1:
+        raise Gpt2kitError("pass either one .tokens file or raw text inputs, not both or several caches")
+    return caches[0] if caches else None
+
+
+def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tuple[TokenCache, str]:
+    """A cache for `data` plus a key naming its content (for derived files)."""
+    path = _is_cache_input(data)
+    if path is not None:
+        cache = TokenCache.open(path)
+        if cache.tokenizer_id != tid:
+            raise Gpt2kitError(f"{path} was encoded with another tokenizer ({cache.tokenizer_id[:27]}...) "
+                               f"than this model's ({tid[:27]}...); re-encode it with "
+                               "`gpt2kit encode ... --model MODEL` or pass the raw text files")
+        key = hashlib.sha256(json.dumps(_stamp([path])).encode()).hexdigest()[:20]
+        return cache, key
+    files = expand_inputs(data)
+    key = hashlib.sha256(json.dumps([_stamp(files), asdict(spec), tid, VERSION]).encode()).hexdigest()[:20]
+    out = cache_dir / f"{key}.tokens"
+    if out.is_file():
+        try:
+            cache = TokenCache.open(out)
+            log.info("reusing token cache %s (%d documents, %d tokens)", out, cache.n_docs, len(cache))
+            return cache, key
+        except Gpt2kitError as e:
+            log.warning("re-encoding: %s", e)
+    log.info("encoding %d file(s) into %s", len(files), out)
+    return encode_files(files, out, tok, spec), key
+
+
+def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
+           key: str) -> tuple[TokenCache, TokenCache]:
+    tag = f"{key}-val{fraction:g}-seed{seed}"
+    train_path, val_path = cache_dir / f"{tag}.train.tokens", cache_dir / f"{tag}.val.tokens"
+    if train_path.is_file() and val_path.is_file():
+        try:
+            return TokenCache.open(train_path), TokenCache.open(val_path)
+        except Gpt2kitError as e:
+            log.warning("re-splitting: %s", e)
+    tokens, offsets, n = cache.tokens, cache.doc_offsets, cache.n_docs
+    if n == 1:
+        # One document (a single .txt file): hold out its tail, nanoGPT style, instead of failing.
+        cut = len(tokens) - max(2, round(len(tokens) * fraction))
+        if cut < 2:
+            raise Gpt2kitError(f"{cache.path} has only {len(tokens)} tokens, too few to hold out "
+                               "validation data; train without a validation fraction")
+        log.info("one document: holding out its last %d tokens for validation", len(tokens) - cut)
+        tid = cache.tokenizer_id
+        train = TokenCache.write_arrays(train_path, tokens[:cut], np.array([0, cut]), tid)
+        val = TokenCache.write_arrays(val_path, tokens[cut:], np.array([0, len(tokens) - cut]), tid)
+        return train, val
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng([seed % 2**63, 1]).permutation(n)[:n_val]] = True
+    lengths = np.diff(offsets)
+    parts = []
+    for sel in (~is_val, is_val):  # documents keep their original order within each split
+        # expand the per-document choice to a (n_tokens,) bool mask: 1 byte per token
+        toks = tokens[np.repeat(sel, lengths)]
+        parts.append((toks, np.concatenate([[0], np.cumsum(lengths[sel])])))
+    log.info("validation: %d of %d documents held out (seed %d)", n_val, n, seed)
+    train = TokenCache.write_arrays(train_path, *parts[0], cache.tokenizer_id)
+    val = TokenCache.write_arrays(val_path, *parts[1], cache.tokenizer_id)
+    return train, val
+
+
+def prepare_data(data: str | Path | Sequence[str | Path], tok: Tokenizer, spec: DataSpec | None = None, *,
+                 val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.0,
+                 seed: int = 0, cache_dir: str | Path) -> tuple[TokenCache, TokenCache | None]:
+    """Train (and optional validation) token caches for `data`: a .tokens file is used as is (its
+    tokenizer must match `tok`); raw inputs are encoded once into `cache_dir`, keyed by the input paths,
+    mtimes and sizes, the spec and the tokenizer, so re-runs reuse them. `val_fraction` holds out whole
+    documents, chosen at random by `seed` (at least one; a single document gives up its tail instead)."""
+    spec = spec or DataSpec()
+    cache_dir = Path(cache_dir)
+    if not 0.0 <= val_fraction < 1.0:
+        raise Gpt2kitError(f"val fraction must be in [0, 1), got {val_fraction}")
+    tid = tokenizer_id(tok)
+    train, key = _load(data, tok, spec, cache_dir, tid)
+    if len(train) == 0:
+        raise Gpt2kitError(f"{train.path} holds no tokens; check the input files")
+    if val_data is not None:
+        if val_fraction:
+            log.warning("both validation data and a validation fraction given; using the validation data")
+        return train, _load(val_data, tok, spec, cache_dir, tid)[0]
+    if val_fraction > 0:
+        return _split(train, val_fraction, seed, cache_dir, key)
+    return train, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# batches
+
+
+class Batcher:
+    """(x, y) batches from a token cache, a pure function of (seed, micro-step, rank) so that resuming
+    needs only the step counter.
+
+    Stream mode (nanoGPT): each sample is a random window of block_size + 1 tokens, x = w[:-1], y = w[1:].
+    Line-by-line mode: each sample is one document, truncated to block_size + 1 tokens; a batch is padded
+    on the right to its longest sample rounded up to a multiple of 8 (at most block_size), x with
+    <|endoftext|> and y with -100 (ignored by cross_entropy), so short documents don't pay for a full block.
+    Documents are drawn as a fresh permutation each pass over the data.
+
+    Samples form one sequence indexed by the single-process micro-step j; rank r of world_size W takes
+    j = step * W + r. So at step s, W ranks with batch B see exactly what one process with batch B sees
+    in micro-steps s*W ... s*W + W-1 (e.g. one process with W gradient-accumulation steps)."""
+
+    def __init__(self, cache: TokenCache, block_size: int, batch_size: int, *, seed: int = 0,
+                 line_by_line: bool = False, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", eot_token: int = 50256):
+        if not 0 <= rank < world_size:
+            raise Gpt2kitError(f"rank {rank} is outside world size {world_size}")
+        if block_size < 1 or batch_size < 1:
+            raise Gpt2kitError(f"block size and batch size must be positive (got {block_size}, {batch_size})")
+        n = len(cache)
+        if n < 2:
+            raise Gpt2kitError(f"{cache.path} holds {n} token(s); training needs at least 2")
+        self.cache, self.tokens = cache, cache.tokens
+        self.batch_size, self.seed, self.line_by_line = batch_size, seed, line_by_line
+        self.rank, self.world_size = rank, world_size
+        import torch
+        self.device = torch.device(device)
+        self.eot = eot_token  # x padding; any id works since padded positions only precede ignored targets
+        self.step = 0
+        if not line_by_line and n < block_size + 1:
+            log.warning("%s has only %d tokens, fewer than block size %d + 1; using blocks of %d instead "
+                        "(pass --block-size %d or less, or add data, to silence this)",
+                        cache.path, n, block_size, n - 1, n - 1)
+            block_size = n - 1
+        self.block_size = block_size
+        per_step = batch_size * world_size
+        self.steps_per_epoch = math.ceil((cache.n_docs if line_by_line else n) /
+                                         (per_step if line_by_line else per_step * block_size))
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's batch for micro-step `step`, without moving the counter."""
+        j = step * self.world_size + self.rank  # the single-process micro-step this batch equals
+        if self.line_by_line:
+            return self._docs_batch(self._doc_ids(j))
+        T = self.block_size
+        rng = np.random.default_rng([self.seed % 2**63, j])
+        starts = rng.integers(0, len(self.tokens) - T, size=self.batch_size)
+        w = np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        return self._to_device(w[:, :-1], w[:, 1:])
+
+    def _doc_ids(self, j: int) -> np.ndarray:
+        # Sample k of the sequence is document perm_e[k % n_docs], with perm_e a permutation per pass e.
+        n = self.cache.n_docs
+        ks = np.arange(j * self.batch_size, (j + 1) * self.batch_size)
+        out = np.empty_like(ks)
+        for e in np.unique(ks // n):
+            if self._perm is None or self._perm[0] != e:
+                self._perm = (int(e), np.random.default_rng([self.seed % 2**63, int(e), 2]).permutation(n))
+            sel = ks // n == e
+            out[sel] = self._perm[1][ks[sel] % n]
+        return out
+
+    def _docs_batch(self, doc_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        docs = [self.cache.doc(int(i))[:T + 1] for i in doc_ids]
+        width = min(T, -(-max(len(d) - 1 for d in docs) // 8) * 8) or 1  # round up to a multiple of 8
+        x = np.full((len(docs), width), self.eot, dtype=np.int64)
+        y = np.full((len(docs), width), -100, dtype=np.int64)
+        for b, d in enumerate(docs):
+            x[b, :len(d) - 1], y[b, :len(d) - 1] = d[:-1], d[1:]
+        return self._to_device(x, y)
+
+    def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+        t = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y)]
+        if self.device.type == "cuda":  # pinned memory makes the host-to-device copy asynchronous
+            t = [a.pin_memory().to(self.device, non_blocking=True) for a in t]
+        else:
+            t = [a.to(self.device) for a in t]
+        return t[0], t[1]
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic batches in which every target token counts once (stream mode: consecutive windows,
+        the last one aligned to the end with its already-counted targets set to -100; line-by-line: each
+        document once). Rank r gets windows r, r + W, ...: summing loss and target counts over ranks
+        covers the set. With max_batches, windows are picked evenly spread over the set."""
+        T, B, W = self.block_size, self.batch_size, self.world_size
+        n_win = self.cache.n_docs if self.line_by_line else math.ceil((len(self.tokens) - 1) / T)
+        wins = np.arange(n_win)
+        if max_batches is not None and max_batches * B * W < n_win:
+            wins = np.unique(np.linspace(0, n_win - 1, max_batches * B * W).round().astype(np.int64))
+        wins = wins[self.rank::W]
+        for i in range(0, len(wins), B):
+            if self.line_by_line:
+                yield self._docs_batch(wins[i:i + B])
+                continue
+            x = np.empty((len(wins[i:i + B]), T), dtype=np.int64)
+            y = np.empty_like(x)
+            for b, k in enumerate(wins[i:i + B]):
+                s = min(k * T, len(self.tokens) - 1 - T)
+                w = self.tokens[s:s + T + 1].astype(np.int64)
+                x[b], y[b] = w[:-1], w[1:]
+                y[b, :k * T - s] = -100  # targets the previous window already scored
+            yield self._to_device(x, y)
+

@@ -1,0 +1,343 @@
+import itertools
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2kit import data
+from gpt2kit.data import (
+    Batcher,
+    DataSpec,
+    TokenCache,
+    encode_documents,
+    encode_files,
+    prepare_data,
+    read_documents,
+    tokenizer_id,
+)
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.tokenizer import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the project root
+JOKES = SHARED / "datasets" / "onelinefun.csv"
+SHAKESPEARE = SHARED / "datasets" / "tinyshakespeare.txt"
+VOCAB = SHARED / "gpt2-vocab"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_dir(VOCAB)
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def stream_cache(tmp_path, n_tokens=1000, name="s.tokens", docs=4):
+    # token ids that encode their own position make windows easy to check
+    toks = list(range(n_tokens))
+    cuts = np.linspace(0, n_tokens, docs + 1).astype(int)
+    return TokenCache.write(tmp_path / name, [toks[a:b] for a, b in itertools.pairwise(cuts)], "test")
+
+
+# --- reading raw inputs
+
+
+def test_csv_column(tok, tmp_path):
+    docs = read_documents(JOKES, DataSpec(column="Joke"))
+    assert len(docs) == 2950
+    assert docs[0].startswith("I just asked my husband")
+    cache = encode_files(JOKES, tmp_path / "j.tokens", tok, DataSpec(column="Joke"))
+    assert cache.n_docs == 2950 and cache.tokens.dtype == np.uint16
+    assert tok.decode(cache.doc(0)) == docs[0] + "<|endoftext|>"
+    assert all(cache.tokens[o - 1] == tok.eot_token for o in cache.doc_offsets[1:])
+
+
+def test_csv_missing_column_lists_columns(tmp_path):
+    for spec in (DataSpec(), DataSpec(column="joke")):
+        with pytest.raises(Gpt2kitError, match=r"ID, Joke.*--column"):
+            read_documents(JOKES, spec)
+    # a single-column csv needs no --column
+    assert read_documents(write(tmp_path / "one.csv", "text\na\n\nb\n"), DataSpec()) == ["a", "b"]
+
+
+def test_txt_folder_and_glob(tmp_path):
+    write(tmp_path / "d" / "b.txt", "bee")
+    write(tmp_path / "d" / "a.txt", "ay\n\nstill ay")
+    write(tmp_path / "d" / "sub" / "c.txt", "sea")
+    write(tmp_path / "d" / "sub" / "rows.jsonl", '{"text": "json"}\n')
+    write(tmp_path / "d" / "notes.md", "not picked from a folder")
+    write(tmp_path / "d" / ".git" / "x.txt", "hidden")
+    write(tmp_path / "d" / "empty.txt", "  \n")
+    assert read_documents(tmp_path / "d") == ["ay\n\nstill ay", "bee", "sea", "json"]
+    assert read_documents(str(tmp_path / "d" / "*.txt")) == ["ay\n\nstill ay", "bee"]
+    assert read_documents(str(tmp_path / "d" / "**" / "c.txt")) == ["sea"]
+    assert read_documents([tmp_path / "d" / "b.txt", tmp_path / "d" / "notes.md"]) == ["bee", "not picked from a folder"]
+    assert read_documents(tmp_path / "d" / "a.txt", DataSpec(line_by_line=True)) == ["ay", "still ay"]
+    with pytest.raises(Gpt2kitError, match="no files match"):
+        read_documents(str(tmp_path / "*.nope"))
+    with pytest.raises(Gpt2kitError, match="does not exist"):
+        read_documents(tmp_path / "missing.txt")
+
+
+def test_jsonl(tmp_path):
+    f = write(tmp_path / "x.jsonl", '{"text": "one", "t": "uno"}\n\n{"text": "two\\nlines", "t": "dos"}\n')
+    assert read_documents(f) == ["one", "two\nlines"]
+    assert read_documents(f, DataSpec(field="t", line_by_line=True)) == ["uno", "dos"]
+    with pytest.raises(Gpt2kitError, match=r"x.jsonl:1: no field 'body' \(found: text, t\).*--field"):
+        read_documents(f, DataSpec(field="body"))
+    with pytest.raises(Gpt2kitError, match=r"bad.jsonl:2: not valid JSON"):
+        read_documents(write(tmp_path / "bad.jsonl", '{"text": "a"}\n{oops\n'))
+
+
+def test_bom_and_newlines(tmp_path):
+    f = write(tmp_path / "w.txt", b"\xef\xbb\xbfline1\r\nline2\rline3\r\n")
+    assert read_documents(f) == ["line1\nline2\nline3\n"]
+    assert read_documents(f, DataSpec(line_by_line=True)) == ["line1", "line2", "line3"]
+    # Excel's BOM must not become part of the first column's name
+    c = write(tmp_path / "x.csv", b'\xef\xbb\xbfID,Joke\r\n1,"two\r\nlines"\r\n')
+    assert read_documents(c, DataSpec(column="ID")) == ["1"]
+    assert read_documents(c, DataSpec(column="Joke")) == ["two\nlines"]
+
+
+def test_undecodable_bytes(tmp_path):
+    f = write(tmp_path / "latin.txt", b"ok\ncaf\xe9\n")
+    with pytest.raises(Gpt2kitError) as e:
+        read_documents(f)
+    msg = str(e.value)
+    assert "latin.txt" in msg and "byte 6" in msg and "line 2" in msg and "--encoding latin-1" in msg
+    assert read_documents(f, DataSpec(encoding="latin-1")) == ["ok\ncafé\n"]
+    with pytest.raises(Gpt2kitError, match="unknown encoding"):
+        read_documents(f, DataSpec(encoding="nope-8"))
+
+
+def test_empty_input(tmp_path, tok):
+    for content in ("", " \n\n"):
+        f = write(tmp_path / "e.txt", content)
+        with pytest.raises(Gpt2kitError, match="no documents"):
+            read_documents(f)
+        with pytest.raises(Gpt2kitError, match="no documents"):
+            prepare_data(f, tok, cache_dir=tmp_path / "cache")
+    with pytest.raises(Gpt2kitError, match="no documents"):
+        read_documents(write(tmp_path / "h.csv", "ID,Joke\n"), DataSpec(column="Joke"))
+
+
+# --- tokenizing and the cache
+
+
+def test_encode_documents_chunked_matches_whole(tok, monkeypatch):
+    text = SHAKESPEARE.read_text()[:20000]
+    monkeypatch.setattr(data, "_CHUNK_CHARS", 100)  # many chunk boundaries
+    assert len(data._chunks(text)) > 50
+    ids = encode_documents([text, "a<|endoftext|>b"], tok)
+    assert ids[0] == tok.encode(text) + [tok.eot_token]
+    assert ids[1] == [64, tok.eot_token, 65, tok.eot_token]
+
+
+def test_tokenizer_id_ignores_file_format(tok):
+    # the same vocabulary in HF's file names and formatting is the same tokenizer
+    hf = Tokenizer.from_dir(SHARED / "tf-gpt2-tiny" / "hf")
+    assert tokenizer_id(hf) == tokenizer_id(tok)
+    assert tokenizer_id(tok).startswith("bpe50257-sha256:")
+
+
+def test_cache_round_trip(tmp_path):
+    docs = [[1, 2, 3], [50256], [7, 8]]
+    c = TokenCache.write(tmp_path / "c.tokens", docs, "tid-1")
+    head = (tmp_path / "c.tokens").read_bytes()[:32]
+    assert head[:8] == b"GPT2KTOK"
+    assert isinstance(c.tokens, np.memmap) and c.tokens.dtype == np.uint16
+    c = TokenCache.open(tmp_path / "c.tokens")
+    assert len(c) == 6 and c.n_docs == 3 and c.tokenizer_id == "tid-1"
+    assert c.tokens.tolist() == [1, 2, 3, 50256, 7, 8]
+    assert c.doc_offsets.tolist() == [0, 3, 4, 6]
+    assert [c.doc(i).tolist() for i in range(3)] == docs
+    big = TokenCache.write(tmp_path / "big.tokens", [[70000, 1]], "tid-2")
+    assert big.tokens.dtype == np.uint32 and big.tokens.tolist() == [70000, 1]
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+
+
+def test_cache_corrupt(tmp_path):
+    path = tmp_path / "c.tokens"
+    TokenCache.write(path, [[1, 2, 3, 4, 5]], "tid")
+    good = path.read_bytes()
+    cases = {
+        "truncated": good[:-5],
+        "bad header": b"NOTMAGIC" + good[8:],
+        "format v9": good[:8] + (9).to_bytes(4, "little") + good[12:],
+        "truncated or corrupt": good[:24] + (10**6).to_bytes(8, "little") + good[32:],  # n_docs
+        "not a gpt2kit": b"",
+    }
+    for match, content in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(Gpt2kitError, match=match) as e:
+            TokenCache.open(path)
+        assert "gpt2kit" in str(e.value)
+    with pytest.raises(Gpt2kitError, match="cannot read"):
+        TokenCache.open(tmp_path / "missing.tokens")
+
+
+# --- prepare_data
+
+
+def test_prepare_data_cache_reuse_and_mismatch(tok, tmp_path, monkeypatch):
+    f = write(tmp_path / "a.txt", "hello world\nbye\n")
+    train, val = prepare_data(f, tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
+    assert val is None and train.n_docs == 2 and train.tokenizer_id == tokenizer_id(tok)
+    monkeypatch.setattr(data, "encode_files", lambda *a, **k: pytest.fail("re-encoded"))
+    again, _ = prepare_data(f, tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
+    assert again.path == train.path
+    monkeypatch.undo()
+    # a changed spec is a different cache
+    whole, _ = prepare_data(f, tok, DataSpec(), cache_dir=tmp_path / "cache")
+    assert whole.path != train.path and whole.n_docs == 1
+    # a .tokens file is used as is, but only with its own tokenizer
+    as_is, _ = prepare_data(train.path, tok, cache_dir=tmp_path / "cache")
+    assert as_is.path == train.path
+    other = TokenCache.write(tmp_path / "other.tokens", [[1, 2]], "bpe50257-sha256:0000")
+    with pytest.raises(Gpt2kitError, match="another tokenizer.*gpt2kit encode"):
+        prepare_data(other.path, tok, cache_dir=tmp_path / "cache")
+
+
+def test_val_fraction_splits_whole_documents(tok, tmp_path):
+    spec = DataSpec(column="Joke")
+    train, val = prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=3, cache_dir=tmp_path)
+    assert (train.n_docs, val.n_docs) == (2655, 295)
+    full = encode_files(JOKES, tmp_path / "full.tokens", tok, spec)
+
+    def docs(c):
+        return [tuple(c.doc(i).tolist()) for i in range(c.n_docs)]
+
+    t, v = docs(train), docs(val)
+    assert sorted(t + v) == sorted(docs(full))  # each document lands in exactly one split
+    assert docs(prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=3, cache_dir=tmp_path)[1]) == v
+    assert docs(prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=4, cache_dir=tmp_path)[1]) != v
+    # at least one document; never all of them
+    two = write(tmp_path / "two.txt", "a\nb\n")
+    tr, va = prepare_data(two, tok, DataSpec(line_by_line=True), val_fraction=0.01, cache_dir=tmp_path)
+    assert (tr.n_docs, va.n_docs) == (1, 1)
+    # a single document gives up its tail instead
+    one = write(tmp_path / "one.txt", "word " * 100)
+    n = len(tok.encode("word " * 100)) + 1
+    tr, va = prepare_data(one, tok, val_fraction=0.1, cache_dir=tmp_path)
+    assert (len(tr), len(va)) == (n - round(n * 0.1), round(n * 0.1))
+    assert tr.tokens.tolist() + va.tokens.tolist() == tok.encode("word " * 100) + [tok.eot_token]
+    # explicit validation data wins
+    tr, va = prepare_data(two, tok, val_data=one, cache_dir=tmp_path)
+    assert va.n_docs == 1 and len(va) == n
+
+
+# --- batches
+
+
+def test_batcher_deterministic_and_resumable(tmp_path):
+    cache = stream_cache(tmp_path)
+    a = Batcher(cache, block_size=16, batch_size=4, seed=1)
+    b = Batcher(cache, block_size=16, batch_size=4, seed=1)
+    x, y = a.next()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # y is x shifted by one (tokens are positions)
+    assert torch.equal(b.next()[0], x)
+    assert not torch.equal(Batcher(cache, 16, 4, seed=2).next()[0], x)
+    for _ in range(5):
+        a.next()
+    state = a.state_dict()
+    assert state == {"step": 6, "seed": 1, "epoch": 6 // a.steps_per_epoch}
+    assert a.steps_per_epoch == 16  # ceil(1000 / (16 * 4))
+    expect = [a.next() for _ in range(3)]
+    resumed = Batcher(cache, block_size=16, batch_size=4, seed=99)
+    resumed.load_state_dict(state)
+    for ex, got in zip(expect, (resumed.next() for _ in range(3))):
+        assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
+
+
+@pytest.mark.parametrize("line_by_line", [False, True])
+def test_ddp_ranks_equal_single_process_micro_steps(tmp_path, line_by_line):
+    cache = stream_cache(tmp_path, docs=37)
+    single = Batcher(cache, 16, 3, seed=5, line_by_line=line_by_line)
+    ranks = [Batcher(cache, 16, 3, seed=5, line_by_line=line_by_line, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch * 2 in (single.steps_per_epoch, single.steps_per_epoch + 1)
+    for step in range(20):  # crosses epoch boundaries in line-by-line mode (37 docs)
+        for r in range(2):
+            x, y = ranks[r].next()
+            sx, sy = single.next()  # single-process micro-step 2 * step + r
+            assert torch.equal(x, sx) and torch.equal(y, sy)
+
+
+def test_line_by_line_padding(tmp_path):
+    cache = TokenCache.write(tmp_path / "l.tokens", [[1, 2, 50256], list(range(100, 140)) + [50256]], "t")
+    b = Batcher(cache, block_size=32, batch_size=2, line_by_line=True)
+    assert b.steps_per_epoch == 1
+    seen = set()
+    for _ in range(3):
+        x, y = b.next()
+        assert x.shape == (2, 32)  # longest sample (40 tokens) truncated to the block
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            if row_x[0] == 1:  # the short document: 2 real positions, then padding
+                assert row_x == [1, 2] + [50256] * 30 and row_y == [2, 50256] + [-100] * 30
+            else:
+                assert row_x == list(range(100, 132)) and row_y == list(range(101, 133))
+            seen.add(row_x[0])
+    assert seen == {1, 100}
+    # a batch of short documents is padded only to a multiple of 8
+    shapes = [x.shape for x, _ in Batcher(cache, 32, 1, line_by_line=True).eval_batches()]
+    assert shapes == [(1, 8), (1, 32)]
+
+
+def test_short_data_shrinks_block(tmp_path, caplog):
+    cache = TokenCache.write(tmp_path / "tiny.tokens", [[5, 6, 7, 50256]], "t")
+    with caplog.at_level(logging.WARNING, logger="gpt2kit.data"):
+        b = Batcher(cache, block_size=64, batch_size=2)
+    assert b.block_size == 3
+    assert len(caplog.records) == 1 and "--block-size 3" in caplog.text
+    x, y = b.next()
+    assert x.tolist() == [[5, 6, 7]] * 2 and y.tolist() == [[6, 7, 50256]] * 2
+    assert len(list(b.eval_batches())) == 1
+    with pytest.raises(Gpt2kitError):
+        Batcher(TokenCache.write(tmp_path / "one.tokens", [[50256]], "t"), 8, 1)
+
+
+def test_eval_batches_cover_every_target_once(tmp_path):
+    cache = stream_cache(tmp_path, n_tokens=1001)
+    targets = []
+    for r in range(2):
+        b = Batcher(cache, block_size=64, batch_size=3, rank=r, world_size=2)
+        for x, y in b.eval_batches():
+            assert x.shape[1] == 64
+            targets += y[y != -100].tolist()
+    assert sorted(targets) == list(range(1, 1001))
+    b = Batcher(cache, block_size=64, batch_size=3)
+    assert [x.tolist() for x, _ in b.eval_batches()] == [x.tolist() for x, _ in b.eval_batches()]
+    limited = list(b.eval_batches(max_batches=2))
+    assert len(limited) == 2 and limited[-1][0][-1, -1] == 999  # spread to the end of the set
+    lines = TokenCache.write(tmp_path / "l.tokens", [[1, 50256], [2, 3, 50256], [4, 50256]], "t")
+    ys = [y for _, y in Batcher(lines, 8, 2, line_by_line=True).eval_batches()]
+    assert [t for y in ys for t in y[y != -100].tolist()] == [50256, 3, 50256, 50256]
+
+
+# --- CLI
+
+
+def start_cli(*args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "gpt2kit", "encode", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_encode(tmp_path):
+    out = tmp_path / "jokes.tokens"
+    # both runs at once: most of each is interpreter and torch start-up
+    good = start_cli(JOKES, "--column", "Joke", "--out", out, "--tokenizer", VOCAB, cwd=tmp_path)
+    bad = start_cli(JOKES, "--out", tmp_path / "x.tokens", "--tokenizer", VOCAB, cwd=tmp_path)
+    (stdout, stderr), (_, bad_stderr) = good.communicate(timeout=60), bad.communicate(timeout=60)
+    assert good.returncode == 0, stderr
+    assert stdout.startswith("encoded 2,950 documents,") and str(out) in stdout
+    assert TokenCache.open(out).n_docs == 2950
+    assert bad.returncode == 1 and "Traceback" not in bad_stderr
+    assert bad_stderr.strip().count("\n") == 0 and bad_stderr.startswith("error:") and "Joke" in bad_stderr
+    assert not (tmp_path / "x.tokens").exists()
