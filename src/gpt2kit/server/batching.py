@@ -1,0 +1,426 @@
+"""Continuous batching: one background thread owns the model and steps every active request together.
+
+Each completion (one choice of one prompt) gets a row of the model's static KV cache. A new request is
+prefilled into a free row alone (`rows=slice(b, b + 1)`) while the others wait one step; every decode
+step then feeds the newest token of every active row, at that row's own position, in one forward pass.
+Rows leave the batch when they finish, are cancelled (a client went away) or pass their deadline, and
+their row is reused by the next request in the queue.
+
+Per-row decoding state is generate.py's `_Row` (seeded generator, stop strings, incremental UTF-8,
+held-back text, logprobs), so choice `index` of a request seeded `s` produces the same text as sample
+`index` of `Generator.generate(prompt, cfg, nsamples=n)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice
+from gpt2kit.model import GPT
+from gpt2kit.sampling import sample, token_logprobs
+from gpt2kit.tokenizer import Tokenizer
+
+log = logging.getLogger("gpt2kit.server")
+
+
+class QueueFull(Gpt2kitError):
+    """The engine's queue has no room for the request; try again shortly (HTTP 429)."""
+
+
+class EngineClosed(Gpt2kitError):
+    """The engine has been shut down."""
+
+
+@dataclass
+class PromptInfo:
+    """Log-probabilities of the prompt's own tokens (first entry None: nothing predicts it)."""
+    index: int
+    info: list[TokenInfo | None]
+
+
+@dataclass
+class EngineStats:
+    active: int = 0  # rows decoding now
+    queued: int = 0  # rows waiting for a free cache row
+    completed: int = 0  # rows finished since start
+    tokens: int = 0  # tokens generated since start
+    steps: int = 0  # batched decode steps since start
+
+
+@dataclass(eq=False)
+class _Job:
+    row: _Row
+    stream: Stream
+    deadline: float | None
+    prompt_logprobs: int | None
+    score_only: bool  # max_tokens == 0: only the prompt's logprobs are wanted
+    cancelled: bool = False
+    slot: int = -1
+    greedy: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.row.cfg
+        # generate.stream_rows' fast path: one argmax per step for the whole batch
+        self.greedy = cfg.sampling.greedy and cfg.repetition_penalty == 1.0 and cfg.logprobs is None
+
+
+class Stream:
+    """The deltas of one or more rows, in the order they are produced; each row's last delta has its
+    `finish_reason`. Iterate with `async for` when submitted from a running event loop, with `for`
+    otherwise. `cancel()` frees the rows at the engine's next step."""
+
+    def __init__(self, engine: BatchEngine, n_rows: int):
+        self._engine = engine
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._q: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if self._loop else queue.SimpleQueue()
+        self._left = n_rows
+        self._jobs: list[_Job] = []
+        self.prompt_info: dict[int, list[TokenInfo | None]] = {}  # set before that row's first delta
+
+    # -- engine side (any thread) --
+    def _put(self, item: Delta | PromptInfo | BaseException) -> None:
+        if self._loop is None:
+            self._q.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is gone: nobody will read this
+            self.cancel()
+
+    # -- consumer side --
+    def cancel(self) -> None:
+        self._left = 0
+        for j in self._jobs:
+            j.cancelled = True
+        self._engine._wake()
+
+    def _take(self, item: Delta | PromptInfo | BaseException) -> Delta | None:
+        if isinstance(item, BaseException):
+            self.cancel()
+            raise item
+        if isinstance(item, PromptInfo):
+            self.prompt_info[item.index] = item.info
+            return None
+        if item.finish_reason is not None:
+            self._left -= 1
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._loop is None:
+            raise TypeError("this stream was submitted outside an event loop: iterate it with `for`")
+        while self._left > 0:
+            d = self._take(await self._q.get())
+            if d is not None:
+                return d
+        raise StopAsyncIteration
+
+    def __iter__(self) -> Iterator[Delta]:
+        return self
+
+    def __next__(self) -> Delta:
+        if self._loop is not None:
+            raise TypeError("this stream was submitted inside an event loop: iterate it with `async for`")
+        while self._left > 0:
+            d = self._take(self._q.get())
+            if d is not None:
+                return d
+        raise StopIteration
+
+
+class BatchEngine:
+    """Continuous batching over one model. `max_batch` cache rows of `max_len` positions (default: the
+    model's context) are allocated once; at most `max_queue` rows wait for one. The model belongs to the
+    engine's thread while it runs: don't generate with it elsewhere at the same time."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 max_len: int | None = None, prefill_budget: int = 2048):
+        if max_batch < 1:
+            raise Gpt2kitError(f"max batch must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise Gpt2kitError(f"max queue must be >= 1, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        ctx = model.config.n_positions
+        self.max_len = min(max_len or ctx, ctx)
+        if self.max_len < 2:
+            raise Gpt2kitError(f"max length must be >= 2 positions, got {self.max_len}")
+        self.prefill_budget = prefill_budget  # prompt tokens prefilled between two decode steps
+        self.stats = EngineStats()
+        self._pending: deque[_Job] = deque()
+        self._slots: list[_Job | None] = [None] * max_batch  # touched by the engine thread only
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._warned_window = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> BatchEngine:
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine has been closed")
+            if self._thread is not None:
+                return self
+            self.model.eval()
+            self.model.setup_caches(self.max_batch, self.max_len)
+            self._thread = threading.Thread(target=self._run, name="gpt2kit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        err = EngineClosed("the server is shutting down")
+        with self._cv:
+            jobs = list(self._pending) + [j for j in self._slots if j is not None]
+            self._pending.clear()
+            self._slots = [None] * self.max_batch
+        for j in jobs:
+            j.stream._put(err)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self):  # -> Self (typing.Self needs Python 3.11)
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # ---- submitting -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], cfg: GenerationConfig, index: int = 0, *,
+               timeout: float | None = None, prompt_logprobs: int | None = None) -> Stream:
+        """One completion of `prompt_ids`; `index` picks its seed stream (sample `index` of a request)."""
+        return self.submit_many([(prompt_ids, index)], cfg, timeout=timeout, prompt_logprobs=prompt_logprobs)
+
+    def submit_many(self, rows: Sequence[tuple[Sequence[int], int]], cfg: GenerationConfig, *,
+                    timeout: float | None = None, prompt_logprobs: int | None = None) -> Stream:
+        """Several completions as one stream, admitted all or none: (prompt_ids, index) per row.
+        cfg.max_new_tokens == 0 scores the prompt only (with prompt_logprobs). After `timeout` seconds
+        unfinished rows end with finish_reason "length". Raises QueueFull when the queue has no room,
+        Gpt2kitError for invalid input."""
+        score_only = cfg.max_new_tokens == 0
+        (replace(cfg, max_new_tokens=1) if score_only else cfg).validate()
+        if score_only and prompt_logprobs is None:
+            raise Gpt2kitError("length must be > 0 tokens unless the prompt's logprobs are asked for")
+        if cfg.seed is not None and cfg.seed < 0:
+            raise Gpt2kitError(f"seed must be >= 0, got {cfg.seed}")
+        if cfg.logprobs is not None and cfg.logprobs < 0:
+            raise Gpt2kitError(f"logprobs must be >= 0, got {cfg.logprobs}")
+        if not rows:
+            raise Gpt2kitError("nothing to generate: no prompts")
+        if len(rows) > self.max_queue:
+            raise Gpt2kitError(f"a request of {len(rows)} completions exceeds the queue of {self.max_queue}")
+        vocab = self.model.config.vocab_size
+        for ids, _ in rows:
+            if len(ids) == 0:
+                raise Gpt2kitError("empty prompt: give some text, or generate unconditionally "
+                                   "(starts from <|endoftext|>)")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise Gpt2kitError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        stream = Stream(self, len(rows))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        device = self.model.device
+        for ids, index in rows:
+            r = _Row(index, "", list(ids), cfg, self.tokenizer, device)
+            stream._jobs.append(_Job(r, stream, deadline, prompt_logprobs, score_only))
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine has been closed")
+            if len(self._pending) + len(rows) > self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._pending)} completions are waiting "
+                                f"(queue of {self.max_queue}); retry shortly")
+            self._pending.extend(stream._jobs)
+            self.stats.queued = len(self._pending)
+            self._cv.notify_all()
+        return stream
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._pending and not any(self._slots):
+                    self._cv.wait()
+                if self._closed:
+                    return
+            self._admit()
+            try:
+                self._decode_step()
+            except Exception as e:  # never let the worker die: fail the rows in flight and go on
+                log.exception("decode step failed")
+                for b, j in enumerate(self._slots):
+                    if j is not None:
+                        self._fail(b, e)
+
+    def _free(self, b: int) -> None:
+        self._slots[b] = None
+        self.stats.active = sum(j is not None for j in self._slots)
+
+    def _fail(self, b: int, e: Exception) -> None:
+        job = self._slots[b]
+        self._free(b)
+        if job is not None and not job.cancelled:
+            job.stream._put(e if isinstance(e, Gpt2kitError) else Gpt2kitError(f"generation failed: {e}"))
+
+    def _emit(self, b: int) -> None:
+        job = self._slots[b]
+        d = job.row.delta()
+        if d is not None:
+            self.stats.tokens += len(d.tokens)
+            job.stream._put(d)
+        if job.row.done:
+            self.stats.completed += 1
+            self._free(b)
+
+    def _finish(self, b: int, reason: str) -> None:
+        r = self._slots[b].row
+        r.out.text += r.decoder.decode(b"", final=True)
+        r.out.finish_reason = reason
+        self._emit(b)
+
+    def _slide_notice(self) -> None:
+        if not self._warned_window:
+            self._warned_window = True
+            _window_notice()
+
+    def _admit(self) -> None:
+        """Prefill queued requests into free rows, up to `prefill_budget` prompt tokens."""
+        budget = self.prefill_budget
+        now = time.monotonic()
+        while budget > 0:
+            with self._cv:
+                while self._pending and (self._pending[0].cancelled or
+                                         (self._pending[0].deadline is not None and self._pending[0].deadline < now)):
+                    job = self._pending.popleft()
+                    if not job.cancelled:  # timed out waiting for a row: an empty "length" completion
+                        job.row.out.finish_reason = "length"
+                        job.stream._put(Delta(job.row.out.index, "", [], "length"))
+                self.stats.queued = len(self._pending)
+                free = next((b for b, j in enumerate(self._slots) if j is None), None)
+                if free is None or not self._pending:
+                    return
+                job = self._pending.popleft()
+                self.stats.queued = len(self._pending)
+            job.slot = free
+            self._slots[free] = job
+            self.stats.active = sum(j is not None for j in self._slots)
+            budget -= len(job.row.context)
+            try:
+                self._prefill(free, job)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(free, e)
+
+    def _prefill(self, b: int, job: _Job) -> None:
+        r = job.row
+        if len(r.context) >= self.max_len:  # as stream_rows: keep the most recent half window
+            r.context = r.context[-(self.max_len // 2):]
+            self._slide_notice()
+        r.pos = len(r.context)
+        if job.prompt_logprobs is None:
+            last = _prefill(self.model, [r.context], rows=slice(b, b + 1))[0]  # (V,)
+        else:
+            # the same forward as _prefill, keeping every position's logits
+            device = self.model.device
+            T = len(r.context)
+            logits = self.model(torch.tensor([r.context], device=device), torch.arange(T, device=device),
+                                kv_len=T, rows=slice(b, b + 1))[0]  # (T, V)
+            job.stream._put(PromptInfo(r.out.index, _prompt_logprobs(r, logits, job.prompt_logprobs)))
+            if job.score_only:
+                self._finish(b, "length")
+                return
+            last = logits[-1]
+        self._push(b, last, None)
+
+    def _push(self, b: int, logits: torch.Tensor, pick: int | None) -> None:
+        """Sample row b's next token from its logits (V,) exactly as stream_rows does, and emit."""
+        job = self._slots[b]
+        r, cfg = job.row, job.row.cfg
+        if pick is not None:
+            token = pick
+        elif job.greedy:
+            token = int(logits.argmax())
+        else:
+            seen = torch.tensor(r.context, device=logits.device) if cfg.repetition_penalty != 1.0 else None
+            token = sample(logits, r.params, r.gen, seen)
+        info = None
+        if cfg.logprobs is not None:
+            lp, vals, ids = token_logprobs(logits, cfg.logprobs)
+            info = TokenInfo(token, float(lp[token]), list(zip(ids.tolist(), vals.tolist())))
+        r.push(token, info)
+        self._emit(b)
+
+    def _decode_step(self) -> None:
+        now = time.monotonic()
+        for b, job in enumerate(self._slots):
+            if job is None:
+                continue
+            if job.cancelled:
+                self._free(b)
+            elif job.deadline is not None and job.deadline < now:
+                self._finish(b, "length")
+        active = [b for b, j in enumerate(self._slots) if j is not None]
+        if not active:
+            return
+        for b in active:
+            r = self._slots[b].row
+            if r.pos >= self.max_len:
+                # the row filled its window: re-prefill its most recent tokens alone, as stream_rows does
+                self._slide_notice()
+                r.context = r.context[-(self.max_len // 2):]
+                _prefill(self.model, [r.context[:-1]], rows=slice(b, b + 1))
+                r.pos = len(r.context) - 1
+        hi = active[-1] + 1
+        # free rows below `hi` ride along writing slot 0 of their own row; a new request re-prefills it
+        toks, pos = [0] * hi, [0] * hi
+        for b in active:
+            r = self._slots[b].row
+            toks[b], pos[b] = r.context[-1], r.pos
+        device = self.model.device
+        x = torch.tensor(toks, device=device).view(hi, 1)
+        logits = self.model(x, torch.tensor(pos, device=device).view(hi, 1), kv_len=max(pos) + 1,
+                            rows=slice(0, hi))[:, -1, :]  # (hi, V)
+        self.stats.steps += 1
+        picks = logits.argmax(dim=-1).tolist() if any(self._slots[b].greedy for b in active) else None
+        for b in active:
+            job = self._slots[b]
+            job.row.pos += 1
+            self._push(b, logits[b], picks[b] if picks is not None and job.greedy else None)
+
+
+
+def _prompt_logprobs(r: _Row, logits: torch.Tensor, top_n: int) -> list[TokenInfo | None]:
+    """logits (T, V) over r.context -> one entry per prompt token; None where nothing predicts it (the
+    first token, and tokens the window cut off)."""
+    T = len(r.context)
+    out: list[TokenInfo | None] = [None] * (len(r.out.prompt_tokens) - T + 1)
+    for t in range(1, T):
+        lp, vals, ids = token_logprobs(logits[t - 1], top_n)
+        tok = r.context[t]
+        out.append(TokenInfo(tok, float(lp[tok]), list(zip(ids.tolist(), vals.tolist()))))
+    return out
