@@ -1,0 +1,224 @@
+"""BatchEngine without HTTP: batched text equals Generator's, rows join and leave, cancellation,
+deadlines, the bounded queue, and a worker that survives a failing step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2kit.checkpoints import load_model, save_model
+from gpt2kit.config import GPTConfig
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.generate import GenerationConfig, Generator
+from gpt2kit.model import GPT
+from gpt2kit.server.batching import BatchEngine, QueueFull
+from gpt2kit.tokenizer import Tokenizer
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "A",
+           "Once upon a time, in a land far away, there lived", "1 2 3 4 5 6 7"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matrices: one thread is faster and immune to other processes crowding the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    tok = Tokenizer.from_dir(VOCAB)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir) -> Generator:
+    # its own copy: the engine's thread owns the other model's KV cache
+    return Generator(*load_model(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    model, tok = load_model(tiny_dir)
+    with BatchEngine(model, tok, max_batch=3, max_queue=32) as eng:
+        yield eng
+
+
+def collect(stream) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for d in stream:
+        texts[d.index] = texts.get(d.index, "") + d.text
+    return texts
+
+
+def run_all(engine: BatchEngine, cfg: GenerationConfig, nsamples: int = 1) -> dict[tuple[str, int], str]:
+    """Every prompt x sample submitted at once (more rows than the batch has: rows join as others leave)."""
+    tok = engine.tokenizer
+    streams = {(p, i): engine.submit(tok.encode(p), cfg, i) for p in PROMPTS for i in range(nsamples)}
+    return {k: collect(s)[k[1]] for k, s in streams.items()}
+
+
+def expected(gen: Generator, cfg: GenerationConfig, nsamples: int = 1) -> dict[tuple[str, int], str]:
+    return {(p, c.index): c.text for p in PROMPTS for c in gen.generate(p, cfg, nsamples=nsamples)}
+
+
+def test_greedy_batched_equals_unbatched(engine, reference):
+    cfg = GenerationConfig(max_new_tokens=30, temperature=0)
+    steps = engine.stats.steps
+    assert run_all(engine, cfg) == expected(reference, cfg)
+    assert engine.stats.steps - steps < 5 * 30  # forward passes were shared
+
+
+def test_seeded_sampling_matches_generate(engine, reference):
+    cfg = GenerationConfig(max_new_tokens=25, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    assert run_all(engine, cfg, nsamples=3) == expected(reference, cfg, nsamples=3)
+
+
+def test_penalty_min_p_and_stop_strings_match_generate(engine, reference):
+    cfg = GenerationConfig(max_new_tokens=25, temperature=1.2, min_p=0.01, repetition_penalty=1.3, seed=5)
+    ref = expected(reference, cfg, nsamples=2)
+    # stop at a piece of each reference text that is really produced
+    stop = tuple(sorted({t[5:7] for t in ref.values() if len(t) > 8}))
+    cfg = replace(cfg, stop=stop)
+    ref = expected(reference, cfg, nsamples=2)
+    assert run_all(engine, cfg, nsamples=2) == ref
+
+
+def test_window_slides_like_generate(engine, reference):
+    # a 100-token prompt plus 60 new tokens overflows the 128-token context
+    cfg = GenerationConfig(max_new_tokens=60, temperature=0.8, seed=3)
+    prompt = " ".join(["word"] * 100)
+    ids = engine.tokenizer.encode(prompt)
+    got = collect(engine.submit(ids, cfg, 0))[0]
+    assert got == reference.generate(prompt, cfg)[0].text
+
+
+def test_logprobs_match_generate(engine, reference):
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0, logprobs=3)
+    ids = engine.tokenizer.encode("Hello")
+    infos = [i for d in engine.submit(ids, cfg) for i in d.token_info]
+    ref = reference.generate("Hello", cfg)[0].token_info
+    assert [i.token for i in infos] == [i.token for i in ref]
+    for a, b in zip(infos, ref):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top] and len(a.top) == 3
+        assert a.top[0][0] == a.token  # greedy picks the most likely
+
+
+def test_prompt_logprobs_and_scoring(engine):
+    tok = engine.tokenizer
+    ids = tok.encode("The cat sat on the mat")
+    stream = engine.submit(ids, GenerationConfig(max_new_tokens=0), prompt_logprobs=2)
+    deltas = list(stream)
+    assert [(d.text, d.finish_reason) for d in deltas] == [("", "length")]
+    info = stream.prompt_info[0]
+    assert info[0] is None and len(info) == len(ids)
+    with torch.no_grad():
+        lp = torch.log_softmax(engine_free_forward(engine, ids), dim=-1)  # (T, V)
+    for t in range(1, len(ids)):
+        assert info[t].token == ids[t]
+        assert info[t].logprob == pytest.approx(float(lp[t - 1, ids[t]]), abs=1e-4)
+        assert len(info[t].top) == 2
+
+
+def engine_free_forward(engine: BatchEngine, ids: list[int]) -> torch.Tensor:
+    """Plain causal forward (no KV cache involved) on a copy of the engine's weights."""
+    m = GPT(engine.model.config)
+    m.load_state_dict(engine.model.state_dict())
+    return m.eval()(torch.tensor([ids]))[0]
+
+
+def test_cancel_frees_the_row(engine):
+    ids = engine.tokenizer.encode("Tell me a long story")
+    stream = engine.submit(ids, GenerationConfig(max_new_tokens=1000, temperature=1.0, stop_at_eot=False))
+    next(stream)
+    assert engine.stats.active >= 1
+    stream.cancel()
+    assert list(stream) == []  # a cancelled stream ends at once
+    deadline = time.monotonic() + 10
+    while engine.stats.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.active == 0
+
+
+def test_deadline_ends_with_length(engine):
+    ids = engine.tokenizer.encode("Tell me a long story")
+    cfg = GenerationConfig(max_new_tokens=1000, temperature=1.0, stop_at_eot=False)
+    deltas = list(engine.submit(ids, cfg, timeout=0.2))
+    assert deltas[-1].finish_reason == "length"
+    assert sum(len(d.tokens) for d in deltas) < 1000
+
+
+def test_async_iteration(engine, reference):
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+
+    async def main() -> list[str]:
+        tok = engine.tokenizer
+        streams = [engine.submit(tok.encode(p), cfg) for p in PROMPTS[:3]]
+
+        async def text(s) -> str:
+            return "".join([d.text async for d in s])
+
+        return list(await asyncio.gather(*(text(s) for s in streams)))
+
+    assert asyncio.run(main()) == [reference.generate(p, cfg)[0].text for p in PROMPTS[:3]]
+
+
+def test_queue_is_bounded(tiny_dir):
+    model, tok = load_model(tiny_dir)
+    eng = BatchEngine(model, tok, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    cfg = GenerationConfig(max_new_tokens=4)
+    eng.submit([1, 2], cfg)
+    eng.submit([1, 2], cfg)
+    with pytest.raises(QueueFull, match="busy"):
+        eng.submit([1, 2], cfg)
+    with pytest.raises(Gpt2kitError, match="exceeds the queue"):
+        eng.submit_many([([1], i) for i in range(3)], cfg)
+    eng.close()
+
+
+def test_invalid_input_is_refused(engine):
+    cfg = GenerationConfig(max_new_tokens=4)
+    with pytest.raises(Gpt2kitError, match="empty prompt"):
+        engine.submit([], cfg)
+    with pytest.raises(Gpt2kitError, match="token ids"):
+        engine.submit([50257], cfg)
+    with pytest.raises(Gpt2kitError, match="seed"):
+        engine.submit([1], replace(cfg, seed=-1))
+    with pytest.raises(Gpt2kitError, match="temperature"):
+        engine.submit([1], replace(cfg, temperature=-1))
+    with pytest.raises(Gpt2kitError, match="length"):
+        engine.submit([1], replace(cfg, max_new_tokens=0))
+
+
+def test_worker_survives_a_failing_step(engine, reference):
+    model = engine.model
+    real = model.forward
+    failed = []
+
+    def flaky(idx, *a, **kw):
+        if idx.shape[1] == 1 and not failed:  # the first decode step
+            failed.append(True)
+            raise RuntimeError("simulated out of memory")
+        return real(idx, *a, **kw)
+
+    model.forward = flaky
+    try:
+        with pytest.raises(Gpt2kitError, match="simulated out of memory"):
+            collect(engine.submit(engine.tokenizer.encode("Hi"), GenerationConfig(max_new_tokens=5)))
+    finally:
+        del model.forward
+    assert failed and engine.running
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0)
+    assert collect(engine.submit(engine.tokenizer.encode("Hi"), cfg))[0] == reference.generate("Hi", cfg)[0].text
