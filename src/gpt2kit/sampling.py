@@ -48,7 +48,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """Set excluded logits to -inf. logits (..., V), already divided by temperature. The most likely token
     always survives, so top_p -> 0 and top_k = 1 both mean argmax."""
-    neg_inf = torch.finfo(logits.dtype).min
+    neg_inf = float("-inf")
     if top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, neg_inf)

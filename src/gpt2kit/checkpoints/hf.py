@@ -7,6 +7,7 @@ for key after dropping the optional "transformer." prefix."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -35,6 +36,9 @@ def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if not isinstance(sd, dict):
                 raise Gpt2kitError(f"{pt} does not hold a state dict")
             return sd
+    except pickle.UnpicklingError:
+        raise Gpt2kitError(f"{pt} holds objects other than tensors and was not loaded (that would run "
+                           "arbitrary code); convert it to model.safetensors where you trust it") from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
         name = st if st.is_file() else pt
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

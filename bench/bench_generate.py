@@ -1,0 +1,162 @@
+"""Decode speed of gpt2kit vs transformers on the same random-initialised weights, side by side.
+
+    python bench/bench_generate.py                 # 124M, float32, 2 threads: batch 1 and 8, TTFT
+    python bench/bench_generate.py --config tiny   # quick smoke run
+
+Prints tokens/s for both, the ratio, and the memory-bandwidth limit (weight bytes read per decode step
+against this machine's measured bandwidth)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = ROOT.parent / "shared" / "data" / "gpt2-vocab"
+
+
+def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Bytes/s for streaming reads (a sum over a buffer far larger than the caches)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def make_checkpoint(config_name: str, out: Path, std: float = 0.02) -> Path:
+    from gpt2kit.checkpoints import save_model
+    from gpt2kit.config import GPTConfig
+    from gpt2kit.model import GPT
+    from gpt2kit.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(config_name))
+    save_model(model, Tokenizer.from_dir(VOCAB), out)
+    return out
+
+
+def bench_gpt2kit(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype, reps: int) -> float:
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.generate import GenerationConfig, Generator
+
+    model, tok = load_model(path, device="cpu", dtype=dtype)
+    gen = Generator(model, tok)
+    ids = [list(range(1000, 1000 + prompt_len))] * batch
+    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
+    from gpt2kit.generate import run_stream, stream_rows
+    run_stream(stream_rows(model, tok, ["x"] * batch, GenerationConfig(max_new_tokens=8, temperature=0),
+                           prompt_ids=ids))  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        outs = run_stream(stream_rows(model, tok, ["x"] * batch, cfg, prompt_ids=ids))
+        best = min(best, time.perf_counter() - t)
+        assert all(len(o.tokens) == new for o in outs)
+    del gen
+    return batch * new / best
+
+
+def bench_hf(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype, reps: int) -> float:
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
+    ids = torch.tensor([list(range(1000, 1000 + prompt_len))] * batch)
+    kw = dict(do_sample=False, pad_token_id=50256, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            best = min(best, time.perf_counter() - t)
+            assert out.shape[1] == prompt_len + new
+    return batch * new / best
+
+
+TTFT_HF = """
+import sys, time, torch
+t0 = float(sys.argv[2])
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+tok = GPT2TokenizerFast.from_pretrained(sys.argv[1])
+m = GPT2LMHeadModel.from_pretrained(sys.argv[1]).eval()
+ids = tok("Hello, my name is", return_tensors="pt").input_ids
+with torch.inference_mode():
+    out = m.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=50256)
+print(tok.decode(out[0, -1:]), end="", flush=True)
+print(f"\\nTTFT {time.time() - t0:.3f}", file=sys.stderr)
+"""
+
+
+def ttft(path: Path) -> tuple[float, float]:
+    """Seconds from process start to the first generated token on stdout, for both tools."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+    def run(cmd: list[str]) -> float:
+        t0 = time.time()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+        p.stdout.read(1)  # first byte of the first token
+        t = time.time() - t0
+        p.wait()
+        return t
+
+    ours = min(run([sys.executable, "-m", "gpt2kit", "generate", "Hello, my name is", "-m", str(path),
+                    "--length", "1", "--temperature", "0", "--device", "cpu"]) for _ in range(3))
+    theirs = min(run([sys.executable, "-c", TTFT_HF, str(path), "0"]) for _ in range(3))
+    return ours, theirs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="gpt2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--bf16", action="store_true", help="also run bfloat16 weights")
+    ap.add_argument("--no-ttft", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, config {args.config}, "
+          f"prompt {args.prompt_len}, new tokens {args.new}, best of {args.reps}")
+    bw = measure_bandwidth()
+    gc.collect()
+    with tempfile.TemporaryDirectory() as d:
+        path = make_checkpoint(args.config, Path(d) / "m")
+        from gpt2kit.config import GPTConfig
+        cfg = GPTConfig.from_name(args.config)
+        # bytes read per decode step: every weight once (wte is shared with the LM head), no wpe table
+        weight_bytes = (cfg.num_params() - cfg.n_positions * cfg.n_embd) * 4
+        print(f"memory bandwidth {bw / 1e9:.1f} GB/s; float32 weights {weight_bytes / 1e6:.0f} MB "
+              f"-> limit {bw / weight_bytes:.1f} tokens/s at batch 1")
+        print(f"{'case':<28}{'gpt2kit tok/s':>15}{'transformers':>15}{'ratio':>8}")
+        dtypes = [("float32", torch.float32)] + ([("bfloat16", torch.bfloat16)] if args.bf16 else [])
+        for name, dt in dtypes:
+            for b in [int(x) for x in args.batches.split(",")]:
+                ours = bench_gpt2kit(path, b, args.prompt_len, args.new, dt, args.reps)
+                gc.collect()
+                theirs = bench_hf(path, b, args.prompt_len, args.new, dt, args.reps)
+                gc.collect()
+                print(f"{f'decode {name} batch {b}':<28}{ours:>15.1f}{theirs:>15.1f}{ours / theirs:>7.2f}x")
+                if b == 1 and dt == torch.float32:
+                    print(f"{'  of bandwidth limit':<28}{ours / (bw / weight_bytes):>14.0%}"
+                          f"{theirs / (bw / weight_bytes):>15.0%}")
+        if not args.no_ttft:
+            ours, theirs = ttft(path)
+            print(f"{'time to first token (s)':<28}{ours:>15.2f}{theirs:>15.2f}{theirs / ours:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real GPT-2 vocabulary from ../shared/data and small random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2kit.checkpoints import save_model
+from gpt2kit.config import GPTConfig
+from gpt2kit.model import GPT
+from gpt2kit.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+VOCAB_DIR = SHARED / "gpt2-vocab"
+TF_TINY = SHARED / "tf-gpt2-tiny"
+JOKES = SHARED / "datasets" / "onelinefun.csv"
+SHAKESPEARE = SHARED / "datasets" / "tinyshakespeare.txt"
+
+
+def random_model(config: GPTConfig, seed: int = 0, std: float = 0.02) -> GPT:
+    """A GPT with random weights. A wide `std` spreads the logits so that argmax margins sit far above
+    float32 noise, which makes greedy-token parity a meaningful test."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(VOCAB_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> GPTConfig:
+    return GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer, tiny_config) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    save_model(random_model(tiny_config, std=0.2), tokenizer, out)
+    return out

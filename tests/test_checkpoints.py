@@ -1,0 +1,121 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2kit.checkpoints import convert, load_model, resolve_model_dir, save_model
+from gpt2kit.checkpoints.hf import gpt2kit_to_hf
+from gpt2kit.errors import Gpt2kitError
+from tests.conftest import TF_TINY
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_what_we_write_loads_in_transformers_with_identical_logits(tiny_model_dir):
+    ours, _ = load_model(tiny_model_dir)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=1e-5)
+    names = set(load_file(str(tiny_model_dir / "model.safetensors")))
+    assert "transformer.h.0.attn.c_attn.weight" in names and "lm_head.weight" not in names
+    for f in ("config.json", "vocab.json", "merges.txt"):
+        assert (tiny_model_dir / f).is_file()
+
+
+def test_convert_tf_to_ours_matches_hf_reference(tmp_path):
+    out = convert(TF_TINY / "tf", tmp_path / "conv")
+    ref = load_file(str(TF_TINY / "hf" / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_positions"]) == (2, 64, 4, 128)
+    transformers.GPT2LMHeadModel.from_pretrained(out)  # loads
+
+
+def test_convert_to_bfloat16_halves_the_file(tiny_model_dir, tmp_path):
+    out = convert(tiny_model_dir, tmp_path / "bf16", dtype="bfloat16")
+    assert next(iter(load_file(str(out / "model.safetensors")).values())).dtype == torch.bfloat16
+    model, _ = load_model(out, dtype="float32")
+    assert model.dtype == torch.float32
+
+
+def test_pytorch_model_bin_is_read_safely(tiny_model_dir, tmp_path):
+    model, tok = load_model(tiny_model_dir)
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", d)
+    tok.save(d)
+    # old HF files: no prefix, causal-mask buffers included
+    sd = {k.removeprefix("transformer."): v for k, v in gpt2kit_to_hf(model.state_dict()).items()}
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 128, 128)
+    torch.save(sd, d / "pytorch_model.bin")
+    again, _ = load_model(d)
+    x = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), again(x))
+    # a pickle that would run code is refused, not executed
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+    torch.save({"x": Evil()}, d / "pytorch_model.bin")
+    with pytest.raises(Gpt2kitError, match="not loaded"):
+        load_model(d)
+
+
+def test_bad_checkpoints_give_one_line_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(Gpt2kitError, match="not a GPT-2 checkpoint"):
+        load_model(tmp_path)
+    d = tmp_path / "trunc"
+    shutil.copytree(tiny_model_dir, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Gpt2kitError, match="corrupt or truncated") as e:
+        load_model(d)
+    assert "\n" not in str(e.value)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "model.safetensors").write_bytes(data)
+    cfg["n_embd"] = 32
+    cfg["n_head"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Gpt2kitError, match="shape"):
+        load_model(d)
+    (d / "config.json").write_text("{")
+    with pytest.raises(Gpt2kitError, match="cannot read model config"):
+        load_model(d)
+    with pytest.raises(Gpt2kitError, match="no such directory"):
+        load_model(tmp_path / "does-not-exist")
+
+
+def test_unknown_model_name_offline_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(Gpt2kitError) as e:
+        load_model("gpt2-medium")
+    assert "gpt2-medium" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_run_directory_resolves_to_its_best_then_final_model(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    with pytest.raises(Gpt2kitError, match="no saved model"):
+        resolve_model_dir(run)
+    shutil.copytree(tiny_model_dir, run / "final")
+    assert resolve_model_dir(run) == run / "final"
+    shutil.copytree(tiny_model_dir, run / "best")
+    assert resolve_model_dir(run) == run / "best"
+
+
+def test_save_then_load_roundtrip(tiny_model_dir, tmp_path):
+    model, tok = load_model(tiny_model_dir)
+    save_model(model, tok, tmp_path / "again")
+    a = load_file(str(tiny_model_dir / "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from gpt2kit.checkpoints import load_model
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.evaluate import perplexity, windows
+from tests.conftest import SHAKESPEARE
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_windows_score_every_token_after_the_first_exactly_once():
+    for n, block, stride in [(1000, 128, 64), (100, 128, 64), (129, 128, 1), (1000, 128, 127)]:
+        scored = [p for _, end, first in windows(n, block, stride) for p in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(e - b <= block for b, e, _ in windows(n, block, stride))
+    # stride == block: disjoint windows, so each window's first token has no context (as in transformers)
+    scored = [p for _, end, first in windows(300, 100, 100) for p in range(first, end)]
+    assert scored == [p for p in range(300) if p % 100]
+
+
+@pytest.mark.parametrize("stride", [32, 128])
+def test_perplexity_equals_transformers_strided_procedure(tiny_model_dir, tokenizer, stride):
+    model, _ = load_model(tiny_model_dir)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    ids = tokenizer.encode(SHAKESPEARE.read_text()[:4000])
+    ours = perplexity(model, ids, stride=stride, batch_size=3)
+    # the procedure of transformers' perplexity guide, each window weighted by the tokens it scores
+    enc, max_len, nll, count, prev_end = torch.tensor([ids]), 128, 0.0, 0, 0
+    for begin in range(0, enc.size(1), stride):
+        end = min(begin + max_len, enc.size(1))
+        trg_len = end - prev_end
+        inp = enc[:, begin:end]
+        tgt = inp.clone()
+        tgt[:, :-trg_len] = -100
+        with torch.inference_mode():
+            loss = hf(inp, labels=tgt).loss.item()
+        n = int((tgt[:, 1:] != -100).sum())
+        nll, count, prev_end = nll + loss * n, count + n, end
+        if end == enc.size(1):
+            break
+    assert ours.tokens == count
+    assert count == len(ids) - 1 if stride < 128 else count < len(ids) - 1
+    assert ours.loss == pytest.approx(nll / count, rel=1e-5)
+    assert ours.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_bad_arguments(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir)
+    with pytest.raises(Gpt2kitError, match="fewer than 2 tokens"):
+        perplexity(model, [5])
+    with pytest.raises(Gpt2kitError, match="stride"):
+        perplexity(model, list(range(300)), stride=500)
