@@ -252,7 +252,7 @@ class Generator:
     """A loaded model plus tokenizer with a convenient generation API."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer):
-        self.model = model
+        self.model = model.column_major_() if model.device.type == "cpu" else model
         self.tokenizer = tokenizer
 
     @classmethod

@@ -113,6 +113,21 @@ class GPT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.wte.weight.dtype
 
+    def column_major_(self) -> GPT:
+        """Store every weight matrix column-major (the same values, shapes and names; only the strides
+        change). On CPUs, MKL's matrix-vector product reads a (in, out)-ordered matrix about 1.7x faster
+        than an (out, in) one, and one-token decoding is nothing but such products, the 50257-row LM head
+        above all. Costs no extra memory; matrix-matrix products (prefill, training) run as before."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.is_contiguous() \
+                        and module.weight.dim() == 2:
+                    if module is self.lm_head:
+                        continue  # tied to wte, converted with it
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        self.lm_head.weight = self.transformer.wte.weight
+        return self
+
     # ---- KV cache -------------------------------------------------------------------------------
     def setup_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache for `batch_size` rows of up to `max_len` positions (<= n_positions)."""
