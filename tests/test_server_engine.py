@@ -221,4 +221,5 @@ def test_worker_survives_a_failing_step(engine, reference):
         del model.forward
     assert failed and engine.running
     cfg = GenerationConfig(max_new_tokens=10, temperature=0)
-    assert collect(engine.submit(engine.tokenizer.encode("Hi"), cfg))[0] == reference.generate("Hi", cfg)[0].text
+    got = collect(engine.submit(engine.tokenizer.encode("Hi"), cfg))[0]
+    assert got == reference.generate("Hi", cfg)[0].text

@@ -9,7 +9,8 @@ from typing import Any
 
 from gpt2kit.server.batching import BatchEngine, EngineStats, QueueFull, Stream
 
-__all__ = ["BackgroundServer", "BatchEngine", "EngineStats", "QueueFull", "ServerSettings", "Stream", "create_app"]
+__all__ = ["BackgroundServer", "BatchEngine", "EngineStats", "QueueFull", "ServerSettings", "Stream",
+           "create_app"]
 
 _FROM_APP = ("BackgroundServer", "ServerSettings", "create_app")
 

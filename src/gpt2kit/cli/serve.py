@@ -1,0 +1,101 @@
+"""`gpt2kit serve`: an OpenAI-compatible completions API with request batching, and a web playground."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from gpt2kit.cli.common import add_model_args, setup_logging
+from gpt2kit.errors import Gpt2kitError
+
+MISSING_EXTRA = "gpt2kit serve needs the server extra: pip install 'gpt2kit[server]'"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground page",
+        description="Serve a model over HTTP: POST /v1/completions (OpenAI-compatible, streaming), "
+                    "GET /v1/models, GET /health, and a playground page at /. Concurrent requests are "
+                    "batched into shared forward passes.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("GPT2KIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
+                        "(default: $GPT2KIT_API_KEY)")
+    p.add_argument("--model-name", help="the model id that /v1/models reports (default: the --model name)")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="completions decoded together; each holds a KV-cache row (default 8)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="completions that may wait for a row; beyond that requests get 429 (default 64)")
+    g.add_argument("--max-len", type=int,
+                   help="KV-cache positions per row (default: the model's context); longer texts slide "
+                        "the window")
+    g.add_argument("--max-prompt-tokens", type=int,
+                   help="longest prompt accepted, in tokens (default: the model's context)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
+    g.add_argument("--max-n", type=int, default=16,
+                   help="most completions per request, prompts x n (default 16)")
+    g.add_argument("--max-body", type=int, default=1 << 20,
+                   help="largest request body in bytes (default 1 MiB)")
+    g.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may run; then it ends with finish_reason 'length' (default 300)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow browser pages from this origin to call the API (repeatable)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise Gpt2kitError(MISSING_EXTRA) from None
+    for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body"):
+        if getattr(args, name) < 1:
+            raise Gpt2kitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_len", "max_prompt_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 2:
+            raise Gpt2kitError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
+    if args.request_timeout <= 0:
+        raise Gpt2kitError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+
+    setup_logging()
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.server.app import ServerSettings, bind_socket, create_app
+
+    settings = ServerSettings(
+        model_name=args.model_name or Path(args.model.rstrip("/")).name or args.model,
+        api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_len=args.max_len, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+        max_n=args.max_n, max_body_bytes=args.max_body, request_timeout=args.request_timeout,
+        cors_origins=args.cors_origin)
+    sock = bind_socket(args.host, args.port)  # before loading: a busy port fails fast
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer)
+    app = create_app(model, tok, settings)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not _is_loopback(host) and not settings.api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    dtype = str(model.dtype).removeprefix("torch.")
+    print(f"gpt2kit serve: {settings.model_name} on http://{shown}:{port} (playground at /, API at /v1, "
+          f"max batch {settings.max_batch}, {model.device}, {dtype})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,365 @@
+"""The HTTP API on 127.0.0.1, driven by the official openai client (and httpx for raw requests): plain and
+streaming completions equal to Generator's, n > 1, stops, logprobs, echo, keys, malformed and oversize
+input, the queue limit, disconnects, and many concurrent requests."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from gpt2kit.checkpoints import load_model, save_model  # noqa: E402
+from gpt2kit.config import GPTConfig  # noqa: E402
+from gpt2kit.generate import GenerationConfig, Generator  # noqa: E402
+from gpt2kit.model import GPT  # noqa: E402
+from gpt2kit.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
+from gpt2kit.tokenizer import Tokenizer  # noqa: E402
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices; immune to other processes crowding the cores
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    tok = Tokenizer.from_dir(VOCAB)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir) -> Generator:
+    return Generator(*load_model(tiny_dir))  # its own copy: the server's thread owns the other
+
+
+def start(tiny_dir, **settings) -> BackgroundServer:
+    model, tok = load_model(tiny_dir)
+    srv = BackgroundServer(create_app(model, tok, ServerSettings(model_name="tiny", **settings)))
+    srv.start()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    srv = start(tiny_dir, api_key=KEY, max_batch=4, max_n=8, max_tokens=200, max_body_bytes=64 * 1024,
+                max_prompt_tokens=100)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def ref_text(gen: Generator, prompt, nsamples: int = 1, **kw) -> list[str]:
+    return [c.text for c in gen.generate(prompt, GenerationConfig(**kw), nsamples=nsamples)]
+
+
+def post(server, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if not isinstance(body, dict):  # raw bytes, text or an iterator of chunks
+        return httpx.post(server.url + "/v1/completions", content=body,
+                          headers={**headers, "Content-Type": "application/json"}, timeout=60, **kw)
+    return httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60, **kw)
+
+
+def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in err["message"]
+    return err
+
+
+# ---- completions ------------------------------------------------------------------------------------
+
+def test_plain_completion_equals_generate(client, reference):
+    r = client.completions.create(model="tiny", prompt="Hello there", max_tokens=20, temperature=0.8,
+                                  seed=42, extra_body={"top_k": 40})
+    assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-") and r.created > 0
+    (c,) = r.choices
+    assert c.index == 0 and c.finish_reason in ("stop", "length")
+    want = ref_text(reference, "Hello there", max_new_tokens=20, temperature=0.8, seed=42, top_k=40)
+    assert c.text == want[0]
+    prompt_tokens = len(reference.tokenizer.encode("Hello there"))
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens
+    assert 0 < r.usage.completion_tokens <= 20
+
+
+def test_streaming_equals_plain(client, server):
+    args = {"model": "tiny", "prompt": "Streaming test", "max_tokens": 30, "temperature": 1.0, "seed": 7,
+                "extra_body": {"min_p": 0.01, "repetition_penalty": 1.2}}
+    plain = client.completions.create(**args)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert len([c for c in chunks if c.choices]) > 2  # text arrived in pieces
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    # the raw stream is server-sent events ending with [DONE]
+    body = {"model": "tiny", "prompt": "Streaming test", "max_tokens": 30, "temperature": 1.0, "seed": 7,
+            "min_p": 0.01, "repetition_penalty": 1.2, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [ln for ln in r.iter_lines() if ln]
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == text
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_n_and_prompt_lists_follow_generate_numbering(client, reference):
+    r = client.completions.create(model="tiny", prompt=["First prompt", "Second"], n=3, max_tokens=12,
+                                  temperature=1.0, seed=9)
+    assert [c.index for c in r.choices] == list(range(6))
+    # choice i * n + j is sample j of prompt i, seeded like Generator.generate(prompts, nsamples=n)
+    ref = ref_text(reference, ["First prompt", "Second"], nsamples=3, max_new_tokens=12, temperature=1.0,
+                   seed=9)
+    assert [c.text for c in r.choices] == ref
+    assert len(set(ref)) == 6
+
+
+def test_token_id_prompts(client, reference):
+    ids = reference.tokenizer.encode("Token ids work")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == ref_text(reference, "Token ids work", max_new_tokens=8, temperature=0)[0]
+
+
+def test_stop_sequences(client, reference):
+    full = ref_text(reference, "Stop here", max_new_tokens=40, temperature=0)[0]
+    stop = full[10:13]
+    r = client.completions.create(model="tiny", prompt="Stop here", max_tokens=40, temperature=0,
+                                  stop=[stop, "zzz"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[:full.index(stop)]
+    # streamed: the held-back text never leaks the stop string
+    chunks = client.completions.create(model="tiny", prompt="Stop here", max_tokens=40, temperature=0,
+                                       stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
+
+
+def test_logprobs(client):
+    r = client.completions.create(model="tiny", prompt="Log probs", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == r.choices[0].text
+    for tok, p, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and p <= 0
+        assert max(top.values()) == pytest.approx(p)  # greedy took the most likely token
+        assert top[tok] == pytest.approx(p)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+
+def test_echo_and_prompt_scoring(client, reference):
+    prompt = "Score this sentence please"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length"
+    n = len(reference.tokenizer.encode(prompt))
+    assert len(c.logprobs.tokens) == n and c.logprobs.token_logprobs[0] is None
+    assert all(p < 0 for p in c.logprobs.token_logprobs[1:])
+    assert r.usage.completion_tokens == 0
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, echo=True, temperature=0)
+    assert r.choices[0].text == prompt + ref_text(reference, prompt, max_new_tokens=5, temperature=0)[0]
+
+
+def test_models_health_and_schema(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    h = httpx.get(server.url + "/health").json()  # no key needed
+    assert h["status"] == "ok" and h["model"] == "tiny" and h["limits"]["max_batch"] == 4
+    r = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    schema = r.json()
+    assert "/v1/completions" in schema["paths"] and "/v1/models" in schema["paths"]
+    props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "max_tokens", "top_k", "repetition_penalty", "stream"} <= set(props)
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+def test_api_key(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        bad.completions.create(model="tiny", prompt="x", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert_error(post(server, {"prompt": "x"}, key=None), 401, "missing API key")
+    assert httpx.get(server.url + "/openapi.json").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_malformed_json(server):
+    err = assert_error(post(server, b'{"prompt": "x", '), 400, "not valid JSON")
+    assert err["code"] == "invalid_json"
+
+
+def test_schema_errors_are_422(server, client):
+    err = assert_error(post(server, {"prompt": "x", "max_tokens": "lots"}), 422, "max_tokens")
+    assert err["param"] == "max_tokens"
+    err = assert_error(post(server, {"prompt": 3}), 422, "prompt must be one of")
+    assert_error(post(server, {"prompt": "x", "top_kk": 3}), 422, "unrecognized request argument: top_kk")
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="tiny", prompt="x", extra_body={"temperature": "hot"})
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"top_p": 0}, "top_p", "top-p"),
+    ({"top_k": -2}, "top_k", "top-k"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "repetition penalty"),
+    ({"stop": [""]}, "stop", "stop string"),
+    ({"seed": -5}, "seed", "seed"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1"),
+    ({"max_tokens": 201}, "max_tokens", "limit of 200"),
+    ({"n": 9}, "n", "at most 8"),
+    ({"n": 0}, "n", "n must be >= 1"),
+    ({"logprobs": 21}, "logprobs", "logprobs must be in"),
+    ({"prompt": ""}, "prompt", "empty prompt"),
+    ({"prompt": [50257]}, "prompt", "token ids"),
+    ({"prompt": "word " * 150}, "prompt", "at most 100"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"best_of": 3}, "best_of", "not supported"),
+])
+def test_invalid_values_are_400(server, body, param, words):
+    err = assert_error(post(server, {"prompt": "x", **body}), 400, words)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_oversize_inputs(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="word " * 150, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    # a body over --max-body: refused from its Content-Length before it is read
+    err = assert_error(post(server, json.dumps({"prompt": "x" * 70_000})), 413, "limit of 65536 bytes")
+    assert err["code"] == "request_too_large"
+    # ... and when it comes chunked, without a Content-Length
+    body = json.dumps({"prompt": "x" * 70_000}).encode()
+    r = post(server, iter([body[i:i + 8192] for i in range(0, len(body), 8192)]))
+    assert_error(r, 413, "limit")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="tiny", prompt=["y" * 30_000] * 3, max_tokens=1)
+    assert e.value.status_code == 413
+    assert client.completions.create(model="tiny", prompt="still fine", max_tokens=2).choices  # server is up
+
+
+def test_unknown_route_and_method(server):
+    assert_error(httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404)
+    assert_error(httpx.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}), 405)
+
+
+# ---- load -------------------------------------------------------------------------------------------
+
+def test_concurrent_requests_are_batched_and_exact(client, server, reference):
+    prompts = [f"Request number {i} says" for i in range(16)]
+
+    def one(i: int):
+        if i % 2:  # greedy
+            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=20, temperature=0)
+        else:
+            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=20, temperature=1.0,
+                                          seed=i, stream=True)
+            return "".join(c.choices[0].text for c in r)
+        return r.choices[0].text
+
+    health = httpx.get(server.url + "/health").json()
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(16)))
+    want = [ref_text(reference, p, max_new_tokens=20, temperature=0)[0] if i % 2 else
+            ref_text(reference, p, max_new_tokens=20, temperature=1.0, seed=i)[0]
+            for i, p in enumerate(prompts)]
+    assert got == want
+    after = httpx.get(server.url + "/health").json()
+    assert after["completed"] - health["completed"] == 16
+    assert after["active"] == 0 and after["queued"] == 0
+
+
+@pytest.fixture(scope="module")
+def one_row_server(tiny_dir):
+    srv = start(tiny_dir, max_batch=1, max_queue=1)
+    yield srv
+    srv.stop()
+
+
+def wait_idle(srv, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = httpx.get(srv.url + "/health").json()
+        if h["active"] + h["queued"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return h
+
+
+def test_full_queue_answers_429(one_row_server):
+    srv = one_row_server
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    long = {"model": "tiny", "prompt": "long", "max_tokens": 1000, "stream": True}
+    first = client.completions.create(**long)  # takes the only row
+    next(iter(first))
+    second = client.completions.create(**long)  # waits in the queue
+    deadline = time.monotonic() + 10
+    while httpx.get(srv.url + "/health").json()["queued"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert e.value.response.headers["retry-after"] == "1"
+    assert e.value.code == "queue_full"
+    first.close()
+    second.close()
+    h = wait_idle(srv)  # both slots come back
+    assert h["active"] == 0 and h["queued"] == 0
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=1).choices
+
+
+def test_disconnect_mid_stream_frees_the_slot(one_row_server):
+    srv = one_row_server
+    before = httpx.get(srv.url + "/health").json()["tokens"]
+    with httpx.stream("POST", srv.url + "/v1/completions",
+                      json={"prompt": "go on", "max_tokens": 1000, "stream": True}) as r:
+        lines = r.iter_lines()  # keep it: a dropped iterator closes the connection
+        next(ln for ln in lines if ln.startswith("data: "))
+        assert httpx.get(srv.url + "/health").json()["active"] == 1
+    # the connection is closed here, mid-stream
+    h = wait_idle(srv)
+    assert h["active"] == 0 and h["tokens"] - before < 1000
+
+
+def test_client_giving_up_frees_the_slot(one_row_server):
+    srv = one_row_server
+    before = httpx.get(srv.url + "/health").json()["tokens"]
+    with pytest.raises(httpx.TimeoutException):  # a non-streaming request whose client leaves
+        httpx.post(srv.url + "/v1/completions", json={"prompt": "wait", "max_tokens": 1000}, timeout=0.5)
+    h = wait_idle(srv)
+    assert h["active"] == 0 and h["tokens"] - before < 1000
+
+
+def test_request_timeout_ends_with_length(tiny_dir):
+    srv = start(tiny_dir, request_timeout=0.3)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="x", max_tokens=1000)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 1000
+    finally:
+        srv.stop()
