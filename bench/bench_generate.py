@@ -52,7 +52,7 @@ def bench_gpt2kit(path: Path, batch: int, prompt_len: int, new: int, dtype: torc
     from gpt2kit.generate import GenerationConfig, Generator
 
     model, tok = load_model(path, device="cpu", dtype=dtype)
-    gen = Generator(model, tok)
+    gen = Generator(model.column_major_(), tok)  # as Generator.load and `gpt2kit generate` do
     ids = [list(range(1000, 1000 + prompt_len))] * batch
     cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
     from gpt2kit.generate import run_stream, stream_rows

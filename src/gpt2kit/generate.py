@@ -252,14 +252,17 @@ class Generator:
     """A loaded model plus tokenizer with a convenient generation API."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer):
-        self.model = model.column_major_() if model.device.type == "cpu" else model
+        self.model = model
         self.tokenizer = tokenizer
 
     @classmethod
     def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None,
              tokenizer_dir: str | None = None) -> Generator:
         from gpt2kit.checkpoints import load_model
-        return cls(*load_model(name_or_path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir))
+        model, tok = load_model(name_or_path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        if model.device.type == "cpu":
+            model.column_major_()  # faster decoding on CPUs, see GPT.column_major_
+        return cls(model, tok)
 
     def _prompts(self, prompt: str | Sequence[str] | None, nsamples: int) -> list[str]:
         if prompt is None:  # unconditional: start from <|endoftext|>
