@@ -1,0 +1,103 @@
+"""`gpt2kit serve` as a user runs it: a real process on 127.0.0.1 whose text equals `gpt2kit generate`'s,
+and one-line errors for a missing extra, bad flags and a busy port."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2kit.checkpoints import save_model
+from gpt2kit.cli import main
+from gpt2kit.config import GPTConfig
+from gpt2kit.model import GPT
+from gpt2kit.tokenizer import Tokenizer
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is fastest and robust to busy cores
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    tok = Tokenizer.from_dir(VOCAB)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    q: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: q.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
+def test_serve_process_matches_generate(tiny_dir):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(tiny_dir), "--port", "0",
+                             "--api-key", "k", "--max-batch", "2", "--device", "cpu", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        line = read_line(proc, 60)
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, f"no address in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{m.group(1)}/v1", api_key="k", max_retries=0)
+        r = client.completions.create(model=tiny_dir.name, prompt="Hello", n=3, max_tokens=20, temperature=0.9,
+                                      seed=3, extra_body={"top_k": 40})
+        served = [c.text for c in r.choices]
+        assert r.model == tiny_dir.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    gen = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "--model", str(tiny_dir), "--prompt", "Hello",
+                          "--nsamples", "3", "--length", "20", "--temperature", "0.9", "--top-k", "40", "--seed", "3",
+                          "--format", "jsonl", "--device", "cpu"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    assert served == [json.loads(ln)["text"] for ln in gen.stdout.splitlines()]
+
+
+def test_missing_extra_is_one_line(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    assert main(["serve", "--model", str(tiny_dir)]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "error: gpt2kit serve needs the server extra: pip install 'gpt2kit[server]'"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-body", "0"], "--max-body must be >= 1"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0"),
+    (["--max-len", "1"], "--max-len must be >= 2"),
+])
+def test_bad_flags(tiny_dir, capsys, flags, words):
+    pytest.importorskip("uvicorn")
+    assert main(["serve", "--model", str(tiny_dir), *flags]) == 1
+    assert words in capsys.readouterr().err
+
+
+def test_busy_port(tiny_dir, capsys):
+    pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_dir), "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
