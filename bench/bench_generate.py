@@ -95,8 +95,49 @@ ids = tok("Hello, my name is", return_tensors="pt").input_ids
 with torch.inference_mode():
     out = m.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=50256)
 print(tok.decode(out[0, -1:]), end="", flush=True)
-print(f"\\nTTFT {time.time() - t0:.3f}", file=sys.stderr)
 """
+
+
+def drift(path: Path, dtype: torch.dtype, new: int) -> tuple[float, int, float]:
+    """How far `dtype` weights drift from float32: max |logit difference| / max |logit| on a 64-token
+    text, greedy tokens that agree before the first divergence (of `new`), and top-1 agreement."""
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.generate import GenerationConfig, Generator
+
+    m32, tok = load_model(path, device="cpu", dtype=torch.float32)
+    mlo, _ = load_model(path, device="cpu", dtype=dtype)
+    x = torch.arange(1000, 1064).view(1, 64)
+    with torch.inference_mode():
+        a, b = m32(x), mlo(x).float()
+    rel = float((a - b).abs().max() / a.abs().max())
+    top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
+    t32 = Generator(m32, tok).generate("The history of Japan", cfg)[0].tokens
+    tlo = Generator(mlo, tok).generate("The history of Japan", cfg)[0].tokens
+    same = next((i for i, (p, q) in enumerate(zip(t32, tlo)) if p != q), len(t32))
+    return rel, same, top1
+
+
+def int8_gemv(cfg) -> tuple[float, float]:
+    """ms for the LM head's matrix-vector product in float32 and with torch's int8 weight-only kernel."""
+    w = torch.randn(cfg.vocab_size, cfg.n_embd)
+    x = torch.randn(1, cfg.n_embd)
+    scale = w.abs().amax(1) / 127
+    q = (w / scale[:, None]).round().to(torch.int8)
+    wc = w.t().contiguous().t()
+
+    def best(f) -> float:
+        f()
+        return min(_timed(f) for _ in range(10)) * 1e3
+
+    f32 = best(lambda: torch.nn.functional.linear(x, wc))
+    return f32, best(lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale))
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def ttft(path: Path) -> tuple[float, float]:
@@ -153,6 +194,13 @@ def main() -> None:
                 if b == 1 and dt == torch.float32:
                     print(f"{'  of bandwidth limit':<28}{ours / (bw / weight_bytes):>14.0%}"
                           f"{theirs / (bw / weight_bytes):>15.0%}")
+        if args.bf16:
+            rel, same, top1 = drift(path, torch.bfloat16, args.new)
+            print(f"bfloat16 drift from float32: max |dlogit| {rel:.2%} of max |logit|, top-1 agreement "
+                  f"{top1:.1%} over 64 positions, greedy tokens identical for the first {same} of {args.new}")
+            f32, i8 = int8_gemv(cfg)
+            print(f"int8 weight-only (torch _weight_int8pack_mm) LM-head product: {i8:.1f} ms vs float32 "
+                  f"{f32:.1f} ms -> {'helps' if i8 < f32 else 'slower on this CPU; not offered'}")
         if not args.no_ttft:
             ours, theirs = ttft(path)
             print(f"{'time to first token (s)':<28}{ours:>15.2f}{theirs:>15.2f}{theirs / ours:>7.2f}x")

@@ -117,11 +117,13 @@ class GPT(nn.Module):
         """Store every weight matrix column-major (the same values, shapes and names; only the strides
         change). On CPUs, MKL's matrix-vector product reads a (in, out)-ordered matrix about 1.7x faster
         than an (out, in) one, and one-token decoding is nothing but such products, the 50257-row LM head
-        above all. Costs no extra memory; matrix-matrix products (prefill, training) run as before."""
+        above all. Costs no extra memory; matrix-matrix products (prefill, training) run as before.
+        Applies to float32 weights only."""
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.is_contiguous() \
-                        and module.weight.dim() == 2:
+                w = module.weight if isinstance(module, (nn.Linear, nn.Embedding)) else None
+                # float32 only: bfloat16/float16 products are far slower column-major on CPUs
+                if w is not None and w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous():
                     if module is self.lm_head:
                         continue  # tied to wte, converted with it
                     module.weight.data = module.weight.data.t().contiguous().t()
