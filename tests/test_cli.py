@@ -105,3 +105,18 @@ def test_real_process_interactive_and_errors_have_no_traceback(tiny_model_dir):
     p = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "x", "-m", str(tiny_model_dir), "--top-p", "2"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith("error: top-p")
+
+
+def test_nsamples_zero_samples_until_stopped(tiny_model_dir):
+    p = subprocess.Popen([sys.executable, "-m", "gpt2kit", "generate", "--unconditional", "-m", str(tiny_model_dir),
+                          "--length", "3", "--nsamples", "0", "--seed", "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        headers = []
+        while len(headers) < 4:
+            line = p.stdout.readline()
+            if "SAMPLE" in line:
+                headers.append(line.split()[2])
+        assert headers == ["1", "2", "3", "4"]
+    finally:
+        p.kill()
+        p.wait()

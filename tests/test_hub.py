@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from gpt2kit.checkpoints import hub
 from gpt2kit.errors import Gpt2kitError
 
-TINY = Path("/work/shared/data/tf-gpt2-tiny/hf")
+TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tf-gpt2-tiny" / "hf"  # ../shared beside the repo
 SHA = "0123456789abcdef0123456789abcdef01234567"
 WANTED = {"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt"}
 LFS = {"model.safetensors", "pytorch_model.bin", "tf_model.h5"}
@@ -53,7 +53,9 @@ def _etag(name: str, data: bytes) -> str:
 
 class FakeHub:
     def __init__(self):
+        real = {f: (TINY / f).read_bytes() for f in ("config.json", "model.safetensors", "vocab.json", "merges.txt")}
         self.repos = {"openai-community/gpt2": _files(),
+                      "openai-community/gpt2-medium": real,  # a real (tiny) model, for end-to-end use
                       "someone/old-gpt2": _files(weights=("pytorch_model.bin",))}
         self.gated = {"meta/gated-gpt2"}
         self.requests: list[tuple[str, str]] = []
@@ -263,3 +265,20 @@ def test_is_model_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "a").mkdir(parents=True)
     assert hub.is_model_name("runs/b") and not hub.is_model_name("runs/a")
+
+
+def test_model_name_works_end_to_end_in_the_cli(fake_hub, tmp_path, capsys):
+    import json as _json
+
+    from gpt2kit.cli import main
+
+    ref = _json.loads((TINY.parent / "reference.json").read_text())
+    assert main(["download", "gpt2-medium"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert (Path(path) / "model.safetensors").is_file()
+    fake_hub.stop()  # from here on, only the cache
+    assert main(["generate", ref["text"], "-m", "gpt2-medium", "--length", "8", "-t", "0",
+                 "--no-stop-at-eot", "--format", "jsonl"]) == 0
+    assert _json.loads(capsys.readouterr().out)["tokens"] == ref["greedy_next_32"][:8]
+    assert main(["generate", "x", "-m", "distilgpt2"]) == 1  # not cached, hub down
+    assert "no network" in capsys.readouterr().err
