@@ -1,0 +1,169 @@
+"""`gpt2kit finetune`: train a run directory; `--resume RUN` continues one. A thin wrapper over
+gpt2kit.train.finetune / resume."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from gpt2kit.errors import Gpt2kitError
+
+EXAMPLES = """examples:
+  gpt2kit finetune --model gpt2 --data jokes.csv --column Joke --out runs/jokes --epochs 10
+  gpt2kit finetune --model gpt2 --data corpus.tokens --out runs/big --steps 5000 --sample-every 500
+  gpt2kit finetune --model gpt2-medium --data notes/ --out runs/lora --lora-rank 8
+  gpt2kit finetune --init scratch --config tiny --tokenizer gpt2-dir --data shakespeare.txt --out runs/s
+  gpt2kit finetune --resume runs/jokes
+  torchrun --nproc_per_node 2 -m gpt2kit finetune --model gpt2 --data d.txt --out runs/ddp
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune GPT-2 on your text (or train from scratch)",
+        description="Fine-tune a GPT-2 model on your text. Writes a run directory with the resolved config, "
+                    "metrics, samples, a loss plot, checkpoints and the final model (HuggingFace format); "
+                    "--model RUN_DIR then works everywhere a model is accepted.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint, with its own "
+                   "settings (nothing else needed)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="model name (gpt2, gpt2-medium, ...), model directory or run directory")
+    g.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained",
+                   help="start from --model's weights (default) or from random weights")
+    g.add_argument("--config", metavar="NAME", help="with --init scratch: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                   "distilgpt2, tiny, or a config.json")
+    g.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json + merges.txt (default: the "
+                   "model's)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", action="extend", metavar="PATH", default=[],
+                   help="training data: .txt/.csv/.tsv/.jsonl files, folders, globs, or one .tokens cache "
+                   "(from `gpt2kit encode`); repeatable")
+    g.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", default=[],
+                   help="validation data (default: hold out --val-fraction of the documents)")
+    g.add_argument("--val-fraction", type=float, help="fraction of documents held out for validation "
+                   "(default 0.05 without --val-data; 0 disables validation)")
+    g.add_argument("--column", help="CSV/TSV column holding the text")
+    g.add_argument("--field", help="JSONL field holding the text (default: text)")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the input files (default utf-8)")
+    g.add_argument("--line-by-line", action="store_true", help="each line of a .txt file is one document, "
+                   "and each training sample is one document (padded), not a window of the stream")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per process per micro-step (default 4); "
+                   "global batch = batch size x grad accum x processes")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's context, at most "
+                   "1024)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4; LoRA 1e-3; scratch 6e-4)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (default 0.1)")
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="lr schedule after warmup (default cosine)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of the steps, at most 100)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.999)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0; 0 disables)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default 0; 0.1 can help on small "
+                   "data)")
+    g.add_argument("--freeze", action="append", default=[], metavar="PARTS",
+                   help="freeze parts: embeddings, wte, wpe, ln_f, blocks, blocks:A-B, attn, mlp, ln, or a "
+                   "parameter glob; comma-separated or repeated (e.g. embeddings,ln_f trains the blocks only)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters only (e.g. 8)")
+    g.add_argument("--lora-alpha", type=float, help="adapter scale numerator (default 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input (default 0.05)")
+    g.add_argument("--lora-targets", default="all", help="comma-separated: c_attn, attn.c_proj, c_fc, mlp.c_proj, "
+                   "c_proj, attn, mlp or all (default all)")
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="float32, or autocast mixed precision (float16 with loss scaling); auto: bfloat16 on "
+                   "GPUs that have it, else float32")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward: "
+                   "much less memory, ~30%% more compute")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; helps on GPUs)")
+
+    g = p.add_argument_group("evaluation, samples, checkpoints")
+    g.add_argument("--eval-every", type=int, help="steps between validations (default: 10 per run; 0: never)")
+    g.add_argument("--eval-batches", type=int, default=50, help="validation batches per evaluation (default 50)")
+    g.add_argument("--early-stop", type=int, default=0, metavar="N", help="stop after N evaluations without "
+                   "improvement (default: never)")
+    g.add_argument("--sample-every", type=int, help="steps between samples (default: with each evaluation; "
+                   "0: never)")
+    g.add_argument("--prompt", action="append", default=[], help="a sample prompt (repeatable)")
+    g.add_argument("--prompts", metavar="FILE", help="file with one sample prompt per line")
+    g.add_argument("--sample-tokens", type=int, default=64, help="tokens per sample (default 64)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (default: 10 per run, at most "
+                   "every 1000 steps)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept besides best/ and final/ (default 2)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="log to RUN/tensorboard (default: when tensorboard is installed)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+# options that define a run; with --resume the run's own values are used, so these must not be given
+_RUN_OPTIONS = ("model", "config", "tokenizer", "data", "val_data", "val_fraction", "column", "field", "out",
+                "steps", "epochs", "block_size", "lr", "warmup_steps", "lora_alpha", "eval_every",
+                "sample_every", "save_every", "prompts", "tensorboard")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            text = Path(args.prompts).read_text(encoding="utf-8")
+        except OSError as e:
+            raise Gpt2kitError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    return [p.replace("\\n", "\n") for p in prompts]
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2kit import train
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in _RUN_OPTIONS if getattr(args, k) not in (None, [])]
+        if args.prompt:
+            given.append("--prompt")
+        if given:
+            raise Gpt2kitError(f"--resume continues a run with its own settings; drop {', '.join(given)} "
+                               "(to change them, start a new run with --model RUN_DIR)")
+        device = None if args.device == "auto" else args.device  # e.g. resume a GPU run on a CPU
+        result = train.resume(args.resume, progress=not args.no_progress, device=device)
+    else:
+        if not args.out:
+            raise Gpt2kitError("no run directory: pass --out RUN_DIR (or --resume RUN_DIR to continue a run)")
+        out = Path(args.out)
+        if args.overwrite and (out / "run.json").is_file():
+            shutil.rmtree(out)
+        cfg = train.TrainConfig(
+            model=args.model, init=args.init, config=args.config, tokenizer=args.tokenizer,
+            data=args.data, val_data=args.val_data, val_fraction=args.val_fraction, column=args.column,
+            field=args.field, encoding=args.encoding, line_by_line=args.line_by_line, out=args.out,
+            steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            block_size=args.block_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio, schedule=args.schedule,
+            warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
+            grad_clip=args.grad_clip, dtype=args.dtype, device=args.device,
+            grad_checkpointing=args.grad_checkpointing, compile=args.compile, dropout=args.dropout,
+            freeze=args.freeze, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, lora_targets=[t for t in args.lora_targets.split(",") if t.strip()],
+            eval_every=args.eval_every, eval_batches=args.eval_batches, early_stop=args.early_stop,
+            sample_every=args.sample_every, sample_tokens=args.sample_tokens, prompts=_prompts(args),
+            save_every=args.save_every, keep=args.keep, tensorboard=args.tensorboard)
+        result = train.finetune(cfg, progress=not args.no_progress)
+    if result.status == "interrupted":
+        return 130
+    if result.model_dir is not None:
+        print(result.model_dir)
+    return 0

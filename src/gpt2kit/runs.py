@@ -1,0 +1,268 @@
+"""Run directories: what a fine-tuning run leaves on disk, and how to read it back.
+
+    RUN/
+      run.json               status (running/finished/interrupted/failed), step, best val loss, times
+      config.json            the resolved TrainConfig (what `--resume RUN` restarts from)
+      metrics.jsonl          one JSON object per line: train steps and evaluations
+      samples/step-N.txt     samples from the fixed prompts
+      loss.png               training and validation loss
+      data/                  token caches of the inputs
+      checkpoints/step-N/    model (HF format; LoRA runs: the adapter) + trainer.pt
+      best/                  the model with the lowest validation loss
+      final/                 the model at the end of training
+
+Every file is written to a temporary name and renamed, so a crash never leaves half a file; a checkpoint
+directory is assembled under a temporary name and renamed last."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2kit.errors import Gpt2kitError
+
+RUN_JSON = "run.json"
+CONFIG_JSON = "config.json"
+METRICS = "metrics.jsonl"
+RUN_FORMAT = "gpt2kit-run"
+RUN_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RUN_JSON).is_file()
+
+
+def read_run_json(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_JSON
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Gpt2kitError(f"{run_dir} is not a gpt2kit run directory (no {RUN_JSON})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise Gpt2kitError(f"cannot read {path}: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+        raise Gpt2kitError(f"{path} is not a gpt2kit run file")
+    return info
+
+
+def update_run_json(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Read-modify-write run.json (atomically); `updated` is stamped on every write."""
+    path = Path(run_dir) / RUN_JSON
+    info = read_run_json(run_dir) if path.is_file() else {"format": RUN_FORMAT, "version": RUN_VERSION}
+    info.update(fields)
+    info["updated"] = now()
+    write_json(path, info)
+    return info
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def process_stamp() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+def append_metrics(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if lines:
+        with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+            f.write(lines)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records; a torn last line (the process was killed mid-write) is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop records after `step`: a resumed run re-computes them (and gets the same numbers)."""
+    path = Path(run_dir) / METRICS
+    if path.is_file():
+        keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (step, path), oldest first. Half-written ones live under temporary names
+    (.tmp-step-N) and are never listed."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        name = p.name
+        if p.is_dir() and name.startswith("step-") and name[5:].isdigit() and (p / "trainer.pt").is_file():
+            out.append((int(name[5:]), p))
+    return sorted(out)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory `tmp` to `final`, replacing what was there. The old one is moved
+    aside first, so at every moment either the old or the new directory is complete under some name."""
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dirs(run_dir: str | Path) -> None:
+    """After a crash: restore a directory that was moved aside but not replaced; delete temporaries."""
+    run_dir = Path(run_dir)
+    for parent in (run_dir, run_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for p in parent.iterdir():
+            if p.name.startswith(".old-") and p.is_dir():
+                final = p.with_name(p.name[len(".old-"):])
+                if final.exists():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.replace(p, final)
+            elif p.name.startswith(".tmp-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ---- listing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    status: str
+    step: int
+    total_steps: int | None
+    best_val_loss: float | None
+    last_loss: float | None
+    updated: str | None
+    model: str | None
+    lora: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "status": self.status, "step": self.step,
+                "total_steps": self.total_steps, "best_val_loss": self.best_val_loss,
+                "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_info(run_dir: str | Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    info = read_run_json(run_dir)
+    status = str(info.get("status", "unknown"))
+    if status == "running" and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
+            and not _pid_alive(info["pid"]):
+        status = "dead"  # the process was killed without a chance to record it; `--resume` continues
+    return RunInfo(run_dir, status, int(info.get("step") or 0), info.get("total_steps"),
+                   info.get("best_val_loss"), info.get("last_loss"), info.get("updated"),
+                   info.get("model"), bool(info.get("lora")))
+
+
+def list_runs(root: str | Path = ".", max_depth: int = 3) -> list[RunInfo]:
+    """Run directories at or below `root` (not looking inside runs), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise Gpt2kitError(f"{root} is not a directory")
+    found: list[RunInfo] = []
+
+    def walk(d: Path, depth: int) -> None:
+        if is_run_dir(d):
+            try:
+                found.append(run_info(d))
+            except Gpt2kitError:
+                pass
+            return
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for c in children:
+            walk(c, depth + 1)
+
+    walk(root, 0)
+    return found
+
+
+def format_runs(runs: list[RunInfo]) -> str:
+    if not runs:
+        return "no runs found"
+    rows = [("RUN", "STATUS", "STEP", "BEST VAL", "LOSS", "UPDATED")]
+    for r in runs:
+        steps = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
+        rows.append((str(r.path) + (" (lora)" if r.lora else ""), r.status, steps, _fmt(r.best_val_loss),
+                     _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.4f}"
+
+
+def model_dir(run_dir: str | Path) -> Path | None:
+    """The model `--model RUN_DIR` loads (best, else final, else the newest checkpoint), or None."""
+    from gpt2kit.checkpoints import run_model_dir
+    try:
+        return run_model_dir(Path(run_dir))
+    except Gpt2kitError:
+        return None

@@ -1,0 +1,1133 @@
+"""Fine-tuning (and training from scratch): the loop, checkpoints, resume and data-parallel training.
+
+`finetune(TrainConfig(...)) -> RunResult` is the whole feature; `gpt2kit finetune` is a thin wrapper.
+
+Determinism, which exact resume rests on: the batch of micro-step j is a pure function of (seed, j)
+(data.Batcher), the dropout generator is re-seeded from (seed, step, rank) before every optimizer step,
+evaluation and sampling use no global random state, and a checkpoint holds the weights, optimizer,
+loss scaler, step and best-validation bookkeeping. So a run killed at any moment (even with SIGKILL) and
+resumed from its last checkpoint recomputes the lost steps bit for bit and ends with the same model.
+
+Data parallelism: under `torchrun`, rank r of W takes micro-batches j*W + r (see data.Batcher), and
+gradients are averaged across ranks, so W processes with batch B and accumulation A compute the same
+update as one process with batch B and accumulation A*W."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import field as _field  # TrainConfig has a data option named `field`
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from gpt2kit import runs
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.model import GPT
+from gpt2kit.tokenizer import Tokenizer
+
+log = logging.getLogger("gpt2kit")
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+TRAINER_STATE = "trainer.pt"
+TRAINER_STATE_VERSION = 1
+DEFAULT_PROMPTS = ("<|endoftext|>",)  # unconditional: shows what the model writes on its own
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Saved, with every automatic value resolved, as RUN/config.json;
+    `--resume RUN` restarts from that file alone."""
+    # where the model comes from
+    model: str | None = None  # model name, model directory or run directory to start from
+    init: str = "pretrained"  # "pretrained": start from --model; "scratch": random weights
+    config: str | None = None  # scratch: a preset name (gpt2, gpt2-medium, ..., tiny) or a config.json
+    tokenizer: str | None = None  # directory with vocab.json + merges.txt (default: the model's)
+    # data (see gpt2kit.data)
+    data: list[str] = _field(default_factory=list)
+    val_data: list[str] = _field(default_factory=list)
+    val_fraction: float | None = None  # None: hold out 5% when no val_data is given
+    column: str | None = None
+    field: str | None = None
+    encoding: str = "utf-8"
+    line_by_line: bool = False
+    # output
+    out: str = "runs/finetune"
+    # length of training
+    steps: int | None = None  # optimizer steps; default from epochs
+    epochs: float | None = None  # passes over the training data (default 1 when steps is not given)
+    # batch: global batch = batch_size * grad_accum * processes sequences of block_size tokens
+    batch_size: int = 4
+    grad_accum: int = 1
+    block_size: int | None = None  # default: the model's context (at most 1024)
+    # optimizer and schedule
+    lr: float | None = None  # default 1e-4 (full fine-tuning), 1e-3 (LoRA), 6e-4 (from scratch)
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
+    schedule: str = "cosine"
+    warmup_steps: int | None = None  # default: 5% of the steps, at most 100
+    weight_decay: float = 0.01  # on matrices and embeddings; never on biases and layer norms
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # numerics and memory
+    dtype: str = "auto"  # float32 | bfloat16 | float16 (autocast; float16 with loss scaling) | auto
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    dropout: float = 0.0
+    freeze: list[str] = _field(default_factory=list)
+    seed: int = 0
+    # LoRA
+    lora_rank: int = 0  # > 0 trains low-rank adapters only
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = _field(default_factory=lambda: ["all"])
+    # evaluation, samples, checkpoints
+    eval_every: int | None = None  # steps; default: 10 times per run (0: never)
+    eval_batches: int | None = 50  # at most this many validation batches per evaluation (None: all)
+    early_stop: int = 0  # stop after this many evaluations without a new best (0: never)
+    sample_every: int | None = None  # steps; default: with every evaluation (0: never)
+    sample_tokens: int = 64
+    prompts: list[str] = _field(default_factory=list)
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+    save_every: int | None = None  # steps; default: 10 times per run, at most every 1000 steps
+    keep: int = 2  # checkpoints kept besides best/ and final/
+    tensorboard: bool | None = None  # None: log to RUN/tensorboard when tensorboard is installed
+
+    def validate(self) -> TrainConfig:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise Gpt2kitError(msg)
+        need(self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, not {self.init!r}")
+        if self.init == "pretrained":
+            need(bool(self.model), "no model to fine-tune: pass --model NAME_OR_DIR (e.g. gpt2), or "
+                 "--init scratch --config NAME to train from random weights")
+        else:
+            need(bool(self.config or self.model), "--init scratch needs --config NAME (gpt2, gpt2-medium, "
+                 "gpt2-large, gpt2-xl, distilgpt2, tiny) or a --model whose architecture to copy")
+        need(bool(self.data), "no training data: pass --data FILE (text, .csv, .jsonl, a folder, a glob or a "
+             ".tokens cache)")
+        need(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        need(self.block_size is None or self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}")
+        need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
+        need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
+        need(self.dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
+        need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.val_fraction is None or 0.0 <= self.val_fraction < 1.0,
+             f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        need(self.lora_rank >= 0, f"--lora-rank must be >= 0, got {self.lora_rank}")
+        need(not (self.lora_rank and self.init == "scratch"),
+             "LoRA adapts a pretrained model; with --init scratch train all weights (drop --lora-rank)")
+        need(not (self.lora_rank and self.freeze), "--freeze and --lora-rank don't mix: LoRA already "
+             "freezes every base weight")
+        for name in ("eval_every", "sample_every", "save_every"):
+            v = getattr(self, name)
+            need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        need(self.eval_batches is None or self.eval_batches >= 1, "--eval-batches must be >= 1")
+        need(self.early_stop >= 0, "--early-stop must be >= 0")
+        need(self.keep >= 1, f"--keep must be >= 1, got {self.keep}")
+        need(self.sample_tokens >= 1, "--sample-tokens must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise Gpt2kitError(f"unknown training option {unknown[0]!r} in the run's config.json")
+        return cls(**d)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished | interrupted
+    step: int
+    total_steps: int
+    last_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    model_dir: Path | None  # best/ if validation chose one, else final/ (or the newest checkpoint)
+    tokens_per_sec: float
+    stopped_early: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# numerics
+
+
+def _native_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes `dtype` matrix products in hardware (AVX512-BF16/AMX, AVX512-FP16)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
+
+
+_ROUNDED_OPS = {F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.Tensor.matmul,
+                torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm}
+
+
+class EmulatedAutocast(TorchFunctionMode):
+    """Autocast's numerics on CPUs without bfloat16/float16 arithmetic, at float32 speed.
+
+    Autocast rounds the inputs of every matrix product (and attention) to the low-precision type,
+    multiplies with float32 accumulation and rounds the result. Without AVX512-BF16/AMX, PyTorch runs
+    those products on a slow fallback (20-60x slower than float32 on the benchmark machine). A product of
+    two bfloat16 numbers is exact in float32, so rounding the inputs, multiplying in float32 and rounding
+    the output gives the same values up to summation order. Gradients get the same roundings through the
+    autograd of the casts. Active around forward and backward (so gradient-checkpoint recomputation is
+    rounded too)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def _r(self, t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+            return t.to(self.dtype).to(torch.float32)
+        return t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ROUNDED_OPS:
+            return self._r(func(*[self._r(a) for a in args], **{k: self._r(v) for k, v in kwargs.items()}))
+        if func is F.scaled_dot_product_attention:
+            q, k, v, *rest = args
+            return self._r(func(self._r(q), self._r(k), self._r(v), *rest, **kwargs))
+        return func(*args, **kwargs)
+
+
+class Precision:
+    """float32, or mixed precision with float32 master weights: torch.autocast where the hardware has
+    the low-precision type, EmulatedAutocast on CPUs without it; float16 adds dynamic loss scaling."""
+
+    def __init__(self, name: str, device: torch.device):
+        from gpt2kit.checkpoints import pick_dtype
+        self.dtype = pick_dtype(name, device)
+        self.device = device
+        if self.dtype == torch.float32:
+            self.mode = "float32"
+        elif device.type == "cpu" and not _native_cpu(self.dtype):
+            self.mode = "emulated"
+        else:
+            self.mode = "autocast"
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        self._emulating = False
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> str:
+        if self.mode == "float32":
+            return "float32"
+        if self.mode == "emulated":
+            return (f"{self.name} autocast numerics with float32 kernels (this CPU has no native {self.name} "
+                    "arithmetic, where PyTorch's own would be far slower)")
+        return f"{self.name} autocast" + (" with loss scaling" if self.scaler else "")
+
+    def forward(self) -> contextlib.AbstractContextManager:
+        """Around the forward pass."""
+        if self.mode == "autocast":
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        if self.mode == "emulated":
+            return self._emulate()
+        return contextlib.nullcontext()
+
+    def backward(self) -> contextlib.AbstractContextManager:
+        """Around forward and backward (autocast itself must not cover the backward pass)."""
+        return self._emulate() if self.mode == "emulated" else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _emulate(self) -> Iterator[None]:
+        if self._emulating:  # already inside: rounding twice is harmless but costs copies
+            yield
+            return
+        self._emulating = True
+        try:
+            with EmulatedAutocast(self.dtype):
+                yield
+        finally:
+            self._emulating = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to cfg.lr, then the schedule
+    down to cfg.lr * cfg.min_lr_ratio at the last step."""
+    base, warm = float(cfg.lr), int(cfg.warmup_steps or 0)
+    if step < warm:
+        return base * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return base
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm - 1))
+    if cfg.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings, not on biases and layer-norm gains (GPT-2, nanoGPT and
+    HF Trainer's rule). Tied parameters appear once."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise Gpt2kitError("nothing to train: every parameter is frozen; loosen --freeze")
+    kw = dict(lr=cfg.lr or 1e-4, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    try:
+        # one fused kernel per step instead of ~10 passes over every tensor (CPU, CUDA, MPS)
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=device.type != "cpu", **kw)
+
+
+FREEZE_GROUPS = {
+    "embeddings": ("transformer.wte.", "transformer.wpe."),  # wte is also the (tied) output layer
+    "wte": ("transformer.wte.",),
+    "wpe": ("transformer.wpe.",),
+    "ln_f": ("transformer.ln_f.",),
+    "blocks": ("transformer.h.",),
+}
+
+
+def freeze(model: GPT, specs: Sequence[str]) -> list[str]:
+    """Set requires_grad=False on the named parts; returns the frozen parameter names.
+
+    A spec is a group (embeddings, wte, wpe, ln_f, blocks), a block range `blocks:A-B` (0-based,
+    inclusive) or `blocks:N`, a kind inside every block (attn, mlp, ln), or a glob over parameter names
+    (`transformer.h.0.*`). `--freeze embeddings,ln_f` trains the transformer blocks only."""
+    import fnmatch
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    n_layer = model.config.n_layer
+    for spec in (s.strip() for item in specs for s in item.split(",")):
+        if not spec:
+            continue
+        if spec in FREEZE_GROUPS:
+            hit = {n for n in names if n.startswith(FREEZE_GROUPS[spec])}
+        elif spec.startswith("blocks:"):
+            rng = spec[len("blocks:"):]
+            try:
+                lo, _, hi = rng.partition("-")
+                lo_i, hi_i = int(lo), int(hi or lo)
+            except ValueError:
+                raise Gpt2kitError(f"--freeze {spec}: write blocks:A-B with block numbers, e.g. blocks:0-5") from None
+            if not 0 <= lo_i <= hi_i < n_layer:
+                raise Gpt2kitError(f"--freeze {spec}: the model has blocks 0-{n_layer - 1}")
+            hit = {n for n in names for i in range(lo_i, hi_i + 1) if n.startswith(f"transformer.h.{i}.")}
+        elif spec in ("attn", "mlp", "ln"):
+            parts = (".ln_1.", ".ln_2.") if spec == "ln" else (f".{spec}.",)
+            hit = {n for n in names if n.startswith("transformer.h.") and any(p in n for p in parts)}
+        else:
+            hit = set(fnmatch.filter(names, spec))
+            if not hit:
+                raise Gpt2kitError(f"--freeze {spec} matches no parameter; use embeddings, wte, wpe, ln_f, "
+                                   "blocks, blocks:A-B, attn, mlp, ln or a glob like 'transformer.h.0.*'")
+        chosen |= hit
+    for n, p in model.named_parameters():
+        if n in chosen:
+            p.requires_grad_(False)
+    return sorted(chosen)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):  # attention dropout inside SDPA
+            m.dropout = p
+    if hasattr(model, "config"):
+        model.config.dropout = p
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """One process's optimisation: loss, backward (with accumulation and DDP sync on the last
+    micro-batch), clipping and the AdamW step. The training loop, the benchmark and the parity test all
+    use this, so they measure and test the same code."""
+
+    def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device, *, ddp: bool = False):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.precision = Precision(cfg.dtype, device)
+        self.optimizer = build_optimizer(model, cfg, device)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.ddp = ddp
+        self.fwd: nn.Module = model
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.fwd = self.ddp_module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.fwd = torch.compile(self.fwd)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        with self.precision.forward():
+            logits = self.fwd(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
+
+    def forward_backward(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate gradients of the mean micro-batch loss; returns that mean (detached)."""
+        n = len(batches)
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(batches):
+            sync = not self.ddp or i == n - 1
+            with contextlib.nullcontext() if sync else self.ddp_module.no_sync(), self.precision.backward():
+                loss = self.loss(x, y)
+                scaled = loss / n
+                if self.precision.scaler is not None:
+                    scaled = self.precision.scaler.scale(scaled)
+                scaled.backward()
+            total += loss.detach()
+        return total / n
+
+    def optimizer_step(self, lr: float) -> torch.Tensor | None:
+        """Unscale, clip, step, zero the gradients. Returns the gradient norm before clipping (when
+        clipping)."""
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        norm = None
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        """Summed loss and number of target tokens over `batches` (model in eval mode meanwhile)."""
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        try:
+            for x, y in batches:
+                with self.precision.forward():
+                    logits = self.model(x)
+                total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                                         ignore_index=-100, reduction="sum").double()
+                count += (y != -100).sum()
+        finally:
+            self.model.train(was_training)
+        if self.ddp:
+            import torch.distributed as dist
+            both = torch.stack([total, count])
+            dist.all_reduce(both)
+            total, count = both[0], both[1]
+        return float(total), int(count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes and devices
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def any_flag(self, flag: bool, device: torch.device) -> bool:
+        if not self.initialized:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float, device: torch.device) -> float:
+        if not self.initialized:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+
+def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device, str]:
+    """Process group (under torchrun) and this process's device, plus a sentence saying why."""
+    from gpt2kit.checkpoints import pick_device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = pick_device(cfg.device)
+        return _Dist(), dev, _device_reason(cfg.device, dev)
+    import torch.distributed as dist
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device in ("auto", None):
+        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = pick_device(cfg.device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    reason = f"{_device_reason(cfg.device, dev)}; {world} processes, {backend}"
+    return _Dist(rank, world, local, True), dev, reason
+
+
+def _device_reason(asked: str | None, dev: torch.device) -> str:
+    if asked not in (None, "auto"):
+        return f"{dev} (as asked)"
+    if dev.type == "cpu":
+        return "cpu (no CUDA GPU or Apple MPS found; training on CPU is slow for large models)"
+    return f"{dev} (found)"
+
+
+def _memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.device, trainable: int) -> str | None:
+    """A rough peak-memory estimate, to warn before the OS kills the process (CPU) or CUDA runs out."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    state = 4 * n + 12 * trainable  # weights + grads + Adam moments, float32
+    tokens = cfg.batch_size * block
+    per_layer = 34 * c.n_embd * 4 if not cfg.grad_checkpointing else c.n_embd * 4
+    acts = tokens * (c.n_layer * per_layer + 3 * c.vocab_size * 4)
+    need = state + acts
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    elif device.type == "cpu":
+        free = _available_ram()
+        if free is None:
+            return None
+    else:
+        return None
+    if need > 0.9 * free:
+        return (f"this run needs roughly {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free on "
+                f"{device.type}; if it runs out, lower --batch-size (raise --grad-accum to keep the batch), "
+                "add --grad-checkpointing, or use --lora-rank 8")
+    return None
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# samples
+
+
+def _sample_texts(model: GPT, tok: Tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int,
+                  temperature: float = 0.8, top_k: int = 40) -> list[str]:
+    """One completion per prompt (prompt included), seeded, without touching global random state."""
+    from gpt2kit.generate import GenerationConfig, Generator
+    was_training = model.training
+    model.eval()
+    try:
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        outs = Generator(model, tok).generate(list(prompts), cfg)
+    finally:
+        model.clear_caches()
+        model.train(was_training)
+    return [(o.prompt if o.prompt != "<|endoftext|>" else "") + o.text for o in outs]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+class _Interrupt:
+    """First Ctrl-C (or SIGTERM): finish the step, save, exit cleanly. Second Ctrl-C: stop at once."""
+
+    def __init__(self, say):
+        self.flag = False
+        self.say = say
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+        self.say("stopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, *, resume: bool, progress: bool):
+        self.cfg = cfg
+        self.resuming = resume
+        self.progress = progress
+        self.dir = Path(cfg.out)
+        self.bar = None
+        self.tb = None
+        self.dist, self.device, self.device_reason = _init_distributed(cfg)
+
+    # ---- output ----
+    def say(self, msg: str) -> None:
+        if not self.dist.main:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---- setup ----
+    def _prepare_dir(self) -> None:
+        if not self.dist.main:
+            return
+        if self.resuming:
+            info = runs.run_info(self.dir)
+            if info.status == "running":
+                raise Gpt2kitError(f"run {self.dir} is still running (pid {runs.read_run_json(self.dir).get('pid')}); "
+                                   "stop it before resuming")
+            runs.recover_dirs(self.dir)
+            return
+        if runs.is_run_dir(self.dir):
+            info = runs.run_info(self.dir)
+            raise Gpt2kitError(f"{self.dir} already holds a run ({info.status} at step {info.step}); continue "
+                               f"it with `gpt2kit finetune --resume {self.dir}` or choose another --out")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise Gpt2kitError(f"--out {self.dir} is a file; give a directory for the run")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        runs.update_run_json(self.dir, status="running", step=0, started=runs.now(), model=self.cfg.model,
+                             lora=bool(self.cfg.lora_rank), **runs.process_stamp())
+        runs.write_json(self.dir / runs.CONFIG_JSON, self.cfg.to_dict())
+
+    def _load_model(self, ckpt: Path | None) -> tuple[GPT, Tokenizer, str | None]:
+        """fp32 master weights on the device: from the checkpoint, the pretrained model, or random."""
+        from gpt2kit.checkpoints import load_model, resolve_model_dir
+        from gpt2kit.config import GPTConfig
+        cfg = self.cfg
+        base_dir = str(resolve_model_dir(cfg.model).resolve()) if cfg.model else None
+        tok_dir = cfg.tokenizer or (str(ckpt) if ckpt is not None and not cfg.lora_rank else None) or base_dir
+        if tok_dir is None:
+            raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
+                               "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
+        if ckpt is not None and not cfg.lora_rank:
+            model, tok = load_model(ckpt, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
+        elif cfg.init == "pretrained":
+            model, tok = load_model(base_dir, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
+        else:
+            if cfg.config and Path(cfg.config).is_file():
+                gcfg = GPTConfig.from_json_file(cfg.config)
+            elif cfg.config:
+                gcfg = GPTConfig.from_name(cfg.config)
+            else:
+                gcfg = GPTConfig.from_json_file(Path(base_dir) / "config.json")
+            tok = Tokenizer.from_dir(tok_dir)
+            torch.manual_seed(cfg.seed)
+            model = GPT(gcfg).to(self.device)
+        if tok.vocab_size > model.config.vocab_size:
+            raise Gpt2kitError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                               f"{model.config.vocab_size}; pass the model's own --tokenizer")
+        model.train()
+        set_dropout(model, cfg.dropout)
+        return model, tok, base_dir
+
+    def _prepare_data(self, tok: Tokenizer):
+        from gpt2kit.data import DataSpec, TokenCache, prepare_data
+        cfg = self.cfg
+        info = runs.read_run_json(self.dir) if runs.is_run_dir(self.dir) else {}
+        recorded = info.get("train_tokens"), info.get("val_tokens")
+        if self.resuming and recorded[0] and Path(recorded[0]).is_file():
+            # the caches this run trained on: the same tokens even if the raw files changed or moved
+            train = TokenCache.open(recorded[0])
+            val = TokenCache.open(recorded[1]) if recorded[1] and Path(recorded[1]).is_file() else None
+            return train, val
+        spec = DataSpec(column=cfg.column, field=cfg.field, encoding=cfg.encoding, line_by_line=cfg.line_by_line)
+        frac = cfg.val_fraction if cfg.val_fraction is not None else (0.0 if cfg.val_data else 0.05)
+        if cfg.eval_every == 0 and not cfg.val_data and cfg.val_fraction is None:
+            frac = 0.0
+
+        def prep():
+            try:
+                return prepare_data(cfg.data, tok, spec, val_data=cfg.val_data or None, val_fraction=frac,
+                                    seed=cfg.seed, cache_dir=self.dir / "data")
+            except Gpt2kitError as e:
+                if frac and cfg.val_fraction is None and "too few" in str(e):
+                    self.say(f"warning: {e}; training without validation")
+                    return prepare_data(cfg.data, tok, spec, cache_dir=self.dir / "data")
+                raise
+        if self.dist.main:
+            train, val = prep()
+        self.dist.barrier()
+        if not self.dist.main:
+            train, val = prep()  # the main process wrote the caches; this reuses them
+        if self.dist.main:
+            runs.update_run_json(self.dir, train_tokens=str(train.path.resolve()),
+                                 val_tokens=str(val.path.resolve()) if val is not None else None)
+        return train, val
+
+    def _resolve(self, model: GPT, train, val) -> TrainConfig:
+        """Fill every automatic value, so config.json records exactly what runs."""
+        cfg = self.cfg
+        ctx = model.config.n_positions
+        block = cfg.block_size or min(ctx, 1024)
+        if block > ctx:
+            raise Gpt2kitError(f"--block-size {block} exceeds the model's context of {ctx} tokens")
+        units = train.n_docs if cfg.line_by_line else len(train)
+        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world * (1 if cfg.line_by_line else block)
+        steps_per_epoch = max(1, math.ceil(units / per_step))
+        total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
+        lr = cfg.lr or (1e-3 if cfg.lora_rank else 6e-4 if cfg.init == "scratch" else 1e-4)
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
+        has_val = val is not None
+        ev = cfg.eval_every if cfg.eval_every is not None else (max(1, total // 10) if has_val else 0)
+        if not has_val:
+            ev = 0
+        sample = cfg.sample_every if cfg.sample_every is not None else (ev or max(1, total // 10))
+        save = cfg.save_every if cfg.save_every is not None else max(1, min(1000, total // 10))
+        tb = cfg.tensorboard
+        if tb is None:
+            import importlib.util
+            tb = importlib.util.find_spec("tensorboard") is not None
+        def absolute(p: str | None) -> str | None:  # so that --resume works from any directory
+            return str(Path(p).resolve()) if p and Path(p).exists() else p
+        return replace(cfg, model=absolute(cfg.model), tokenizer=absolute(cfg.tokenizer),
+                       config=absolute(cfg.config), data=[absolute(d) for d in cfg.data],
+                       val_data=[absolute(d) for d in cfg.val_data], block_size=block, steps=total, lr=lr,
+                       warmup_steps=warm, eval_every=ev,
+                       sample_every=sample, save_every=save, tensorboard=tb,
+                       prompts=list(cfg.prompts) or list(DEFAULT_PROMPTS),
+                       val_fraction=cfg.val_fraction if cfg.val_fraction is not None else
+                       (0.0 if cfg.val_data or not has_val else 0.05),
+                       epochs=cfg.epochs if cfg.steps is None else None)
+
+    # ---- checkpoints ----
+    def _trainer_state(self, step: int) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {
+            "version": TRAINER_STATE_VERSION, "step": step,
+            **self.trainer.state_dict(),
+            "scheduler": {"kind": self.cfg.schedule, "step": step, "total_steps": self.cfg.steps},
+            "batcher": self.batcher.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                    "python": random.getstate()},
+            "best_val_loss": self.best_val, "best_step": self.best_step, "bad_evals": self.bad_evals,
+            "tokens": self.tokens_seen, "train_time": self.train_time, "last_loss": self.last_loss,
+        }
+
+    def _write_model(self, out: Path) -> None:
+        """The model in HF format (LoRA: adapter only for checkpoints, adapter + merged for best/final)."""
+        from gpt2kit.checkpoints import save_model
+        if self.lora_cfg is None:
+            save_model(self.model, self.tok, out)
+            return
+        from gpt2kit import lora
+        lora.save_adapter(self.model, self.lora_cfg, out)
+
+    def _write_full_model(self, out: Path) -> None:
+        from gpt2kit.checkpoints.hf import write_hf_dir
+        self._write_model(out)
+        if self.lora_cfg is not None:
+            from gpt2kit import lora
+            write_hf_dir(out, self.model.config, lora.merged_state_dict(self.model))
+            self.tok.save(out)
+
+    def save_checkpoint(self, step: int) -> None:
+        state = self._trainer_state(step)  # every rank's state is identical here; the main one writes
+        if not self.dist.main:
+            return
+        root = self.dir / "checkpoints"
+        root.mkdir(exist_ok=True)
+        tmp = root / f".tmp-step-{step}"
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self._write_model(tmp)
+        torch.save(state, tmp / f"{TRAINER_STATE}.tmp")
+        os.replace(tmp / f"{TRAINER_STATE}.tmp", tmp / TRAINER_STATE)
+        runs.replace_dir(tmp, root / f"step-{step}")
+        for _, old in runs.checkpoint_dirs(self.dir)[:-self.cfg.keep]:
+            import shutil
+            shutil.rmtree(old, ignore_errors=True)
+        runs.update_run_json(self.dir, step=step, checkpoint=f"checkpoints/step-{step}",
+                             best_val_loss=self.best_val, best_step=self.best_step, last_loss=self.last_loss)
+        self._plot()
+
+    def _save_named(self, name: str) -> Path:
+        out = self.dir / name
+        if self.dist.main:
+            tmp = self.dir / f".tmp-{name}"
+            if tmp.exists():
+                import shutil
+                shutil.rmtree(tmp)
+            self._write_full_model(tmp)
+            runs.replace_dir(tmp, out)
+        return out
+
+    def _load_checkpoint_state(self, ckpt: Path) -> None:
+        try:
+            state = torch.load(ckpt / TRAINER_STATE, map_location=self.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise Gpt2kitError(f"cannot read {ckpt / TRAINER_STATE} ({type(e).__name__}); delete {ckpt} to "
+                               "resume from the checkpoint before it") from None
+        if state.get("version") != TRAINER_STATE_VERSION:
+            raise Gpt2kitError(f"{ckpt / TRAINER_STATE} has format v{state.get('version')}; this gpt2kit "
+                               f"reads v{TRAINER_STATE_VERSION}")
+        self.trainer.load_state_dict(state)
+        self.batcher.load_state_dict(state["batcher"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        np_state = rng["numpy"]
+        np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+        random.setstate(rng["python"])
+        self.step = int(state["step"])
+        self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
+        self.bad_evals = int(state["bad_evals"])
+        self.tokens_seen, self.train_time = int(state["tokens"]), float(state["train_time"])
+        self.last_loss = state.get("last_loss")
+
+    # ---- evaluation, samples, plots ----
+    def evaluate(self, step: int) -> float:
+        total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(self.cfg.eval_batches))
+        loss = total / max(1, count)
+        ppl = math.exp(min(loss, 50.0))
+        improved = step > 0 and (self.best_val is None or loss < self.best_val)
+        if self.dist.main:
+            runs.append_metrics(self.dir, [{"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count}])
+            if self.tb is not None:
+                self.tb.add_scalar("val/loss", loss, step)
+                self.tb.add_scalar("val/perplexity", ppl, step)
+        if step > 0:
+            if improved:
+                self.best_val, self.best_step, self.bad_evals = loss, step, 0
+                self._save_named("best")
+                if self.dist.main:
+                    runs.update_run_json(self.dir, best_val_loss=loss, best_step=step, step=step)
+            else:
+                self.bad_evals += 1
+        mark = " (best)" if improved else ""
+        self.say(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{mark}")
+        self._plot()
+        return loss
+
+    def sample(self, step: int) -> None:
+        if not self.dist.main:
+            return
+        texts = _sample_texts(self.model, self.tok, self.cfg.prompts, self.cfg.sample_tokens,
+                              seed=self.cfg.seed + step, temperature=self.cfg.sample_temperature,
+                              top_k=self.cfg.sample_top_k)
+        out = self.dir / "samples"
+        out.mkdir(exist_ok=True)
+        sep = "\n" + "=" * 40 + "\n"
+        runs.atomic_write_text(out / f"step-{step}.txt", sep.join(texts) + "\n")
+        shown = "\n".join(f"  | {line}" for t in texts for line in (t.strip() or "(empty)").splitlines()[:6])
+        self.say(f"step {step}: samples (samples/step-{step}.txt)\n{shown}")
+
+    def _plot(self) -> None:
+        if self.dist.main:
+            from gpt2kit.plot import plot_run
+            try:
+                plot_run(self.dir)
+            except Exception as e:  # noqa: BLE001 - a plot must never stop training
+                log.warning("could not draw loss.png: %s", e)
+
+    # ---- main ----
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self._prepare_dir()
+        self.dist.barrier()
+        if self.resuming:
+            ckpts = runs.checkpoint_dirs(self.dir)
+            ckpt = ckpts[-1][1] if ckpts else None
+        else:
+            ckpt = None
+        self.model, self.tok, base_dir = self._load_model(ckpt)
+        self.lora_cfg = None
+        if cfg.lora_rank:
+            from gpt2kit import lora
+            self.lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                            targets=cfg.lora_targets, base_model=base_dir)
+            torch.manual_seed(cfg.seed)
+            lora.apply_lora(self.model, self.lora_cfg)
+            if ckpt is not None:
+                lora.load_adapter_weights(self.model, ckpt)
+        if cfg.freeze:
+            frozen = freeze(self.model, cfg.freeze)
+            self.say(f"frozen: {len(frozen)} parameter tensors ({', '.join(cfg.freeze)})")
+        self.model.gradient_checkpointing = cfg.grad_checkpointing
+        train, val = self._prepare_data(self.tok)
+        self.cfg = cfg = self._resolve(self.model, train, val)
+        if self.dist.main:
+            runs.write_json(self.dir / runs.CONFIG_JSON, cfg.to_dict())
+            runs.update_run_json(self.dir, status="running", total_steps=cfg.steps, **runs.process_stamp())
+
+        from gpt2kit.data import Batcher
+        kw = dict(seed=cfg.seed, line_by_line=cfg.line_by_line, rank=self.dist.rank, world_size=self.dist.world,
+                  device=self.device, eot_token=self.tok.eot_token)
+        self.batcher = Batcher(train, cfg.block_size, cfg.batch_size, **kw)
+        self.val_batcher = Batcher(val, cfg.block_size, cfg.batch_size, **kw) if val is not None else None
+        self.trainer = Trainer(self.model, cfg, self.device, ddp=self.dist.initialized)
+        self.step, self.best_val, self.best_step, self.bad_evals = 0, None, None, 0
+        self.tokens_seen, self.train_time, self.last_loss = 0, 0.0, None
+        if ckpt is not None:
+            self._load_checkpoint_state(ckpt)
+        if self.dist.main:
+            runs.truncate_metrics(self.dir, self.step)
+
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.trainer.params)
+        prec = self.trainer.precision
+        self.say(f"gpt2kit finetune: device {self.device_reason}; {prec.describe()}")
+        what = (f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else
+                "all weights" if n_train == n_params else "partly frozen")
+        self.say(f"model: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained ({what}); data: "
+                 f"{len(train):,} tokens in {train.n_docs:,} documents"
+                 + (f", validation {len(val):,} tokens" if val is not None else ", no validation"))
+        glob_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
+        self.say(f"steps: {cfg.steps} of {glob_batch} x {cfg.block_size} tokens, lr {cfg.lr:g} ({cfg.schedule}, "
+                 f"{cfg.warmup_steps} warmup); run directory {self.dir}"
+                 + (f"; resuming at step {self.step}" if self.step else ""))
+        if prec.mode == "emulated" and self.dist.main:
+            log.info("mixed precision emulated on this CPU")
+        warn = _memory_warning(self.model, cfg, cfg.block_size, self.device, n_train)
+        if warn:
+            self.say(f"warning: {warn}")
+        if cfg.tensorboard and self.dist.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                self.say("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
+
+        status, stopped_early = "running", False
+        try:
+            with _Interrupt(self.say) as interrupt:
+                status, stopped_early = self._loop(interrupt)
+        except BaseException as e:
+            if self.dist.main and runs.is_run_dir(self.dir):
+                st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
+                                     f"{type(e).__name__}: {e}"[:500])
+            if isinstance(e, torch.OutOfMemoryError):
+                raise Gpt2kitError(f"out of memory on {self.device} at batch {cfg.batch_size} x {cfg.block_size} "
+                                   "tokens; lower --batch-size (raise --grad-accum to keep the global batch), "
+                                   "add --grad-checkpointing, or use --lora-rank 8") from None
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if self.tb is not None:
+                self.tb.close()
+
+        model_dir = None
+        if self.dist.main:
+            model_dir = runs.model_dir(self.dir)
+        tps = self.tokens_seen / self.train_time if self.train_time > 0 else 0.0
+        return RunResult(self.dir, status, self.step, cfg.steps, self.last_loss, self.best_val, self.best_step,
+                         model_dir, tps, stopped_early)
+
+    def _loop(self, interrupt: _Interrupt) -> tuple[str, bool]:
+        cfg = self.cfg
+        if self.dist.main and self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", file=sys.stderr,
+                            dynamic_ncols=True, desc="finetune")
+        if self.step == 0:
+            if self.val_batcher is not None and cfg.eval_every:
+                self.evaluate(0)
+            if cfg.sample_every:
+                self.sample(0)
+        last_write = time.monotonic()
+        pending: list[dict[str, Any]] = []
+        stopped_early = False
+        while self.step < cfg.steps:
+            step = self.step
+            torch.manual_seed(_step_seed(cfg.seed, step, self.dist.rank))  # dropout masks depend on (seed, step)
+            lr = lr_at(step, cfg, cfg.steps)
+            t0 = time.perf_counter()
+            batches = [self.batcher.next() for _ in range(cfg.grad_accum)]
+            n_tok = sum(int((y != -100).sum()) for _, y in batches)
+            loss_t = self.trainer.forward_backward(batches)
+            norm = self.trainer.optimizer_step(lr)
+            loss = self.dist.mean(float(loss_t), self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.step = step + 1
+            n_tok *= self.dist.world
+            self.tokens_seen += n_tok
+            self.train_time += dt
+            self.last_loss = loss
+            if not math.isfinite(loss) and self.trainer.precision.scaler is None:
+                raise Gpt2kitError(f"the loss became {loss} at step {self.step}; lower --lr (now {cfg.lr:g}) or "
+                                   "use --dtype float32, then start again or --resume from the last checkpoint")
+            rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                   "tok_per_s": n_tok / dt, "time": round(self.train_time, 3)}
+            if norm is not None:
+                rec["grad_norm"] = float(norm)
+            pending.append(rec)
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"loss {loss:.4f}, {n_tok / dt:,.0f} tok/s, lr {lr:.2e}", refresh=False)
+                self.bar.update(1)
+            if self.tb is not None:
+                self.tb.add_scalar("train/loss", loss, self.step)
+                self.tb.add_scalar("train/lr", lr, self.step)
+            stop = self.dist.any_flag(interrupt.flag, self.device)
+            last = self.step == cfg.steps
+            due = lambda every: bool(every) and (self.step % every == 0)  # noqa: E731
+            if self.dist.main and (pending and (time.monotonic() - last_write > 5 or stop or last
+                                                 or due(cfg.eval_every) or due(cfg.save_every))):
+                runs.append_metrics(self.dir, pending)
+                pending = []
+                last_write = time.monotonic()
+            if self.val_batcher is not None and (due(cfg.eval_every) or (last and cfg.eval_every)):
+                self.evaluate(self.step)
+                if cfg.early_stop and self.bad_evals >= cfg.early_stop:
+                    self.say(f"early stop: no better validation loss in {cfg.early_stop} evaluations "
+                             f"(best {self.best_val:.4f} at step {self.best_step})")
+                    stopped_early = True
+            if due(cfg.sample_every) or (last and cfg.sample_every):
+                self.sample(self.step)
+            if stop:
+                self.save_checkpoint(self.step)
+                if self.dist.main:
+                    runs.update_run_json(self.dir, status="interrupted", step=self.step)
+                self.say(f"interrupted: saved {self.dir}/checkpoints/step-{self.step}; continue with "
+                         f"`gpt2kit finetune --resume {self.dir}`")
+                return "interrupted", False
+            if due(cfg.save_every) and not last and not stopped_early:
+                self.save_checkpoint(self.step)
+            if stopped_early:
+                break
+        if self.dist.main and pending:
+            runs.append_metrics(self.dir, pending)
+        self.save_checkpoint(self.step)
+        final = self._save_named("final")
+        if self.dist.main:
+            runs.update_run_json(self.dir, status="finished", step=self.step, finished=runs.now(),
+                                 stopped_early=stopped_early, last_loss=self.last_loss,
+                                 best_val_loss=self.best_val, best_step=self.best_step)
+        self._plot()
+        best = f"; best validation loss {self.best_val:.4f} at step {self.best_step} in best/" if self.best_val else ""
+        self.say(f"done: {self.step} steps, {self.tokens_seen / max(self.train_time, 1e-9):,.0f} tokens/s; model in "
+                 f"{final}{best}")
+        return "finished", stopped_early
+
+
+def finetune(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
+    """Train a new run into cfg.out. Under torchrun, every process calls this."""
+    cfg.validate()
+    return _finish(_Run(cfg, resume=False, progress=progress))
+
+
+def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = None) -> RunResult:
+    """Continue a run from its newest checkpoint, with the configuration it was started with. A run that
+    had not reached its first checkpoint starts over (with the same result, since every step is
+    deterministic)."""
+    run_dir = Path(run_dir)
+    info = runs.read_run_json(run_dir)
+    try:
+        import json
+        d = json.loads((run_dir / runs.CONFIG_JSON).read_text())
+    except (OSError, ValueError) as e:
+        raise Gpt2kitError(f"cannot read {run_dir / runs.CONFIG_JSON} ({e}); the run cannot be resumed") from None
+    cfg = TrainConfig.from_dict(d)
+    cfg.out = str(run_dir)
+    if device is not None:
+        cfg.device = device
+    if info.get("status") == "finished":
+        ckpts = runs.checkpoint_dirs(run_dir)
+        step = ckpts[-1][0] if ckpts else info.get("step")
+        if cfg.steps is not None and step is not None and step >= cfg.steps:
+            raise Gpt2kitError(f"run {run_dir} already finished ({step} steps); its model is in "
+                               f"{run_dir}/final. Start a new run from it with --model {run_dir}")
+    cfg.validate()
+    return _finish(_Run(cfg, resume=True, progress=progress))
+
+
+def _finish(run: _Run) -> RunResult:
+    try:
+        return run.run()
+    finally:
+        if run.dist.initialized:
+            import torch.distributed as dist
+            dist.destroy_process_group()
