@@ -959,7 +959,7 @@ class _Run:
         what = (f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else
                 "all weights" if n_train == n_params else "partly frozen")
         self.say(f"model: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained ({what}); data: "
-                 f"{len(train):,} tokens in {train.n_docs:,} documents"
+                 f"{len(train):,} tokens in {train.n_docs:,} document{'s' if train.n_docs != 1 else ''}"
                  + (f", validation {len(val):,} tokens" if val is not None else ", no validation"))
         glob_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.say(f"steps: {cfg.steps} of {glob_batch} x {cfg.block_size} tokens, lr {cfg.lr:g} ({cfg.schedule}, "

@@ -1,0 +1,292 @@
+"""Fine-tuning: one step equals transformers (loss, every gradient, the AdamW update), a short run on the
+jokes CSV lowers validation loss and leaves a complete run directory whose model transformers loads with
+identical logits, plus the schedule, freezing, mixed precision, odd data and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import JOKES, VOCAB_DIR, random_model
+
+from gpt2kit.checkpoints import load_model, save_model
+from gpt2kit.checkpoints.hf import CONV1D_SUFFIXES
+from gpt2kit.cli import main
+from gpt2kit.config import GPTConfig
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.train import (
+    EmulatedAutocast,
+    TrainConfig,
+    Trainer,
+    finetune,
+    freeze,
+    lr_at,
+    param_groups,
+)
+
+TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models gain nothing from a second thread, and a busy neighbour core makes OpenMP's
+    # two-thread hand-offs stall; one thread keeps these tests fast and steady
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-train-model")
+    save_model(random_model(TINY, seed=1), Tokenizer.from_dir(VOCAB_DIR), out)
+    return out
+
+
+def _cfg(tmp_path: Path, model: Path, **kw) -> TrainConfig:
+    base = dict(model=str(model), data=[str(JOKES)], column="Joke", out=str(tmp_path / "run"), steps=6,
+                batch_size=4, block_size=32, eval_batches=4, sample_every=0, tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+# ---- one step against transformers -----------------------------------------------------------------
+
+def test_one_step_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = random_model(TINY, seed=3).train()
+    save_model(ours, None, tmp_path / "m")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").train()  # dropout 0 in config.json
+    cfg = TrainConfig(model="x", data=["x"], lr=3e-3, weight_decay=0.1, beta2=0.99, grad_clip=0.5, dtype="float32")
+    trainer = Trainer(ours, cfg, torch.device("cpu"))
+    hf_opt = torch.optim.AdamW(
+        [{"params": [p for p in hf.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=3e-3, betas=(0.9, 0.99), eps=1e-8)
+
+    seq = torch.randint(0, TINY.vocab_size, (3, 33), generator=torch.Generator().manual_seed(5))
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    y[0, :5] = -100  # padded targets are ignored by both
+    loss = trainer.forward_backward([(x, y)])
+    hf_loss = hf(input_ids=x, labels=x, shift_labels=y.contiguous()).loss
+    hf_loss.backward()
+    assert abs(loss.item() - hf_loss.item()) < 1e-6 * abs(hf_loss.item())
+
+    hf_params = dict(hf.named_parameters())
+    n_checked = 0
+    for name, p in ours.named_parameters():
+        hp = hf_params[name if name != "lm_head.weight" else "transformer.wte.weight"]
+        g_hf = hp.grad.t() if name.endswith(CONV1D_SUFFIXES) else hp.grad
+        scale = g_hf.abs().max().item()
+        assert torch.allclose(p.grad, g_hf, rtol=1e-4, atol=1e-6 * scale + 1e-10), name
+        n_checked += 1
+    assert n_checked == len(hf_params)
+
+    grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    trainer.optimizer_step(lr=3e-3)
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5)
+    hf_opt.step()
+    for name, p in ours.named_parameters():
+        hp = hf_params[name if name != "lm_head.weight" else "transformer.wte.weight"]
+        w_hf = (hp.t() if name.endswith(CONV1D_SUFFIXES) else hp).detach()
+        # Adam's first step is ~lr * sign(grad): where the exact gradient is 0 (the key bias, which
+        # softmax ignores) both sides hold rounding noise, so compare only where the gradient is real
+        real = grads[name].abs() > 1e-5 * grads[name].abs().max()
+        # (updates are ~lr = 3e-3; tiny gradients make Adam's lr * g / (|g| + eps) sensitive to rounding)
+        assert torch.allclose(p.detach()[real], w_hf[real], rtol=1e-5, atol=2e-6), name
+        assert (p.detach() - w_hf).abs().max() <= 2 * 3e-3, name
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    a, b = random_model(TINY, seed=4).train(), random_model(TINY, seed=4).train()
+    cfg = TrainConfig(model="x", data=["x"], lr=1e-3)
+    ta, tb = Trainer(a, cfg, torch.device("cpu")), Trainer(b, cfg, torch.device("cpu"))
+    seq = torch.randint(0, TINY.vocab_size, (4, 17))
+    x, y = seq[:, :-1], seq[:, 1:]
+    la = ta.forward_backward([(x[:2], y[:2]), (x[2:], y[2:])])
+    lb = tb.forward_backward([(x, y)])
+    assert torch.allclose(la, lb, rtol=1e-6)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-8), n
+
+
+# ---- pieces ----------------------------------------------------------------------------------------
+
+def test_lr_schedule():
+    cfg = TrainConfig(model="x", data=["x"], lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(109, cfg, 110) == pytest.approx(0.1)  # the last step ends at lr * min_lr_ratio
+    assert lr_at(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    lin = TrainConfig(model="x", data=["x"], lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert [round(lr_at(s, lin, 5), 6) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    const = TrainConfig(model="x", data=["x"], lr=2.0, warmup_steps=0, schedule="constant")
+    assert lr_at(3, const, 5) == 2.0
+
+
+def test_weight_decay_groups_and_freeze():
+    model = random_model(TINY)
+    groups = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    n_unique = len({id(p) for p in model.parameters()})
+    assert sum(len(g["params"]) for g in groups) == n_unique  # the tied lm_head counts once
+
+    frozen = freeze(model, ["embeddings,ln_f"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("transformer.h.") for n in trainable)
+    assert "transformer.wte.weight" in frozen and "transformer.ln_f.bias" in frozen
+
+    model = random_model(TINY)
+    freeze(model, ["blocks:0", "mlp"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("transformer.h.0.") or ".mlp." in n for n in trainable)
+    assert "transformer.h.1.attn.c_attn.weight" in trainable
+    for bad in (["blocks:0-7"], ["nothing.matches*"], ["blocks:x"]):
+        with pytest.raises(Gpt2kitError):
+            freeze(random_model(TINY), bad)
+
+
+def test_emulated_bfloat16_matches_autocast():
+    """On CPUs without bf16 arithmetic, bf16 'autocast' runs float32 kernels on rounded values. A linear
+    layer then equals torch's autocast exactly, forward and backward; a whole model agrees to bf16
+    precision (attention keeps float32 internally where the bf16 kernel rounds its probabilities)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 96)
+    x = torch.randn(64, 32, requires_grad=True)
+    g = torch.randn(64, 96)
+    outs = []
+    for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), EmulatedAutocast(torch.bfloat16)):
+        lin.zero_grad()
+        x.grad = None
+        with ctx:
+            out = lin(x)
+        (out.float() * g).sum().backward()
+        outs.append((out.float().detach(), x.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=0, atol=0) or (a - b).abs().max() <= 2 ** -8 * a.abs().max()
+
+    cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=32, n_positions=32)
+    model = random_model(cfg, seed=2).train()
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+
+    def run(mode):
+        model.zero_grad()
+        ctx = {"autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+               "emulated": EmulatedAutocast(torch.bfloat16)}.get(mode, torch.enable_grad())
+        with ctx:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, 512), y.view(-1))
+        with EmulatedAutocast(torch.bfloat16) if mode == "emulated" else torch.enable_grad():
+            loss.backward()
+        return logits.float().detach(), loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    ref_logits, ref_loss, ref_grads = run("autocast")
+    emu_logits, emu_loss, emu_grads = run("emulated")
+    f32_logits, _, _ = run("float32")
+    assert (emu_logits == ref_logits).float().mean() > 0.3  # bf16-rounded values, many identical
+    assert (f32_logits == ref_logits).float().mean() < 0.01  # float32 is not
+    assert abs(emu_loss - ref_loss) < 2e-3
+    for g_emu, g_ref in zip(emu_grads, ref_grads):
+        assert F.cosine_similarity(g_emu.flatten(), g_ref.flatten(), dim=0) > 0.999
+
+
+# ---- whole runs ------------------------------------------------------------------------------------
+
+def test_finetune_jokes_lowers_validation_loss(tmp_path, tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    cfg = _cfg(tmp_path, tiny_dir, steps=40, lr=3e-3, eval_every=20, sample_every=40, sample_tokens=8,
+               prompts=["Why did the"], save_every=10, keep=2)
+    res = finetune(cfg, progress=False)
+    run = res.run_dir
+    assert res.status == "finished" and res.step == 40
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(vals) == 3  # steps 0, 20, 40
+    assert vals[-1] < vals[0] - 0.3, vals
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 41))
+
+    # the run directory
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["steps"] == 40 and saved["block_size"] == 32 and saved["lr"] == 3e-3
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["step"] == 40
+    assert info["best_val_loss"] == pytest.approx(min(vals[1:]))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-40"]  # --keep 2
+    assert (run / "checkpoints/step-40/trainer.pt").is_file()
+    assert (run / "loss.png").stat().st_size > 1000
+    sample = (run / "samples/step-40.txt").read_text()
+    assert sample.startswith("Why did the")
+    assert res.model_dir == run / "best"
+
+    # --model RUN_DIR loads the best model; transformers loads it with identical logits
+    model, tok = load_model(run)
+    ids = torch.tensor([tok.encode("What do you call a fish with no eyes?")])
+    with torch.no_grad():
+        ours = model(ids)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(run / "final").eval()
+        final, _ = load_model(run / "final")
+        assert torch.allclose(final(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ours, final(ids)) or res.best_step == 40
+
+
+def test_scratch_init_and_tiny_odd_data(tmp_path):
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("Just a few words.\n")
+    cfg = TrainConfig(init="scratch", config="tiny", tokenizer=str(VOCAB_DIR), data=[str(one_line)],
+                      out=str(tmp_path / "run"), steps=3, batch_size=2, sample_every=0, tensorboard=False)
+    res = finetune(cfg, progress=False)  # 5 tokens: fewer than a block; validation gets the last 2
+    assert res.status == "finished" and res.step == 3 and math.isfinite(res.best_val_loss)
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert saved["init"] == "scratch" and saved["block_size"] == 128
+    model, _ = load_model(tmp_path / "run")
+    assert model.config.n_embd == GPTConfig.from_name("tiny").n_embd
+
+
+def test_float16_with_loss_scaling_and_lora_bf16(tmp_path, tiny_dir):
+    res = finetune(_cfg(tmp_path, tiny_dir, steps=3, dtype="float16", eval_every=3), progress=False)
+    assert res.status == "finished" and math.isfinite(res.last_loss) and math.isfinite(res.best_val_loss)
+    state = torch.load(tmp_path / "run/checkpoints/step-3/trainer.pt", weights_only=True)
+    assert state["scaler"] is not None
+    res = finetune(_cfg(tmp_path, tiny_dir, out=str(tmp_path / "lora"), steps=3, dtype="bfloat16", lora_rank=2,
+                        grad_checkpointing=True), progress=False)
+    assert res.status == "finished" and math.isfinite(res.last_loss)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_dir), "--data", str(JOKES), "--column", "Joke", "--out", str(out),
+            "--steps", "2", "--batch-size", "2", "--block-size", "16", "--eval-batches", "2",
+            "--sample-every", "0", "--no-progress", "--no-tensorboard"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out / "best")
+    assert "device cpu" in captured.err  # the device is always said
+
+    assert main(args) == 1  # the run exists
+    assert "--resume" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(out), "--lr", "0.1"]) == 1
+    assert "drop --lr" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(out)]) == 1  # finished already
+    assert "already finished" in capsys.readouterr().err
+    assert main(["finetune", "--data", str(JOKES), "--out", str(tmp_path / "x")]) == 1
+    assert "--model" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tiny_dir), "--data", str(JOKES), "--column", "Nope",
+                 "--out", str(tmp_path / "y"), "--steps", "1"]) == 1
+    assert "column" in capsys.readouterr().err
+
+    assert main(["runs", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "finished" in table and "2/2" in table
+    assert main(args + ["--overwrite"]) == 0
