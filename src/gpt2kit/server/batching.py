@@ -26,7 +26,7 @@ import torch
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice
 from gpt2kit.model import GPT
-from gpt2kit.sampling import sample, token_logprobs
+from gpt2kit.sampling import SamplingParams, filter_logits, sample, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit.server")
@@ -65,15 +65,14 @@ class _Job:
     score_only: bool  # max_tokens == 0: only the prompt's logprobs are wanted
     cancelled: bool = False
     slot: int = -1
-    greedy: bool = field(init=False)
+    argmax: bool = field(init=False)  # greedy without a repetition penalty: one argmax per step for all
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and self.deadline < now
 
     def __post_init__(self) -> None:
         cfg = self.row.cfg
-        # generate.stream_rows' fast path: one argmax per step for the whole batch
-        self.greedy = cfg.sampling.greedy and cfg.repetition_penalty == 1.0 and cfg.logprobs is None
+        self.argmax = cfg.sampling.greedy and cfg.repetition_penalty == 1.0
 
 
 class Stream:
@@ -151,7 +150,7 @@ class BatchEngine:
     engine's thread while it runs: don't generate with it elsewhere at the same time."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, prefill_budget: int = 2048):
+                 max_len: int | None = None, prefill_budget: int = 1024):
         if max_batch < 1:
             raise Gpt2kitError(f"max batch must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -314,61 +313,100 @@ class BatchEngine:
             _window_notice()
 
     def _admit(self) -> None:
-        """Prefill queued requests into free rows, up to `prefill_budget` prompt tokens."""
-        budget = self.prefill_budget
+        """Prefill queued requests into free rows, up to `prefill_budget` prompt tokens per step: prompts
+        of similar length share one forward pass over a run of adjacent rows."""
         now = time.monotonic()
-        while budget > 0:
-            with self._cv:
-                while self._pending and (self._pending[0].cancelled or self._pending[0].expired(now)):
-                    job = self._pending.popleft()
-                    if not job.cancelled:  # timed out waiting for a row: an empty "length" completion
-                        job.row.out.finish_reason = "length"
-                        job.stream._put(Delta(job.row.out.index, "", [], "length"))
-                self.stats.queued = len(self._pending)
-                free = next((b for b, j in enumerate(self._slots) if j is None), None)
-                if free is None or not self._pending:
-                    return
-                job = self._pending.popleft()
-                self.stats.queued = len(self._pending)
-            job.slot = free
-            self._slots[free] = job
-            self.stats.active = sum(j is not None for j in self._slots)
-            budget -= len(job.row.context)
+        with self._cv:
+            if any(j.cancelled or j.expired(now) for j in self._pending):
+                for j in self._pending:
+                    if j.expired(now) and not j.cancelled:  # timed out waiting: an empty "length" completion
+                        j.row.out.finish_reason = "length"
+                        j.stream._put(Delta(j.row.out.index, "", [], "length"))
+                self._pending = deque(j for j in self._pending if not (j.cancelled or j.expired(now)))
+            free = [b for b, j in enumerate(self._slots) if j is None]
+            take: list[_Job] = []
+            budget = self.prefill_budget
+            while self._pending and len(take) < len(free):
+                cost = len(self._pending[0].row.context)
+                if take and cost > budget:
+                    break
+                budget -= cost
+                take.append(self._pending.popleft())
+            self.stats.queued = len(self._pending)
+        if not take:
+            return
+        for job in take:
+            r = job.row
+            if len(r.context) >= self.max_len:  # as stream_rows: keep the most recent half window
+                r.context = r.context[-(self.max_len // 2):]
+                self._slide_notice()
+            r.pos = len(r.context)
+        take.sort(key=lambda j: len(j.row.context))  # neighbours of similar length: little padding
+        for b, job in zip(free, take):
+            job.slot = b
+            self._slots[b] = job
+        self.stats.active = sum(j is not None for j in self._slots)
+        groups: list[list[_Job]] = []
+        for job in take:
+            g = groups[-1] if groups else None
+            if (g is not None and job.prompt_logprobs is None and g[0].prompt_logprobs is None
+                    and job.slot == g[-1].slot + 1
+                    and len(job.row.context) <= 2 * len(g[0].row.context) + 8):
+                g.append(job)
+            else:
+                groups.append([job])
+        for g in groups:
             try:
-                self._prefill(free, job)
+                self._prefill(g)
             except Exception as e:
                 log.exception("prefill failed")
-                self._fail(free, e)
+                for job in g:
+                    if self._slots[job.slot] is job:
+                        self._fail(job.slot, e)
 
-    def _prefill(self, b: int, job: _Job) -> None:
-        r = job.row
-        if len(r.context) >= self.max_len:  # as stream_rows: keep the most recent half window
-            r.context = r.context[-(self.max_len // 2):]
-            self._slide_notice()
-        r.pos = len(r.context)
-        if job.prompt_logprobs is None:
-            last = _prefill(self.model, [r.context], rows=slice(b, b + 1))[0]  # (V,)
-        else:
-            # the same forward as _prefill, keeping every position's logits
+    def _prefill(self, group: list[_Job]) -> None:
+        """Prefill jobs in adjacent rows with one forward pass, then pick their first tokens."""
+        b0 = group[0].slot
+        job = group[0]
+        if job.prompt_logprobs is not None:  # alone: keep every position's logits (_prefill's forward)
+            r = job.row
             device = self.model.device
             T = len(r.context)
             logits = self.model(torch.tensor([r.context], device=device), torch.arange(T, device=device),
-                                kv_len=T, rows=slice(b, b + 1))[0]  # (T, V)
+                                kv_len=T, rows=slice(b0, b0 + 1))[0]  # (T, V)
             job.stream._put(PromptInfo(r.out.index, _prompt_logprobs(r, logits, job.prompt_logprobs)))
             if job.score_only:
-                self._finish(b, "length")
+                self._finish(b0, "length")
                 return
-            last = logits[-1]
-        self._push(b, last, None)
+            last = logits[-1:]  # (1, V)
+        else:
+            last = _prefill(self.model, [j.row.context for j in group], rows=slice(b0, b0 + len(group)))  # (k, V)
+        self._push_all(group, last)
+
+    def _push_all(self, jobs: list[_Job], logits: torch.Tensor) -> None:
+        """Next tokens for `jobs` from their logits (k, V), as stream_rows picks them: greedy rows by one
+        argmax, sampled rows with equal parameters in one pass, repetition-penalised rows one by one."""
+        picks: list[int | None] = [None] * len(jobs)
+        greedy = [i for i, j in enumerate(jobs) if j.argmax]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                picks[i] = t
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, j in enumerate(jobs):
+            if not j.argmax and j.row.cfg.repetition_penalty == 1.0:
+                groups.setdefault(j.row.params, []).append(i)
+        for params, idx in groups.items():
+            for i, t in zip(idx, sample_rows(logits[idx], params, [jobs[i].row.gen for i in idx])):
+                picks[i] = t
+        for i, j in enumerate(jobs):
+            self._push(j.slot, logits[i], picks[i])
 
     def _push(self, b: int, logits: torch.Tensor, pick: int | None) -> None:
-        """Sample row b's next token from its logits (V,) exactly as stream_rows does, and emit."""
+        """Record row b's next token (sampled here from its logits (V,) unless `pick`ed) and emit."""
         job = self._slots[b]
         r, cfg = job.row, job.row.cfg
         if pick is not None:
             token = pick
-        elif job.greedy:
-            token = int(logits.argmax())
         else:
             seen = torch.tensor(r.context, device=logits.device) if cfg.repetition_penalty != 1.0 else None
             token = sample(logits, r.params, r.gen, seen)
@@ -410,12 +448,24 @@ class BatchEngine:
         logits = self.model(x, torch.tensor(pos, device=device).view(hi, 1), kv_len=max(pos) + 1,
                             rows=slice(0, hi))[:, -1, :]  # (hi, V)
         self.stats.steps += 1
-        picks = logits.argmax(dim=-1).tolist() if any(self._slots[b].greedy for b in active) else None
-        for b in active:
-            job = self._slots[b]
+        jobs = [self._slots[b] for b in active]
+        for job in jobs:
             job.row.pos += 1
-            self._push(b, logits[b], picks[b] if picks is not None and job.greedy else None)
+        self._push_all(jobs, logits if len(active) == hi else logits[active])
 
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> list[int]:
+    """sampling.sample() for k rows that share `params` (no repetition penalty), in one pass: the same
+    steps on logits (k, V), and each row's exponential draws from its own generator, so every row gets
+    the token sample() would give it. One pass instead of k keeps small CPU ops from dominating."""
+    if params.greedy:
+        return logits.float().argmax(dim=-1).tolist()
+    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
+    probs = torch.softmax(scaled, dim=-1)
+    e = torch.empty_like(probs)
+    for row, g in zip(e, generators):
+        row.exponential_(1.0, generator=g)
+    return torch.argmax(probs / e, dim=-1).tolist()
 
 
 def _prompt_logprobs(r: _Row, logits: torch.Tensor, top_n: int) -> list[TokenInfo | None]:
