@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import JOKES, VOCAB_DIR, random_model
 
 from gpt2kit.checkpoints import load_model, save_model
 from gpt2kit.checkpoints.hf import CONV1D_SUFFIXES
@@ -28,6 +27,7 @@ from gpt2kit.train import (
     lr_at,
     param_groups,
 )
+from tests.conftest import JOKES, VOCAB_DIR, random_model
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
 

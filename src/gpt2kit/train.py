@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from gpt2kit import runs
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
-from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.tokenizer import Tokenizer, find_vocab_files
 
 log = logging.getLogger("gpt2kit")
 
@@ -641,6 +641,7 @@ class _Run:
         self.dir = Path(cfg.out)
         self.bar = None
         self.tb = None
+        self._plotted = -1e9
         self.dist, self.device, self.device_reason = _init_distributed(cfg)
 
     # ---- output ----
@@ -679,12 +680,17 @@ class _Run:
         from gpt2kit.checkpoints import load_model, resolve_model_dir
         from gpt2kit.config import GPTConfig
         cfg = self.cfg
-        base_dir = str(resolve_model_dir(cfg.model).resolve()) if cfg.model else None
-        tok_dir = cfg.tokenizer or (str(ckpt) if ckpt is not None and not cfg.lora_rank else None) or base_dir
+        # the run keeps its own copy of the vocabulary (checkpoints come and go; the base may move)
+        own = self.dir / "tokenizer"
+        own_tok = self.resuming and find_vocab_files(own) is not None
+        full_ckpt = ckpt is not None and not cfg.lora_rank  # needs nothing from the base model
+        needs_base = cfg.model and not (full_ckpt and (own_tok or cfg.tokenizer))
+        base_dir = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
+        tok_dir = str(own) if own_tok else cfg.tokenizer or base_dir
         if tok_dir is None:
             raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
                                "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
-        if ckpt is not None and not cfg.lora_rank:
+        if full_ckpt:
             model, tok = load_model(ckpt, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
         elif cfg.init == "pretrained":
             model, tok = load_model(base_dir, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
@@ -698,6 +704,8 @@ class _Run:
             tok = Tokenizer.from_dir(tok_dir)
             torch.manual_seed(cfg.seed)
             model = GPT(gcfg).to(self.device)
+        if self.dist.main and not self.resuming:
+            tok.save(own)
         if tok.vocab_size > model.config.vocab_size:
             raise Gpt2kitError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
                                f"{model.config.vocab_size}; pass the model's own --tokenizer")
@@ -901,8 +909,10 @@ class _Run:
         shown = "\n".join(f"  | {line}" for t in texts for line in (t.strip() or "(empty)").splitlines()[:6])
         self.say(f"step {step}: samples (samples/step-{step}.txt)\n{shown}")
 
-    def _plot(self) -> None:
-        if self.dist.main:
+    def _plot(self, force: bool = False) -> None:
+        # redrawn at evaluations and checkpoints, at most every 30 s (drawing takes a moment), and at the end
+        if self.dist.main and (force or time.monotonic() - self._plotted > 30):
+            self._plotted = time.monotonic()
             from gpt2kit.plot import plot_run
             try:
                 plot_run(self.dir)
@@ -1069,6 +1079,7 @@ class _Run:
                 self.sample(self.step)
             if stop:
                 self.save_checkpoint(self.step)
+                self._plot(force=True)
                 if self.dist.main:
                     runs.update_run_json(self.dir, status="interrupted", step=self.step)
                 self.say(f"interrupted: saved {self.dir}/checkpoints/step-{self.step}; continue with "
@@ -1086,7 +1097,7 @@ class _Run:
             runs.update_run_json(self.dir, status="finished", step=self.step, finished=runs.now(),
                                  stopped_early=stopped_early, last_loss=self.last_loss,
                                  best_val_loss=self.best_val, best_step=self.best_step)
-        self._plot()
+        self._plot(force=True)
         best = f"; best validation loss {self.best_val:.4f} at step {self.best_step} in best/" if self.best_val else ""
         self.say(f"done: {self.step} steps, {self.tokens_seen / max(self.train_time, 1e-9):,.0f} tokens/s; model in "
                  f"{final}{best}")

@@ -1,0 +1,114 @@
+"""A run killed at any moment (SIGKILL) or stopped with Ctrl-C, then `--resume`d, ends with exactly the
+model and the losses of a run that was never interrupted: same bytes, not just close."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2kit.checkpoints import save_model
+from gpt2kit.config import GPTConfig
+from gpt2kit.runs import checkpoint_dirs, read_metrics, run_info
+from gpt2kit.tokenizer import Tokenizer
+from tests.conftest import JOKES, VOCAB_DIR, random_model
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume-model")
+    save_model(random_model(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), seed=7),
+               Tokenizer.from_dir(VOCAB_DIR), out)
+    return out
+
+
+def _start(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    # dropout on, so the resumed run must also reproduce the dropout masks
+    cmd = [sys.executable, "-m", "gpt2kit", "finetune", "--model", str(model_dir), "--data", str(JOKES),
+           "--column", "Joke", "--out", str(out), "--steps", str(STEPS), "--batch-size", "4", "--block-size",
+           "16", "--lr", "2e-3", "--dropout", "0.1", "--save-every", "4", "--eval-every", "8",
+           "--eval-batches", "2", "--sample-every", "12", "--sample-tokens", "4", "--no-progress",
+           "--no-tensorboard", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same float sums
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _resume(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt2kit", "finetune", "--resume", str(out), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(s >= step for s, _ in checkpoint_dirs(run)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read()}")
+        time.sleep(0.01)
+    pytest.fail("no checkpoint appeared")
+
+
+def _history(run: Path) -> tuple[list, list]:
+    recs = read_metrics(run)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    return train, val
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "final/model.safetensors")), load_file(str(b / "final/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert _history(a) == _history(b)
+    assert (a / f"samples/step-{STEPS}.txt").read_text() == (b / f"samples/step-{STEPS}.txt").read_text()
+    ia, ib = json.loads((a / "run.json").read_text()), json.loads((b / "run.json").read_text())
+    assert ia["best_val_loss"] == ib["best_val_loss"] and ia["best_step"] == ib["best_step"]
+
+
+def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path, model_dir):
+    ref = _start(model_dir, tmp_path / "ref")
+    killed = _start(model_dir, tmp_path / "killed")
+    stopped = _start(model_dir, tmp_path / "stopped")
+
+    # SIGKILL between checkpoints: no chance to save anything
+    _wait_for_checkpoint(killed, tmp_path / "killed", 8)
+    time.sleep(0.1)
+    killed.kill()
+    killed.wait()
+    assert run_info(tmp_path / "killed").status == "dead"
+    last_ckpt = checkpoint_dirs(tmp_path / "killed")[-1][0]
+    assert 8 <= last_ckpt < STEPS
+
+    # Ctrl-C: finish the step, save, exit 130
+    _wait_for_checkpoint(stopped, tmp_path / "stopped", 12)
+    stopped.send_signal(signal.SIGINT)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130, err
+    info = run_info(tmp_path / "stopped")
+    assert info.status == "interrupted" and STEPS > info.step >= 12
+    assert checkpoint_dirs(tmp_path / "stopped")[-1][0] == info.step  # saved where it stopped
+    assert "--resume" in err
+
+    for run in ("killed", "stopped"):
+        res = _resume(tmp_path / run)
+        assert res.returncode == 0, res.stderr
+        assert "resuming at step" in res.stderr
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    for run in ("killed", "stopped"):
+        assert run_info(tmp_path / run).status == "finished"
+        _assert_same(tmp_path / "ref", tmp_path / run)
+    # nothing half-written is left behind
+    assert not [p for p in (tmp_path / "killed").rglob(".tmp-*")]
