@@ -380,8 +380,20 @@ class BatchEngine:
                 return
             last = logits[-1:]  # (1, V)
         else:
-            last = _prefill(self.model, [j.row.context for j in group], rows=slice(b0, b0 + len(group)))  # (k, V)
+            last = self._prefill_last([j.row.context for j in group], b0)  # (k, V)
         self._push_all(group, last)
+
+    def _prefill_last(self, contexts: list[list[int]], b0: int) -> torch.Tensor:
+        """Like generate._prefill, but each row is padded on the left with positions after its own end,
+        so that every row's last token sits in the last column and only that column goes through ln_f
+        and the LM head (for short prompts the head costs as much as all the blocks). The pad slots
+        (positions len..T-1) are masked for the prompt's queries and overwritten by the row's own tokens
+        before any later query can see them. Returns logits (k, V) at each row's last prompt token."""
+        device = self.model.device
+        T = max(len(c) for c in contexts)
+        x = torch.tensor([[c[-1]] * (T - len(c)) + c for c in contexts], device=device)  # (k, T)
+        pos = torch.tensor([list(range(len(c), T)) + list(range(len(c))) for c in contexts], device=device)
+        return self.model(x, pos, kv_len=T, rows=slice(b0, b0 + len(contexts)), last_only=True)[:, -1, :]
 
     def _push_all(self, jobs: list[_Job], logits: torch.Tensor) -> None:
         """Next tokens for `jobs` from their logits (k, V), as stream_rows picks them: greedy rows by one
