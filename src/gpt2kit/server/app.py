@@ -235,7 +235,7 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
         alts = [str(x["loc"][2]) for x in errs if len(x.get("loc", ())) > 2 and x["loc"][1] == param
                 and isinstance(x["loc"][2], str)]
         if first.get("type") == "extra_forbidden":
-            msg = f"unrecognized request argument: {param}"
+            msg = f"unrecognized request argument: {'.'.join(loc)}"
         elif first.get("type") == "missing" and not loc:
             msg = "the request needs a JSON body"
         elif len(alts) > 1:
