@@ -1,10 +1,10 @@
 """Continuous batching: one background thread owns the model and steps every active request together.
 
-Each completion (one choice of one prompt) gets a row of the model's static KV cache. A new request is
-prefilled into a free row alone (`rows=slice(b, b + 1)`) while the others wait one step; every decode
-step then feeds the newest token of every active row, at that row's own position, in one forward pass.
-Rows leave the batch when they finish, are cancelled (a client went away) or pass their deadline, and
-their row is reused by the next request in the queue.
+Each completion (one choice of one prompt) gets a row of the model's static KV cache. New requests are
+prefilled into free rows (`rows=slice(b, b + k)`: prompts of similar length together) while the others
+wait one step; every decode step then feeds the newest token of every active row, at that row's own
+position, in one forward pass. Rows leave the batch when they finish, are cancelled (a client went
+away) or pass their deadline, and their row is reused by the next request in the queue.
 
 Per-row decoding state is generate.py's `_Row` (seeded generator, stop strings, incremental UTF-8,
 held-back text, logprobs), so choice `index` of a request seeded `s` produces the same text as sample
@@ -272,11 +272,11 @@ class BatchEngine:
                     self._cv.wait()
                 if self._closed:
                     return
-            self._admit()
             try:
+                self._admit()
                 self._decode_step()
             except Exception as e:  # never let the worker die: fail the rows in flight and go on
-                log.exception("decode step failed")
+                log.exception("engine step failed")
                 for b, j in enumerate(self._slots):
                     if j is not None:
                         self._fail(b, e)
@@ -482,11 +482,15 @@ def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequen
 
 def _prompt_logprobs(r: _Row, logits: torch.Tensor, top_n: int) -> list[TokenInfo | None]:
     """logits (T, V) over r.context -> one entry per prompt token; None where nothing predicts it (the
-    first token, and tokens the window cut off)."""
+    first token, and tokens the window cut off). token_logprobs() for all positions at once."""
     T = len(r.context)
     out: list[TokenInfo | None] = [None] * (len(r.out.prompt_tokens) - T + 1)
-    for t in range(1, T):
-        lp, vals, ids = token_logprobs(logits[t - 1], top_n)
-        tok = r.context[t]
-        out.append(TokenInfo(tok, float(lp[tok]), list(zip(ids.tolist(), vals.tolist()))))
+    if T < 2:
+        return out
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T-1, V): position t-1 predicts token t
+    nxt = torch.tensor(r.context[1:], device=lp.device)
+    chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+    vals, ids = torch.topk(lp, top_n, dim=-1) if top_n > 0 else (lp[:, :0], nxt[:, None][:, :0])
+    for tok, p, i, v in zip(r.context[1:], chosen, ids.tolist(), vals.tolist()):
+        out.append(TokenInfo(tok, p, list(zip(i, v))))
     return out
