@@ -5,6 +5,7 @@ input, the queue limit, disconnects, and many concurrent requests."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -273,26 +274,29 @@ def test_unknown_route_and_method(server):
 
 def test_concurrent_requests_are_batched_and_exact(client, server, reference):
     prompts = [f"Request number {i} says" for i in range(16)]
+    go = threading.Barrier(16)  # all at once
 
-    def one(i: int):
+    def one(i: int) -> str:
+        go.wait()
         if i % 2:  # greedy
-            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=20, temperature=0)
-        else:
-            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=20, temperature=1.0,
-                                          seed=i, stream=True)
-            return "".join(c.choices[0].text for c in r)
-        return r.choices[0].text
+            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=60, temperature=0)
+            return r.choices[0].text
+        r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=60, temperature=1.0,
+                                      seed=i, stream=True)
+        return "".join(c.choices[0].text for c in r)
 
-    health = httpx.get(server.url + "/health").json()
+    before = httpx.get(server.url + "/health").json()
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(one, range(16)))
-    want = [ref_text(reference, p, max_new_tokens=20, temperature=0)[0] if i % 2 else
-            ref_text(reference, p, max_new_tokens=20, temperature=1.0, seed=i)[0]
+    want = [ref_text(reference, p, max_new_tokens=60, temperature=0)[0] if i % 2 else
+            ref_text(reference, p, max_new_tokens=60, temperature=1.0, seed=i)[0]
             for i, p in enumerate(prompts)]
-    assert got == want
+    assert got == want  # batched text == unbatched text, greedy and seeded
     after = httpx.get(server.url + "/health").json()
-    assert after["completed"] - health["completed"] == 16
+    assert after["completed"] - before["completed"] == 16
     assert after["active"] == 0 and after["queued"] == 0
+    tokens, steps = after["tokens"] - before["tokens"], after["steps"] - before["steps"]
+    assert steps < tokens / 2  # forward passes were shared (max batch 4)
 
 
 @pytest.fixture(scope="module")

@@ -266,6 +266,7 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
         st = engine.stats
         return {"status": "ok" if engine.running else "stopped", "model": s.model_name,
                 "active": st.active, "queued": st.queued, "completed": st.completed, "tokens": st.tokens,
+                "steps": st.steps,
                 "limits": {"max_batch": engine.max_batch, "max_queue": engine.max_queue,
                            "max_prompt_tokens": max_prompt, "max_tokens": s.max_tokens, "max_n": s.max_n,
                            "max_logprobs": s.max_logprobs, "max_body_bytes": s.max_body_bytes,
