@@ -874,7 +874,10 @@ class _Run:
 
     # ---- evaluation, samples, plots ----
     def evaluate(self, step: int) -> float:
-        total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(self.cfg.eval_batches))
+        # eval_batches counts global batches: each of W processes scores 1/W of them (the same windows as
+        # one process when W divides eval_batches)
+        per_rank = None if self.cfg.eval_batches is None else max(1, self.cfg.eval_batches // self.dist.world)
+        total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(per_rank))
         loss = total / max(1, count)
         ppl = math.exp(min(loss, 50.0))
         improved = step > 0 and (self.best_val is None or loss < self.best_val)

@@ -1,0 +1,70 @@
+"""Data-parallel training: `torchrun --nproc_per_node 2` with gloo on CPU gives the same model, losses and
+validation as one process with twice the gradient accumulation (the same global batch)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2kit.checkpoints import save_model
+from gpt2kit.config import GPTConfig
+from gpt2kit.runs import read_metrics
+from gpt2kit.tokenizer import Tokenizer
+from tests.conftest import JOKES, VOCAB_DIR, random_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp-model")
+    save_model(random_model(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), seed=11),
+               Tokenizer.from_dir(VOCAB_DIR), out)
+    return out
+
+
+def test_two_process_gloo_matches_one_process_with_double_accumulation(tmp_path, model_dir):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    common = ["finetune", "--model", str(model_dir), "--data", str(JOKES), "--column", "Joke", "--steps", "6",
+              "--batch-size", "4", "--block-size", "16", "--lr", "2e-3", "--eval-every", "3", "--eval-batches", "4",
+              "--sample-every", "0", "--save-every", "3", "--no-progress", "--no-tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: a rendezvous on a free local port, so parallel test runs don't collide
+    ddp = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "gpt2kit", *common, "--out", str(tmp_path / "ddp")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        one = subprocess.run([sys.executable, "-m", "gpt2kit", *common, "--grad-accum", "2",
+                              "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+        out, err = ddp.communicate(timeout=300)
+    finally:
+        if ddp.poll() is None:  # never leave the launcher and its workers behind
+            os.killpg(ddp.pid, signal.SIGKILL)
+            ddp.wait()
+    assert one.returncode == 0, one.stderr
+    assert ddp.returncode == 0, err
+    assert "2 processes, gloo" in err
+
+    wa = load_file(str(tmp_path / "one/final/model.safetensors"))
+    wb = load_file(str(tmp_path / "ddp/final/model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
+
+    ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ddp")
+    train_a = [(r["step"], r["loss"], r["tokens"]) for r in ma if "loss" in r]
+    train_b = [(r["step"], r["loss"], r["tokens"]) for r in mb if "loss" in r]
+    assert [s for s, _, _ in train_a] == [s for s, _, _ in train_b] == list(range(1, 7))
+    for (_, la, ta), (_, lb, tb) in zip(train_a, train_b):
+        assert la == pytest.approx(lb, rel=1e-6) and ta == tb
+    val_a = [(r["step"], r["val_loss"]) for r in ma if "val_loss" in r]
+    val_b = [(r["step"], r["val_loss"]) for r in mb if "val_loss" in r]
+    assert len(val_a) == len(val_b) == 3
+    for (sa, va), (sb, vb) in zip(val_a, val_b):
+        assert sa == sb and va == pytest.approx(vb, rel=1e-6)
