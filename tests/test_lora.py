@@ -1,0 +1,117 @@
+"""LoRA: adapters start as the identity, train alone, save small, and merging them gives the same logits as
+applying them (in memory, through `gpt2kit merge`, and from a LoRA run directory)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gpt2kit import lora
+from gpt2kit.checkpoints import load_model, save_model
+from gpt2kit.cli import main
+from gpt2kit.config import GPTConfig
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.tokenizer import Tokenizer
+from gpt2kit.train import TrainConfig, finetune
+from tests.conftest import JOKES, VOCAB_DIR, random_model
+
+TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds hand-off stalls on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomise_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def test_adapters_start_as_identity_and_train_alone():
+    model = random_model(TINY, seed=1)
+    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+    wrapped = lora.apply_lora(model, lora.LoraConfig(rank=4, targets=["all"]))
+    assert len(wrapped) == 4 * TINY.n_layer
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)  # B = 0
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    # the base parameters keep their names, so plain checkpoints still map onto the model
+    assert "transformer.h.0.attn.c_attn.weight" in dict(model.named_parameters())
+
+    cfg = lora.LoraConfig(rank=2, targets=["c_attn", "mlp"])
+    assert cfg.targets == ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"] and cfg.scale == 2.0
+    with pytest.raises(Gpt2kitError):
+        lora.LoraConfig(rank=2, targets=["wte"])
+
+
+def test_merge_equals_adapters_applied(tmp_path):
+    model = random_model(TINY, seed=2)
+    cfg = lora.LoraConfig(rank=4, alpha=8, targets=["all"], base_model=str(tmp_path / "base"))
+    save_model(model, Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    lora.apply_lora(model, cfg)
+    _randomise_adapters(model)
+    model.eval()
+    ids = torch.randint(0, TINY.vocab_size, (2, 16))
+    with torch.no_grad():
+        applied = model(ids)
+        merged_sd = lora.merged_state_dict(model)  # the model itself is untouched
+        assert torch.equal(model(ids), applied)
+
+    # save the adapter: small, and it round-trips
+    lora.save_adapter(model, cfg, tmp_path / "adapter")
+    size = (tmp_path / "adapter" / lora.ADAPTER_WEIGHTS).stat().st_size
+    assert size < 0.1 * (tmp_path / "base/model.safetensors").stat().st_size
+    again, _ = lora.load_lora_model(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(again(ids), applied, atol=1e-6)
+
+    # merged in memory
+    with torch.no_grad():
+        lora.merge_lora(model)
+        assert not lora.lora_modules(model)
+        assert torch.allclose(model(ids), applied, atol=1e-5, rtol=1e-5)
+        for k, v in model.state_dict().items():
+            assert torch.allclose(v, merged_sd[k], atol=1e-7), k
+
+    # merged on disk by the CLI verb, loaded as a plain model
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    plain, _ = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(plain(ids), applied, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_run_saves_small_checkpoints_and_merges(tmp_path):
+    save_model(random_model(TINY, seed=3), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    cfg = TrainConfig(model=str(tmp_path / "base"), data=[str(JOKES)], column="Joke", out=str(tmp_path / "run"),
+                      steps=4, batch_size=4, block_size=16, lr=1e-2, lora_rank=4, lora_dropout=0.0,
+                      eval_every=4, eval_batches=2, sample_every=0, save_every=2, tensorboard=False)
+    res = finetune(cfg, progress=False)
+    run = res.run_dir
+    ckpt = run / "checkpoints/step-4"
+    assert (ckpt / lora.ADAPTER_WEIGHTS).is_file() and not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / lora.ADAPTER_CONFIG).read_text())["base_model"] == str((tmp_path / "base").resolve())
+    # best/ and final/ hold the adapter and the merged model, so --model RUN works like any model
+    ids = torch.randint(0, TINY.vocab_size, (1, 10))
+    adapted, _ = lora.load_lora_model(run)
+    merged_run, _ = load_model(run)
+    base, _ = load_model(tmp_path / "base")
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged_cli, _ = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        ref = adapted(ids)
+        assert not torch.allclose(base(ids), ref, atol=1e-4)  # training moved the adapters
+        assert torch.allclose(merged_run(ids), ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(merged_cli(ids), ref, atol=1e-5, rtol=1e-5)
+
+    assert main(["merge", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 1  # not an adapter

@@ -1,0 +1,105 @@
+"""Run directories: listing and status (a killed run shows as dead), crash-safe directory replacement,
+metrics that survive a torn last line, and the loss plot (skipped with one warning without matplotlib)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from gpt2kit import plot, runs
+from gpt2kit.cli import main
+
+
+def _fake_run(path, **fields):
+    path.mkdir(parents=True)
+    runs.update_run_json(path, **fields)
+
+
+def test_list_runs_status_and_table(tmp_path, capsys):
+    _fake_run(tmp_path / "a", status="finished", step=100, total_steps=100, best_val_loss=2.5, last_loss=2.4)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that no longer runs
+    _fake_run(tmp_path / "group/b", status="running", step=7, total_steps=50, lora=True, **runs.process_stamp())
+    runs.update_run_json(tmp_path / "group/b", pid=proc.pid)
+    _fake_run(tmp_path / "group/c", status="running", step=3, **runs.process_stamp())  # this very process
+    (tmp_path / "not-a-run").mkdir()
+    found = {r.path.name: r for r in runs.list_runs(tmp_path)}
+    assert set(found) == {"a", "b", "c"}
+    assert found["a"].status == "finished" and found["a"].best_val_loss == 2.5
+    assert found["b"].status == "dead" and found["b"].lora
+    assert found["c"].status == "running"
+    assert runs.list_runs(tmp_path / "a")[0].path == tmp_path / "a"  # a run directory itself
+
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "100/100" in out and "2.5000" in out and "dead" in out and "(lora)" in out
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["status"] for r in rows} == {"finished", "dead", "running"}
+    assert main(["runs", str(tmp_path / "not-a-run")]) == 0
+    assert "no runs found" in capsys.readouterr().out
+
+
+def test_metrics_torn_line_and_truncate(tmp_path):
+    runs.append_metrics(tmp_path, [{"step": s, "loss": 1.0 / s} for s in range(1, 6)])
+    with open(tmp_path / runs.METRICS, "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    runs.truncate_metrics(tmp_path, 3)
+    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_replace_dir_and_recovery(tmp_path):
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best/w").write_text("old")
+    new = tmp_path / ".tmp-best"
+    new.mkdir()
+    (new / "w").write_text("new")
+    runs.replace_dir(new, tmp_path / "best")
+    assert (tmp_path / "best/w").read_text() == "new" and not new.exists()
+
+    # a crash after moving the old directory aside, before the new one arrived
+    (tmp_path / "best").rename(tmp_path / ".old-best")
+    (tmp_path / "checkpoints/.tmp-step-9").mkdir(parents=True)
+    runs.recover_dirs(tmp_path)
+    assert (tmp_path / "best/w").read_text() == "new"
+    assert not (tmp_path / "checkpoints/.tmp-step-9").exists()
+
+    (tmp_path / "checkpoints/step-4").mkdir()  # no trainer.pt: incomplete, never listed
+    (tmp_path / "checkpoints/step-2").mkdir()
+    (tmp_path / "checkpoints/step-2/trainer.pt").write_bytes(b"x")
+    assert [s for s, _ in runs.checkpoint_dirs(tmp_path)] == [2]
+
+
+def test_plot_and_missing_matplotlib(tmp_path, monkeypatch, caplog):
+    records = [{"step": s, "loss": 5.0 - s * 0.1} for s in range(1, 30)]
+    records += [{"step": 10, "val_loss": 4.5}, {"step": 20, "val_loss": 4.0}]
+    assert plot.plot_metrics(records, tmp_path / "loss.png", title="t")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot.plot_metrics([], tmp_path / "empty.png")
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plot, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+        assert not plot.plot_metrics(records, tmp_path / "x.png")
+        assert not plot.plot_metrics(records, tmp_path / "x.png")
+    warnings = [r for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert len(warnings) == 1 and "gpt2kit[plot]" in warnings[0].getMessage()
+
+
+def test_not_a_run(tmp_path):
+    from gpt2kit.errors import Gpt2kitError
+    with pytest.raises(Gpt2kitError, match="not a gpt2kit run"):
+        runs.read_run_json(tmp_path)
