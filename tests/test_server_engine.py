@@ -152,6 +152,25 @@ def test_cancel_frees_the_row(engine):
     assert engine.stats.active == 0
 
 
+def test_cancel_wakes_a_waiting_consumer(tiny_dir):
+    model, tok = load_model(tiny_dir)
+    eng = BatchEngine(model, tok, max_batch=1)  # not started: no delta ever comes
+
+    async def main() -> list:
+        stream = eng.submit([1, 2, 3], GenerationConfig(max_new_tokens=5))
+        consumer = asyncio.ensure_future(asyncio.wait_for(_drain(stream), 5))
+        await asyncio.sleep(0.05)  # the consumer is now waiting on the queue
+        stream.cancel()  # e.g. the client went away
+        return await consumer  # returns instead of waiting forever
+
+    assert asyncio.run(main()) == []
+    eng.close()
+
+
+async def _drain(stream) -> list:
+    return [d async for d in stream]
+
+
 def test_deadline_ends_with_length(engine):
     ids = engine.tokenizer.encode("Tell me a long story")
     cfg = GenerationConfig(max_new_tokens=1000, temperature=1.0, stop_at_eot=False)

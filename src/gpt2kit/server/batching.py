@@ -75,6 +75,9 @@ class _Job:
         self.argmax = cfg.sampling.greedy and cfg.repetition_penalty == 1.0
 
 
+_WAKE = object()  # queued by Stream.cancel()
+
+
 class Stream:
     """The deltas of one or more rows, in the order they are produced; each row's last delta has its
     `finish_reason`. Iterate with `async for` when submitted from a running event loop, with `for`
@@ -92,23 +95,29 @@ class Stream:
         self.prompt_info: dict[int, list[TokenInfo | None]] = {}  # set before that row's first delta
 
     # -- engine side (any thread) --
-    def _put(self, item: Delta | PromptInfo | BaseException) -> None:
+    def _put(self, item: Delta | PromptInfo | BaseException | object) -> None:
         if self._loop is None:
             self._q.put(item)
             return
         try:
             self._loop.call_soon_threadsafe(self._q.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is gone: nobody will read this
-            self.cancel()
+            self._left = 0
+            for j in self._jobs:
+                j.cancelled = True
 
     # -- consumer side --
     def cancel(self) -> None:
-        self._left = 0
+        if self._left > 0:
+            self._left = 0
+            self._put(_WAKE)  # a consumer waiting for the next delta stops waiting
         for j in self._jobs:
             j.cancelled = True
         self._engine._wake()
 
-    def _take(self, item: Delta | PromptInfo | BaseException) -> Delta | None:
+    def _take(self, item: Delta | PromptInfo | BaseException | object) -> Delta | None:
+        if item is _WAKE:
+            return None
         if isinstance(item, BaseException):
             self.cancel()
             raise item
