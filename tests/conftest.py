@@ -12,6 +12,10 @@ from gpt2kit.config import GPTConfig
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
 
+# One thread per test process: tests run beside server and DDP subprocesses, and with two threads a busy
+# core stalls every parallel region of a small model (seen: 40x slower tiny-model generation).
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 VOCAB_DIR = SHARED / "gpt2-vocab"

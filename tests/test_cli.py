@@ -59,6 +59,7 @@ def test_generate_prompt_file_and_output_file(capsys, tiny_model_dir, tmp_path):
     (("x", "--length", "0"), "length"),
     (("x", "--unconditional"), "--unconditional takes no prompt"),
     (("x", "--nsamples", "-1"), "nsamples"),
+    (("x", "--seed", "-1"), "seed"),
 ])
 def test_generate_bad_input_is_one_line_and_exit_1(capsys, tiny_model_dir, argv, msg):
     code, out, err = run(capsys, "generate", *argv, "-m", tiny_model_dir)

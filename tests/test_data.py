@@ -78,7 +78,8 @@ def test_txt_folder_and_glob(tmp_path):
     assert read_documents(tmp_path / "d") == ["ay\n\nstill ay", "bee", "sea", "json"]
     assert read_documents(str(tmp_path / "d" / "*.txt")) == ["ay\n\nstill ay", "bee"]
     assert read_documents(str(tmp_path / "d" / "**" / "c.txt")) == ["sea"]
-    assert read_documents([tmp_path / "d" / "b.txt", tmp_path / "d" / "notes.md"]) == ["bee", "not picked from a folder"]
+    picked = read_documents([tmp_path / "d" / "b.txt", tmp_path / "d" / "notes.md"])
+    assert picked == ["bee", "not picked from a folder"]
     assert read_documents(tmp_path / "d" / "a.txt", DataSpec(line_by_line=True)) == ["ay", "still ay"]
     with pytest.raises(Gpt2kitError, match="no files match"):
         read_documents(str(tmp_path / "*.nope"))
@@ -263,7 +264,7 @@ def test_ddp_ranks_equal_single_process_micro_steps(tmp_path, line_by_line):
     single = Batcher(cache, 16, 3, seed=5, line_by_line=line_by_line)
     ranks = [Batcher(cache, 16, 3, seed=5, line_by_line=line_by_line, rank=r, world_size=2) for r in range(2)]
     assert ranks[0].steps_per_epoch * 2 in (single.steps_per_epoch, single.steps_per_epoch + 1)
-    for step in range(20):  # crosses epoch boundaries in line-by-line mode (37 docs)
+    for _step in range(20):  # crosses epoch boundaries in line-by-line mode (37 docs)
         for r in range(2):
             x, y = ranks[r].next()
             sx, sy = single.next()  # single-process micro-step 2 * step + r

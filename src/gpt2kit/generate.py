@@ -40,6 +40,8 @@ class GenerationConfig:
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens <= 0:
             raise Gpt2kitError(f"length must be > 0 tokens, got {self.max_new_tokens}")
+        if self.seed is not None and self.seed < 0:
+            raise Gpt2kitError(f"seed must be >= 0, got {self.seed}")
         if any(s == "" for s in self.stop):
             raise Gpt2kitError("a stop string must not be empty")
         self.sampling.validate()
@@ -231,9 +233,8 @@ def _prefill(model: GPT, contexts: list[list[int]], rows: slice | None = None) -
     device = model.device
     T = max(len(c) for c in contexts)
     x = torch.tensor([c + [c[-1]] * (T - len(c)) for c in contexts], device=device)  # (B, T)
-    logits = model(x, torch.arange(T, device=device), kv_len=T, rows=rows)  # (B, T, V)
     last = torch.tensor([len(c) - 1 for c in contexts], device=device)
-    return logits[torch.arange(len(contexts), device=device), last]  # (B, V)
+    return model(x, torch.arange(T, device=device), kv_len=T, rows=rows, logits_at=last)[:, 0]  # (B, V)
 
 
 def run_stream(stream: Generator_[Delta, None, list[Completion]], on_delta: Callable[[Delta], None] | None = None,

@@ -153,13 +153,15 @@ class GPT(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 kv_len: int | None = None, rows: slice | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
         Without input_pos: plain causal forward over positions 0..T-1 (training, scoring).
         With input_pos (B, T) or (T,): absolute positions; keys/values go into the KV cache at those
         positions and each query sees cache slots <= its own position. kv_len (a Python int) limits
-        attention to the first kv_len slots; rows selects a contiguous slice of cache rows."""
+        attention to the first kv_len slots; rows selects a contiguous slice of cache rows.
+        logits_at (B,) computes logits only at one position per row, (B, 1, vocab): the LM head is the
+        costliest layer, and a prefill needs it only at each prompt's last token."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.n_positions:
@@ -182,6 +184,8 @@ class GPT(nn.Module):
                 x = block(x, input_pos, mask, kv_len, rows)
         if last_only:
             x = x[:, -1:, :]
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, vocab)
 
