@@ -53,3 +53,11 @@ def tiny_model_dir(tmp_path_factory, tokenizer, tiny_config) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     save_model(random_model(tiny_config, std=0.2), tokenizer, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    """A small default-initialised model (as the server tests use)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny"))

@@ -18,12 +18,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs: pip install playwright")
 
-from gpt2kit.checkpoints import load_model, save_model  # noqa: E402
-from gpt2kit.config import GPTConfig  # noqa: E402
+from gpt2kit.checkpoints import load_model  # noqa: E402
 from gpt2kit.generate import GenerationConfig, Generator  # noqa: E402
-from gpt2kit.model import GPT  # noqa: E402
 from gpt2kit.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
-from gpt2kit.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,14 +29,6 @@ ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Chromium: apt-get install chromium")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    tok = Tokenizer.from_dir(VOCAB)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
-    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

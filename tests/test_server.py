@@ -11,38 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from gpt2kit.checkpoints import load_model, save_model  # noqa: E402
-from gpt2kit.config import GPTConfig  # noqa: E402
+from gpt2kit.checkpoints import load_model  # noqa: E402
 from gpt2kit.generate import GenerationConfig, Generator  # noqa: E402
-from gpt2kit.model import GPT  # noqa: E402
 from gpt2kit.server import BackgroundServer, ServerSettings, create_app  # noqa: E402
-from gpt2kit.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
 KEY = "test-key"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices; immune to other processes crowding the cores
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    tok = Tokenizer.from_dir(VOCAB)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
-    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

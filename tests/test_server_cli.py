@@ -15,24 +15,11 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
-from gpt2kit.checkpoints import save_model
 from gpt2kit.cli import main
-from gpt2kit.config import GPTConfig
-from gpt2kit.model import GPT
-from gpt2kit.tokenizer import Tokenizer
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is fastest and robust to busy cores
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    tok = Tokenizer.from_dir(VOCAB)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
-    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:

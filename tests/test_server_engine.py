@@ -11,35 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2kit.checkpoints import load_model, save_model
-from gpt2kit.config import GPTConfig
+from gpt2kit.checkpoints import load_model
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import GenerationConfig, Generator
 from gpt2kit.model import GPT
 from gpt2kit.server.batching import BatchEngine, QueueFull
-from gpt2kit.tokenizer import Tokenizer
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "A",
            "Once upon a time, in a land far away, there lived", "1 2 3 4 5 6 7"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: one thread is faster and immune to other processes crowding the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    tok = Tokenizer.from_dir(VOCAB)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
-    return save_model(model, tok, tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
