@@ -400,6 +400,12 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.ddp = ddp
+        wte = model.transformer.wte
+        if device.type == "cpu" and not ddp and wte.weight.requires_grad:
+            # The tied wte/lm_head weight gets a dense gradient from the output layer anyway; letting the
+            # embedding lookup add its few rows as a sparse gradient skips zeroing and summing a second
+            # (vocab x n_embd) dense tensor every micro-step (~7% of a 124M step on CPU). The sum is dense.
+            wte.sparse = True
         self.fwd: nn.Module = model
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
