@@ -290,3 +290,35 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
     table = capsys.readouterr().out
     assert "finished" in table and "2/2" in table
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_early_stop_keeps_best(tmp_path, tiny_dir):
+    # learning one repeated token makes every other token (the validation text) less likely
+    (tmp_path / "train.txt").write_text("a " * 400)
+    (tmp_path / "val.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    cfg = _cfg(tmp_path, tiny_dir, data=[str(tmp_path / "train.txt")], val_data=[str(tmp_path / "val.txt")],
+               column=None, steps=30, lr=5e-3, eval_every=2, early_stop=2, save_every=100)
+    res = finetune(cfg, progress=False)
+    assert res.stopped_early and res.step < 30
+    assert res.step == res.best_step + 2 * 2  # two evaluations (every 2 steps) without a new best
+    records = map(json.loads, (res.run_dir / "metrics.jsonl").open())
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert res.best_val_loss == min(v for s, v in vals.items() if s > 0) == vals[res.best_step]
+    assert res.model_dir == res.run_dir / "best"
+    info = json.loads((res.run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["stopped_early"] and info["step"] == res.step
+    assert (res.run_dir / "final/model.safetensors").is_file()
+
+
+def test_tokens_cache_input_and_chained_runs(tmp_path, tiny_dir, capsys):
+    # nshepperd style: encode once, then train on the cache; then start a second run from the first
+    assert main(["encode", str(JOKES), "--column", "Joke", "--tokenizer", str(VOCAB_DIR),
+                 "--out", str(tmp_path / "jokes.tokens")]) == 0
+    first = finetune(_cfg(tmp_path, tiny_dir, data=[str(tmp_path / "jokes.tokens")], column=None, steps=2,
+                          out=str(tmp_path / "first")), progress=False)
+    second = finetune(_cfg(tmp_path, first.run_dir, data=[str(tmp_path / "jokes.tokens")], column=None,
+                           steps=2, out=str(tmp_path / "second")), progress=False)
+    assert second.status == "finished"
+    w1, _ = load_model(first.run_dir)
+    w2, _ = load_model(tmp_path / "second/checkpoints/step-2")
+    assert not torch.equal(w1.transformer.wte.weight, w2.transformer.wte.weight)
