@@ -8,9 +8,11 @@ speed of pretrained ones) on the same batches of 2 x 256 tokens of tinyshakespea
 weight decay 0.01 on matrices), gradient clipping at 1.0, dropout 0, torch.set_num_threads(2). The
 transformers side is the loop its docs and most scripts use: `model(input_ids, labels=input_ids).loss`,
 `torch.optim.AdamW` with its defaults, `torch.autocast` for bf16. The gpt2kit side is gpt2kit.train.Trainer,
-the code `gpt2kit finetune` runs. Each (side, dtype) runs in its own process, so peak RSS is its own;
-rounds alternate the sides so that load from other processes hits both alike. Reported tokens/s is the
-median over timed steps (after one warm-up step)."""
+the code `gpt2kit finetune` runs; "transformers+fused" is the same loop with `AdamW(fused=True)`, which
+is what transformers' own Trainer picks by default on torch >= 2.8. The timed steps of all sides run in
+one process, interleaved, so that load from other processes falls on every side alike; tokens/s is the
+median over timed steps after one warm-up step. Peak RSS comes from a separate process per side (load
+the model, train two steps)."""
 
 from __future__ import annotations
 
@@ -51,66 +53,92 @@ def _batches(n: int) -> list:
     return out
 
 
-def worker(side: str, dtype: str, steps: int, model_dir: str) -> dict:
-    """One process: load the shared weights, train `steps` + 1 warm-up steps, report times and peak RSS."""
+class _Side:
+    """One training loop over a model loaded from the shared weights."""
+
+    def __init__(self, side: str, dtype: str, model_dir: str):
+        import torch
+        self.side, self.dtype = side, dtype
+        if side == "gpt2kit":
+            from gpt2kit.checkpoints import load_model
+            from gpt2kit.train import TrainConfig, Trainer
+            model, _ = load_model(model_dir, device="cpu", dtype="float32")
+            model.train()
+            cfg = TrainConfig(model=model_dir, data=["-"], lr=1e-4, weight_decay=0.01, grad_clip=1.0, dtype=dtype)
+            self.trainer = Trainer(model, cfg, torch.device("cpu"))
+            self.mode = self.trainer.precision.mode
+        else:
+            from transformers import GPT2LMHeadModel
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+            self.model = GPT2LMHeadModel.from_pretrained(model_dir).train()
+            decay = [p for p in self.model.parameters() if p.dim() >= 2]
+            no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+            kw = {"fused": True} if side == "transformers+fused" else {}
+            self.opt = torch.optim.AdamW(groups, lr=1e-4, **kw)
+            self.mode = "autocast" if dtype == "bfloat16" else "float32"
+
+    def step(self, x, y) -> float:
+        import torch
+        t = time.perf_counter()
+        if self.side == "gpt2kit":
+            loss = self.trainer.forward_backward([(x, y)])
+            self.trainer.optimizer_step(1e-4)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+                loss = self.model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        float(loss)
+        return time.perf_counter() - t
+
+
+def timing_worker(dtype: str, sides: list[str], steps: dict[str, int], model_dir: str) -> dict:
+    """All sides in one process, their steps interleaved round-robin, so that load from other processes
+    falls on every side alike. The first step of each side is a warm-up (not timed) unless it is the
+    only one."""
     import torch
     torch.set_num_threads(2)
-    batches = _batches(steps + 1)
-    times = []
-    if side == "gpt2kit":
-        from gpt2kit.checkpoints import load_model
-        from gpt2kit.train import TrainConfig, Trainer
-        model, _ = load_model(model_dir, device="cpu", dtype="float32")
-        model.train()
-        cfg = TrainConfig(model=model_dir, data=["-"], lr=1e-4, weight_decay=0.01, grad_clip=1.0, dtype=dtype)
-        trainer = Trainer(model, cfg, torch.device("cpu"))
-        mode = trainer.precision.mode
-        for x, y in batches:
-            t = time.perf_counter()
-            loss = trainer.forward_backward([(x, y)])
-            trainer.optimizer_step(1e-4)
-            times.append(time.perf_counter() - t)
-            last = float(loss)
-    else:
-        from transformers import GPT2LMHeadModel
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        model = GPT2LMHeadModel.from_pretrained(model_dir).train()
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        fused = side == "transformers+fused"
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=1e-4, **({"fused": True} if fused else {}))
-        mode = "autocast" if dtype == "bfloat16" else "float32"
-        for x, _ in batches:
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
-            last = float(loss)
-    timed = times[1:] or times
-    return {"side": side, "dtype": dtype, "mode": mode, "step_s": timed, "warmup_s": times[0],
-            "tok_s": BATCH * BLOCK / statistics.median(timed), "loss": last,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    loops = {s: _Side(s, dtype, model_dir) for s in sides}
+    n = max(steps.values()) + 1
+    batches = _batches(n)
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    for i in range(n):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for s in order:
+            if i <= steps[s]:
+                times[s].append(loops[s].step(*batches[i]))
+    out = {}
+    for s in sides:
+        timed = times[s][1:] or times[s]
+        out[s] = {"side": s, "dtype": dtype, "mode": loops[s].mode, "step_s": timed, "warmup_s": times[s][0],
+                  "tok_s": BATCH * BLOCK / statistics.median(timed)}
+    return out
 
 
-def _run_worker(side: str, dtype: str, steps: int, model_dir: str) -> dict:
+def memory_worker(side: str, dtype: str, model_dir: str) -> float:
+    """Peak RSS (GiB) of a process that loads the model and trains two steps."""
+    import torch
+    torch.set_num_threads(2)
+    loop = _Side(side, dtype, model_dir)
+    for x, y in _batches(2):
+        loop.step(x, y)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _subprocess(*args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, __file__, "--worker", side, dtype, str(steps), model_dir],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise SystemExit(f"worker {side} {dtype} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"worker {args} failed:\n{out.stderr}")
+    return out.stdout.strip().splitlines()[-1]
 
 
-def _merge(results: list[dict]) -> dict:
-    steps = [s for r in results for s in r["step_s"]]
-    return {**results[0], "step_s": steps, "tok_s": BATCH * BLOCK / statistics.median(steps),
-            "peak_rss_gib": max(r["peak_rss_gib"] for r in results)}
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def jokes_projection(model_dir: str, steps: int, batch: int, block: int, lora_rank: int = 0) -> dict:
@@ -139,21 +167,27 @@ def jokes_projection(model_dir: str, steps: int, batch: int, block: int, lora_ra
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per worker (after one warm-up)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds for float32")
-    ap.add_argument("--quick", action="store_true", help="3 steps, 1 round, no transformers bf16 (~200 s/step)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up)")
+    ap.add_argument("--quick", action="store_true", help="3 steps; no transformers bf16 (~200 s a step on AVX2)")
     ap.add_argument("--hf-bf16-steps", type=int, default=0,
                     help="transformers bf16 steps after the first (0: time the first step alone; at ~200 s a step "
                     "on AVX2 CPUs its warm-up cost is noise)")
     ap.add_argument("--no-jokes", action="store_true")
-    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--timing-worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        side, dtype, steps, model_dir = args.worker
-        print(json.dumps(worker(side, dtype, int(steps), model_dir)))
+    if args.timing_worker:
+        dtype, spec, model_dir = args.timing_worker
+        steps = dict((k, int(v)) for k, v in (item.split("=") for item in spec.split(",")))
+        print(json.dumps(timing_worker(dtype, list(steps), steps, model_dir)))
+        return
+    if args.memory_worker:
+        side, dtype, model_dir = args.memory_worker
+        print(json.dumps(memory_worker(side, dtype, model_dir)))
         return
     if args.quick:
-        args.steps, args.rounds = 3, 1
+        args.steps = 3
 
     import torch
 
@@ -161,50 +195,53 @@ def main() -> None:
     from gpt2kit.config import GPTConfig
     from gpt2kit.model import GPT
     from gpt2kit.tokenizer import Tokenizer
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; threads 2", flush=True)
+          f"native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; 2 threads; load average {_load()}",
+          flush=True)
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         save_model(GPT(GPTConfig.from_name("gpt2")), Tokenizer.from_dir(VOCAB), d)  # random 124M, saved once
-        rows = []
+        rows: dict[tuple[str, str], dict] = {}
         for dtype in ("float32", "bfloat16"):
-            sides = ["gpt2kit", "transformers"] + (["transformers+fused"] if dtype == "float32" else [])
-            if dtype == "bfloat16" and args.quick:
-                sides = ["gpt2kit"]
-            per_side: dict[str, list] = {s: [] for s in sides}
-            rounds = args.rounds if dtype == "float32" else 1
-            for r in range(rounds):
-                for side in (sides if r % 2 == 0 else sides[::-1]):
-                    steps = args.hf_bf16_steps if (dtype == "bfloat16" and side != "gpt2kit") else args.steps
-                    res = _run_worker(side, dtype, steps, d)
-                    per_side[side].append(res)
-                    print(f"  {side:<20} {dtype:<9} {res['tok_s']:8.1f} tok/s  steps "
-                          f"{[round(s, 2) for s in res['step_s']]}  peak {res['peak_rss_gib']:.2f} GiB", flush=True)
-            rows += [_merge(v) for v in per_side.values()]
+            if dtype == "float32":
+                steps = {"gpt2kit": args.steps, "transformers": args.steps, "transformers+fused": args.steps}
+            elif args.quick:
+                steps = {"gpt2kit": args.steps}
+            else:
+                steps = {"gpt2kit": args.steps, "transformers": args.hf_bf16_steps}
+            spec = ",".join(f"{k}={v}" for k, v in steps.items())
+            res = json.loads(_subprocess("--timing-worker", dtype, spec, d))
+            for side, r in res.items():
+                if not args.no_memory:
+                    r["peak_rss_gib"] = float(_subprocess("--memory-worker", side, dtype, d))
+                rows[(side, dtype)] = r
+                mem = f"  peak RSS {r['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in r else ""
+                print(f"  {side:<20} {dtype:<9} {r['mode']:<9} {r['tok_s']:8.2f} tok/s  steps "
+                      f"{[round(x, 2) for x in r['step_s']]}{mem}", flush=True)
+        print(f"load average after: {_load()}")
 
-        print("\n| dtype | gpt2kit tok/s | transformers tok/s | ratio | gpt2kit peak RSS | transformers peak RSS |")
-        print("|---|---|---|---|---|---|")
+        def rss(r: dict) -> str:
+            return f"{r['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in r else "-"
+        print("\n| dtype | gpt2kit tok/s | baseline | baseline tok/s | ratio | gpt2kit peak RSS | baseline peak RSS |")
+        print("|---|---|---|---|---|---|---|")
         for dtype in ("float32", "bfloat16"):
-            ours = next((r for r in rows if r["side"] == "gpt2kit" and r["dtype"] == dtype), None)
+            ours = rows.get(("gpt2kit", dtype))
             for other in ("transformers", "transformers+fused"):
-                hf = next((r for r in rows if r["side"] == other and r["dtype"] == dtype), None)
-                if ours and hf:
-                    print(f"| {dtype} ({ours['mode']} vs {other}) | {ours['tok_s']:.1f} | {hf['tok_s']:.2f} | "
-                          f"{ours['tok_s'] / hf['tok_s']:.2f}x | {ours['peak_rss_gib']:.2f} GiB | "
-                          f"{hf['peak_rss_gib']:.2f} GiB |")
-            if ours and not any(r["side"] != "gpt2kit" and r["dtype"] == dtype for r in rows):
-                print(f"| {dtype} ({ours['mode']}) | {ours['tok_s']:.1f} | - | - | "
-                      f"{ours['peak_rss_gib']:.2f} GiB | - |")
+                base = rows.get((other, dtype))
+                if ours and base:
+                    print(f"| {dtype} ({ours['mode']}) | {ours['tok_s']:.1f} | {other} ({base['mode']}) | "
+                          f"{base['tok_s']:.2f} | {ours['tok_s'] / base['tok_s']:.2f}x | {rss(ours)} | {rss(base)} |")
 
         if not args.no_jokes:
-            print("\njokes job: 124M, full fine-tuning, 10 epochs over onelinefun.csv (--column Joke)", flush=True)
-            for batch, block, rank in ((8, 128, 0), (4, 256, 0), (8, 128, 8)):
-                j = jokes_projection(d, steps=4 if args.quick else 6, batch=batch, block=block, lora_rank=rank)
-                what = f"LoRA rank {rank}" if rank else "full"
+            print("\njokes job: 124M, 10 epochs over onelinefun.csv (--column Joke)", flush=True)
+            for batch, block, rank in ((8, 128, 0), (2, 256, 0), (8, 128, 8)):
+                j = jokes_projection(d, steps=4 if args.quick else 8, batch=batch, block=block, lora_rank=rank)
+                what = f"LoRA rank {rank}" if rank else "full fine-tuning"
                 print(f"  {what}, batch {batch} x {block}: {j['tok_s']:.0f} tok/s; 10 epochs = {j['epoch_tokens']:,} "
                       f"tokens ({j['steps_10_epochs']} steps) -> {j['hours'] * 60:.0f} min projected "
-                      f"(original tutorial: {ORIGINAL_HOURS:.0f} h, {ORIGINAL_HOURS / j['hours']:.0f}x)", flush=True)
+                      f"(original tutorial: {ORIGINAL_HOURS:.0f} h, {ORIGINAL_HOURS / j['hours']:.0f}x); "
+                      f"load average {_load()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -282,9 +282,12 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
     assert "already finished" in capsys.readouterr().err
     assert main(["finetune", "--data", str(JOKES), "--out", str(tmp_path / "x")]) == 1
     assert "--model" in capsys.readouterr().err
-    assert main(["finetune", "--model", str(tiny_dir), "--data", str(JOKES), "--column", "Nope",
-                 "--out", str(tmp_path / "y"), "--steps", "1"]) == 1
+    bad = ["finetune", "--model", str(tiny_dir), "--data", str(JOKES), "--out", str(tmp_path / "y"), "--steps", "1",
+           "--batch-size", "2", "--block-size", "16", "--eval-batches", "1", "--no-progress"]
+    assert main(bad + ["--column", "Nope"]) == 1
     assert "column" in capsys.readouterr().err
+    assert json.loads((tmp_path / "y/run.json").read_text())["status"] == "failed"
+    assert main(bad + ["--column", "Joke"]) == 0  # a start that failed before training is simply replaced
 
     assert main(["runs", str(tmp_path)]) == 0
     table = capsys.readouterr().out

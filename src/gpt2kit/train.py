@@ -670,6 +670,9 @@ class _Run:
                                    "stop it before resuming")
             runs.recover_dirs(self.dir)
             return
+        if runs.is_run_dir(self.dir) and self._aborted_start():
+            import shutil
+            shutil.rmtree(self.dir)  # an earlier start failed before training: nothing to keep
         if runs.is_run_dir(self.dir):
             info = runs.run_info(self.dir)
             raise Gpt2kitError(f"{self.dir} already holds a run ({info.status} at step {info.step}); continue "
@@ -680,6 +683,11 @@ class _Run:
         runs.update_run_json(self.dir, status="running", step=0, started=runs.now(), model=self.cfg.model,
                              lora=bool(self.cfg.lora_rank), **runs.process_stamp())
         runs.write_json(self.dir / runs.CONFIG_JSON, self.cfg.to_dict())
+
+    def _aborted_start(self) -> bool:
+        info = runs.run_info(self.dir)
+        return (info.status in ("failed", "dead", "interrupted") and info.step == 0
+                and not runs.checkpoint_dirs(self.dir) and runs.model_dir(self.dir) is None)
 
     def _load_model(self, ckpt: Path | None) -> tuple[GPT, Tokenizer, str | None]:
         """fp32 master weights on the device: from the checkpoint, the pretrained model, or random."""
@@ -930,9 +938,39 @@ class _Run:
 
     # ---- main ----
     def run(self) -> RunResult:
-        cfg = self.cfg
         self._prepare_dir()
         self.dist.barrier()
+        status, stopped_early = "running", False
+        try:
+            self._setup()
+            with _Interrupt(self.say) as interrupt:
+                status, stopped_early = self._loop(interrupt)
+        except BaseException as e:
+            if self.dist.main and runs.is_run_dir(self.dir):
+                st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
+                                     f"{type(e).__name__}: {e}"[:500])
+            if isinstance(e, torch.OutOfMemoryError):
+                raise Gpt2kitError(f"out of memory on {self.device} at batch {self.cfg.batch_size} x "
+                                   f"{self.cfg.block_size} tokens; lower --batch-size (raise --grad-accum to keep "
+                                   "the global batch), add --grad-checkpointing, or use --lora-rank 8") from None
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if self.tb is not None:
+                self.tb.close()
+
+        model_dir = None
+        if self.dist.main:
+            model_dir = runs.model_dir(self.dir)
+        tps = self.tokens_seen / self.train_time if self.train_time > 0 else 0.0
+        return RunResult(self.dir, status, self.step, self.cfg.steps, self.last_loss, self.best_val, self.best_step,
+                         model_dir, tps, stopped_early)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         if self.resuming:
             ckpts = runs.checkpoint_dirs(self.dir)
             ckpt = ckpts[-1][1] if ckpts else None
@@ -984,8 +1022,6 @@ class _Run:
         self.say(f"steps: {cfg.steps} of {glob_batch} x {cfg.block_size} tokens, lr {cfg.lr:g} ({cfg.schedule}, "
                  f"{cfg.warmup_steps} warmup); run directory {self.dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
-        if prec.mode == "emulated" and self.dist.main:
-            log.info("mixed precision emulated on this CPU")
         warn = _memory_warning(self.model, cfg, cfg.block_size, self.device, n_train)
         if warn:
             self.say(f"warning: {warn}")
@@ -995,34 +1031,6 @@ class _Run:
                 self.tb = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
                 self.say("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
-
-        status, stopped_early = "running", False
-        try:
-            with _Interrupt(self.say) as interrupt:
-                status, stopped_early = self._loop(interrupt)
-        except BaseException as e:
-            if self.dist.main and runs.is_run_dir(self.dir):
-                st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
-                                     f"{type(e).__name__}: {e}"[:500])
-            if isinstance(e, torch.OutOfMemoryError):
-                raise Gpt2kitError(f"out of memory on {self.device} at batch {cfg.batch_size} x {cfg.block_size} "
-                                   "tokens; lower --batch-size (raise --grad-accum to keep the global batch), "
-                                   "add --grad-checkpointing, or use --lora-rank 8") from None
-            raise
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-            if self.tb is not None:
-                self.tb.close()
-
-        model_dir = None
-        if self.dist.main:
-            model_dir = runs.model_dir(self.dir)
-        tps = self.tokens_seen / self.train_time if self.train_time > 0 else 0.0
-        return RunResult(self.dir, status, self.step, cfg.steps, self.last_loss, self.best_val, self.best_step,
-                         model_dir, tps, stopped_early)
 
     def _loop(self, interrupt: _Interrupt) -> tuple[str, bool]:
         cfg = self.cfg
