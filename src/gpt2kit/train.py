@@ -15,6 +15,7 @@ update as one process with batch B and accumulation A*W."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -99,7 +100,7 @@ class TrainConfig:
     lora_targets: list[str] = _field(default_factory=lambda: ["all"])
     # evaluation, samples, checkpoints
     eval_every: int | None = None  # steps; default: 10 times per run (0: never)
-    eval_batches: int | None = 50  # at most this many validation batches per evaluation (None: all)
+    eval_batches: int | None = None  # validation batches per evaluation; default: ~32K tokens, at most 50
     early_stop: int = 0  # stop after this many evaluations without a new best (0: never)
     sample_every: int | None = None  # steps; default: with every evaluation (0: never)
     sample_tokens: int = 64
@@ -786,7 +787,9 @@ class _Run:
             tb = importlib.util.find_spec("tensorboard") is not None
         def absolute(p: str | None) -> str | None:  # so that --resume works from any directory
             return str(Path(p).resolve()) if p and Path(p).exists() else p
-        return replace(cfg, model=absolute(cfg.model), tokenizer=absolute(cfg.tokenizer),
+        # enough validation tokens for a steady estimate, few enough that a CPU evaluates in under a minute
+        eval_batches = cfg.eval_batches or max(1, min(50, 32768 // (cfg.batch_size * block)))
+        return replace(cfg, eval_batches=eval_batches, model=absolute(cfg.model), tokenizer=absolute(cfg.tokenizer),
                        config=absolute(cfg.config), data=[absolute(d) for d in cfg.data],
                        val_data=[absolute(d) for d in cfg.val_data], block_size=block, steps=total, lr=lr,
                        warmup_steps=warm, eval_every=ev,
@@ -1134,7 +1137,6 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
     run_dir = Path(run_dir)
     info = runs.read_run_json(run_dir)
     try:
-        import json
         d = json.loads((run_dir / runs.CONFIG_JSON).read_text())
     except (OSError, ValueError) as e:
         raise Gpt2kitError(f"cannot read {run_dir / runs.CONFIG_JSON} ({e}); the run cannot be resumed") from None

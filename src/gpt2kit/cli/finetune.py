@@ -96,7 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("evaluation, samples, checkpoints")
     g.add_argument("--eval-every", type=int, help="steps between validations (default: 10 per run; 0: never)")
-    g.add_argument("--eval-batches", type=int, default=50, help="validation batches per evaluation (default 50)")
+    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: about 32K tokens, "
+                   "at most 50 batches)")
     g.add_argument("--early-stop", type=int, default=0, metavar="N", help="stop after N evaluations without "
                    "improvement (default: never)")
     g.add_argument("--sample-every", type=int, help="steps between samples (default: with each evaluation; "
