@@ -54,8 +54,14 @@ def test_two_process_gloo_matches_one_process_with_double_accumulation(tmp_path,
 
     wa = load_file(str(tmp_path / "one/final/model.safetensors"))
     wb = load_file(str(tmp_path / "ddp/final/model.safetensors"))
+    n_embd = 32
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
+        a, b = wa[k], wb[k]
+        if k.endswith("attn.c_attn.bias"):
+            # the key bias has an exactly-zero gradient (softmax ignores it), so Adam's g / (|g| + eps) turns
+            # rounding noise into lr-sized steps; any change of summation order moves it
+            a, b = torch.cat([a[:n_embd], a[2 * n_embd:]]), torch.cat([b[:n_embd], b[2 * n_embd:]])
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), k
 
     ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ddp")
     train_a = [(r["step"], r["loss"], r["tokens"]) for r in ma if "loss" in r]
