@@ -9,11 +9,10 @@ weight decay 0.01 on matrices), gradient clipping at 1.0, dropout 0, torch.set_n
 transformers side is the loop its docs and most scripts use: `model(input_ids, labels=input_ids).loss`,
 `torch.optim.AdamW` with its defaults, `torch.autocast` for bf16. The gpt2kit side is gpt2kit.train.Trainer,
 the code `gpt2kit finetune` runs; "transformers+fused" is the same loop with `AdamW(fused=True)`, which
-is what transformers' own Trainer picks by default on torch >= 2.8. The timed steps of all sides run in
-one process, interleaved, so that load from other processes falls on every side alike; tokens/s is the
-best (fastest) timed step after one warm-up step, the estimate least disturbed by other processes on a
-shared machine (the median is printed too). Peak RSS comes from a separate process per side (load
-the model, train two steps)."""
+is what transformers' own Trainer picks by default on torch >= 2.8. Each side runs alone in its own
+process (as a real job would), `--rounds` times in alternating order so that drifting load from other
+processes falls on every side alike; tokens/s comes from the fastest timed step (the least disturbed
+estimate on a shared machine; the median is printed too), peak RSS from the process itself."""
 
 from __future__ import annotations
 
@@ -93,43 +92,19 @@ class _Side:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())
         return time.perf_counter() - t
 
 
-def timing_worker(dtype: str, sides: list[str], steps: dict[str, int], model_dir: str) -> dict:
-    """All sides in one process, their steps interleaved round-robin, so that load from other processes
-    falls on every side alike. The first step of each side is a warm-up (not timed) unless it is the
-    only one."""
-    import torch
-    torch.set_num_threads(2)
-    loops = {s: _Side(s, dtype, model_dir) for s in sides}
-    n = max(steps.values()) + 1
-    batches = _batches(n)
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    for i in range(n):
-        order = sides if i % 2 == 0 else sides[::-1]
-        for s in order:
-            if i <= steps[s]:
-                times[s].append(loops[s].step(*batches[i]))
-    out = {}
-    for s in sides:
-        timed = times[s][1:] or times[s]
-        # the fastest step is the estimate least disturbed by other processes on a shared machine
-        out[s] = {"side": s, "dtype": dtype, "mode": loops[s].mode, "step_s": timed, "warmup_s": times[s][0],
-                  "tok_s": BATCH * BLOCK / min(timed), "tok_s_median": BATCH * BLOCK / statistics.median(timed)}
-    return out
-
-
-def memory_worker(side: str, dtype: str, model_dir: str) -> float:
-    """Peak RSS (GiB) of a process that loads the model and trains two steps (one for transformers' bf16,
-    at ~200 s a step; the optimizer state exists after the first)."""
+def worker(side: str, dtype: str, steps: int, model_dir: str) -> dict:
+    """One side in its own process: load the shared weights, train one warm-up step plus `steps`, report
+    step times and the process's peak RSS."""
     import torch
     torch.set_num_threads(2)
     loop = _Side(side, dtype, model_dir)
-    for x, y in _batches(1 if (side, dtype) == ("transformers", "bfloat16") else 2):
-        loop.step(x, y)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    times = [loop.step(x, y) for x, y in _batches(steps + 1)]
+    return {"side": side, "dtype": dtype, "mode": loop.mode, "step_s": times[1:] or times,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def _subprocess(*args: str) -> str:
@@ -173,27 +148,19 @@ def jokes_projection(model_dir: str, steps: int, batch: int, block: int, lora_ra
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up)")
-    ap.add_argument("--quick", action="store_true", help="3 steps; no transformers bf16 (~200 s a step on AVX2)")
-    ap.add_argument("--hf-bf16-steps", type=int, default=0,
-                    help="transformers bf16 steps after the first (0: time the first step alone; at ~200 s a step "
-                    "on AVX2 CPUs its warm-up cost is noise)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per process (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per side, in alternating order")
+    ap.add_argument("--quick", action="store_true", help="4 steps, 1 round; no transformers bf16 (~200 s a step "
+                    "on AVX2 CPUs)")
     ap.add_argument("--no-jokes", action="store_true")
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--timing-worker", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.timing_worker:
-        dtype, spec, model_dir = args.timing_worker
-        steps = dict((k, int(v)) for k, v in (item.split("=") for item in spec.split(",")))
-        print(json.dumps(timing_worker(dtype, list(steps), steps, model_dir)))
-        return
-    if args.memory_worker:
-        side, dtype, model_dir = args.memory_worker
-        print(json.dumps(memory_worker(side, dtype, model_dir)))
+    if args.worker:
+        side, dtype, steps, model_dir = args.worker
+        print(json.dumps(worker(side, dtype, int(steps), model_dir)))
         return
     if args.quick:
-        args.steps = 3
+        args.steps, args.rounds = 4, 1
 
     import torch
 
@@ -208,29 +175,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         save_model(GPT(GPTConfig.from_name("gpt2")), Tokenizer.from_dir(VOCAB), d)  # random 124M, saved once
-        rows: dict[tuple[str, str], dict] = {}
-        for dtype in ("float32", "bfloat16"):
-            if dtype == "float32":
-                steps = {"gpt2kit": args.steps, "transformers": args.steps, "transformers+fused": args.steps}
-            elif args.quick:
-                steps = {"gpt2kit": args.steps}
-            else:
-                steps = {"gpt2kit": args.steps, "transformers": args.hf_bf16_steps}
-            spec = ",".join(f"{k}={v}" for k, v in steps.items())
-            res = json.loads(_subprocess("--timing-worker", dtype, spec, d))
-            for side, r in res.items():
-                if not args.no_memory:
-                    r["peak_rss_gib"] = float(_subprocess("--memory-worker", side, dtype, d))
-                rows[(side, dtype)] = r
-                mem = f"  peak RSS {r['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in r else ""
-                print(f"  {side:<20} {dtype:<9} {r['mode']:<9} {r['tok_s']:8.2f} tok/s best, "
-                      f"{r['tok_s_median']:8.2f} median; steps "
-                      f"{[round(x, 2) for x in r['step_s']]}{mem}", flush=True)
-        print(f"load average after: {_load()}")
+        plan = [("float32", "gpt2kit"), ("float32", "transformers"), ("float32", "transformers+fused"),
+                ("bfloat16", "gpt2kit")]
+        results: dict[tuple[str, str], list[dict]] = {}
+        for r in range(args.rounds):
+            for dtype, side in (plan if r % 2 == 0 else plan[::-1]):
+                res = json.loads(_subprocess("--worker", side, dtype, str(args.steps), d))
+                results.setdefault((side, dtype), []).append(res)
+                print(f"  {side:<20} {dtype:<9} {res['mode']:<9} steps {[round(x, 2) for x in res['step_s']]}  "
+                      f"peak RSS {res['peak_rss_gib']:.2f} GiB  (load {_load()})", flush=True)
+        if not args.quick:  # one step of ~200 s; its warm-up share is noise
+            res = json.loads(_subprocess("--worker", "transformers", "bfloat16", "0", d))
+            results[("transformers", "bfloat16")] = [res]
+            print(f"  {'transformers':<20} bfloat16  {res['mode']:<9} steps {[round(x, 2) for x in res['step_s']]}  "
+                  f"peak RSS {res['peak_rss_gib']:.2f} GiB  (load {_load()})", flush=True)
 
-        def rss(r: dict) -> str:
-            return f"{r['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in r else "-"
-        print("\ntokens/s from the fastest of the interleaved steps")
+        rows = {}
+        for key, rs in results.items():
+            steps = [x for r in rs for x in r["step_s"]]
+            rows[key] = {"mode": rs[0]["mode"], "tok_s": BATCH * BLOCK / min(steps),
+                         "tok_s_median": BATCH * BLOCK / statistics.median(steps),
+                         "peak_rss_gib": max(r["peak_rss_gib"] for r in rs)}
+        print("\ntokens/s from the fastest step (the least disturbed by other processes); median in brackets")
         print("| dtype | gpt2kit tok/s | baseline | baseline tok/s | ratio | gpt2kit peak RSS | baseline peak RSS |")
         print("|---|---|---|---|---|---|---|")
         for dtype in ("float32", "bfloat16"):
@@ -238,13 +204,15 @@ def main() -> None:
             for other in ("transformers", "transformers+fused"):
                 base = rows.get((other, dtype))
                 if ours and base:
-                    print(f"| {dtype} ({ours['mode']}) | {ours['tok_s']:.1f} | {other} ({base['mode']}) | "
-                          f"{base['tok_s']:.2f} | {ours['tok_s'] / base['tok_s']:.2f}x | {rss(ours)} | {rss(base)} |")
+                    print(f"| {dtype} | {ours['tok_s']:.1f} ({ours['tok_s_median']:.1f}) {ours['mode']} | {other} | "
+                          f"{base['tok_s']:.2f} ({base['tok_s_median']:.2f}) | {ours['tok_s'] / base['tok_s']:.2f}x "
+                          f"({ours['tok_s_median'] / base['tok_s_median']:.2f}x) | {ours['peak_rss_gib']:.2f} GiB | "
+                          f"{base['peak_rss_gib']:.2f} GiB |")
 
         if not args.no_jokes:
             print("\njokes job: 124M, 10 epochs over onelinefun.csv (--column Joke)", flush=True)
             for batch, block, rank in ((8, 128, 0), (2, 256, 0), (8, 128, 8)):
-                j = jokes_projection(d, steps=4 if args.quick else 8, batch=batch, block=block, lora_rank=rank)
+                j = jokes_projection(d, steps=4 if args.quick else 10, batch=batch, block=block, lora_rank=rank)
                 what = f"LoRA rank {rank}" if rank else "full fine-tuning"
                 print(f"  {what}, batch {batch} x {block}: {j['tok_s']:.0f} tok/s (median {j['tok_s_median']:.0f}); "
                       f"10 epochs = {j['epoch_tokens']:,} "
