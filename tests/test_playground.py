@@ -36,6 +36,15 @@ def server(tiny_dir):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tok = load_model(tiny_dir)
+    # pace the tiny model (a few ms a step) so that a stream really spans time: otherwise all of it can
+    # arrive in one network read and the page has nothing to show "in pieces"
+    forward = model.forward
+
+    def paced(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    model.forward = paced
     srv = BackgroundServer(create_app(model, tok, ServerSettings(model_name="tiny", api_key=KEY)))
     srv.start()
     yield srv
