@@ -146,13 +146,29 @@ def jokes_projection(model_dir: str, steps: int, batch: int, block: int, lora_ra
             "block": block, "lora_rank": lora_rank}
 
 
+def _table(rows: dict) -> None:
+    print("\ntokens/s from the fastest step (the least disturbed by other processes); median in brackets")
+    print("| dtype | gpt2kit tok/s | baseline | baseline tok/s | ratio | gpt2kit peak RSS | baseline peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in ("float32", "bfloat16"):
+        ours = rows.get(("gpt2kit", dtype))
+        for other in ("transformers", "transformers+fused"):
+            base = rows.get((other, dtype))
+            if ours and base:
+                print(f"| {dtype} | {ours['tok_s']:.1f} ({ours['tok_s_median']:.1f}) {ours['mode']} | {other} | "
+                      f"{base['tok_s']:.2f} ({base['tok_s_median']:.2f}) | {ours['tok_s'] / base['tok_s']:.2f}x "
+                      f"({ours['tok_s_median'] / base['tok_s_median']:.2f}x) | {ours['peak_rss_gib']:.2f} GiB | "
+                      f"{base['peak_rss_gib']:.2f} GiB |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="processes per side, in alternating order")
     ap.add_argument("--quick", action="store_true", help="4 steps, 1 round; no transformers bf16 (~200 s a step "
                     "on AVX2 CPUs)")
-    ap.add_argument("--no-jokes", action="store_true")
+    ap.add_argument("--no-jokes", action="store_true", help="skip the jokes-job projection")
+    ap.add_argument("--jokes-only", action="store_true", help="only the jokes-job projection")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -178,13 +194,13 @@ def main() -> None:
         plan = [("float32", "gpt2kit"), ("float32", "transformers"), ("float32", "transformers+fused"),
                 ("bfloat16", "gpt2kit")]
         results: dict[tuple[str, str], list[dict]] = {}
-        for r in range(args.rounds):
+        for r in range(0 if args.jokes_only else args.rounds):
             for dtype, side in (plan if r % 2 == 0 else plan[::-1]):
                 res = json.loads(_subprocess("--worker", side, dtype, str(args.steps), d))
                 results.setdefault((side, dtype), []).append(res)
                 print(f"  {side:<20} {dtype:<9} {res['mode']:<9} steps {[round(x, 2) for x in res['step_s']]}  "
                       f"peak RSS {res['peak_rss_gib']:.2f} GiB  (load {_load()})", flush=True)
-        if not args.quick:  # one step of ~200 s; its warm-up share is noise
+        if not args.quick and not args.jokes_only:  # one step of ~200 s; its warm-up share is noise
             res = json.loads(_subprocess("--worker", "transformers", "bfloat16", "0", d))
             results[("transformers", "bfloat16")] = [res]
             print(f"  {'transformers':<20} bfloat16  {res['mode']:<9} steps {[round(x, 2) for x in res['step_s']]}  "
@@ -196,18 +212,8 @@ def main() -> None:
             rows[key] = {"mode": rs[0]["mode"], "tok_s": BATCH * BLOCK / min(steps),
                          "tok_s_median": BATCH * BLOCK / statistics.median(steps),
                          "peak_rss_gib": max(r["peak_rss_gib"] for r in rs)}
-        print("\ntokens/s from the fastest step (the least disturbed by other processes); median in brackets")
-        print("| dtype | gpt2kit tok/s | baseline | baseline tok/s | ratio | gpt2kit peak RSS | baseline peak RSS |")
-        print("|---|---|---|---|---|---|---|")
-        for dtype in ("float32", "bfloat16"):
-            ours = rows.get(("gpt2kit", dtype))
-            for other in ("transformers", "transformers+fused"):
-                base = rows.get((other, dtype))
-                if ours and base:
-                    print(f"| {dtype} | {ours['tok_s']:.1f} ({ours['tok_s_median']:.1f}) {ours['mode']} | {other} | "
-                          f"{base['tok_s']:.2f} ({base['tok_s_median']:.2f}) | {ours['tok_s'] / base['tok_s']:.2f}x "
-                          f"({ours['tok_s_median'] / base['tok_s_median']:.2f}x) | {ours['peak_rss_gib']:.2f} GiB | "
-                          f"{base['peak_rss_gib']:.2f} GiB |")
+        if rows:
+            _table(rows)
 
         if not args.no_jokes:
             print("\njokes job: 124M, 10 epochs over onelinefun.csv (--column Joke)", flush=True)
