@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,42 +48,38 @@ def make_checkpoint(config_name: str, out: Path, std: float = 0.02) -> Path:
     return out
 
 
-def bench_gpt2kit(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype, reps: int) -> float:
-    from gpt2kit.checkpoints import load_model
-    from gpt2kit.generate import GenerationConfig, Generator
-
-    model, tok = load_model(path, device="cpu", dtype=dtype)
-    gen = Generator(model.column_major_(), tok)  # as Generator.load and `gpt2kit generate` do
-    ids = [list(range(1000, 1000 + prompt_len))] * batch
-    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
-    from gpt2kit.generate import run_stream, stream_rows
-    run_stream(stream_rows(model, tok, ["x"] * batch, GenerationConfig(max_new_tokens=8, temperature=0),
-                           prompt_ids=ids))  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        outs = run_stream(stream_rows(model, tok, ["x"] * batch, cfg, prompt_ids=ids))
-        best = min(best, time.perf_counter() - t)
-        assert all(len(o.tokens) == new for o in outs)
-    del gen
-    return batch * new / best
-
-
-def bench_hf(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype, reps: int) -> float:
+def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype,
+                 reps: int) -> tuple[float, float]:
+    """Best-of-`reps` tokens/s for gpt2kit and transformers, their runs alternating so that anything else
+    happening on the machine hits both sides alike."""
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor([list(range(1000, 1000 + prompt_len))] * batch)
-    kw = dict(do_sample=False, pad_token_id=50256, eos_token_id=None)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-            best = min(best, time.perf_counter() - t)
-            assert out.shape[1] == prompt_len + new
-    return batch * new / best
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.generate import GenerationConfig, run_stream, stream_rows
+
+    model, tok = load_model(path, device="cpu", dtype=dtype)
+    model.column_major_()  # as Generator.load and `gpt2kit generate` do
+    hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
+    ids = [list(range(1000, 1000 + prompt_len))] * batch
+    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
+    kw = {"do_sample": False, "pad_token_id": 50256, "eos_token_id": None}
+
+    def ours(n: int) -> None:
+        outs = run_stream(stream_rows(model, tok, ["x"] * batch, replace(cfg, max_new_tokens=n), prompt_ids=ids))
+        assert all(len(o.tokens) == n for o in outs)
+
+    def theirs(n: int) -> None:
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+        assert out.shape[1] == prompt_len + n
+
+    ours(8)
+    theirs(8)  # warm-up
+    best = [float("inf"), float("inf")]
+    for _ in range(reps):
+        for i, f in enumerate((ours, theirs)):
+            best[i] = min(best[i], _timed(lambda f=f: f(new)))
+    return batch * new / best[0], batch * new / best[1]
 
 
 TTFT_HF = """
@@ -152,10 +149,11 @@ def ttft(path: Path) -> tuple[float, float]:
         p.wait()
         return t
 
-    ours = min(run([sys.executable, "-m", "gpt2kit", "generate", "Hello, my name is", "-m", str(path),
-                    "--length", "1", "--temperature", "0", "--device", "cpu"]) for _ in range(3))
-    theirs = min(run([sys.executable, "-c", TTFT_HF, str(path), "0"]) for _ in range(3))
-    return ours, theirs
+    ours_cmd = [sys.executable, "-m", "gpt2kit", "generate", "Hello, my name is", "-m", str(path),
+                "--length", "1", "--temperature", "0", "--device", "cpu"]
+    theirs_cmd = [sys.executable, "-c", TTFT_HF, str(path), "0"]
+    times = [(run(ours_cmd), run(theirs_cmd)) for _ in range(3)]  # alternating, as the decode runs
+    return min(t[0] for t in times), min(t[1] for t in times)
 
 
 def main() -> None:
@@ -186,9 +184,7 @@ def main() -> None:
         dtypes = [("float32", torch.float32)] + ([("bfloat16", torch.bfloat16)] if args.bf16 else [])
         for name, dt in dtypes:
             for b in [int(x) for x in args.batches.split(",")]:
-                ours = bench_gpt2kit(path, b, args.prompt_len, args.new, dt, args.reps)
-                gc.collect()
-                theirs = bench_hf(path, b, args.prompt_len, args.new, dt, args.reps)
+                ours, theirs = bench_decode(path, b, args.prompt_len, args.new, dt, args.reps)
                 gc.collect()
                 print(f"{f'decode {name} batch {b}':<28}{ours:>15.1f}{theirs:>15.1f}{ours / theirs:>7.2f}x")
                 if b == 1 and dt == torch.float32:
