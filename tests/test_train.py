@@ -325,3 +325,36 @@ def test_tokens_cache_input_and_chained_runs(tmp_path, tiny_dir, capsys):
     w1, _ = load_model(first.run_dir)
     w2, _ = load_model(tmp_path / "second/checkpoints/step-2")
     assert not torch.equal(w1.transformer.wte.weight, w2.transformer.wte.weight)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    a, b = random_model(TINY, seed=5).train(), random_model(TINY, seed=5).train()
+    b.gradient_checkpointing = True
+    cfg = TrainConfig(model="x", data=["x"])
+    seq = torch.randint(0, TINY.vocab_size, (2, 17))
+    la = Trainer(a, cfg, torch.device("cpu")).forward_backward([(seq[:, :-1], seq[:, 1:])])
+    lb = Trainer(b, cfg, torch.device("cpu")).forward_backward([(seq[:, :-1], seq[:, 1:])])
+    assert torch.equal(la, lb)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-5, atol=1e-9), n
+
+
+def test_tensorboard_logging(tmp_path, tiny_dir, monkeypatch):
+    import sys
+    import types
+    calls = []
+
+    class FakeWriter:  # tensorboard itself is an optional extra, absent here
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    finetune(_cfg(tmp_path, tiny_dir, steps=2, eval_every=2, tensorboard=True), progress=False)
+    assert calls[0] == ("init", str(tmp_path / "run/tensorboard"))
+    assert ("train/loss", 2) in calls and ("val/loss", 2) in calls and calls[-1] == ("close",)
