@@ -115,3 +115,25 @@ def test_lora_run_saves_small_checkpoints_and_merges(tmp_path):
         assert torch.allclose(merged_cli(ids), ref, atol=1e-5, rtol=1e-5)
 
     assert main(["merge", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 1  # not an adapter
+
+
+def test_lora_resume_from_checkpoint_matches(tmp_path):
+    import shutil
+
+    from gpt2kit.runs import update_run_json
+    from gpt2kit.train import resume
+    save_model(random_model(TINY, seed=4), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    kw = dict(model=str(tmp_path / "base"), data=[str(JOKES)], column="Joke", steps=4, batch_size=4, block_size=16,
+              lora_rank=2, lora_dropout=0.1, eval_every=0, sample_every=0, save_every=2, tensorboard=False)
+    finetune(TrainConfig(out=str(tmp_path / "a"), **kw), progress=False)
+    finetune(TrainConfig(out=str(tmp_path / "b"), **kw), progress=False)
+    # make b look like a run that died after its step-2 checkpoint
+    for name in ("checkpoints/step-4", "final"):
+        shutil.rmtree(tmp_path / "b" / name)
+    update_run_json(tmp_path / "b", status="interrupted", step=2)
+    res = resume(tmp_path / "b", progress=False)
+    assert res.status == "finished" and res.step == 4
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "a/final" / lora.ADAPTER_WEIGHTS))
+    wb = load_file(str(tmp_path / "b/final" / lora.ADAPTER_WEIGHTS))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
