@@ -18,8 +18,12 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_pos: (T,) positions being written; k, v: (B, nh, T, hs)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at each row's own positions input_pos (B, T), into cache rows `rows`
+        (default all); returns those rows of the cache, (B, nh, S, hs)."""
+        ck, cv = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])  # views: writes land
+        idx = input_pos[:, None, :, None].expand_as(k)
+        ck.scatter_(2, idx, k)
+        cv.scatter_(2, idx, v)
+        return ck, cv

@@ -37,13 +37,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            ck, cv = self.kv_cache.k, self.kv_cache.v  # (Bmax, nh, S, hs)
-            if rows is not None:
-                ck, cv = ck[rows], cv[rows]  # a view: in-place writes reach the cache
-            # each row writes its own positions: input_pos (B, T) -> index (B, nh, T, hs)
-            idx = input_pos[:, None, :, None].expand(B, self.n_head, T, self.head_dim)
-            ck.scatter_(2, idx, k)
-            cv.scatter_(2, idx, v)
+            ck, cv = self.kv_cache.update(input_pos, k, v, rows)  # (B, nh, S, hs)
             if kv_len is not None:  # attend only to the filled prefix (eager fast path; shapes vary)
                 ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
             y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)
