@@ -56,9 +56,11 @@ def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch
 
     from gpt2kit.checkpoints import load_model
     from gpt2kit.generate import GenerationConfig, run_stream, stream_rows
+    from gpt2kit.kernels import prepare_cpu_decoding_
 
     model, tok = load_model(path, device="cpu", dtype=dtype)
-    model.column_major_()  # as Generator.load and `gpt2kit generate` do
+    path_used = prepare_cpu_decoding_(model)  # as Generator.load and `gpt2kit generate` do
+    print(f"gpt2kit CPU decoding path: {path_used}", flush=True)
     hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
     ids = [list(range(1000, 1000 + prompt_len))] * batch
     cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)

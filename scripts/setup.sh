@@ -11,6 +11,9 @@ PY=${PYTHON:-python3}
 # multi-GB CUDA build. Set GPT2KIT_TORCH to choose another (e.g. GPT2KIT_TORCH="torch" on a GPU box).
 .venv/bin/python -m pip install -q "${GPT2KIT_TORCH:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev,server,plot]"
+# Build the CPU decoding kernel now (about 30 s, cached) so no later command waits for the compiler;
+# where it cannot be built this says why and gpt2kit uses PyTorch's kernels instead.
+.venv/bin/python -m gpt2kit.kernels
 
 # Chromium from Debian for the playground's headless-browser test (skipped there when absent).
 if ! command -v chromium >/dev/null 2>&1; then

@@ -42,11 +42,16 @@ def test_logits_and_greedy_tokens_match_transformers(config, tokenizer, tmp_path
     expected = hf_greedy(theirs, ids, 64)
     cfg = GenerationConfig(max_new_tokens=64, temperature=0, stop_at_eot=False)
     assert Generator(ours, tokenizer).generate(tokenizer.decode(ids), cfg)[0].tokens == expected
-    # the column-major layout Generator.load uses on CPUs changes strides only
+    # the column-major layout used on CPUs without the compiled kernel changes strides only
     ours.column_major_()
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), b, atol=1e-4, rtol=1e-4)
     assert Generator(ours, tokenizer).generate(tokenizer.decode(ids), cfg)[0].tokens == expected
+    # and what Generator.load does (the compiled small-batch kernel where it builds) keeps parity too
+    fast = Generator.load(str(tmp_path), device="cpu", dtype="float32")
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.model(x), b, atol=1e-4, rtol=1e-4)
+    assert fast.generate(tokenizer.decode(ids), cfg)[0].tokens == expected
 
 
 def test_openai_tf_checkpoint_reproduces_reference():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.kernels import prepare_cpu_decoding_
 from gpt2kit.model import GPT
 from gpt2kit.sampling import SamplingParams, sample, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
@@ -261,8 +262,7 @@ class Generator:
              tokenizer_dir: str | None = None) -> Generator:
         from gpt2kit.checkpoints import load_model
         model, tok = load_model(name_or_path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        if model.device.type == "cpu":
-            model.column_major_()  # faster decoding on CPUs, see GPT.column_major_
+        prepare_cpu_decoding_(model)  # faster decoding on CPUs, same numerics; see gpt2kit.kernels
         return cls(model, tok)
 
     def _prompts(self, prompt: str | Sequence[str] | None, nsamples: int) -> list[str]:

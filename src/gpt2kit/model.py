@@ -26,7 +26,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
-                kv_len: int | None, rows: slice | None) -> torch.Tensor:
+                kv_len: int | None, rows: slice | None, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -37,12 +37,15 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            ck, cv = self.kv_cache.update(input_pos, k, v, rows)  # (B, nh, S, hs)
+            ck, cv = self.kv_cache.update(input_pos, k, v, rows, start)  # (B, nh, S, hs)
             if kv_len is not None:  # attend only to the filled prefix (eager fast path; shapes vary)
                 ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
-            y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)
+            if mask is None and start == 0 and T > 1:  # a prefill from slot 0: plain causal
+                y = F.scaled_dot_product_attention(q, ck, cv, is_causal=True)
+            else:  # mask None here means every query sees every slot
+                y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)) if self.training else self.c_proj(y)
 
 
 class MLP(nn.Module):
@@ -54,7 +57,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2's "gelu_new" is the tanh approximation
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.dropout(x) if self.training else x
 
 
 class Block(nn.Module):
@@ -65,8 +69,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, mask=None, kv_len=None, rows=None):
-        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len, rows)
+    def forward(self, x, input_pos=None, mask=None, kv_len=None, rows=None, start=None):
+        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len, rows, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -162,20 +166,27 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.n_positions}")
             pos = torch.arange(T, device=idx.device)
             x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-            mask = None
+            mask = start = None
         else:
             if input_pos.dim() == 1:
                 input_pos = input_pos.unsqueeze(0).expand(B, T)
             x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)
             S = kv_len if kv_len is not None else self.cache_len
             slots = torch.arange(S, device=idx.device)
-            mask = slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
-        x = self.transformer.drop(x)
+            # the common case, every row writing the same slots S-T..S-1 (decoding a batch in step, or a
+            # prefill from 0), takes cheaper paths: a slice copy into the cache, and no mask (T == 1) or
+            # SDPA's own causal one (a prefill from slot 0)
+            if S >= T and bool((input_pos == slots[S - T:]).all()):
+                start = S - T
+                mask = None if T == 1 or start == 0 else slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)
+            else:
+                start, mask = None, slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
+        x = self.transformer.drop(x) if self.training else x
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and input_pos is None:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, input_pos, mask, kv_len, rows)
+                x = block(x, input_pos, mask, kv_len, rows, start)
         if last_only:
             x = x[:, -1:, :]
         elif logits_at is not None:

@@ -25,6 +25,7 @@ import torch
 
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice
+from gpt2kit.kernels import prepare_cpu_decoding_
 from gpt2kit.model import GPT
 from gpt2kit.sampling import SamplingParams, filter_logits, sample, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
@@ -189,8 +190,7 @@ class BatchEngine:
             if self._thread is not None:
                 return self
             self.model.eval()
-            if self.model.device.type == "cpu":
-                self.model.column_major_()  # as Generator does: faster decoding, identical numerics
+            prepare_cpu_decoding_(self.model)  # as Generator does: faster decoding, identical numerics
             self.model.setup_caches(self.max_batch, self.max_len)
             self._thread = threading.Thread(target=self._run, name="gpt2kit-engine", daemon=True)
             self._thread.start()

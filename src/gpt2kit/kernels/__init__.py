@@ -1,0 +1,149 @@
+"""Optional compiled CPU kernels, built on first use with PyTorch's C++ extension tooling and cached.
+
+Only one for now: a small-batch float32 linear layer (see cpu_linear.cpp for why it is hand-written).
+It needs an x86-64 CPU with AVX2/FMA and a C++ compiler; without them, or with GPT2KIT_CPU_KERNELS=0,
+everything runs on PyTorch's own kernels with the same results. `python -m gpt2kit.kernels` builds it
+ahead of time (scripts/setup.sh does), so that no later command waits for the compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+
+_ext: Any = None
+_failed: str | None = None
+
+
+def _module_name() -> str:
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + sys.version.encode()
+    return "gpt2kit_cpu_linear_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def build_dir() -> Path:
+    root = os.environ.get("GPT2KIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2kit"
+    return Path(root) / "kernels" / _module_name()
+
+
+def supported() -> str | None:
+    """None when this machine can use the kernels, else the reason it cannot."""
+    if os.environ.get("GPT2KIT_CPU_KERNELS", "1") == "0":
+        return "disabled by GPT2KIT_CPU_KERNELS=0"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the CPU lacks AVX2/FMA"
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        return "no C++ compiler found (install g++)"
+    return None
+
+
+def _import_built(path: Path, name: str) -> Any:
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(build: bool = True, quiet: bool = False) -> Any:
+    """The compiled extension, or None when it cannot be had (the reason is then in `failure()`).
+    A built copy is imported directly (milliseconds); otherwise, with build=True, it is compiled once
+    (about 30 s) into build_dir()."""
+    global _ext, _failed
+    if _ext is not None or _failed is not None:
+        return _ext
+    reason = supported()
+    if reason:
+        _failed = reason
+        return None
+    name, where = _module_name(), build_dir()
+    built = where / f"{name}.so"
+    try:
+        if built.exists():
+            _ext = _import_built(built, name)
+            return _ext
+        if not build:
+            return None
+        from torch.utils import cpp_extension
+
+        # torch runs `ninja` from PATH; the ninja wheel and this interpreter's bin folder may not be on it
+        extra = [os.path.dirname(sys.executable)]
+        try:
+            import ninja
+
+            extra.insert(0, ninja.BIN_DIR)
+        except ImportError:
+            pass
+        os.environ["PATH"] = os.pathsep.join(extra + [os.environ.get("PATH", "")])
+        where.mkdir(parents=True, exist_ok=True)
+        if not quiet:
+            print("gpt2kit: compiling the CPU decoding kernel once (about 30 s)...", file=sys.stderr, flush=True)
+        _ext = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(where), verbose=False)
+    except Exception as e:  # a failed build must never stop generation: PyTorch's kernels still work
+        last = (str(e).strip().splitlines() or [repr(e)])[-1][:200]
+        _failed = f"could not build the CPU kernel ({type(e).__name__}: {last})"
+        if not quiet:
+            print(f"gpt2kit: {_failed}; using PyTorch's slower kernels", file=sys.stderr)
+    return _ext
+
+
+def failure() -> str | None:
+    return _failed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the compiled kernel when it applies: float32 CPU tensors, at most MAX_ROWS input
+    rows, a row-major weight, no autograd. Otherwise F.linear itself."""
+    *lead, K = x.shape
+    M = x.numel() // K if K else 0
+    if (_ext is not None and 0 < M <= MAX_ROWS and K % 8 == 0 and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.is_contiguous() and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return _ext.linear(x.reshape(M, K), weight, bias).view(*lead, weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def accelerate_(model: nn.Module, build: bool = True) -> bool:
+    """Route every float32 CPU nn.Linear of `model` (the tied LM head included) through `linear`. Returns
+    False, changing nothing, when the kernel is unavailable. The kernel reads weights row-major, so any
+    stored otherwise (HuggingFace's Conv1D layout arrives transposed) are copied into that layout once."""
+    if load(build=build) is None:
+        return False
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+                if not module.weight.is_contiguous():
+                    module.weight.data = module.weight.data.contiguous()
+                module.forward = types.MethodType(_forward, module)
+    return True
+
+
+def prepare_cpu_decoding_(model: nn.Module) -> str:
+    """Make a float32 model on the CPU decode fast, with the same numerics: the compiled kernel when it is
+    available, else GPT.column_major_ (MKL's matrix-vector product prefers that layout). Returns which
+    ("kernel", "column-major" or "none": another device or dtype)."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "none"
+    if accelerate_(model):
+        return "kernel"
+    model.column_major_()
+    return "column-major"

@@ -1,0 +1,110 @@
+"""The compiled small-batch CPU linear kernel: equal to F.linear, used only where it applies, and a build
+that fails leaves PyTorch's kernels in charge with a one-line notice."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit import kernels
+from gpt2kit.config import GPTConfig
+from gpt2kit.generate import GenerationConfig, Generator
+from tests.conftest import random_model
+
+# On the machines this project targets (x86-64 with AVX2 and g++) the kernel must build: a broken build
+# would otherwise go unnoticed behind the fallback.
+CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and shutil.which("c++") is not None
+             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = kernels.load(build=True)
+    if e is None:
+        assert not CAN_BUILD, f"the kernel should build here: {kernels.failure()}"
+        pytest.skip(f"kernel unavailable: {kernels.failure()}")
+    return e
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 17, 32])
+@pytest.mark.parametrize("N,K", [(1, 8), (7, 64), (37, 768), (64, 24), (130, 3072)])
+def test_equals_f_linear(ext, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    torch.testing.assert_close(ext.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ext.linear(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-5)
+    # a non-contiguous input (a slice of a longer sequence) gives the same
+    xs = torch.randn(M, 2, K, generator=g)[:, 1]
+    torch.testing.assert_close(kernels.linear(xs, w, b), F.linear(xs, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_dispatch_uses_kernel_only_where_it_applies(ext, monkeypatch):
+    calls = []
+    spy = type("Spy", (), {"linear": lambda self, *a: calls.append(a) or ext.linear(*a)})
+    monkeypatch.setattr(kernels, "_ext", spy())
+    w, b = torch.randn(16, 64), torch.randn(16)
+    out = kernels.linear(torch.randn(2, 3, 64), w, b)  # (B, T, K) with B*T = 6 rows
+    assert out.shape == (2, 3, 16) and len(calls) == 1
+    kernels.linear(torch.randn(kernels.MAX_ROWS + 1, 64), w, b)  # large batches: MKL's GEMM
+    kernels.linear(torch.randn(1, 64, dtype=torch.float64), w.double(), b.double())  # other dtypes
+    kernels.linear(torch.randn(1, 64), w.t().contiguous().t(), b)  # column-major weights
+    kernels.linear(torch.randn(1, 60), torch.randn(16, 60), b)  # K not a multiple of 8
+    wg = w.clone().requires_grad_()
+    y = kernels.linear(torch.randn(1, 64), wg, b)  # autograd needs torch's op
+    assert y.requires_grad and len(calls) == 1
+    with torch.no_grad():
+        kernels.linear(torch.randn(1, 64), wg, b)
+    assert len(calls) == 2
+
+
+def test_accelerated_model_decodes_like_the_plain_one(ext, tokenizer):
+    config = GPTConfig.from_name("tiny", n_embd=64, n_head=4, n_layer=2)
+    plain, fast = random_model(config, seed=3, std=0.2), random_model(config, seed=3, std=0.2)
+    # HuggingFace's layout arrives transposed: the kernel needs, and gets, row-major weights
+    fast.transformer.h[0].mlp.c_fc.weight.data = fast.transformer.h[0].mlp.c_fc.weight.data.t().contiguous().t()
+    assert kernels.prepare_cpu_decoding_(fast) == "kernel"
+    assert all(m.weight.is_contiguous() for m in fast.modules() if isinstance(m, torch.nn.Linear))
+    assert fast.lm_head.weight is fast.transformer.wte.weight  # still tied
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0, stop_at_eot=False)
+    prompts = ["The meaning of", "A much longer prompt, so that the rows of the batch sit at different positions"]
+    a = Generator(plain, tokenizer).generate(prompts, cfg)
+    b = Generator(fast, tokenizer).generate(prompts, cfg)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    x = torch.tensor([tokenizer.encode("Kant wrote")])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-4, rtol=1e-4)
+    # and sampling with a seed gives the same text
+    s = GenerationConfig(max_new_tokens=30, temperature=0.9, top_k=40, seed=7)
+    texts = [Generator(m, tokenizer).generate("Once", s)[0].text for m in (plain, fast)]
+    assert texts[0] == texts[1]
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("GPT2KIT_CPU_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    model = random_model(GPTConfig.from_name("tiny", n_embd=32, n_head=2, n_layer=1))
+    assert kernels.prepare_cpu_decoding_(model) == "column-major"
+    assert "GPT2KIT_CPU_KERNELS=0" in kernels.failure()
+    assert model.transformer.h[0].attn.c_attn.forward.__func__ is torch.nn.Linear.forward
+
+
+def test_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    if not CAN_BUILD:
+        pytest.skip("no compiler here")
+    bad = tmp_path / "cpu_linear.cpp"
+    bad.write_text("#include <torch/extension.h>\nthis is not C++;\n")
+    monkeypatch.setattr(kernels, "SOURCE", bad)
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setenv("GPT2KIT_CACHE", str(tmp_path / "cache"))
+    model = random_model(GPTConfig.from_name("tiny", n_embd=32, n_head=2, n_layer=1))
+    assert kernels.prepare_cpu_decoding_(model) == "column-major"
+    err = capsys.readouterr().err
+    assert "could not build the CPU kernel" in err and "Traceback" not in err
+    notice = [line for line in err.splitlines() if "could not build" in line]
+    assert len(notice) == 1
