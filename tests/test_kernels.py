@@ -96,7 +96,7 @@ def test_disabled_by_environment(monkeypatch):
 def test_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
     if not CAN_BUILD:
         pytest.skip("no compiler here")
-    bad = tmp_path / "cpu_linear.cpp"
+    bad = tmp_path / "cpu_decode.cpp"
     bad.write_text("#include <torch/extension.h>\nthis is not C++;\n")
     monkeypatch.setattr(kernels, "SOURCE", bad)
     monkeypatch.setattr(kernels, "_ext", None)
@@ -108,3 +108,15 @@ def test_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
     assert "could not build the CPU kernel" in err and "Traceback" not in err
     notice = [line for line in err.splitlines() if "could not build" in line]
     assert len(notice) == 1
+
+
+@pytest.mark.parametrize("B,nh,hs,S,kv_len",
+                         [(1, 12, 64, 300, 1), (1, 12, 64, 300, 257), (3, 2, 8, 16, 16), (8, 4, 16, 40, 9)])
+def test_decode_attention_equals_sdpa(ext, B, nh, hs, S, kv_len):
+    g = torch.Generator().manual_seed(B + nh + S + kv_len)
+    k, v = torch.randn(B, nh, S, hs, generator=g), torch.randn(B, nh, S, hs, generator=g)
+    q = torch.randn(B, 1, nh * hs, generator=g)[:, 0]  # (B, C), as the model slices it from c_attn's output
+    want = F.scaled_dot_product_attention(q.view(B, nh, 1, hs), k[:, :, :kv_len], v[:, :, :kv_len])
+    got = kernels.decode_attention(q, k, v, kv_len)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, nh * hs), atol=1e-5, rtol=1e-5)
+    assert kernels.decode_attention(q.double(), k.double(), v.double(), kv_len) is None  # not float32: SDPA

@@ -1,6 +1,7 @@
 """Optional compiled CPU kernels, built on first use with PyTorch's C++ extension tooling and cached.
 
-Only one for now: a small-batch float32 linear layer (see cpu_linear.cpp for why it is hand-written).
+Two, both for decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch
+linear layer and one-query attention over the KV cache.
 It needs an x86-64 CPU with AVX2/FMA and a C++ compiler; without them, or with GPT2KIT_CPU_KERNELS=0,
 everything runs on PyTorch's own kernels with the same results. `python -m gpt2kit.kernels` builds it
 ahead of time (scripts/setup.sh does), so that no later command waits for the compiler.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
@@ -32,7 +33,7 @@ _failed: str | None = None
 
 def _module_name() -> str:
     key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + sys.version.encode()
-    return "gpt2kit_cpu_linear_" + hashlib.sha256(key).hexdigest()[:12]
+    return "gpt2kit_cpu_decode_" + hashlib.sha256(key).hexdigest()[:12]
 
 
 def build_dir() -> Path:
@@ -122,18 +123,31 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    """q (B, C), cache k, v (B, nh, S, hs) -> (B, C), attending to the first kv_len slots; None when the
+    kernel does not apply (the caller then uses scaled_dot_product_attention)."""
+    if (_ext is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu"
+            or k.shape[-1] % 8 or not k.is_contiguous() or not v.is_contiguous()):
+        return None
+    return _ext.decode_attention(q, k, v, kv_len)
+
+
 def accelerate_(model: nn.Module, build: bool = True) -> bool:
-    """Route every float32 CPU nn.Linear of `model` (the tied LM head included) through `linear`. Returns
+    """Route every float32 CPU nn.Linear of `model` (the tied LM head included) through `linear`, and its
+    one-token decoding attention through `decode_attention`. Returns
     False, changing nothing, when the kernel is unavailable. The kernel reads weights row-major, so any
     stored otherwise (HuggingFace's Conv1D layout arrives transposed) are copied into that layout once."""
     if load(build=build) is None:
         return False
     with torch.no_grad():
         for module in model.modules():
-            if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+            w = getattr(module, "weight", None)
+            if type(module) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu":
                 if not module.weight.is_contiguous():
                     module.weight.data = module.weight.data.contiguous()
                 module.forward = types.MethodType(_forward, module)
+            if hasattr(module, "decode_attention"):  # gpt2kit.model.CausalSelfAttention
+                module.decode_attention = decode_attention
     return True
 
 
