@@ -110,13 +110,19 @@ def test_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
     assert len(notice) == 1
 
 
-@pytest.mark.parametrize("B,nh,hs,S,kv_len",
-                         [(1, 12, 64, 300, 1), (1, 12, 64, 300, 257), (3, 2, 8, 16, 16), (8, 4, 16, 40, 9)])
-def test_decode_attention_equals_sdpa(ext, B, nh, hs, S, kv_len):
-    g = torch.Generator().manual_seed(B + nh + S + kv_len)
+@pytest.mark.parametrize("B,nh,hs,S,pos",
+                         [(1, 12, 64, 300, 0), (1, 12, 64, 300, 256), (3, 2, 8, 16, 15), (8, 4, 16, 40, 8)])
+def test_decode_attention_writes_the_cache_and_equals_sdpa(ext, B, nh, hs, S, pos):
+    g = torch.Generator().manual_seed(B + nh + S + pos)
     k, v = torch.randn(B, nh, S, hs, generator=g), torch.randn(B, nh, S, hs, generator=g)
-    q = torch.randn(B, 1, nh * hs, generator=g)[:, 0]  # (B, C), as the model slices it from c_attn's output
-    want = F.scaled_dot_product_attention(q.view(B, nh, 1, hs), k[:, :, :kv_len], v[:, :, :kv_len])
-    got = kernels.decode_attention(q, k, v, kv_len)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, nh * hs), atol=1e-5, rtol=1e-5)
-    assert kernels.decode_attention(q.double(), k.double(), v.double(), kv_len) is None  # not float32: SDPA
+    C = nh * hs
+    qkv = torch.randn(B, 3 * C, generator=g)
+    q, k_new, v_new = (t.view(B, nh, 1, hs) for t in qkv.split(C, dim=1))
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, pos:pos + 1], want_v[:, :, pos:pos + 1] = k_new, v_new
+    want = F.scaled_dot_product_attention(q, want_k[:, :, :pos + 1], want_v[:, :, :pos + 1])
+    assert kernels.decode_attention(qkv.double(), k.double(), v.double(), pos) is None  # not float32: no-op
+    got = kernels.decode_attention(qkv, k, v, pos)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, C), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, want_k, atol=0, rtol=0)  # the cache holds this step's keys and values
+    torch.testing.assert_close(v, want_v, atol=0, rtol=0)

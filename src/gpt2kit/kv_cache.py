@@ -18,12 +18,16 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def rows(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache of rows `rows` (default all), as views: (B, nh, S, hs) each."""
+        return (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                rows: slice | None = None, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) at each row's own positions input_pos (B, T), into cache rows `rows`
         (default all); returns those rows of the cache, (B, nh, S, hs). `start` says every row's positions
         are start..start+T-1, which a plain slice copy writes faster than a scatter."""
-        ck, cv = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])  # views: writes land
+        ck, cv = self.rows(rows)  # views: writes land in the cache
         if start is not None:
             T = k.shape[2]
             ck[:, :, start:start + T].copy_(k)

@@ -25,15 +25,22 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
-        # optional faster one-query attention for decoding: (q (B, C), k, v, kv_len) -> (B, C) or None when
-        # it does not apply; gpt2kit.kernels installs one on CPUs
+        # optional faster decoding step: (qkv (B, 3C), cache k, cache v, pos) writes k, v at slot pos and
+        # returns attention over slots 0..pos, (B, C), or None when it does not apply; gpt2kit.kernels
+        # installs one on CPUs
         self.decode_attention: Callable[..., torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
                 kv_len: int | None, rows: slice | None, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q_bt, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q = q_bt.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if T == 1 and mask is None and start is not None and self.decode_attention is not None:
+            # one token per row, all at slot `start` (decoding in step): the whole attention in one call
+            ck, cv = self.kv_cache.rows(rows)
+            if (y := self.decode_attention(qkv.view(B, 3 * C), ck, cv, start)) is not None:
+                return self.c_proj(y.view(B, 1, C))
+        q, k, v = qkv.split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is None or input_pos is None:
@@ -42,9 +49,6 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             ck, cv = self.kv_cache.update(input_pos, k, v, rows, start)  # (B, nh, S, hs)
-            if (mask is None and T == 1 and kv_len is not None and self.decode_attention is not None
-                    and (y := self.decode_attention(q_bt.view(B, C), ck, cv, kv_len)) is not None):
-                return self.c_proj(y.view(B, 1, C))  # eval only: decode_attention is never set in training
             if kv_len is not None:  # attend only to the filled prefix (eager fast path; shapes vary)
                 ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]
             if mask is None and start == 0 and T > 1:  # a prefill from slot 0: plain causal

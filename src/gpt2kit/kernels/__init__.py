@@ -123,13 +123,15 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-    """q (B, C), cache k, v (B, nh, S, hs) -> (B, C), attending to the first kv_len slots; None when the
-    kernel does not apply (the caller then uses scaled_dot_product_attention)."""
-    if (_ext is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu"
+def decode_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor | None:
+    """One decoding step of attention with every row at position `pos`: writes the keys and values of qkv
+    (B, 3C), c_attn's output, into the cache k, v (B, nh, S, hs) at slot pos and returns (B, C), each
+    head's query attended over slots 0..pos. None, writing nothing, when the kernel does not apply (the
+    caller then takes its ordinary path)."""
+    if (_ext is None or qkv.dtype != torch.float32 or k.dtype != torch.float32 or qkv.device.type != "cpu"
             or k.shape[-1] % 8 or not k.is_contiguous() or not v.is_contiguous()):
         return None
-    return _ext.decode_attention(q, k, v, kv_len)
+    return _ext.decode_attention(qkv, k, v, pos)
 
 
 def accelerate_(model: nn.Module, build: bool = True) -> bool:

@@ -91,30 +91,36 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c1
   return y;
 }
 
-// One decoding step of attention, every row at the same position: q (B, C) with C = nh * hs, the cache
-// k, v (B, nh, S_max, hs) of which the first kv_len slots are attended; returns (B, C), heads side by side
-// (the layout c_proj wants, so no transpose follows). Why by hand: at one query per head PyTorch's
-// scaled_dot_product_attention spends most of its ~40 us per layer on set-up, not arithmetic.
-torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
-                               int64_t kv_len) {
-  TORCH_CHECK(q_in.dim() == 2 && k.dim() == 4 && k.sizes() == v.sizes(), "q (B, C), k and v (B, nh, S, hs)");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == at::kFloat, "float32 contiguous cache");
-  const int64_t B = k.size(0), nh = k.size(1), S = k.size(2), hs = k.size(3);
-  TORCH_CHECK(q_in.size(0) == B && q_in.size(1) == nh * hs && hs % 8 == 0 && kv_len > 0 && kv_len <= S, "shapes");
-  const torch::Tensor q = q_in.contiguous();
-  torch::Tensor y = torch::empty({B, nh * hs}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+// One decoding step of attention, every row at the same position `pos`: qkv (B, 3C) is c_attn's output
+// (q, k, v side by side, C = nh * hs); k and v are written into the cache (B, nh, S_max, hs) at slot pos,
+// then each head's query attends to slots 0..pos. Returns (B, C), heads side by side (the layout c_proj
+// wants, so no transpose follows). Why by hand: at one query per head, PyTorch's
+// scaled_dot_product_attention spends most of its ~40 us per layer on set-up rather than arithmetic, and
+// the split / view / transpose / cache-copy ops around it cost as much again.
+torch::Tensor decode_attention(const torch::Tensor& qkv_in, const torch::Tensor& k, const torch::Tensor& v,
+                               int64_t pos) {
+  TORCH_CHECK(qkv_in.dim() == 2 && k.dim() == 4 && k.sizes() == v.sizes(), "qkv (B, 3C), k and v (B, nh, S, hs)");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat && qkv_in.scalar_type() == at::kFloat, "float32 contiguous cache");
+  const int64_t B = k.size(0), nh = k.size(1), S = k.size(2), hs = k.size(3), C = nh * hs;
+  TORCH_CHECK(qkv_in.size(0) == B && qkv_in.size(1) == 3 * C && hs % 8 == 0 && pos >= 0 && pos < S, "shapes");
+  const torch::Tensor qkv = qkv_in.contiguous();
+  torch::Tensor y = torch::empty({B, C}, qkv.options());
+  const float* qp = qkv.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  const int64_t kv_len = pos + 1;
   at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(kv_len);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nh, h = i % nh;
-      const float* qh = qp + b * nh * hs + h * hs;
-      const float* kh = kp + i * S * hs;
-      const float* vh = vp + i * S * hs;
+      const float* qh = qp + b * 3 * C + h * hs;
+      float* kh = kp + i * S * hs;
+      float* vh = vp + i * S * hs;
+      std::copy(qh + C, qh + C + hs, kh + pos * hs);  // this step's key and value into the cache
+      std::copy(qh + 2 * C, qh + 2 * C + hs, vh + pos * hs);
       float mx = -INFINITY;
       for (int64_t s = 0; s < kv_len; ++s) {
         __m256 acc = _mm256_setzero_ps();
@@ -128,7 +134,7 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
         p[s] = std::exp(p[s] - mx);
         sum += p[s];
       }
-      float* yh = yp + b * nh * hs + h * hs;
+      float* yh = yp + b * C + h * hs;
       for (int64_t d = 0; d < hs; d += 8) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t s = 0; s < kv_len; ++s)
@@ -142,5 +148,5 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ W.T + b for small M (float32, AVX2/FMA)");
-  m.def("decode_attention", &decode_attention, "one-query attention over the first kv_len cache slots");
+  m.def("decode_attention", &decode_attention, "write k, v at slot pos, then one-query attention over 0..pos");
 }
