@@ -75,8 +75,11 @@ def load(build: bool = True, quiet: bool = False) -> Any:
     built = where / f"{name}.so"
     try:
         if built.exists():
-            _ext = _import_built(built, name)
-            return _ext
+            try:
+                _ext = _import_built(built, name)
+                return _ext
+            except ImportError:  # a build cut short (killed mid-link): make it again below
+                built.unlink(missing_ok=True)
         if not build:
             return None
         from torch.utils import cpp_extension
