@@ -187,11 +187,11 @@ class GPT(nn.Module):
             # the common case, every row writing the same slots S-T..S-1 (decoding a batch in step, or a
             # prefill from 0), takes cheaper paths: a slice copy into the cache, and no mask (T == 1) or
             # SDPA's own causal one (a prefill from slot 0)
-            if S >= T and bool((input_pos == slots[S - T:]).all()):
-                start = S - T
-                mask = None if T == 1 or start == 0 else slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)
+            start = S - T if S >= T and bool((input_pos == slots[S - T:]).all()) else None
+            if start is not None and (T == 1 or start == 0):
+                mask = None
             else:
-                start, mask = None, slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
+                mask = slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
         x = self.transformer.drop(x) if self.training else x
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and input_pos is None:
