@@ -110,19 +110,53 @@ def test_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
     assert len(notice) == 1
 
 
-@pytest.mark.parametrize("B,nh,hs,S,pos",
-                         [(1, 12, 64, 300, 0), (1, 12, 64, 300, 256), (3, 2, 8, 16, 15), (8, 4, 16, 40, 8)])
-def test_decode_attention_writes_the_cache_and_equals_sdpa(ext, B, nh, hs, S, pos):
-    g = torch.Generator().manual_seed(B + nh + S + pos)
-    k, v = torch.randn(B, nh, S, hs, generator=g), torch.randn(B, nh, S, hs, generator=g)
-    C = nh * hs
-    qkv = torch.randn(B, 3 * C, generator=g)
-    q, k_new, v_new = (t.view(B, nh, 1, hs) for t in qkv.split(C, dim=1))
-    want_k, want_v = k.clone(), v.clone()
-    want_k[:, :, pos:pos + 1], want_v[:, :, pos:pos + 1] = k_new, v_new
-    want = F.scaled_dot_product_attention(q, want_k[:, :, :pos + 1], want_v[:, :, :pos + 1])
-    assert kernels.decode_attention(qkv.double(), k.double(), v.double(), pos) is None  # not float32: no-op
-    got = kernels.decode_attention(qkv, k, v, pos)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, C), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(k, want_k, atol=0, rtol=0)  # the cache holds this step's keys and values
-    torch.testing.assert_close(v, want_v, atol=0, rtol=0)
+@pytest.mark.parametrize("B,rows,pos", [(1, None, 0), (1, None, 37), (3, None, 20), (2, slice(1, 3), 5)])
+def test_decode_step_equals_the_modules_and_fills_the_cache(ext, B, rows, pos):
+    config = GPTConfig.from_name("tiny", n_embd=64, n_head=4, n_layer=3)
+    plain, fast = random_model(config, seed=5, std=0.2), random_model(config, seed=5, std=0.2)
+    assert kernels.prepare_cpu_decoding_(fast) == "kernel" and isinstance(fast.decode_step, kernels.DecodeStep)
+    calls = []
+    step = fast.decode_step
+    fast.decode_step = lambda *a: calls.append(a) or step(*a)
+    g = torch.Generator().manual_seed(pos)
+    n = 3 if rows is not None else B
+    prompt = torch.randint(0, config.vocab_size, (n, pos + 1), generator=g)
+    with torch.inference_mode():
+        for m in (plain, fast):
+            m.setup_caches(n, 64)
+            if pos:  # the same earlier keys and values in both caches (the prefill takes the modules' path)
+                m(prompt[:, :pos], torch.arange(pos), kv_len=pos)
+        sel = rows or slice(None)
+        args = (prompt[sel, pos:], torch.tensor([pos]))
+        want = plain(*args, kv_len=pos + 1, rows=rows)
+        got = fast(*args, kv_len=pos + 1, rows=rows)
+    assert len(calls) == 1 and got.shape == want.shape == (len(range(n)[sel]), 1, config.vocab_size)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(plain.transformer.h, fast.transformer.h):
+        torch.testing.assert_close(b.attn.kv_cache.k, a.attn.kv_cache.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.attn.kv_cache.v, a.attn.kv_cache.v, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_is_skipped_where_it_does_not_apply(ext):
+    config = GPTConfig.from_name("tiny", n_embd=64, n_head=4, n_layer=2)
+    model = random_model(config, seed=1)
+    assert kernels.prepare_cpu_decoding_(model) == "kernel"
+    model.setup_caches(2, 16)
+    calls = []
+    step = model.decode_step
+    model.decode_step = lambda *a: calls.append(a) or step(*a)
+    x = torch.randint(0, config.vocab_size, (2, 4))
+    with torch.inference_mode():
+        model(x, torch.arange(4), kv_len=4)  # a prefill: the modules
+        model(x[:, :1], torch.tensor([[4], [2]]), kv_len=5)  # rows at different positions: a mask
+    model.train()
+    with torch.inference_mode():
+        model(x[:, :1], torch.tensor([5]), kv_len=6)  # training mode (dropout): the modules
+    assert calls == []
+    # with autograd recording, the kernel would drop the gradients: None, and the modules run
+    model.eval()
+    assert step(torch.randn(2, 64), None, 6) is None
+    # and models it cannot run keep the plain path: a layer that is not a plain nn.Linear (an adapter)
+    other = random_model(config, seed=1)
+    other.transformer.h[1].mlp.c_fc = torch.nn.Sequential(other.transformer.h[1].mlp.c_fc)
+    assert kernels.prepare_cpu_decoding_(other) == "kernel" and other.decode_step is None

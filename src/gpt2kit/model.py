@@ -25,20 +25,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
-        # optional faster decoding step: (qkv (B, 3C), cache k, cache v, pos) writes k, v at slot pos and
-        # returns attention over slots 0..pos, (B, C), or None when it does not apply; gpt2kit.kernels
-        # installs one on CPUs
-        self.decode_attention: Callable[..., torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
                 kv_len: int | None, rows: slice | None, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
-        if T == 1 and mask is None and start is not None and self.decode_attention is not None:
-            # one token per row, all at slot `start` (decoding in step): the whole attention in one call
-            ck, cv = self.kv_cache.rows(rows)
-            if (y := self.decode_attention(qkv.view(B, 3 * C), ck, cv, start)) is not None:
-                return self.c_proj(y.view(B, 1, C))
         q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -99,6 +90,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
+        # optional faster one-token step, (x (B, C) embeddings, rows, pos) -> logits (B, vocab), or None
+        # when it does not apply: every block, ln_f and the LM head for rows that all write cache slot pos.
+        # gpt2kit.kernels installs one on CPUs; it must give what the modules below give.
+        self.decode_step: Callable[..., torch.Tensor | None] | None = None
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -192,6 +187,9 @@ class GPT(nn.Module):
                 mask = None
             else:
                 mask = slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
+        if T == 1 and mask is None and start is not None and self.decode_step is not None and not self.training:
+            if (logits := self.decode_step(x.view(B, -1), rows, start)) is not None:
+                return logits.view(B, 1, -1)  # (B, 1, vocab)
         x = self.transformer.drop(x) if self.training else x
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and input_pos is None:

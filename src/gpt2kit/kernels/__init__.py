@@ -1,7 +1,7 @@
 """Optional compiled CPU kernels, built on first use with PyTorch's C++ extension tooling and cached.
 
-Two, both for decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch
-linear layer and one-query attention over the KV cache.
+Both for decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch linear
+layer, and a whole one-token step of GPT-2 built on it (blocks, KV-cache attention, ln_f, LM head).
 It needs an x86-64 CPU with AVX2/FMA and a C++ compiler; without them, or with GPT2KIT_CPU_KERNELS=0,
 everything runs on PyTorch's own kernels with the same results. `python -m gpt2kit.kernels` builds it
 ahead of time (scripts/setup.sh does), so that no later command waits for the compiler.
@@ -126,20 +126,43 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
-def decode_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor | None:
-    """One decoding step of attention with every row at position `pos`: writes the keys and values of qkv
-    (B, 3C), c_attn's output, into the cache k, v (B, nh, S, hs) at slot pos and returns (B, C), each
-    head's query attended over slots 0..pos. None, writing nothing, when the kernel does not apply (the
-    caller then takes its ordinary path)."""
-    if (_ext is None or qkv.dtype != torch.float32 or k.dtype != torch.float32 or qkv.device.type != "cpu"
-            or k.shape[-1] % 8 or not k.is_contiguous() or not v.is_contiguous()):
-        return None
-    return _ext.decode_attention(qkv, k, v, pos)
+class DecodeStep:
+    """GPT.decode_step through the compiled kernel: one call runs every block, ln_f and the LM head of a
+    one-token step (the products at the bandwidth limit, the small operations between them as plain loops
+    instead of ~150 PyTorch operations and their Python). Holds the model's weights in the order the
+    kernel takes them; `for_model` says whether a model fits (plain float32 nn.Linear/nn.LayerNorm layers,
+    sizes the AVX2 loops handle)."""
+
+    def __init__(self, model: nn.Module):
+        t = model.transformer
+        self.blocks = list(t.h)
+        self.weights = [p for b in self.blocks
+                        for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj)
+                        for p in (m.weight, m.bias)] + [t.ln_f.weight, t.ln_f.bias, model.lm_head.weight]
+        self.eps = model.config.layer_norm_epsilon
+
+    @staticmethod
+    def for_model(model: nn.Module) -> bool:
+        cfg = model.config
+        if cfg.n_embd % 8 or cfg.head_dim % 8 or cfg.n_inner % 8 or model.lm_head.bias is not None:
+            return False
+        layers = [model.transformer.ln_f] + [m for b in model.transformer.h
+                                             for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
+                                                       b.mlp.c_proj)]
+        return all(type(m) in (nn.Linear, nn.LayerNorm) and m.bias is not None and m.weight.dtype == torch.float32
+                   and m.weight.device.type == "cpu" for m in layers)
+
+    def __call__(self, x: torch.Tensor, rows: slice | None, pos: int) -> torch.Tensor | None:
+        caches = [t for b in self.blocks for t in b.attn.kv_cache.rows(rows)]
+        if (x.dtype != torch.float32 or caches[0].dtype != torch.float32 or not caches[0].is_contiguous()
+                or torch.is_grad_enabled() and any(w.requires_grad for w in self.weights)):
+            return None
+        return _ext.decode_step(x.contiguous(), self.weights, caches, pos, self.eps)
 
 
 def accelerate_(model: nn.Module, build: bool = True) -> bool:
     """Route every float32 CPU nn.Linear of `model` (the tied LM head included) through `linear`, and its
-    one-token decoding attention through `decode_attention`. Returns
+    one-token decoding steps through `DecodeStep`. Returns
     False, changing nothing, when the kernel is unavailable. The kernel reads weights row-major, so any
     stored otherwise (HuggingFace's Conv1D layout arrives transposed) are copied into that layout once."""
     if load(build=build) is None:
@@ -151,8 +174,8 @@ def accelerate_(model: nn.Module, build: bool = True) -> bool:
                 if not module.weight.is_contiguous():
                     module.weight.data = module.weight.data.contiguous()
                 module.forward = types.MethodType(_forward, module)
-            if hasattr(module, "decode_attention"):  # gpt2kit.model.CausalSelfAttention
-                module.decode_attention = decode_attention
+        if hasattr(model, "decode_step") and DecodeStep.for_model(model):  # a gpt2kit.model.GPT
+            model.decode_step = DecodeStep(model)
     return True
 
 

@@ -1,10 +1,17 @@
 // gpt2kit's decoding kernels for x86-64 CPUs with AVX2/FMA, float32.
 //
-// linear: y (M, N) = x (M, K) @ W (N, K)^T + b for small M. Why by hand: one-token decoding is nothing but such products with M = batch size (1..32), and on the
-// CPUs we measured MKL's float32 GEMV/GEMM streams the weights at 14-22 GB/s for M = 1 and far less for
-// M = 2..32 (the 50257 x 768 LM head at M = 8 took 31 ms), where a plain register-tiled loop over the
-// row-major weights reaches the machine's streaming-read bandwidth (~30-34 GB/s on 2 cores). Each weight
-// row is read from memory once and used for every input row while it sits in L1.
+// linear: y (M, N) = x (M, K) @ W (N, K)^T + b for small M. Why by hand: one-token decoding is nothing but
+// such products with M = batch size (1..32), and on the CPUs we measured MKL's float32 GEMV/GEMM streams the
+// weights at 14-22 GB/s for M = 1 and far less for M = 2..32 (the 50257 x 768 LM head at M = 8 took 31 ms),
+// where a plain register-tiled loop over the row-major weights reaches the machine's streaming-read
+// bandwidth (~30-34 GB/s on 2 cores). Each weight row is read from memory once and used for every input
+// row while it sits in L1.
+//
+// decode_step: one whole decoding step of GPT-2 (every block, ln_f and the LM head) for B rows that all
+// sit at the same position. Why by hand: with the products at the bandwidth limit, what was left of a
+// 124M step (~2 of ~20 ms) went to ~150 small PyTorch operations (layer norms, GELU, residual adds,
+// splits, the cache write, attention set-up) and the Python around them; here they are a few loops over
+// vectors of n_embd floats between the products.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,8 +30,9 @@ inline float hsum(__m256 v) {
 }
 
 // R weight rows x MB input rows: R * MB accumulators stay in registers across the whole K loop.
+// With `add`, the result is added to what y holds (a residual connection) instead of replacing it.
 template <int R, int MB>
-inline void tile(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
+inline void tile(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N, bool add) {
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -37,39 +45,28 @@ inline void tile(const float* x, const float* w, const float* b, float* y, int64
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) y[m * N + r] = hsum(acc[r][m]) + (b ? b[r] : 0.f);
+    for (int m = 0; m < MB; ++m) {
+      const float out = hsum(acc[r][m]) + (b ? b[r] : 0.f);
+      y[m * N + r] = add ? y[m * N + r] + out : out;
+    }
 }
 
 // Rows [n0, n1) of the output for every input row, R weight rows at a time.
 template <int R, int MB>
 void rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N,
-          int64_t n0, int64_t n1) {
+          int64_t n0, int64_t n1, bool add) {
   for (int64_t n = n0; n < n1; n += R) {
     const float* wn = w + n * K;
     const float* bn = b ? b + n : nullptr;
     int64_t m = 0;
-    for (; m + MB <= M; m += MB) tile<R, MB>(x + m * K, wn, bn, y + m * N + n, K, N);
-    for (; m < M; ++m) tile<R, 1>(x + m * K, wn, bn, y + m * N + n, K, N);
+    for (; m + MB <= M; m += MB) tile<R, MB>(x + m * K, wn, bn, y + m * N + n, K, N, add);
+    for (; m < M; ++m) tile<R, 1>(x + m * K, wn, bn, y + m * N + n, K, N, add);
   }
 }
 
-}  // namespace
-
-torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "shapes: x (M, K), W (N, K)");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
-  TORCH_CHECK(w.is_contiguous() && x_in.size(1) % 8 == 0, "W row-major, K a multiple of 8");
-  const torch::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "bias (N,)");
-    bp = bias->data_ptr<float>();
-  }
-  float* yp = y.data_ptr<float>();
+// y (M, N) (+)= x (M, K) @ w (N, K)^T + b, on torch's threads; K a multiple of 8.
+void linear_into(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N,
+                 bool add) {
   // batch 1: 8 rows per tile (more independent streams in flight); batches: 4 rows x 2 inputs
   const int64_t R = M == 1 ? 8 : 4;
   const int64_t groups = N / R;
@@ -83,42 +80,81 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c1
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t g0 = c * per, g1 = std::min(groups, g0 + per);
     if (M == 1)
-      rows<8, 1>(xp, wp, bp, yp, M, K, N, g0 * R, g1 * R);
+      rows<8, 1>(x, w, b, y, M, K, N, g0 * R, g1 * R, add);
     else
-      rows<4, 2>(xp, wp, bp, yp, M, K, N, g0 * R, g1 * R);
+      rows<4, 2>(x, w, b, y, M, K, N, g0 * R, g1 * R, add);
   }
-  rows<1, 1>(xp, wp, bp, yp, M, K, N, groups * R, N);  // the last N % R rows
-  return y;
+  rows<1, 1>(x, w, b, y, M, K, N, groups * R, N, add);  // the last N % R rows
 }
 
-// One decoding step of attention, every row at the same position `pos`: qkv (B, 3C) is c_attn's output
-// (q, k, v side by side, C = nh * hs); k and v are written into the cache (B, nh, S_max, hs) at slot pos,
-// then each head's query attends to slots 0..pos. Returns (B, C), heads side by side (the layout c_proj
-// wants, so no transpose follows). Why by hand: at one query per head, PyTorch's
-// scaled_dot_product_attention spends most of its ~40 us per layer on set-up rather than arithmetic, and
-// the split / view / transpose / cache-copy ops around it cost as much again.
-torch::Tensor decode_attention(const torch::Tensor& qkv_in, const torch::Tensor& k, const torch::Tensor& v,
-                               int64_t pos) {
-  TORCH_CHECK(qkv_in.dim() == 2 && k.dim() == 4 && k.sizes() == v.sizes(), "qkv (B, 3C), k and v (B, nh, S, hs)");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat && qkv_in.scalar_type() == at::kFloat, "float32 contiguous cache");
-  const int64_t B = k.size(0), nh = k.size(1), S = k.size(2), hs = k.size(3), C = nh * hs;
-  TORCH_CHECK(qkv_in.size(0) == B && qkv_in.size(1) == 3 * C && hs % 8 == 0 && pos >= 0 && pos < S, "shapes");
-  const torch::Tensor qkv = qkv_in.contiguous();
-  torch::Tensor y = torch::empty({B, C}, qkv.options());
-  const float* qp = qkv.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  float* vp = v.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y (M, C) = layer_norm(x (M, C)) * g + b, C a multiple of 8; the same two-pass mean and variance as
+// PyTorch's CPU kernel, in float32.
+void layer_norm(const float* x, const float* g, const float* b, float* y, int64_t M, int64_t C, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * C;
+    float* ym = y + m * C;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xm + c));
+    const __m256 mean = _mm256_set1_ps(hsum(s) / C);
+    __m256 q = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xm + c), mean);
+      q = _mm256_fmadd_ps(d, d, q);
+    }
+    const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(hsum(q) / C + eps));
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xm + c), mean), rstd);
+      _mm256_storeu_ps(ym + c, _mm256_fmadd_ps(d, _mm256_loadu_ps(g + c), _mm256_loadu_ps(b + c)));
+    }
+  }
+}
+
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+// error ~1e-7, float32's own precision), 2^n put into the exponent bits.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 split in two for accuracy
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// GPT-2's GELU (the tanh approximation) in place over n floats, n a multiple of 8:
+// 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (e^(2u) + 1).
+void gelu_tanh(float* x, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+  const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, v), _mm256_mul_ps(v, v), v));
+    const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, u)), one)));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+  }
+}
+
+// One query per head, every row at position `pos`: qkv (B, 3C) is c_attn's output (q, k, v side by side,
+// C = nh * hs); k and v go into the cache (B, nh, S, hs) at slot pos, then each head's query attends to
+// slots 0..pos. y (B, C), heads side by side (the layout c_proj wants).
+void attention(const float* qkv, float* kc, float* vc, float* y, int64_t B, int64_t nh, int64_t S, int64_t hs,
+               int64_t pos) {
+  const int64_t C = nh * hs, kv_len = pos + 1;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  const int64_t kv_len = pos + 1;
   at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(kv_len);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nh, h = i % nh;
-      const float* qh = qp + b * 3 * C + h * hs;
-      float* kh = kp + i * S * hs;
-      float* vh = vp + i * S * hs;
+      const float* qh = qkv + b * 3 * C + h * hs;
+      float* kh = kc + i * S * hs;
+      float* vh = vc + i * S * hs;
       std::copy(qh + C, qh + C + hs, kh + pos * hs);  // this step's key and value into the cache
       std::copy(qh + 2 * C, qh + 2 * C + hs, vh + pos * hs);
       float mx = -INFINITY;
@@ -134,7 +170,7 @@ torch::Tensor decode_attention(const torch::Tensor& qkv_in, const torch::Tensor&
         p[s] = std::exp(p[s] - mx);
         sum += p[s];
       }
-      float* yh = yp + b * C + h * hs;
+      float* yh = y + b * C + h * hs;
       for (int64_t d = 0; d < hs; d += 8) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t s = 0; s < kv_len; ++s)
@@ -143,10 +179,77 @@ torch::Tensor decode_attention(const torch::Tensor& qkv_in, const torch::Tensor&
       }
     }
   });
+}
+
+const float* ptr(const torch::Tensor& t) { return t.data_ptr<float>(); }
+
+void check_f32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+              what, " must be a contiguous float32 CPU tensor");
+}
+
+}  // namespace
+
+torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "shapes: x (M, K), W (N, K)");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(w.is_contiguous() && x_in.size(1) % 8 == 0, "W row-major, K a multiple of 8");
+  const torch::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "bias (N,)");
+    bp = ptr(*bias);
+  }
+  linear_into(ptr(x), ptr(w), bp, y.data_ptr<float>(), M, K, N, false);
   return y;
+}
+
+// x (B, C): token plus position embeddings of one step, every row at position pos. weights: per block
+// ln_1.{weight,bias}, attn.c_attn.{weight,bias}, attn.c_proj.{weight,bias}, ln_2.{weight,bias},
+// mlp.c_fc.{weight,bias}, mlp.c_proj.{weight,bias} (12 each, nn.Linear's (out, in) layout), then
+// ln_f.{weight,bias} and the LM head's weight (vocab, C). caches: per block the key and value cache rows
+// (B, nh, S, hs), written at slot pos. Returns the logits (B, vocab).
+torch::Tensor decode_step(const torch::Tensor& x_in, const std::vector<torch::Tensor>& weights,
+                          const std::vector<torch::Tensor>& caches, int64_t pos, double eps_d) {
+  check_f32(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 8 == 0, "x (B, C), C a multiple of 8");
+  const int64_t B = x_in.size(0), C = x_in.size(1);
+  const int64_t L = static_cast<int64_t>(caches.size()) / 2;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 12 * L + 3 && caches.size() == 2 * L, "12 weights and 2 caches a block, then 3");
+  for (const auto& t : weights) check_f32(t, "every weight");
+  for (const auto& t : caches) {
+    check_f32(t, "every cache");
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) * t.size(3) == C && t.size(3) % 8 == 0 &&
+                pos >= 0 && pos < t.size(2), "caches (B, nh, S, hs) with pos < S");
+  }
+  const int64_t F = weights[8].size(0), V = weights[12 * L + 2].size(0);
+  TORCH_CHECK(F % 8 == 0 && weights[8].size(1) == C && weights[12 * L + 2].size(1) == C, "shapes");
+  const float eps = static_cast<float>(eps_d);
+  torch::Tensor x = x_in.clone();  // the residual stream, updated in place
+  std::vector<float> h(B * C), qkv(B * 3 * C), att(B * C), f(B * F);
+  float* xp = x.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* w = &weights[12 * l];
+    const torch::Tensor& kc = caches[2 * l];
+    layer_norm(xp, ptr(w[0]), ptr(w[1]), h.data(), B, C, eps);
+    linear_into(h.data(), ptr(w[2]), ptr(w[3]), qkv.data(), B, C, 3 * C, false);
+    attention(qkv.data(), kc.data_ptr<float>(), caches[2 * l + 1].data_ptr<float>(), att.data(), B, kc.size(1),
+              kc.size(2), kc.size(3), pos);
+    linear_into(att.data(), ptr(w[4]), ptr(w[5]), xp, B, C, C, true);  // x += c_proj(attention)
+    layer_norm(xp, ptr(w[6]), ptr(w[7]), h.data(), B, C, eps);
+    linear_into(h.data(), ptr(w[8]), ptr(w[9]), f.data(), B, C, F, false);
+    gelu_tanh(f.data(), B * F);
+    linear_into(f.data(), ptr(w[10]), ptr(w[11]), xp, B, F, C, true);  // x += mlp(ln_2(x))
+  }
+  layer_norm(xp, ptr(weights[12 * L]), ptr(weights[12 * L + 1]), h.data(), B, C, eps);
+  torch::Tensor logits = torch::empty({B, V}, x.options());
+  linear_into(h.data(), ptr(weights[12 * L + 2]), nullptr, logits.data_ptr<float>(), B, C, V, false);
+  return logits;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ W.T + b for small M (float32, AVX2/FMA)");
-  m.def("decode_attention", &decode_attention, "write k, v at slot pos, then one-query attention over 0..pos");
+  m.def("decode_step", &decode_step, "one GPT-2 decoding step, every row at position pos: logits (B, vocab)");
 }
