@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +121,26 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])  # clipping and not
+def test_clipping_reaches_the_optimizer(clip):
+    """Adam's first update is ~lr * sign(grad) whatever the gradient's scale, so the parity test above
+    cannot see whether clipping happened; the first moment it stores, (1 - beta1) * grad, can."""
+    model = random_model(TINY, seed=2).train()
+    trainer = Trainer(model, TrainConfig(model="x", data=["x"], lr=1e-3, grad_clip=clip), torch.device("cpu"))
+    seq = torch.randint(0, TINY.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    trainer.forward_backward([(seq[:, :-1], seq[:, 1:])])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    norm = trainer.optimizer_step(lr=1e-3)
+    assert norm.item() == pytest.approx(total.item(), rel=1e-5)
+    factor = min(1.0, clip / (total.item() + 1e-6))
+    beta1 = trainer.optimizer.defaults["betas"][0]
+    for n, p in model.named_parameters():
+        exp_avg = trainer.optimizer.state[p]["exp_avg"]
+        torch.testing.assert_close(exp_avg, (1 - beta1) * factor * grads[n], rtol=1e-5, atol=1e-12)
+    assert not hasattr(trainer.optimizer, "grad_scale")
+
 
 def test_lr_schedule():
     cfg = TrainConfig(model="x", data=["x"], lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
@@ -358,3 +381,27 @@ def test_tensorboard_logging(tmp_path, tiny_dir, monkeypatch):
     finetune(_cfg(tmp_path, tiny_dir, steps=2, eval_every=2, tensorboard=True), progress=False)
     assert calls[0] == ("init", str(tmp_path / "run/tensorboard"))
     assert ("train/loss", 2) in calls and ("val/loss", 2) in calls and calls[-1] == ("close",)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_allocator_tuning_reuses_memory_instead_of_faulting_it_in_again(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import resource, torch\n"
+        "from gpt2kit.train import tune_cpu_allocator\n"
+        "tuned = tune_cpu_allocator()\n"
+        "def faults():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(3):\n"
+        "        t = torch.empty(64 * 2**20 // 4); t.fill_(1.0); del t  # 64 MiB, like a step's big tensors\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "faults(); faults()  # settle: the first rounds may still grow the heap\n"
+        "print(tuned, faults())\n")
+    out = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "GPT2KIT_MALLOC_TUNING": setting}
+        res = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, check=True)
+        tuned, faults = res.stdout.split()
+        out[setting] = (tuned, int(faults))
+    assert out["0"][0] == "False" and out["0"][1] > 3 * 10_000  # every 64 MiB block faulted in afresh
+    assert out["1"][0] == "True" and out["1"][1] < 1_000  # the freed block is reused

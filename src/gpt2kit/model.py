@@ -157,7 +157,8 @@ class GPT(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 kv_len: int | None = None, rows: slice | None = None,
-                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, logits_at: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
         Without input_pos: plain causal forward over positions 0..T-1 (training, scoring).
@@ -165,7 +166,9 @@ class GPT(nn.Module):
         positions and each query sees cache slots <= its own position. kv_len (a Python int) limits
         attention to the first kv_len slots; rows selects a contiguous slice of cache rows.
         logits_at (B,) computes logits only at one position per row, (B, 1, vocab): the LM head is the
-        costliest layer, and a prefill needs it only at each prompt's last token."""
+        costliest layer, and a prefill needs it only at each prompt's last token.
+        return_hidden gives ln_f's output (B, T, C) instead of logits, for a caller that applies the LM head
+        itself (gpt2kit.fused_loss in training)."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.n_positions:
@@ -187,7 +190,8 @@ class GPT(nn.Module):
                 mask = None
             else:
                 mask = slots.view(1, 1, 1, S) <= input_pos.view(B, 1, T, 1)  # (B, 1, T, S)
-        if T == 1 and mask is None and start is not None and self.decode_step is not None and not self.training:
+        if (T == 1 and mask is None and start is not None and self.decode_step is not None and not self.training
+                and not return_hidden):
             if (logits := self.decode_step(x.view(B, -1), rows, start)) is not None:
                 return logits.view(B, 1, -1)  # (B, 1, vocab)
         x = self.transformer.drop(x) if self.training else x
@@ -201,7 +205,7 @@ class GPT(nn.Module):
         elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x)  # (B, T, vocab)
+        return x if return_hidden else self.lm_head(x)  # (B, T, vocab)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         logits = self(idx)
