@@ -160,3 +160,61 @@ def test_decode_step_is_skipped_where_it_does_not_apply(ext):
     other = random_model(config, seed=1)
     other.transformer.h[1].mlp.c_fc = torch.nn.Sequential(other.transformer.h[1].mlp.c_fc)
     assert kernels.prepare_cpu_decoding_(other) == "kernel" and other.decode_step is None
+
+
+def test_int8_step_equals_the_modules_on_dequantised_weights(ext):
+    """The int8 path computes exactly what the model would with weights q * scale: the kernel's own error
+    is float rounding; the drift from float32 is the quantisation's alone."""
+    config = GPTConfig.from_name("tiny", n_embd=64, n_head=4, n_layer=2)
+    fast, ref, plain = (random_model(config, seed=6, std=0.2) for _ in range(3))
+    assert kernels.prepare_cpu_decoding_(fast, quantize="int8") == "kernel-int8"
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):  # the LM head too (its weight is wte; lookups stay float32)
+                q, s = kernels.quantize_int8(m.weight)
+                assert q.dtype == torch.int8 and q.abs().max() == 127
+                if m is not ref.lm_head:
+                    m.weight.copy_(q.float() * s[:, None])
+        q, s = kernels.quantize_int8(ref.lm_head.weight)
+        ref.lm_head = torch.nn.Linear(64, config.vocab_size, bias=False)
+        ref.lm_head.weight.copy_(q.float() * s[:, None])
+    prompt = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = {}
+        for m in (fast, ref, plain):
+            m.setup_caches(2, 32)
+            m(prompt[:, :8], torch.arange(8), kv_len=8)  # the prefill reads float32 weights (the fast model's)
+        for a, b in zip(ref.transformer.h, fast.transformer.h):  # so ref continues from the same cache
+            a.attn.kv_cache.k.copy_(b.attn.kv_cache.k)
+            a.attn.kv_cache.v.copy_(b.attn.kv_cache.v)
+        for key, m in (("fast", fast), ("ref", ref), ("plain", plain)):
+            out[key] = m(prompt[:, 8:], torch.tensor([8]), kv_len=9)
+    torch.testing.assert_close(out["fast"], out["ref"], atol=1e-4, rtol=1e-4)
+    drift = (out["fast"] - out["plain"]).abs().max() / out["plain"].abs().max()
+    assert 0 < drift < 0.05  # quantised, and close
+
+
+def test_int8_generation_and_its_errors(ext, tiny_model_dir, monkeypatch, capsys):
+    from gpt2kit.cli import main
+    from gpt2kit.errors import Gpt2kitError
+
+    gen = Generator.load(str(tiny_model_dir), quantize="int8")
+    assert gen.model.decode_step.qweights  # int8 copies in use
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0, stop_at_eot=False)
+    a = gen.generate("The meaning of", cfg)[0].tokens
+    b = Generator.load(str(tiny_model_dir)).generate("The meaning of", cfg)[0].tokens
+    assert len(a) == 24 and sum(x == y for x, y in zip(a, b)) >= 12  # drifts a little from float32
+    kernels.prepare_cpu_decoding_(gen.model)  # what the server engine does later: the int8 step stays
+    assert gen.model.decode_step.qweights
+    with pytest.raises(Gpt2kitError, match="unknown quantisation"):
+        kernels.prepare_cpu_decoding_(gen.model, quantize="int4")
+    # where the kernel cannot run: one line, exit 1
+    assert main(["generate", "--model", str(tiny_model_dir), "--dtype", "bfloat16", "--quantize", "int8",
+                 "--length", "3", "hello"]) == 1
+    err = capsys.readouterr().err
+    assert "--quantize int8" in err and "float32 model on the CPU" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("GPT2KIT_CPU_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    with pytest.raises(Gpt2kitError, match="GPT2KIT_CPU_KERNELS=0"):
+        Generator.load(str(tiny_model_dir), quantize="int8")

@@ -259,10 +259,12 @@ class Generator:
 
     @classmethod
     def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None,
-             tokenizer_dir: str | None = None) -> Generator:
+             tokenizer_dir: str | None = None, quantize: str | None = None) -> Generator:
+        """quantize="int8": decoding steps read int8 copies of the weights (CPU kernel only; see
+        gpt2kit.kernels.prepare_cpu_decoding_)."""
         from gpt2kit.checkpoints import load_model
         model, tok = load_model(name_or_path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        prepare_cpu_decoding_(model)  # faster decoding on CPUs, same numerics; see gpt2kit.kernels
+        prepare_cpu_decoding_(model, quantize)  # faster decoding on CPUs, same numerics; see gpt2kit.kernels
         return cls(model, tok)
 
     def _prompts(self, prompt: str | Sequence[str] | None, nsamples: int) -> list[str]:

@@ -19,6 +19,12 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = "gpt2") -> 
     g.add_argument("--tokenizer", help="a folder with vocab.json + merges.txt (default: the model's own)")
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=("int8",),
+                   help="int8: decode with int8 copies of the weights (CPU kernel only; ~2-3x the tokens/s of "
+                        "float32, outputs drift slightly; prompts are still read in float32)")
+
+
 def setup_logging() -> None:
     """Library notices (logger 'gpt2kit') go to stderr as one line each."""
     log = logging.getLogger("gpt2kit")
@@ -33,4 +39,5 @@ def setup_logging() -> None:
 def load_generator(args: argparse.Namespace):
     from gpt2kit.generate import Generator
 
-    return Generator.load(args.model, device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer)
+    return Generator.load(args.model, device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                          quantize=getattr(args, "quantize", None))

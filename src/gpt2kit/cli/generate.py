@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from gpt2kit.cli.common import add_model_args, load_generator, setup_logging
+from gpt2kit.cli.common import add_model_args, add_quantize_arg, load_generator, setup_logging
 from gpt2kit.errors import Gpt2kitError
 
 SEPARATOR = "=" * 40
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate text: prompted, unconditional, interactive, or in bulk to a file.")
     p.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (same as --prompt)")
     add_model_args(p)
+    add_quantize_arg(p)
     src = p.add_argument_group("input")
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", help="read the prompt from a file ('-' for stdin)")

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpt2kit.cli.common import add_model_args, setup_logging
+from gpt2kit.cli.common import add_model_args, add_quantize_arg, setup_logging
 from gpt2kit.errors import Gpt2kitError
 
 MISSING_EXTRA = "gpt2kit serve needs the server extra: pip install 'gpt2kit[server]'"
@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "GET /v1/models, GET /health, and a playground page at /. Concurrent requests are "
                     "batched into shared forward passes.")
     add_model_args(p)
+    add_quantize_arg(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -87,13 +88,16 @@ def run(args: argparse.Namespace) -> int:
         cors_origins=args.cors_origin)
     sock = bind_socket(args.host, args.port)  # before loading: a busy port fails fast
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer)
+    if args.quantize:
+        from gpt2kit.kernels import prepare_cpu_decoding_
+        prepare_cpu_decoding_(model, quantize=args.quantize)  # the engine keeps what this installs
     app = create_app(model, tok, settings)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not _is_loopback(host) and not settings.api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    dtype = str(model.dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.") + (f", {args.quantize} decoding" if args.quantize else "")
     print(f"gpt2kit serve: {settings.model_name} on http://{shown}:{port} (playground at /, API at /v1, "
           f"max batch {settings.max_batch}, {model.device}, {dtype})", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))

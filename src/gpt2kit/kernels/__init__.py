@@ -126,6 +126,14 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 weight-only quantisation: w (N, K) ~ q * scale[:, None], q in [-127, 127]."""
+    with torch.no_grad():
+        scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+        q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
 class DecodeStep:
     """GPT.decode_step through the compiled kernel: one call runs every block, ln_f and the LM head of a
     one-token step (the products at the bandwidth limit, the small operations between them as plain loops
@@ -140,6 +148,15 @@ class DecodeStep:
                         for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj)
                         for p in (m.weight, m.bias)] + [t.ln_f.weight, t.ln_f.bias, model.lm_head.weight]
         self.eps = model.config.layer_norm_epsilon
+        self.qweights: list[torch.Tensor] = []  # int8 (weight, scale) pairs once quantize_int8() ran
+
+    def quantize_int8(self) -> None:
+        """Use int8 copies of the weights of every product from now on (the model's own float32 weights are
+        kept for prefills and everything else)."""
+        # c_attn, attn.c_proj, c_fc and mlp.c_proj of each block (12 weights a block), then the LM head
+        products = [self.weights[12 * b + i] for b in range(len(self.blocks)) for i in (2, 4, 8, 10)]
+        products.append(self.weights[-1])
+        self.qweights = [t for w in products for t in quantize_int8(w)]
 
     @staticmethod
     def for_model(model: nn.Module) -> bool:
@@ -157,7 +174,7 @@ class DecodeStep:
         if (x.dtype != torch.float32 or caches[0].dtype != torch.float32 or not caches[0].is_contiguous()
                 or torch.is_grad_enabled() and any(w.requires_grad for w in self.weights)):
             return None
-        return _ext.decode_step(x.contiguous(), self.weights, caches, pos, self.eps)
+        return _ext.decode_step(x.contiguous(), self.weights, caches, self.qweights, pos, self.eps)
 
 
 def accelerate_(model: nn.Module, build: bool = True) -> bool:
@@ -174,18 +191,40 @@ def accelerate_(model: nn.Module, build: bool = True) -> bool:
                 if not module.weight.is_contiguous():
                     module.weight.data = module.weight.data.contiguous()
                 module.forward = types.MethodType(_forward, module)
-        if hasattr(model, "decode_step") and DecodeStep.for_model(model):  # a gpt2kit.model.GPT
+        # a gpt2kit.model.GPT; one already installed (perhaps quantised) is kept
+        if (hasattr(model, "decode_step") and not isinstance(model.decode_step, DecodeStep)
+                and DecodeStep.for_model(model)):
             model.decode_step = DecodeStep(model)
     return True
 
 
-def prepare_cpu_decoding_(model: nn.Module) -> str:
+QUANTIZE = ("int8",)
+
+
+def prepare_cpu_decoding_(model: nn.Module, quantize: str | None = None) -> str:
     """Make a float32 model on the CPU decode fast, with the same numerics: the compiled kernel when it is
     available, else GPT.column_major_ (MKL's matrix-vector product prefers that layout). Returns which
-    ("kernel", "column-major" or "none": another device or dtype)."""
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return "none"
-    if accelerate_(model):
-        return "kernel"
-    model.column_major_()
-    return "column-major"
+    ("kernel", "column-major" or "none": another device or dtype). quantize="int8" has the kernel's decoding
+    steps read int8 copies of the weights (a quarter of the bytes, so several times the tokens/s; the
+    outputs drift a little from float32's: bench/RESULTS.md) and returns "kernel-int8"; it is an error
+    (Gpt2kitError) where the kernel cannot be used."""
+    from gpt2kit.errors import Gpt2kitError
+
+    if quantize is not None and quantize not in QUANTIZE:
+        raise Gpt2kitError(f"unknown quantisation {quantize!r}: the choice is {', '.join(QUANTIZE)}")
+    path = "none"
+    if model.device.type == "cpu" and model.dtype == torch.float32:
+        path = "kernel" if accelerate_(model) else "column-major"
+        if path == "column-major":
+            model.column_major_()
+    if quantize is None:
+        return path
+    step = getattr(model, "decode_step", None)
+    if not isinstance(step, DecodeStep):
+        why = failure() or ("it needs a float32 model on the CPU" if path == "none"
+                             else "this model's layers do not fit it")
+        raise Gpt2kitError(f"--quantize {quantize} runs on gpt2kit's CPU decoding kernel, which cannot be used here "
+                           f"({why}); leave out --quantize")
+    if not step.qweights:
+        step.quantize_int8()
+    return "kernel-int8"

@@ -11,7 +11,8 @@
 // sit at the same position. Why by hand: with the products at the bandwidth limit, what was left of a
 // 124M step (~2 of ~20 ms) went to ~150 small PyTorch operations (layer norms, GELU, residual adds,
 // splits, the cache write, attention set-up) and the Python around them; here they are a few loops over
-// vectors of n_embd floats between the products.
+// vectors of n_embd floats between the products. Optionally its products read int8 weights (one float
+// scale per row, widened to float32 in registers as they stream in): a quarter of the bytes of float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,10 +30,19 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 8 weights as floats: float32 as they are; int8 (weight-only quantisation) widened, to be multiplied by
+// their row's scale at the end.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // R weight rows x MB input rows: R * MB accumulators stay in registers across the whole K loop.
-// With `add`, the result is added to what y holds (a residual connection) instead of replacing it.
-template <int R, int MB>
-inline void tile(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N, bool add) {
+// `scale` (int8 weights: one per row, else null) multiplies each row's dot product; with `add`, the result
+// is added to what y holds (a residual connection) instead of replacing it.
+template <int R, int MB, typename WT>
+inline void tile(const float* x, const WT* w, const float* scale, const float* b, float* y, int64_t K, int64_t N,
+                 bool add) {
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -40,51 +50,53 @@ inline void tile(const float* x, const float* w, const float* b, float* y, int64
     __m256 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+      const __m256 wv = load8(w + r * K + k);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
-      const float out = hsum(acc[r][m]) + (b ? b[r] : 0.f);
+      const float out = hsum(acc[r][m]) * (scale ? scale[r] : 1.f) + (b ? b[r] : 0.f);
       y[m * N + r] = add ? y[m * N + r] + out : out;
     }
 }
 
 // Rows [n0, n1) of the output for every input row, R weight rows at a time.
-template <int R, int MB>
-void rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N,
-          int64_t n0, int64_t n1, bool add) {
+template <int R, int MB, typename WT>
+void rows(const float* x, const WT* w, const float* scale, const float* b, float* y, int64_t M, int64_t K,
+          int64_t N, int64_t n0, int64_t n1, bool add) {
   for (int64_t n = n0; n < n1; n += R) {
-    const float* wn = w + n * K;
+    const WT* wn = w + n * K;
+    const float* sn = scale ? scale + n : nullptr;
     const float* bn = b ? b + n : nullptr;
     int64_t m = 0;
-    for (; m + MB <= M; m += MB) tile<R, MB>(x + m * K, wn, bn, y + m * N + n, K, N, add);
-    for (; m < M; ++m) tile<R, 1>(x + m * K, wn, bn, y + m * N + n, K, N, add);
+    for (; m + MB <= M; m += MB) tile<R, MB>(x + m * K, wn, sn, bn, y + m * N + n, K, N, add);
+    for (; m < M; ++m) tile<R, 1>(x + m * K, wn, sn, bn, y + m * N + n, K, N, add);
   }
 }
 
-// y (M, N) (+)= x (M, K) @ w (N, K)^T + b, on torch's threads; K a multiple of 8.
-void linear_into(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N,
-                 bool add) {
+// y (M, N) (+)= x (M, K) @ w (N, K)^T (* scale) + b, on torch's threads; K a multiple of 8.
+template <typename WT>
+void linear_into(const float* x, const WT* w, const float* scale, const float* b, float* y, int64_t M, int64_t K,
+                 int64_t N, bool add) {
   // batch 1: 8 rows per tile (more independent streams in flight); batches: 4 rows x 2 inputs
   const int64_t R = M == 1 ? 8 : 4;
   const int64_t groups = N / R;
   // Chunks of ~64 KiB of weights handed out dynamically (torch's own OpenMP runtime and thread count):
   // a thread the OS pauses for a moment no longer holds up half the matrix, which on small shared
   // machines was worth 5-15% in the median step against an even static split.
-  const int64_t per = std::max<int64_t>(1, (64 * 1024) / (R * K * 4));  // groups of R rows per chunk
+  const int64_t per = std::max<int64_t>(1, (64 * 1024) / (R * K * static_cast<int64_t>(sizeof(WT))));
   const int64_t chunks = (groups + per - 1) / per;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks)));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t g0 = c * per, g1 = std::min(groups, g0 + per);
     if (M == 1)
-      rows<8, 1>(x, w, b, y, M, K, N, g0 * R, g1 * R, add);
+      rows<8, 1>(x, w, scale, b, y, M, K, N, g0 * R, g1 * R, add);
     else
-      rows<4, 2>(x, w, b, y, M, K, N, g0 * R, g1 * R, add);
+      rows<4, 2>(x, w, scale, b, y, M, K, N, g0 * R, g1 * R, add);
   }
-  rows<1, 1>(x, w, b, y, M, K, N, groups * R, N, add);  // the last N % R rows
+  rows<1, 1>(x, w, scale, b, y, M, K, N, groups * R, N, add);  // the last N % R rows
 }
 
 // y (M, C) = layer_norm(x (M, C)) * g + b, C a multiple of 8; the same two-pass mean and variance as
@@ -202,7 +214,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c1
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "bias (N,)");
     bp = ptr(*bias);
   }
-  linear_into(ptr(x), ptr(w), bp, y.data_ptr<float>(), M, K, N, false);
+  linear_into(ptr(x), ptr(w), nullptr, bp, y.data_ptr<float>(), M, K, N, false);
   return y;
 }
 
@@ -210,15 +222,26 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c1
 // ln_1.{weight,bias}, attn.c_attn.{weight,bias}, attn.c_proj.{weight,bias}, ln_2.{weight,bias},
 // mlp.c_fc.{weight,bias}, mlp.c_proj.{weight,bias} (12 each, nn.Linear's (out, in) layout), then
 // ln_f.{weight,bias} and the LM head's weight (vocab, C). caches: per block the key and value cache rows
-// (B, nh, S, hs), written at slot pos. Returns the logits (B, vocab).
+// (B, nh, S, hs), written at slot pos. qweights: empty, or int8 weights to use for every product instead,
+// as (weight int8 (N, K), scale float (N,)) pairs for c_attn, attn.c_proj, c_fc, mlp.c_proj of each block
+// and then the LM head. Returns the logits (B, vocab).
 torch::Tensor decode_step(const torch::Tensor& x_in, const std::vector<torch::Tensor>& weights,
-                          const std::vector<torch::Tensor>& caches, int64_t pos, double eps_d) {
+                          const std::vector<torch::Tensor>& caches, const std::vector<torch::Tensor>& qweights,
+                          int64_t pos, double eps_d) {
   check_f32(x_in, "x");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 8 == 0, "x (B, C), C a multiple of 8");
   const int64_t B = x_in.size(0), C = x_in.size(1);
   const int64_t L = static_cast<int64_t>(caches.size()) / 2;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 12 * L + 3 && caches.size() == 2 * L, "12 weights and 2 caches a block, then 3");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 12 * L + 3 && static_cast<int64_t>(caches.size()) == 2 * L,
+              "12 weights and 2 caches a block, then 3");
+  const bool quant = !qweights.empty();
+  TORCH_CHECK(!quant || static_cast<int64_t>(qweights.size()) == 2 * (4 * L + 1), "2 int8 tensors a product");
   for (const auto& t : weights) check_f32(t, "every weight");
+  for (size_t i = 0; i < qweights.size(); i += 2) {
+    TORCH_CHECK(qweights[i].scalar_type() == at::kChar && qweights[i].is_contiguous(), "int8 weights, row-major");
+    check_f32(qweights[i + 1], "every scale");
+    TORCH_CHECK(qweights[i + 1].numel() == qweights[i].size(0), "one scale a row");
+  }
   for (const auto& t : caches) {
     check_f32(t, "every cache");
     TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) * t.size(3) == C && t.size(3) % 8 == 0 &&
@@ -226,6 +249,17 @@ torch::Tensor decode_step(const torch::Tensor& x_in, const std::vector<torch::Te
   }
   const int64_t F = weights[8].size(0), V = weights[12 * L + 2].size(0);
   TORCH_CHECK(F % 8 == 0 && weights[8].size(1) == C && weights[12 * L + 2].size(1) == C, "shapes");
+  // product j (4 a block, then the head): y (B, N) (+)= in (B, K) @ W^T + bias
+  auto product = [&](int64_t j, const torch::Tensor& w, const float* bias, const float* in, float* y, int64_t K,
+                     bool add) {
+    if (quant) {
+      const torch::Tensor& q = qweights[2 * j];
+      TORCH_CHECK(q.size(0) == w.size(0) && q.size(1) == K, "int8 weights shaped like the float ones");
+      linear_into(in, q.data_ptr<int8_t>(), ptr(qweights[2 * j + 1]), bias, y, B, K, q.size(0), add);
+    } else {
+      linear_into(in, ptr(w), nullptr, bias, y, B, K, w.size(0), add);
+    }
+  };
   const float eps = static_cast<float>(eps_d);
   torch::Tensor x = x_in.clone();  // the residual stream, updated in place
   std::vector<float> h(B * C), qkv(B * 3 * C), att(B * C), f(B * F);
@@ -234,18 +268,18 @@ torch::Tensor decode_step(const torch::Tensor& x_in, const std::vector<torch::Te
     const torch::Tensor* w = &weights[12 * l];
     const torch::Tensor& kc = caches[2 * l];
     layer_norm(xp, ptr(w[0]), ptr(w[1]), h.data(), B, C, eps);
-    linear_into(h.data(), ptr(w[2]), ptr(w[3]), qkv.data(), B, C, 3 * C, false);
+    product(4 * l, w[2], ptr(w[3]), h.data(), qkv.data(), C, false);
     attention(qkv.data(), kc.data_ptr<float>(), caches[2 * l + 1].data_ptr<float>(), att.data(), B, kc.size(1),
               kc.size(2), kc.size(3), pos);
-    linear_into(att.data(), ptr(w[4]), ptr(w[5]), xp, B, C, C, true);  // x += c_proj(attention)
+    product(4 * l + 1, w[4], ptr(w[5]), att.data(), xp, C, true);  // x += c_proj(attention)
     layer_norm(xp, ptr(w[6]), ptr(w[7]), h.data(), B, C, eps);
-    linear_into(h.data(), ptr(w[8]), ptr(w[9]), f.data(), B, C, F, false);
+    product(4 * l + 2, w[8], ptr(w[9]), h.data(), f.data(), C, false);
     gelu_tanh(f.data(), B * F);
-    linear_into(f.data(), ptr(w[10]), ptr(w[11]), xp, B, F, C, true);  // x += mlp(ln_2(x))
+    product(4 * l + 3, w[10], ptr(w[11]), f.data(), xp, F, true);  // x += mlp(ln_2(x))
   }
   layer_norm(xp, ptr(weights[12 * L]), ptr(weights[12 * L + 1]), h.data(), B, C, eps);
   torch::Tensor logits = torch::empty({B, V}, x.options());
-  linear_into(h.data(), ptr(weights[12 * L + 2]), nullptr, logits.data_ptr<float>(), B, C, V, false);
+  product(4 * L, weights[12 * L + 2], nullptr, h.data(), logits.data_ptr<float>(), C, false);
   return logits;
 }
 
