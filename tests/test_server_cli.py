@@ -31,14 +31,20 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
         return ""
 
 
-def test_serve_process_matches_generate(tiny_dir):
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]], ids=["float32", "int8"])
+def test_serve_process_matches_generate(tiny_dir, quantize):
     openai = pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
+    if quantize:
+        from gpt2kit import kernels
+        if kernels.load() is None:
+            pytest.skip(f"no CPU kernel here: {kernels.failure()}")
     proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(tiny_dir), "--port", "0",
-                             "--api-key", "k", "--max-batch", "2", "--device", "cpu", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                             "--api-key", "k", "--max-batch", "2", "--device", "cpu", "--log-level", "warning",
+                             *quantize], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         line = read_line(proc, 60)
+        assert ("int8 decoding" in line) == bool(quantize)
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert m, f"no address in {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{m.group(1)}/v1", api_key="k", max_retries=0)
@@ -55,7 +61,7 @@ def test_serve_process_matches_generate(tiny_dir):
             proc.wait()
     gen = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "--model", str(tiny_dir), "--prompt", "Hello",
                           "--nsamples", "3", "--length", "20", "--temperature", "0.9", "--top-k", "40", "--seed", "3",
-                          "--format", "jsonl", "--device", "cpu"],
+                          "--format", "jsonl", "--device", "cpu", *quantize],
                          capture_output=True, text=True, env=ENV, timeout=120)
     assert gen.returncode == 0, gen.stderr
     assert served == [json.loads(ln)["text"] for ln in gen.stdout.splitlines()]
