@@ -156,6 +156,12 @@ def test_decode_step_is_skipped_where_it_does_not_apply(ext):
     # with autograd recording, the kernel would drop the gradients: None, and the modules run
     model.eval()
     assert step(torch.randn(2, 64), None, 6) is None
+    # a model cast after the kernel was installed takes the modules' path again
+    model.double()
+    model.setup_caches(2, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        out = model(x[:, :1], torch.tensor([0]), kv_len=1)
+        assert out.dtype == torch.float64 and step(*calls[-1]) is None  # asked, declined, the modules ran
     # and models it cannot run keep the plain path: a layer that is not a plain nn.Linear (an adapter)
     other = random_model(config, seed=1)
     other.transformer.h[1].mlp.c_fc = torch.nn.Sequential(other.transformer.h[1].mlp.c_fc)

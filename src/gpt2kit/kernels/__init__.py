@@ -170,8 +170,11 @@ class DecodeStep:
                    and m.weight.device.type == "cpu" for m in layers)
 
     def __call__(self, x: torch.Tensor, rows: slice | None, pos: int) -> torch.Tensor | None:
+        w = self.weights[0]  # a model moved or cast after this was installed keeps its ordinary path
+        if x.dtype != torch.float32 or x.device.type != "cpu" or w.dtype != torch.float32 or w.device.type != "cpu":
+            return None
         caches = [t for b in self.blocks for t in b.attn.kv_cache.rows(rows)]
-        if (x.dtype != torch.float32 or caches[0].dtype != torch.float32 or not caches[0].is_contiguous()
+        if (caches[0].dtype != torch.float32 or not caches[0].is_contiguous()
                 or torch.is_grad_enabled() and any(w.requires_grad for w in self.weights)):
             return None
         return _ext.decode_step(x.contiguous(), self.weights, caches, self.qweights, pos, self.eps)
