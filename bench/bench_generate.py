@@ -98,24 +98,31 @@ print(tok.decode(out[0, -1:]), end="", flush=True)
 """
 
 
-def drift(path: Path, dtype: torch.dtype, new: int) -> tuple[float, int, float]:
+def drift(path: Path, dtype: torch.dtype, new: int) -> tuple[float, float, int]:
     """How far `dtype` weights drift from float32: max |logit difference| / max |logit| on a 64-token
     text, greedy tokens that agree before the first divergence (of `new`), and top-1 agreement."""
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.generate import GenerationConfig, Generator
+    from gpt2kit.generate import Generator
 
     m32, tok = load_model(path, device="cpu", dtype=torch.float32)
     mlo, _ = load_model(path, device="cpu", dtype=dtype)
     x = torch.arange(1000, 1064).view(1, 64)
     with torch.inference_mode():
         a, b = m32(x), mlo(x).float()
+    return _compare(a, b, Generator(m32, tok), Generator(mlo, tok), new)
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, g32, glo, new: int) -> tuple[float, float, int]:
+    """max |a - b| / max |a| and top-1 agreement of two sets of logits, then how many of `new` greedy tokens
+    the two generators share before they first differ."""
+    from gpt2kit.generate import GenerationConfig
+
     rel = float((a - b).abs().max() / a.abs().max())
     top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
     cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
-    t32 = Generator(m32, tok).generate("The history of Japan", cfg)[0].tokens
-    tlo = Generator(mlo, tok).generate("The history of Japan", cfg)[0].tokens
+    t32, tlo = (g.generate("The history of Japan", cfg)[0].tokens for g in (g32, glo))
     same = next((i for i, (p, q) in enumerate(zip(t32, tlo)) if p != q), len(t32))
-    return rel, same, top1
+    return rel, top1, same
 
 
 def drift_int8(path: Path, new: int) -> tuple[float, float, int]:
@@ -123,7 +130,7 @@ def drift_int8(path: Path, new: int) -> tuple[float, float, int]:
     time to both, max |logit difference| / max |logit| and top-1 agreement over those steps; then greedy
     tokens that agree before the first divergence (of `new`)."""
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.generate import GenerationConfig, Generator
+    from gpt2kit.generate import Generator
     from gpt2kit.kernels import prepare_cpu_decoding_
 
     m32, tok = load_model(path, device="cpu", dtype=torch.float32)
@@ -136,14 +143,7 @@ def drift_int8(path: Path, new: int) -> tuple[float, float, int]:
         for m in (m32, m8):
             m.setup_caches(1, 64)
             logits.append(torch.cat([m(text[i].view(1, 1), torch.tensor([i]), kv_len=i + 1)[0] for i in range(64)]))
-    a, b = logits
-    rel = float((a - b).abs().max() / a.abs().max())
-    top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
-    t32 = Generator(m32, tok).generate("The history of Japan", cfg)[0].tokens
-    t8 = Generator(m8, tok).generate("The history of Japan", cfg)[0].tokens
-    same = next((i for i, (p, q) in enumerate(zip(t32, t8)) if p != q), len(t32))
-    return rel, top1, same
+    return _compare(*logits, Generator(m32, tok), Generator(m8, tok), new)
 
 
 def _timed(f) -> float:
@@ -212,7 +212,7 @@ def main() -> None:
                           f"{theirs / (bw / weight_bytes):>15.0%}   (bandwidth {bw / 1e9:.1f} GB/s, "
                           f"limit {bw / weight_bytes:.1f} tok/s)")
         if args.bf16:
-            rel, same, top1 = drift(path, torch.bfloat16, args.new)
+            rel, top1, same = drift(path, torch.bfloat16, args.new)
             print(f"bfloat16 drift from float32: max |dlogit| {rel:.2%} of max |logit|, top-1 agreement "
                   f"{top1:.1%} over 64 positions, greedy tokens identical for the first {same} of {args.new}")
         if not args.no_int8:
