@@ -29,8 +29,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
                 kv_len: int | None, rows: slice | None, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        q, k, v = qkv.split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
