@@ -480,28 +480,28 @@ class Trainer:
         scaler = self.precision.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        norm = None
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if scaler is not None:
-            if self.cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            scaler.step(self.optimizer)
-            scaler.update()
-        elif self.cfg.grad_clip > 0 and self.optimizer.defaults.get("fused"):
-            # clip_grad_norm_'s factor, max_norm / (norm + 1e-6) when below 1, applied by the fused AdamW
-            # kernel itself as it reads each gradient (it divides by `grad_scale`): one pass over the
-            # gradients fewer than scaling them in place first
+        clip = self.cfg.grad_clip > 0
+        # without loss scaling, fused AdamW applies clip_grad_norm_'s factor itself, max_norm / (norm + 1e-6)
+        # when below 1, as it reads each gradient (it divides by `grad_scale`): one pass over the gradients
+        # fewer than scaling them in place first
+        in_adamw = clip and scaler is None and bool(self.optimizer.defaults.get("fused"))
+        norm = None
+        if in_adamw:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             self.optimizer.grad_scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
-            try:
+        elif clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        try:
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
                 self.optimizer.step()
-            finally:
+        finally:
+            if in_adamw:
                 del self.optimizer.grad_scale
-        else:
-            if self.cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
