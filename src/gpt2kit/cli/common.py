@@ -21,8 +21,8 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = "gpt2") -> 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8",),
-                   help="int8: decode with int8 copies of the weights (CPU kernel only; ~2-3x the tokens/s of "
-                        "float32, outputs drift slightly; prompts are still read in float32)")
+                   help="int8: decode with int8 copies of the weights (CPU kernel only; ~1.7x the tokens/s of "
+                        "float32 at batch 1, outputs drift slightly; prompts are still read in float32)")
 
 
 def setup_logging() -> None:
