@@ -396,7 +396,9 @@ def test_allocator_tuning_reuses_memory_instead_of_faulting_it_in_again(tmp_path
         "        t = torch.empty(64 * 2**20 // 4); t.fill_(1.0); del t  # 64 MiB, like a step's big tensors\n"
         "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
         "faults(); faults()  # settle: the first rounds may still grow the heap\n"
-        "print(tuned, faults())\n")
+        # the fewest over several rounds: a stray small allocation can split the freed block once and make
+        # one round fault a fresh block in (seen once in CI), but it cannot happen in every round
+        "print(tuned, min(faults() for _ in range(5)))\n")
     out = {}
     for setting in ("1", "0"):
         env = {**os.environ, "GPT2KIT_MALLOC_TUNING": setting}
