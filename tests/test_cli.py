@@ -121,3 +121,14 @@ def test_nsamples_zero_samples_until_stopped(tiny_model_dir):
     finally:
         p.kill()
         p.wait()
+
+
+def test_unwritable_output_paths_are_one_line_errors(capsys, tiny_model_dir, tmp_path):
+    code, _, err = run(capsys, "generate", "Hi", "-m", tiny_model_dir, "--length", 2, "--output", tmp_path)
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert str(tmp_path) in err and "Traceback" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, err = run(capsys, "convert", tiny_model_dir, afile)
+    assert code == 1 and err.startswith("error: ") and str(afile) in err.splitlines()[-1]
+    assert afile.read_text() == "mine"  # nothing of the user's is overwritten

@@ -6,6 +6,7 @@ A verb module defines `register(subparsers)`, which adds its parser and sets `fu
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -56,6 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         # `gpt2kit generate ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a path the user named that can't be read or written: one line, not a traceback
+        print(f"error: {_describe_os_error(e)}", file=sys.stderr)
+        return 1
+
+
+def _describe_os_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    what = e.strerror or str(e)
+    fix = {errno.ENOSPC: "free some disk space or write somewhere else",
+           errno.EACCES: "check the path's permissions or choose another one",
+           errno.EPERM: "check the path's permissions or choose another one",
+           errno.EROFS: "choose a writable location",
+           errno.EISDIR: "give a file name, not a directory",
+           errno.ENOTDIR: "check the path: a part of it is a file, not a directory",
+           errno.EEXIST: "remove it or choose another path"}.get(e.errno, "check the path and try again")
+    return f"{what}{where}: {fix}"
 
 
 if __name__ == "__main__":
