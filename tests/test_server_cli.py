@@ -79,6 +79,7 @@ def test_missing_extra_is_one_line(tiny_dir, monkeypatch, capsys):
     (["--max-body", "0"], "--max-body must be >= 1"),
     (["--request-timeout", "0"], "--request-timeout must be > 0"),
     (["--max-len", "1"], "--max-len must be >= 2"),
+    (["--port", "99999"], "--port 99999 is out of range"),
 ])
 def test_bad_flags(tiny_dir, capsys, flags, words):
     pytest.importorskip("uvicorn")

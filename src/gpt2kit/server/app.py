@@ -580,6 +580,8 @@ class BackgroundServer:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket (so that port 0 can be resolved to the real port before serving)."""
+    if not 0 <= port <= 65535:
+        raise Gpt2kitError(f"--port {port} is out of range; use 1-65535 (0 picks a free port)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
