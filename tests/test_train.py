@@ -407,3 +407,51 @@ def test_allocator_tuning_reuses_memory_instead_of_faulting_it_in_again(tmp_path
         out[setting] = (tuned, int(faults))
     assert out["0"][0] == "False" and out["0"][1] > 3 * 10_000  # every 64 MiB block faulted in afresh
     assert out["1"][0] == "True" and out["1"][1] < 1_000  # the freed block is reused
+
+
+# ---- --out: gpt2kit deletes only what it wrote --------------------------------------------------------
+
+def _tiny_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(JOKES), "--out", str(out), "--steps", "1",
+            "--batch-size", "2", "--block-size", "16", "--eval-batches", "1", "--sample-every", "0",
+            "--no-progress", "--no-tensorboard", *extra]
+
+
+def test_out_folder_with_user_files_is_refused_and_kept(tmp_path, tiny_dir, capsys):
+    u = tmp_path / "u"
+    u.mkdir()
+    (u / "notes.txt").write_text("x")
+    assert main(_tiny_args(tiny_dir, u, "--column", "Nope")) == 1
+    err = capsys.readouterr().err
+    assert "not a gpt2kit run" in err and "empty folder" in err and len(err.strip().splitlines()) == 1
+    assert main(_tiny_args(tiny_dir, u, "--column", "Joke")) == 1
+    assert main(_tiny_args(tiny_dir, u, "--column", "Joke", "--overwrite")) == 1
+    assert "--overwrite only replaces runs" in capsys.readouterr().err
+    assert sorted(p.name for p in u.iterdir()) == ["notes.txt"] and (u / "notes.txt").read_text() == "x"
+
+
+def test_failed_start_is_replaced_but_files_beside_the_run_stay(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out . : the current directory must survive
+    assert main(_tiny_args(tiny_dir, Path("."), "--column", "Nope")) == 1
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    (tmp_path / "notes.txt").write_text("mine")  # put beside the failed run afterwards
+    assert main(_tiny_args(tiny_dir, Path("."), "--column", "Joke")) == 0
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+
+def test_overwrite_replaces_only_a_stopped_run(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny_args(tiny_dir, out, "--column", "Joke")) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "tokenizer" / "old.txt").write_text("old")
+    info = json.loads((out / "run.json").read_text())
+    # a live run (this very process) is never deleted
+    (out / "run.json").write_text(json.dumps({**info, "status": "running", "pid": os.getpid()}))
+    capsys.readouterr()
+    assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 1
+    assert "still training" in capsys.readouterr().err
+    assert (out / "final/model.safetensors").is_file()
+    (out / "run.json").write_text(json.dumps(info))
+    assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "tokenizer" / "old.txt").exists()

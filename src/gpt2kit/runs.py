@@ -59,6 +59,45 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_JSON).is_file()
 
 
+# what a run writes at its top level; remove_run deletes these and nothing else
+RUN_ENTRIES = (RUN_JSON, CONFIG_JSON, METRICS, "loss.png", "samples", "tokenizer", "data", "checkpoints", "best",
+               "final", "tensorboard")
+
+
+def _is_run_entry(name: str) -> bool:
+    if name in RUN_ENTRIES:
+        return True
+    # temporaries: .tmp-best, .old-final (directories), .run.json.123.tmp (files; see atomic_write_text)
+    if name.startswith((".tmp-", ".old-")):
+        return name[5:] in RUN_ENTRIES
+    parts = name[1:].rsplit(".", 2)
+    return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and parts[0] in RUN_ENTRIES
+
+
+def remove_run(run_dir: str | Path) -> list[str]:
+    """Delete what a run wrote into `run_dir` (the entries named in RUN_ENTRIES and their temporaries) and
+    nothing else: files a user put beside them stay, and so does the directory. Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for p in sorted(run_dir.iterdir()):
+        if not _is_run_entry(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def is_live(run_dir: str | Path) -> bool:
+    """Whether a process may still be training this run: status running and not known to be dead."""
+    try:
+        return run_info(run_dir).status == "running"
+    except Gpt2kitError:
+        return False
+
+
 def read_run_json(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_JSON
     try:

@@ -24,7 +24,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from dataclasses import field as _field  # TrainConfig has a data option named `field`
 from pathlib import Path
@@ -558,6 +558,28 @@ class _Dist:
             import torch.distributed as dist
             dist.barrier()
 
+    def agree(self, fn: Callable[[], Any] | None) -> Any:
+        """Run `fn` in this process (None: nothing) and share the outcome with every process: when it
+        failed anywhere, it fails everywhere with the same one-line error, instead of leaving the others
+        waiting at their next collective call (a gloo traceback, or an NCCL hang). Every process must call
+        this at the same point; use it around work only some processes do (writing files)."""
+        err: Exception | None = None
+        result = None
+        try:
+            result = fn() if fn is not None else None
+        except Exception as e:  # noqa: BLE001 - shared below, then raised again
+            err = e
+        if self.initialized:
+            import torch.distributed as dist
+            msgs: list[str | None] = [None] * self.world
+            dist.all_gather_object(msgs, None if err is None else _one_line(err, self.rank))
+            first = next((m for m in msgs if m is not None), None)
+            if err is None and first is not None:
+                raise Gpt2kitError(first)
+        if err is not None:
+            raise err
+        return result
+
     def any_flag(self, flag: bool, device: torch.device) -> bool:
         if not self.initialized:
             return flag
@@ -573,6 +595,14 @@ class _Dist:
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item()) / self.world
+
+
+def _one_line(e: Exception, rank: int) -> str:
+    if isinstance(e, Gpt2kitError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"process {rank}: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    return f"process {rank} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device, str]:
@@ -692,9 +722,10 @@ class _Interrupt:
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, *, resume: bool, progress: bool):
+    def __init__(self, cfg: TrainConfig, *, resume: bool, progress: bool, overwrite: bool = False):
         self.cfg = cfg
         self.resuming = resume
+        self.overwrite = overwrite
         self.progress = progress
         self.dir = Path(cfg.out)
         self.bar = None
@@ -722,22 +753,31 @@ class _Run:
                                    "stop it before resuming")
             runs.recover_dirs(self.dir)
             return
-        if runs.is_run_dir(self.dir) and self._aborted_start():
-            import shutil
-            shutil.rmtree(self.dir)  # an earlier start failed before training: nothing to keep
-        if runs.is_run_dir(self.dir):
-            info = runs.run_info(self.dir)
-            raise Gpt2kitError(f"{self.dir} already holds a run ({info.status} at step {info.step}); continue "
-                               f"it with `gpt2kit finetune --resume {self.dir}` or choose another --out")
-        if self.dir.exists() and not self.dir.is_dir():
-            raise Gpt2kitError(f"--out {self.dir} is a file; give a directory for the run")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # gpt2kit deletes only what it wrote: --out is a new path, an empty folder, or a run of ours
+        d = self.dir
+        if d.exists() and not d.is_dir():
+            raise Gpt2kitError(f"--out {d} is a file; give a directory for the run")
+        if runs.is_run_dir(d):
+            info = runs.run_info(d)  # an unreadable run.json is a one-line error here, and nothing is deleted
+            if info.status == "running":
+                raise Gpt2kitError(f"{d} holds a run that is still training (pid {runs.read_run_json(d).get('pid')}"
+                                   f"); stop it first or choose another --out")
+            if not (self.overwrite or self._aborted_start(info)):
+                raise Gpt2kitError(f"{d} already holds a run ({info.status} at step {info.step}); continue it "
+                                   f"with `gpt2kit finetune --resume {d}`, replace it with --overwrite, or choose "
+                                   "another --out")
+            # an earlier start that failed before training, or --overwrite: remove the run's own files only
+            runs.remove_run(d)
+        elif d.is_dir() and any(d.iterdir()):
+            raise Gpt2kitError(f"--out {d} is a folder with other files in it, not a gpt2kit run"
+                               + (" (--overwrite only replaces runs)" if self.overwrite else "")
+                               + "; choose another --out or an empty folder")
+        d.mkdir(parents=True, exist_ok=True)
         runs.update_run_json(self.dir, status="running", step=0, started=runs.now(), model=self.cfg.model,
                              lora=bool(self.cfg.lora_rank), **runs.process_stamp())
         runs.write_json(self.dir / runs.CONFIG_JSON, self.cfg.to_dict())
 
-    def _aborted_start(self) -> bool:
-        info = runs.run_info(self.dir)
+    def _aborted_start(self, info: runs.RunInfo) -> bool:
         return (info.status in ("failed", "dead", "interrupted") and info.step == 0
                 and not runs.checkpoint_dirs(self.dir) and runs.model_dir(self.dir) is None)
 
@@ -803,11 +843,11 @@ class _Run:
                     self.say(f"warning: {e}; training without validation")
                     return prepare_data(cfg.data, tok, spec, cache_dir=self.dir / "data")
                 raise
-        if self.dist.main:
-            train, val = prep()
-        self.dist.barrier()
-        if not self.dist.main:
-            train, val = prep()  # the main process wrote the caches; this reuses them
+        # the main process writes the caches (the others wait for its outcome, a data error included), then
+        # the others open them
+        first = self.dist.agree(prep if self.dist.main else None)
+        second = self.dist.agree(None if self.dist.main else prep)
+        train, val = first if self.dist.main else second
         if self.dist.main:
             runs.update_run_json(self.dir, train_tokens=str(train.path.resolve()),
                                  val_tokens=str(val.path.resolve()) if val is not None else None)
@@ -883,20 +923,40 @@ class _Run:
             write_hf_dir(out, self.model.config, lora.merged_state_dict(self.model))
             self.tok.save(out)
 
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path, final: Path) -> Iterator[None]:
+        """A failed write of `tmp` (disk full, no permission) becomes one line naming `final` and the fix;
+        the half-written `tmp` is removed, and the previous `final` was never touched."""
+        import shutil
+
+        from safetensors import SafetensorError
+        try:
+            yield
+        except (OSError, RuntimeError, SafetensorError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
+            raise Gpt2kitError(f"cannot write {final} ({why[:200]}); the previous checkpoint is kept: free some "
+                               f"disk space, then `gpt2kit finetune --resume {self.dir}` (or start again with "
+                               "another --out)") from None
+
     def save_checkpoint(self, step: int) -> None:
         state = self._trainer_state(step)  # every rank's state is identical here; the main one writes
-        if not self.dist.main:
-            return
+        self.dist.agree(lambda: self._write_checkpoint(step, state) if self.dist.main else None)
+
+    def _write_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         root = self.dir / "checkpoints"
-        root.mkdir(exist_ok=True)
         tmp = root / f".tmp-step-{step}"
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self._write_model(tmp)
-        torch.save(state, tmp / f"{TRAINER_STATE}.tmp")
-        os.replace(tmp / f"{TRAINER_STATE}.tmp", tmp / TRAINER_STATE)
+        with self._writing(tmp, root / f"step-{step}"):
+            root.mkdir(exist_ok=True)
+            if tmp.exists():
+                import shutil
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            self._write_model(tmp)
+            torch.save(state, tmp / f"{TRAINER_STATE}.tmp")
+            os.replace(tmp / f"{TRAINER_STATE}.tmp", tmp / TRAINER_STATE)
         runs.replace_dir(tmp, root / f"step-{step}")
         for _, old in runs.checkpoint_dirs(self.dir)[:-self.cfg.keep]:
             import shutil
@@ -907,14 +967,17 @@ class _Run:
 
     def _save_named(self, name: str) -> Path:
         out = self.dir / name
-        if self.dist.main:
-            tmp = self.dir / f".tmp-{name}"
+        self.dist.agree(lambda: self._write_named(name, out) if self.dist.main else None)
+        return out
+
+    def _write_named(self, name: str, out: Path) -> None:
+        tmp = self.dir / f".tmp-{name}"
+        with self._writing(tmp, out):
             if tmp.exists():
                 import shutil
                 shutil.rmtree(tmp)
             self._write_full_model(tmp)
-            runs.replace_dir(tmp, out)
-        return out
+        runs.replace_dir(tmp, out)
 
     def _load_checkpoint_state(self, ckpt: Path) -> None:
         try:
@@ -992,8 +1055,7 @@ class _Run:
 
     # ---- main ----
     def run(self) -> RunResult:
-        self._prepare_dir()
-        self.dist.barrier()
+        self.dist.agree(self._prepare_dir)
         status, stopped_early = "running", False
         try:
             self._setup()
@@ -1002,8 +1064,9 @@ class _Run:
         except BaseException as e:
             if self.dist.main and runs.is_run_dir(self.dir):
                 st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
-                                     f"{type(e).__name__}: {e}"[:500])
+                with contextlib.suppress(OSError, Gpt2kitError):  # e.g. the disk is full: report `e`, not this
+                    runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
+                                         f"{type(e).__name__}: {e}"[:500])
             if isinstance(e, torch.OutOfMemoryError):
                 raise Gpt2kitError(f"out of memory on {self.device} at batch {self.cfg.batch_size} x "
                                    f"{self.cfg.block_size} tokens; lower --batch-size (raise --grad-accum to keep "
@@ -1023,13 +1086,8 @@ class _Run:
         return RunResult(self.dir, status, self.step, self.cfg.steps, self.last_loss, self.best_val, self.best_step,
                          model_dir, tps, stopped_early)
 
-    def _setup(self) -> None:
+    def _build_model(self, ckpt: Path | None) -> None:
         cfg = self.cfg
-        if self.resuming:
-            ckpts = runs.checkpoint_dirs(self.dir)
-            ckpt = ckpts[-1][1] if ckpts else None
-        else:
-            ckpt = None
         self.model, self.tok, base_dir = self._load_model(ckpt)
         self.lora_cfg = None
         if cfg.lora_rank:
@@ -1044,6 +1102,15 @@ class _Run:
             frozen = freeze(self.model, cfg.freeze)
             self.say(f"frozen: {len(frozen)} parameter tensors ({', '.join(cfg.freeze)})")
         self.model.gradient_checkpointing = cfg.grad_checkpointing
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if self.resuming:
+            ckpts = runs.checkpoint_dirs(self.dir)
+            ckpt = ckpts[-1][1] if ckpts else None
+        else:
+            ckpt = None
+        self.dist.agree(lambda: self._build_model(ckpt))
         train, val = self._prepare_data(self.tok)
         self.cfg = cfg = self._resolve(self.model, train, val)
         if self.dist.main:
@@ -1178,10 +1245,12 @@ class _Run:
         return "finished", stopped_early
 
 
-def finetune(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
-    """Train a new run into cfg.out. Under torchrun, every process calls this."""
+def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> RunResult:
+    """Train a new run into cfg.out: a new path, an empty folder, or (with `overwrite`, or after a start
+    that failed before training) an earlier run that is not running, whose own files are replaced; a
+    folder holding anything else is refused. Under torchrun, every process calls this."""
     cfg.validate()
-    return _finish(_Run(cfg, resume=False, progress=progress))
+    return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = None) -> RunResult:

@@ -4,7 +4,6 @@ gpt2kit.train.finetune / resume."""
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from gpt2kit.errors import Gpt2kitError
@@ -54,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("training")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its own files "
+                   "only; refused for a folder that is not a run, or a run still training)")
     g.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
     g.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per process per micro-step (default 4); "
@@ -145,9 +145,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise Gpt2kitError("no run directory: pass --out RUN_DIR (or --resume RUN_DIR to continue a run)")
-        out = Path(args.out)
-        if args.overwrite and (out / "run.json").is_file():
-            shutil.rmtree(out)
         cfg = train.TrainConfig(
             model=args.model, init=args.init, config=args.config, tokenizer=args.tokenizer,
             data=args.data, val_data=args.val_data, val_fraction=args.val_fraction, column=args.column,
@@ -162,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, eval_batches=args.eval_batches, early_stop=args.early_stop,
             sample_every=args.sample_every, sample_tokens=args.sample_tokens, prompts=_prompts(args),
             save_every=args.save_every, keep=args.keep, tensorboard=args.tensorboard)
-        result = train.finetune(cfg, progress=not args.no_progress)
+        result = train.finetune(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     if result.status == "interrupted":
         return 130
     if result.model_dir is not None:
