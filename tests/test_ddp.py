@@ -74,3 +74,35 @@ def test_two_process_gloo_matches_one_process_with_double_accumulation(tmp_path,
     assert len(val_a) == len(val_b) == 3
     for (sa, va), (sb, vb) in zip(val_a, val_b):
         assert sa == sb and va == pytest.approx(vb, rel=1e-6)
+
+
+def test_data_error_fails_every_process_with_one_line(tmp_path, model_dir):
+    # rank 0 finds the column missing; rank 1 must get the same one-line error, not a gloo traceback at a
+    # barrier (or an NCCL hang). The two workers are started directly so that each one's stderr is its own.
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "gpt2kit", "finetune", "--model", str(model_dir), "--data", str(JOKES),
+            "--column", "Nope", "--steps", "1", "--batch-size", "2", "--block-size", "16", "--no-progress",
+            "--no-tensorboard", "--out", str(tmp_path / "ddp")]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen(args, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1, err
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Nope" in lines[0], err
+    assert [line for line in errs[0].splitlines() if line.startswith("error:")] == \
+           [line for line in errs[1].splitlines() if line.startswith("error:")]
