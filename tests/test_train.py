@@ -455,3 +455,37 @@ def test_overwrite_replaces_only_a_stopped_run(tmp_path, tiny_dir, capsys):
     (out / "run.json").write_text(json.dumps(info))
     assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 0
     assert (out / "notes.txt").read_text() == "mine" and not (out / "tokenizer" / "old.txt").exists()
+
+
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_dir, monkeypatch,
+                                                                         failure):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import gpt2kit.checkpoints.hf as hf
+    from gpt2kit.runs import checkpoint_dirs
+    real = hf.write_hf_dir
+    calls = {"n": 0}
+
+    def full_disk(out, *a, **kw):
+        calls["n"] += 1
+        result = real(out, *a, **kw)
+        if calls["n"] > 1:  # the first checkpoint is written; the next write finds the disk full (half written)
+            if failure == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device", str(out))
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+        return result
+
+    monkeypatch.setattr(hf, "write_hf_dir", full_disk)
+    cfg = _cfg(tmp_path, tiny_dir, steps=4, save_every=2, eval_every=0, val_fraction=0.0)
+    with pytest.raises(Gpt2kitError, match=r"cannot write .*step-4.*free some disk space.*--resume") as e:
+        finetune(cfg, progress=False)
+    assert "\n" not in str(e.value)
+    run = tmp_path / "run"
+    assert [s for s, _ in checkpoint_dirs(run)] == [2]
+    assert (run / "checkpoints/step-2/model.safetensors").is_file()
+    leftovers = [p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
