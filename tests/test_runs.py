@@ -103,3 +103,25 @@ def test_not_a_run(tmp_path):
     from gpt2kit.errors import Gpt2kitError
     with pytest.raises(Gpt2kitError, match="not a gpt2kit run"):
         runs.read_run_json(tmp_path)
+
+
+def test_broken_run_json_is_listed_as_unreadable(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "run.json").write_text("{bad")
+    assert [(r.path.name, r.status) for r in runs.list_runs(tmp_path)] == [("r", "unreadable")]
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "no runs found" not in out
+
+
+def test_remove_run_deletes_only_the_runs_own_entries(tmp_path):
+    run = tmp_path / "r"
+    _fake_run(run, status="failed", step=0)
+    for d in ("data", "tokenizer", "checkpoints/step-2", ".tmp-best", ".old-final"):
+        (run / d).mkdir(parents=True)
+    for f in ("config.json", "metrics.jsonl", ".run.json.123.tmp", "notes.txt", ".tmp-notes", "data.csv"):
+        (run / f).write_text("x")
+    (run / "mine").mkdir()
+    removed = runs.remove_run(run)
+    assert sorted(p.name for p in run.iterdir()) == [".tmp-notes", "data.csv", "mine", "notes.txt"]
+    assert "run.json" in removed and "checkpoints" in removed

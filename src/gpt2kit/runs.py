@@ -264,8 +264,8 @@ def list_runs(root: str | Path = ".", max_depth: int = 3) -> list[RunInfo]:
         if is_run_dir(d):
             try:
                 found.append(run_info(d))
-            except Gpt2kitError:
-                pass
+            except Gpt2kitError:  # a torn or hand-broken run.json: still a run, shown as such
+                found.append(RunInfo(d, "unreadable", 0, None, None, None, None, None, False))
             return
         if depth >= max_depth:
             return
