@@ -29,6 +29,7 @@ from gpt2kit.train import (
     freeze,
     lr_at,
     param_groups,
+    resume,
 )
 from tests.conftest import JOKES, VOCAB_DIR, random_model
 
@@ -489,3 +490,18 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
     leftovers = [p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    finetune(_cfg(tmp_path, tiny_dir, steps=2, save_every=1, eval_every=0, val_fraction=0.0), progress=False)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    good = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**good, "steps": "forty"}))
+    with pytest.raises(Gpt2kitError, match=r"'steps' in the run's config.json is 'forty'"):
+        resume(run, progress=False)
+    (run / "config.json").write_text(json.dumps({**good, "steps": 3}))
+    (run / "checkpoints/step-2/trainer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Gpt2kitError, match=r"cannot read .*step-2.*trainer\.pt.*delete"):
+        resume(run, progress=False)

@@ -24,6 +24,8 @@ import random
 import signal
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from dataclasses import field as _field  # TrainConfig has a data option named `field`
@@ -165,7 +167,29 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise Gpt2kitError(f"unknown training option {unknown[0]!r} in the run's config.json")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if not _has_type(value, hints[key]):
+                want = str(hints[key]).replace("typing.", "")
+                raise Gpt2kitError(f"{key!r} in the run's config.json is {value!r}, which is not {want}; correct "
+                                   "it (or delete the line to use the default)")
         return cls(**d)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """A JSON value against a TrainConfig annotation (int | None, float, list[str], ...)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 @dataclass
@@ -1263,6 +1287,8 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
         d = json.loads((run_dir / runs.CONFIG_JSON).read_text())
     except (OSError, ValueError) as e:
         raise Gpt2kitError(f"cannot read {run_dir / runs.CONFIG_JSON} ({e}); the run cannot be resumed") from None
+    if not isinstance(d, dict):
+        raise Gpt2kitError(f"{run_dir / runs.CONFIG_JSON} does not hold a JSON object; the run cannot be resumed")
     cfg = TrainConfig.from_dict(d)
     cfg.out = str(run_dir)
     if device is not None:
