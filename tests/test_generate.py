@@ -1,11 +1,14 @@
+import itertools
 import logging
 
 import pytest
 import torch
 
 from gpt2kit.checkpoints import load_model
+from gpt2kit.config import GPTConfig
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import GenerationConfig, Generator
+from tests.conftest import random_model
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +103,87 @@ def test_bad_settings_fail_before_generating(gen, kw, msg):
 def test_empty_prompt_is_refused(gen):
     with pytest.raises(Gpt2kitError, match="empty prompt"):
         gen.generate("", max_new_tokens=3)
+
+
+def test_endless_sampling_gives_the_samples_of_a_finite_run_whatever_the_batch_size(gen):
+    cfg = GenerationConfig(max_new_tokens=10, seed=5, top_k=40, stop_at_eot=False)
+    finite = gen.generate("The dog", cfg, nsamples=4)
+    assert len(set(texts(finite))) == 4
+    for bs in (1, 2, 3):
+        endless = list(itertools.islice(gen.completions("The dog", cfg, nsamples=0, batch_size=bs), 4))
+        assert [c.index for c in endless] == [0, 1, 2, 3]
+        assert texts(endless) == texts(finite)
+    streamed: dict[int, str] = {}
+    for d in gen.stream("The dog", cfg, nsamples=0):
+        if d.index == 2:
+            break
+        streamed[d.index] = streamed.get(d.index, "") + d.text
+    assert [streamed[0], streamed[1]] == texts(finite)[:2]
+
+
+def test_nsamples_errors_name_nsamples(gen):
+    with pytest.raises(Gpt2kitError, match=r"^nsamples must be >= 1 for generate\(\).*stream\(\)"):
+        gen.generate("x", nsamples=0)
+    with pytest.raises(Gpt2kitError, match="nsamples must be >= 0"):
+        next(gen.completions("x", GenerationConfig(), nsamples=-1))
+    with pytest.raises(Gpt2kitError, match="one prompt"):
+        next(gen.completions(["a", "b"], GenerationConfig(), nsamples=0))
+    with pytest.raises(Gpt2kitError, match="batch size must be > 0, got 0"):
+        next(gen.completions("x", GenerationConfig(), nsamples=2, batch_size=0))
+
+
+def test_window_notice_comes_once_per_call_not_once_per_batch(gen):
+    ctx = gen.model.config.n_positions
+    cfg = GenerationConfig(max_new_tokens=ctx + 40, seed=1, stop_at_eot=False)
+    calls = []
+    outs = list(gen.completions("Hello", cfg, nsamples=3, batch_size=1, on_window_slide=lambda: calls.append(1)))
+    assert [len(o.tokens) for o in outs] == [ctx + 40] * 3 and calls == [1]
+    calls.clear()
+    endless = gen.completions("Hello", cfg, nsamples=0, batch_size=1, on_window_slide=lambda: calls.append(1))
+    assert len(list(itertools.islice(endless, 3))) == 3 and calls == [1]
+
+
+def test_stop_string_cuts_tokens_consistently_with_text(gen, tokenizer):
+    cfg = dict(max_new_tokens=40, temperature=0, stop_at_eot=False)
+    base = gen.generate("Hello", **cfg)[0]
+    ends = [len(tokenizer.decode(base.tokens[:k + 1])) for k in range(len(base.tokens))]
+    k = next(i for i in range(4, len(ends) - 1) if ends[i + 1] - ends[i] >= 3)  # token k+1 has >= 3 chars
+    # a stop string that starts on a token boundary: the tokens decode to exactly the text
+    stop = base.text[ends[k]:ends[k] + 2]
+    out = gen.generate("Hello", **cfg, stop=(stop,))[0]
+    assert out.finish_reason == "stop" and out.text == base.text[:base.text.index(stop)]
+    assert tokenizer.decode(out.tokens) == out.text
+    assert out.tokens == base.tokens[:len(out.tokens)]
+    # a stop string that starts inside token k+1: that token is dropped, the text keeps its first char
+    stop = base.text[ends[k] + 1:ends[k] + 3]
+    out = gen.generate("Hello", **cfg, stop=(stop,))[0]
+    cut = base.text.index(stop)
+    assert out.text == base.text[:cut]
+    assert out.tokens == base.tokens[:len(out.tokens)]
+    kept = tokenizer.decode(out.tokens)
+    assert out.text.startswith(kept)  # no token reaches past the text...
+    assert len(tokenizer.decode(base.tokens[:len(out.tokens) + 1])) > cut  # ...and no whole one is missing
+
+
+@pytest.fixture(scope="module")
+def padded_gen(tokenizer):
+    # vocab padded 50257 -> 50304 (as checkpoints padded for speed are): make the pad ids, which have no
+    # text, by far the most likely next tokens
+    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(0.01)
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[50257:] = 10.0
+    return Generator(model, tokenizer)
+
+
+def test_padded_vocabulary_ids_are_never_sampled(padded_gen, tokenizer):
+    ids = torch.tensor([tokenizer.encode("Hello")])
+    assert int(padded_gen.model(ids)[0, -1].argmax()) >= tokenizer.vocab_size  # the test can fail
+    for cfg in (GenerationConfig(max_new_tokens=20, temperature=0, stop_at_eot=False),
+                GenerationConfig(max_new_tokens=20, seed=4, stop_at_eot=False, logprobs=3),
+                GenerationConfig(max_new_tokens=20, seed=4, top_p=0.5, repetition_penalty=1.3, stop_at_eot=False)):
+        for o in padded_gen.generate("Hello", cfg, nsamples=2):
+            assert len(o.tokens) == 20 and max(o.tokens) < tokenizer.vocab_size
+            assert o.text == tokenizer.decode(o.tokens)
+            assert all(t < tokenizer.vocab_size for info in o.token_info for t, _ in info.top)

@@ -7,6 +7,7 @@ seed and its parameters, never on the batch it ran in."""
 from __future__ import annotations
 
 import codecs
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -109,6 +110,7 @@ class _Row:
         self.hold = max((len(s) for s in cfg.stop), default=1) - 1
         self.pending_info: list[TokenInfo] = []
         self.pending_tokens: list[int] = []
+        self.ends: list[int] = []  # len(out.text) after each token of out.tokens
 
     @property
     def done(self) -> bool:
@@ -127,12 +129,17 @@ class _Row:
         o.tokens.append(token)
         self.context.append(token)
         o.text += self.decoder.decode(self.tok.token_bytes(token))
+        self.ends.append(len(o.text))
         if self.cfg.stop:
             # only the tail can hold a new match
             start = max(0, len(o.text) - len(self.tok.token_bytes(token)) - self.hold - 4)
             hits = [i for i in (o.text.find(s, start) for s in self.cfg.stop) if i >= 0]
             if hits:
-                o.text = o.text[:min(hits)]
+                cut = min(hits)
+                o.text = o.text[:cut]
+                # keep the tokens whose text lies wholly before the cut: a token that straddles it (part
+                # text, part stop string) is dropped, so `tokens` decodes to `text` or a little less
+                o.tokens = [t for t, end in zip(o.tokens, self.ends) if end <= cut]
                 o.finish_reason = "stop"
                 return
         if len(o.tokens) >= self.cfg.max_new_tokens:
@@ -156,6 +163,20 @@ def _window_notice() -> None:
                 "(the model sees only the most recent tokens)")
 
 
+def once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
+    """`fn` wrapped to run on its first call only (one window notice per run, not per batch)."""
+    if fn is None:
+        return None
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return call
+
+
 @torch.inference_mode()
 def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: GenerationConfig,
                 first_index: int = 0, prompt_ids: Sequence[list[int]] | None = None,
@@ -166,6 +187,9 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
     cfg.validate()
     device = model.device
     ctx = model.config.n_positions
+    # a checkpoint may pad its vocabulary past the tokenizer's (50257 -> 50304, for speed): those ids have
+    # no text, so they are never sampled. Dropping their logits columns equals masking them to -inf.
+    n_vocab = min(tok.vocab_size, model.config.vocab_size)
     if prompt_ids is None:
         prompt_ids = [tok.encode(p) for p in prompts]
     rows = [_Row(first_index + i, p, ids, cfg, tok, device) for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]
@@ -183,7 +207,7 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
                 on_window_slide()
                 warned = True
         r.pos = len(r.context)
-    logits = _prefill(model, [r.context for r in rows])  # (B, V)
+    logits = _prefill(model, [r.context for r in rows])[:, :n_vocab]  # (B, V)
     fast_greedy = cfg.sampling.greedy and cfg.repetition_penalty == 1.0 and cfg.logprobs is None
     active = list(range(B))
     while True:
@@ -222,7 +246,7 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
         x = torch.tensor([[r.context[-1]] for r in rows], device=device)  # (B, 1)
         pos_list = [min(r.pos, cache_len - 1) for r in rows]
         pos = torch.tensor(pos_list, device=device).view(B, 1)
-        logits = model(x, pos, kv_len=max(pos_list) + 1)[:, -1, :]  # (B, V)
+        logits = model(x, pos, kv_len=max(pos_list) + 1)[:, -1, :n_vocab]  # (B, V)
         for b in active:
             rows[b].pos += 1
 
@@ -277,30 +301,55 @@ class Generator:
         return [p for p in prompts for _ in range(nsamples)]
 
     def _batches(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int,
-                 batch_size: int | None) -> Iterator[Generator_[Delta, None, list[Completion]]]:
+                 batch_size: int | None, on_window_slide: Callable[[], None] | None = _window_notice,
+                 ) -> Iterator[Generator_[Delta, None, list[Completion]]]:
         cfg.validate()
+        if nsamples < 0:
+            raise Gpt2kitError(f"nsamples must be >= 0 (0 means endless), got {nsamples}")
+        if batch_size is not None and batch_size <= 0:
+            raise Gpt2kitError(f"batch size must be > 0, got {batch_size}")
+        notice = once(on_window_slide)  # one notice for the whole call, however many batches
+        if nsamples == 0:
+            # endless: sample i is exactly sample i of a finite run (same index, so the same seed stream)
+            prompts = self._prompts(prompt, 1)
+            if len(prompts) != 1:
+                raise Gpt2kitError(f"endless sampling (nsamples=0) takes one prompt, got {len(prompts)}; "
+                                   "give a finite nsamples for several prompts")
+            bs = batch_size or 1
+            for start in itertools.count(0, bs):
+                yield stream_rows(self.model, self.tokenizer, prompts * bs, cfg, first_index=start,
+                                  on_window_slide=notice)
         prompts = self._prompts(prompt, nsamples)
+        if not prompts:
+            raise Gpt2kitError("no prompts given: pass a prompt, a list of prompts, or None for unconditional")
         bs = batch_size or min(len(prompts), 32)
-        if bs <= 0:
-            raise Gpt2kitError(f"batch size must be > 0, got {bs}")
         for start in range(0, len(prompts), bs):
-            yield stream_rows(self.model, self.tokenizer, prompts[start:start + bs], cfg, first_index=start)
+            yield stream_rows(self.model, self.tokenizer, prompts[start:start + bs], cfg, first_index=start,
+                              on_window_slide=notice)
 
     def stream(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int = 1,
-               batch_size: int | None = None) -> Iterator[Delta]:
+               batch_size: int | None = None,
+               on_window_slide: Callable[[], None] | None = _window_notice) -> Iterator[Delta]:
         """Text deltas for every sample, in batches of `batch_size` (default: all at once, at most 32).
         Sample i of prompt j has index j * nsamples + i and uses seed (cfg.seed, that index), so the
-        batch size never changes the text."""
-        for batch in self._batches(prompt, cfg, nsamples, batch_size):
+        batch size never changes the text. nsamples=0 samples one prompt forever (default batch size 1),
+        sample i equal to sample i of any finite nsamples. `on_window_slide` runs once per call when a
+        sample outgrows the context."""
+        for batch in self._batches(prompt, cfg, nsamples, batch_size, on_window_slide):
             yield from batch
 
     def completions(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int = 1,
-                    batch_size: int | None = None) -> Iterator[Completion]:
-        """Finished completions in index order, batch by batch (bulk generation with progress)."""
-        for batch in self._batches(prompt, cfg, nsamples, batch_size):
+                    batch_size: int | None = None,
+                    on_window_slide: Callable[[], None] | None = _window_notice) -> Iterator[Completion]:
+        """Finished completions in index order, batch by batch (bulk generation with progress); nsamples=0
+        is endless, as in stream()."""
+        for batch in self._batches(prompt, cfg, nsamples, batch_size, on_window_slide):
             yield from run_stream(batch)
 
     def generate(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig | None = None,
                  nsamples: int = 1, batch_size: int | None = None, **overrides) -> list[Completion]:
         """Finished completions; `prompt=None` is unconditional. Keyword overrides patch `cfg`."""
+        if nsamples < 1:
+            raise Gpt2kitError(f"nsamples must be >= 1 for generate(), which returns a list, got {nsamples}; "
+                               "for endless sampling (nsamples=0) iterate stream() or completions()")
         return list(self.completions(prompt, replace(cfg or GenerationConfig(), **overrides), nsamples, batch_size))
