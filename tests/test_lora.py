@@ -137,3 +137,36 @@ def test_lora_resume_from_checkpoint_matches(tmp_path):
     wa = load_file(str(tmp_path / "a/final" / lora.ADAPTER_WEIGHTS))
     wb = load_file(str(tmp_path / "b/final" / lora.ADAPTER_WEIGHTS))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
+    # a LoRA run killed before best/ and final/ existed: --model RUN merges its newest adapter onto the base
+    import shutil
+
+    from gpt2kit import runs
+    save_model(random_model(TINY, seed=5), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    cfg = TrainConfig(model=str(tmp_path / "base"), data=[str(JOKES)], column="Joke", out=str(tmp_path / "run"),
+                      steps=2, batch_size=4, block_size=16, lr=1e-2, lora_rank=4, lora_dropout=0.0, eval_every=0,
+                      val_fraction=0.0, sample_every=0, save_every=1, tensorboard=False)
+    run = finetune(cfg, progress=False).run_dir
+    shutil.rmtree(run / "best", ignore_errors=True)
+    shutil.rmtree(run / "final")
+    runs.update_run_json(run, status="interrupted")
+    assert runs.adapter_only_checkpoint(run) == run / "checkpoints/step-2"
+    merged, tok = runs.load_adapter_run(run)
+    adapted, _ = lora.load_lora_model(run / "checkpoints/step-2")
+    ids = torch.randint(0, TINY.vocab_size, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
+    assert tok.encode("Why did the") == Tokenizer.from_dir(VOCAB_DIR).encode("Why did the")
+
+    # finetune --model RUN starts from those merged weights
+    res = finetune(TrainConfig(model=str(run), data=[str(JOKES)], column="Joke", out=str(tmp_path / "next"),
+                               steps=1, batch_size=4, block_size=16, lr=1e-12, eval_every=0, val_fraction=0.0,
+                               sample_every=0, tensorboard=False), progress=False)
+    nxt, _ = load_model(res.run_dir / "final")
+    with torch.no_grad():
+        assert torch.allclose(nxt(ids), adapted(ids), atol=1e-4)
+    # merge on a run trained without LoRA is a one-line error
+    assert main(["merge", str(res.run_dir), "--out", str(tmp_path / "m")]) == 1
+    assert "no LoRA adapter" in capsys.readouterr().err

@@ -298,6 +298,42 @@ def _fmt(x: float | None) -> str:
     return f"{x:.4f}"
 
 
+def adapter_only_checkpoint(run_dir: str | Path) -> Path | None:
+    """A LoRA run stopped before best/ or final/ (which hold the merged model) were written: its newest
+    adapter checkpoint. None for any other directory."""
+    from gpt2kit.checkpoints import run_model_dir
+    from gpt2kit.lora import is_adapter_dir
+    p = Path(run_dir)
+    if not is_run_dir(p):
+        return None
+    try:
+        if run_model_dir(p) is not None:
+            return None
+    except Gpt2kitError:  # "no saved model yet": only adapters, if anything
+        pass
+    for _, c in reversed(checkpoint_dirs(p)):
+        if is_adapter_dir(c):
+            return c
+    return None
+
+
+def load_adapter_run(run_dir: str | Path, device: Any = None, dtype: Any = None) -> tuple[Any, Any] | None:
+    """`--model RUN` for a LoRA run that has only adapter checkpoints: the base model with the newest
+    adapter folded in (in memory, as `gpt2kit merge` does) and the run's tokenizer, as (GPT, Tokenizer).
+    None when `run_dir` is not such a run (load it as any model directory)."""
+    ckpt = adapter_only_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    from gpt2kit.lora import load_lora_model, merge_lora
+    from gpt2kit.tokenizer import Tokenizer, find_vocab_files
+    model, tok = load_lora_model(ckpt, device=device, dtype=dtype)
+    merge_lora(model)
+    own = Path(run_dir) / "tokenizer"
+    if find_vocab_files(own) is not None:
+        tok = Tokenizer.from_dir(own)
+    return model.eval(), tok
+
+
 def model_dir(run_dir: str | Path) -> Path | None:
     """The model `--model RUN_DIR` loads (best, else final, else the newest checkpoint), or None."""
     from gpt2kit.checkpoints import run_model_dir

@@ -815,13 +815,22 @@ class _Run:
         own_tok = self.resuming and find_vocab_files(own) is not None
         full_ckpt = ckpt is not None and not cfg.lora_rank  # needs nothing from the base model
         needs_base = cfg.model and not (full_ckpt and (own_tok or cfg.tokenizer))
-        base_dir = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
-        tok_dir = str(own) if own_tok else cfg.tokenizer or base_dir
+        # a LoRA run stopped before best/ and final/: its newest adapter merged onto its base
+        merged = runs.load_adapter_run(cfg.model, self.device, torch.float32) \
+            if needs_base and cfg.init == "pretrained" and not full_ckpt else None
+        if merged is not None:
+            base_dir = str(Path(cfg.model).resolve())
+            base_tok = str(Path(base_dir) / "tokenizer")
+        else:
+            base_dir = base_tok = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
+        tok_dir = str(own) if own_tok else cfg.tokenizer or base_tok
         if tok_dir is None:
             raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
                                "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
         if full_ckpt:
             model, tok = load_model(ckpt, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
+        elif merged is not None:
+            model, tok = merged[0], Tokenizer.from_dir(tok_dir)
         elif cfg.init == "pretrained":
             model, tok = load_model(base_dir, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
         else:
