@@ -119,3 +119,89 @@ def test_save_then_load_roundtrip(tiny_model_dir, tmp_path):
     a = load_file(str(tiny_model_dir / "model.safetensors"))
     b = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _hf_model_dir(d, **save_kwargs):
+    """A random tiny transformers GPT-2 saved by save_pretrained, plus the GPT-2 vocabulary files."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(d, **save_kwargs)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(TF_TINY / "hf" / f, d)
+    return model
+
+
+def _assert_same_logits(ours, theirs):
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_safetensors_save_by_transformers_loads(tmp_path):
+    d = tmp_path / "sharded"
+    theirs = _hf_model_dir(d, max_shard_size="5MB")
+    shards = sorted(p.name for p in d.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and not (d / "model.safetensors").exists()
+    ours, _ = load_model(d)
+    _assert_same_logits(ours, theirs)
+    # converting writes one file that loads the same
+    _assert_same_logits(load_model(convert(d, tmp_path / "one"))[0], theirs)
+    (d / shards[-1]).unlink()
+    with pytest.raises(Gpt2kitError) as e:
+        load_model(d)
+    assert shards[-1] in _one_line(e) and "missing" in str(e.value)
+    (d / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(Gpt2kitError, match="no weight_map") as e:
+        load_model(d)
+    _one_line(e)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": "../x.safetensors"}}))
+    with pytest.raises(Gpt2kitError, match="not a file beside it"):
+        load_model(d)
+
+
+def test_sharded_pytorch_model_bin_loads(tmp_path):
+    d = tmp_path / "binshards"
+    theirs = _hf_model_dir(d)
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    parts = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+             "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, ks in parts.items():
+        torch.save({k: sd[k] for k in ks}, d / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    ours, _ = load_model(d)
+    _assert_same_logits(ours, theirs)
+    (d / "pytorch_model-00001-of-00002.bin").unlink()
+    with pytest.raises(Gpt2kitError) as e:
+        load_model(d)
+    assert "pytorch_model-00001-of-00002.bin" in _one_line(e)
+
+
+def test_legacy_non_zip_pytorch_model_bin_loads_without_unpickling_code(tmp_path):
+    d = tmp_path / "legacy"
+    theirs = _hf_model_dir(d)
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # pre-torch-1.6 format
+    ours, _ = load_model(d)
+    _assert_same_logits(ours, theirs)
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+    torch.save({"x": Evil()}, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(Gpt2kitError, match="not loaded") as e:
+        load_model(d)
+    _one_line(e)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(Gpt2kitError, match="corrupt or truncated") as e:
+        load_model(d)
+    _one_line(e)

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 from huggingface_hub import constants
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from gpt2kit.checkpoints import hub
@@ -29,7 +30,7 @@ from gpt2kit.errors import Gpt2kitError
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tf-gpt2-tiny" / "hf"  # ../shared beside the repo
 SHA = "0123456789abcdef0123456789abcdef01234567"
 WANTED = {"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt"}
-LFS = {"model.safetensors", "pytorch_model.bin", "tf_model.h5"}
+LFS_SUFFIXES = (".safetensors", ".bin", ".h5")  # weights (and shards of them) are LFS files on the Hub
 
 
 def _files(weights=("model.safetensors", "pytorch_model.bin")) -> dict[str, bytes]:
@@ -44,9 +45,26 @@ def _files(weights=("model.safetensors", "pytorch_model.bin")) -> dict[str, byte
     return files
 
 
+def _sharded(missing_shard: bool = False) -> dict[str, bytes]:
+    """The tiny real model as save_pretrained(max_shard_size=...) lays it out: an index and two shards."""
+    files = {f: (TINY / f).read_bytes() for f in ("config.json", "vocab.json", "merges.txt")}
+    sd = load_file(str(TINY / "model.safetensors"))
+    keys = sorted(sd)
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    parts = dict(zip(names, (keys[: len(keys) // 2], keys[len(keys) // 2:])))
+    for n, ks in parts.items():
+        files[n] = st_save({k: sd[k] for k in ks})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: n for n, ks in parts.items() for k in ks}}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    files["pytorch_model.bin.index.json"] = b'{"weight_map": {}}'  # a pickle copy gpt2kit should not fetch
+    if missing_shard:
+        del files[names[1]]
+    return files
+
+
 def _etag(name: str, data: bytes) -> str:
     # The Hub's ETag: sha256 for LFS files, git blob sha1 otherwise (huggingface_hub names cache blobs by it).
-    if name in LFS:
+    if name.endswith(LFS_SUFFIXES):
         return hashlib.sha256(data).hexdigest()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -56,7 +74,9 @@ class FakeHub:
         real = {f: (TINY / f).read_bytes() for f in ("config.json", "model.safetensors", "vocab.json", "merges.txt")}
         self.repos = {"openai-community/gpt2": _files(),
                       "openai-community/gpt2-medium": real,  # a real (tiny) model, for end-to-end use
-                      "someone/old-gpt2": _files(weights=("pytorch_model.bin",))}
+                      "someone/old-gpt2": _files(weights=("pytorch_model.bin",)),
+                      "someone/sharded-gpt2": _sharded(),
+                      "someone/broken-shards": _sharded(missing_shard=True)}
         self.gated = {"meta/gated-gpt2"}
         self.requests: list[tuple[str, str]] = []
         hub_ = self
@@ -104,7 +124,8 @@ class FakeHub:
             return self.send(req, 200, json.dumps(info).encode(), body)
         if kind == "tree":
             tree = [{"type": "file", "path": f, "size": len(d), "oid": _etag("", d),
-                     **({"lfs": {"oid": _etag(f, d), "size": len(d), "pointerSize": 134}} if f in LFS else {})}
+                     **({"lfs": {"oid": _etag(f, d), "size": len(d), "pointerSize": 134}}
+                        if f.endswith(LFS_SUFFIXES) else {})}
                     for f, d in files.items()]
             return self.send(req, 200, json.dumps(tree).encode(), body)
         if fname not in files:
@@ -282,3 +303,27 @@ def test_model_name_works_end_to_end_in_the_cli(fake_hub, tmp_path, capsys):
     assert _json.loads(capsys.readouterr().out)["tokens"] == ref["greedy_next_32"][:8]
     assert main(["generate", "x", "-m", "distilgpt2"]) == 1  # not cached, hub down
     assert "no network" in capsys.readouterr().err
+
+
+def test_sharded_repo_fetches_the_index_and_its_shards(fake_hub, tmp_path):
+    from gpt2kit.checkpoints import load_model
+
+    d = hub.download("someone/sharded-gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    shards = {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    want = {"config.json", "vocab.json", "merges.txt", "model.safetensors.index.json"} | shards
+    assert {p.name for p in d.iterdir()} == want == _resolve_paths(fake_hub)  # no pickle index, nothing else
+    ours, _ = load_model(d)
+    ref, _ = load_model(TINY)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(ours(x), ref(x))
+    fake_hub.stop()  # the sharded snapshot counts as complete in the cache
+    n = len(fake_hub.requests)
+    assert hub.download("someone/sharded-gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url) == d
+    assert len(fake_hub.requests) == n
+
+
+def test_sharded_repo_missing_a_shard_is_one_line(fake_hub, tmp_path):
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("someone/broken-shards", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    assert "model-00002-of-00002.safetensors" in _one_line(e) and "incomplete" in str(e.value)

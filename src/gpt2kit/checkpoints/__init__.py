@@ -102,7 +102,8 @@ def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         config = GPTConfig.from_openai_hparams(hparams)
         return config, hf.hf_to_gpt2kit(sd, config)
     if (path / "config.json").is_file():
-        raise Gpt2kitError(f"{path} has config.json but no model.safetensors or pytorch_model.bin")
+        raise Gpt2kitError(f"{path} has config.json but no model.safetensors or pytorch_model.bin (nor a "
+                           "model.safetensors.index.json with its shards): copy the weights in beside it")
     raise Gpt2kitError(f"{path} is not a GPT-2 checkpoint: expected config.json + model.safetensors "
                        "(HuggingFace), hparams.json + model.ckpt.* (OpenAI TF), or a gpt2kit run directory")
 

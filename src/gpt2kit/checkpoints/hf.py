@@ -1,4 +1,5 @@
-"""HuggingFace GPT-2 checkpoints (config.json + model.safetensors or pytorch_model.bin) <-> our GPT.
+"""HuggingFace GPT-2 checkpoints (config.json + model.safetensors or pytorch_model.bin, either one file or
+sharded behind an *.index.json) <-> our GPT.
 
 The only layout differences between HF and gpt2kit are listed here: HF stores the four projection
 matrices as Conv1D weights of shape (in, out); we use nn.Linear, (out, in). Everything else maps key
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,32 +21,77 @@ from gpt2kit.errors import Gpt2kitError
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# What save_pretrained(max_shard_size=...) writes instead of one weights file: an index whose weight_map
+# names the shard file holding each tensor.
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES)
+
+
+def weights_source(path: Path) -> Path | None:
+    """The file that holds (or indexes) the weights, in order of preference: safetensors before the pickle,
+    a single file before an index."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files an index names, in first-use order, each checked to be a plain name in its folder."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Gpt2kitError(f"cannot read shard index {index}: {e}; re-download or re-save the model") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise Gpt2kitError(f"shard index {index} has no weight_map of tensor names to shard files; "
+                           "re-download or re-save the model")
+    names = list(dict.fromkeys(wmap.values()))
+    for n in names:
+        if Path(n).name != n or n in (".", ".."):
+            raise Gpt2kitError(f"shard index {index} names {n!r}, which is not a file beside it; "
+                               "re-download or re-save the model")
+    return names
 
 
 def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    st, pt = path / "model.safetensors", path / "pytorch_model.bin"
+    src = weights_source(path)
+    if src is None:
+        raise Gpt2kitError(f"no model.safetensors or pytorch_model.bin (or a sharded index of them) in {path}")
+    if not src.name.endswith(".index.json"):
+        return _read_weights_file(src)
+    sd: dict[str, torch.Tensor] = {}
+    for name in shard_names(src):
+        shard = path / name
+        if not shard.is_file():
+            raise Gpt2kitError(f"shard {name} named by {src} is missing; download or copy every shard into {path}")
+        sd.update(_read_weights_file(shard))
+    return sd
+
+
+def _read_weights_file(f: Path) -> dict[str, torch.Tensor]:
     try:
-        if st.is_file():
-            return load_file(str(st))
-        if pt.is_file():
-            # weights_only: never run arbitrary pickled code from a downloaded file
-            sd = torch.load(str(pt), map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(sd, dict):
-                raise Gpt2kitError(f"{pt} does not hold a state dict")
-            return sd
-    except pickle.UnpicklingError:
-        raise Gpt2kitError(f"{pt} holds objects other than tensors and was not loaded (that would run "
-                           "arbitrary code); convert it to model.safetensors where you trust it") from None
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-        name = st if st.is_file() else pt
+        if f.name.endswith(".safetensors"):
+            return load_file(str(f))
+        # weights_only: never run arbitrary pickled code from a downloaded file. mmap needs the zip format
+        # torch >= 1.6 writes; older (legacy) pickles are read whole.
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+    # a damaged pickle fails in many ways: an unknown opcode (UnpicklingError), a bad memo key (KeyError), ...
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError,
+            IndexError, TypeError, AttributeError, MemoryError) as e:
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise Gpt2kitError(f"{f} holds objects other than tensors and was not loaded (that would run "
+                               "arbitrary code); convert it to model.safetensors where you trust it") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Gpt2kitError(f"cannot read weights {name}: the file is corrupt or truncated ({first}); "
+        raise Gpt2kitError(f"cannot read weights {f}: the file is corrupt or truncated ({first}); "
                            "re-download or re-save it") from None
-    raise Gpt2kitError(f"no model.safetensors or pytorch_model.bin in {path}")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise Gpt2kitError(f"{f} does not hold a state dict of tensors")
+    return sd
 
 
 def hf_to_gpt2kit(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ this module picks the few files gpt2kit reads and turns the Hub's exceptions int
 
 from __future__ import annotations
 
+import glob
 import importlib
 import re
 from pathlib import Path
@@ -21,14 +22,16 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
+from gpt2kit.checkpoints.hf import shard_names, weights_source
 from gpt2kit.errors import Gpt2kitError
 
 KNOWN_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 REPO_IDS = {n: f"openai-community/{n}" for n in KNOWN_MODELS[:4]} | {"distilgpt2": "distilbert/distilgpt2"}
 
-# Everything gpt2kit reads from an HF directory; the weights file is added separately (see download()).
+# Everything gpt2kit reads from an HF directory; the weights are added separately (see download()).
 FILES = ["config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json"]
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+INDEX = {w: w + ".index.json" for w in WEIGHTS}  # a sharded save: the index, whose weight_map names the shards
 NEEDED = ("config.json", "vocab.json", "merges.txt")
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -61,8 +64,23 @@ def is_model_name(s: str) -> bool:
     return s in REPO_IDS or (_REPO_ID.fullmatch(s) is not None and not Path(s).expanduser().exists())
 
 
+def _missing_shards(d: Path) -> list[str] | None:
+    """None when `d` has no weights at all; else the shards its index names that are not there (none for a
+    single weights file)."""
+    src = weights_source(d)
+    if src is None:
+        return None
+    if not src.name.endswith(".index.json"):
+        return []
+    return [n for n in shard_names(src) if not (d / n).is_file()]
+
+
 def _complete(d: Path) -> bool:
-    return all((d / f).is_file() for f in NEEDED) and any((d / w).is_file() for w in WEIGHTS)
+    try:
+        missing = _missing_shards(d)
+    except Gpt2kitError:  # a damaged index in the cache: download again
+        return False
+    return all((d / f).is_file() for f in NEEDED) and missing == []
 
 
 def download(name: str, revision: str | None = None, cache_dir: str | None = None, force: bool = False,
@@ -71,32 +89,43 @@ def download(name: str, revision: str | None = None, cache_dir: str | None = Non
     downloading only the files gpt2kit needs. A cached copy is returned without touching the network."""
     rid = repo_id(name)
 
-    def fetch(weights: str, local_only: bool = False) -> Path:
+    def fetch(weights: list[str], local_only: bool = False) -> Path:
         return Path(snapshot_download(rid, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
-                                      allow_patterns=[*FILES, weights], force_download=force,
+                                      allow_patterns=[*FILES, *weights], force_download=force,
                                       local_files_only=local_only))
+
+    def fetch_weights(weights: str) -> Path:
+        # The single file or, in a sharded repo, the index; then the shards that index names.
+        d = fetch([weights, INDEX[weights]])
+        if not (d / weights).is_file() and (d / INDEX[weights]).is_file():
+            d = fetch([INDEX[weights], *(glob.escape(n) for n in shard_names(d / INDEX[weights]))])
+        return d
 
     try:
         if not force:
             # Cache first: a model loaded once must load again with no network (and no Hub round-trip).
             try:
-                d = fetch(WEIGHTS[0], local_only=True)
+                d = fetch([WEIGHTS[0]], local_only=True)
                 if _complete(d):
                     return d
             except LocalEntryNotFoundError:
                 pass
-        d = fetch(WEIGHTS[0])
-        if not (d / WEIGHTS[0]).is_file():
+        d = fetch_weights(WEIGHTS[0])
+        if weights_source(d) is None:
             # Older repos carry only the pickle; ask for it only then, so safetensors repos never pay for both.
-            d = fetch(WEIGHTS[1])
+            d = fetch_weights(WEIGHTS[1])
     except Exception as e:
         err = _hub_error(e, name, revision)
         if err is None:
             raise
         raise err from e
-    if not any((d / w).is_file() for w in WEIGHTS):
+    missing = _missing_shards(d)
+    if missing is None:
         raise Gpt2kitError(f"model '{name}' on the Hub has neither model.safetensors nor pytorch_model.bin: "
                            f"it is not a GPT-2 checkpoint gpt2kit can load; {_LOCAL_HINT}")
+    if missing:
+        raise Gpt2kitError(f"model '{name}' on the Hub is incomplete: its shard index names {missing[0]}, which the "
+                           f"repository does not have; {_LOCAL_HINT}")
     return d
 
 
