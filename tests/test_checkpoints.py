@@ -205,3 +205,22 @@ def test_legacy_non_zip_pytorch_model_bin_loads_without_unpickling_code(tmp_path
     with pytest.raises(Gpt2kitError, match="corrupt or truncated") as e:
         load_model(d)
     _one_line(e)
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("[1, 2]", "holds an array, not a JSON object"),
+    ('"gpt2"', "holds a string, not a JSON object"),
+    ('{"n_embd": "64", "n_head": 4, "n_layer": 2, "n_positions": 128}', "n_embd must be a positive integer, not '64'"),
+    ('{"n_embd": 64, "n_head": 4, "n_layer": 2.5}', "n_layer must be a positive integer"),
+    ('{"n_embd": 64, "n_head": 4, "n_inner": "wide"}', "n_inner must be a positive integer"),
+    ('{"n_embd": 64, "n_head": 4, "layer_norm_epsilon": "small"}', "layer_norm_epsilon must be a number"),
+    ('{"n_embd": 64, "n_head": 4, "eos_token_id": -1}', "eos_token_id must be a token id"),
+    ('{"n_embd": 64, "n_head": 5}', "must be divisible by n_head"),
+])
+def test_malformed_config_json_is_one_line_naming_the_file(tiny_model_dir, tmp_path, text, complaint):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "config.json").write_text(text)
+    with pytest.raises(Gpt2kitError) as e:
+        load_model(d)
+    assert str(d / "config.json") in _one_line(e) and complaint in str(e.value)

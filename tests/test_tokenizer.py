@@ -62,3 +62,47 @@ def test_missing_or_broken_vocab_is_a_clear_error(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(Gpt2kitError, match="cannot read vocabulary"):
         Tokenizer.from_dir(tmp_path)
+
+
+def _vocab_dir(tmp_path, vocab: str | None = None, merges: str | None = None):
+    d = tmp_path / "tok"
+    d.mkdir(exist_ok=True)
+    src = TF_TINY / "hf"
+    (d / "vocab.json").write_text(vocab if vocab is not None else (src / "vocab.json").read_text("utf-8"), "utf-8")
+    (d / "merges.txt").write_text(merges if merges is not None else (src / "merges.txt").read_text("utf-8"), "utf-8")
+    return d
+
+
+def _one_line_error(d) -> str:
+    with pytest.raises(Gpt2kitError) as e:
+        Tokenizer.from_dir(d)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("bad_line", ["Ġtnospace", "Ġ t e", "Ġ ", "a\x01 b"])
+def test_malformed_merges_line_is_one_line_naming_file_and_line(tmp_path, bad_line):
+    lines = (TF_TINY / "hf" / "merges.txt").read_text("utf-8").split("\n")
+    assert lines[0].startswith("#version")
+    lines[3] = bad_line
+    d = _vocab_dir(tmp_path, merges="\n".join(lines))
+    msg = _one_line_error(d)
+    assert str(d / "merges.txt") in msg and "line 4 is not a merge" in msg
+
+
+@pytest.mark.parametrize("vocab, complaint", [
+    ("[1, 2]", "is not a JSON object of token -> id"),
+    ('{"a": "1"}', "maps 'a' to '1', not a token id"),
+    ('{"a": 0, "b": 0}', "gives two tokens the same id"),
+    ('{"a\\u0001": 0}', "is not a GPT-2 byte-level vocabulary"),
+])
+def test_malformed_vocab_json_is_one_line_naming_the_file(tmp_path, vocab, complaint):
+    d = _vocab_dir(tmp_path, vocab=vocab)
+    msg = _one_line_error(d)
+    assert str(d / "vocab.json") in msg and complaint in msg
+
+
+def test_merges_without_version_header_still_check(tmp_path):
+    lines = (TF_TINY / "hf" / "merges.txt").read_text("utf-8").split("\n")
+    d = _vocab_dir(tmp_path, merges="\n".join(lines[1:]))
+    assert Tokenizer.from_dir(d).encode("Hello world") == [15496, 995]

@@ -24,6 +24,18 @@ class GPTConfig:
     eos_token_id: int = 50256
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            v = getattr(self, name)
+            if not (v is None and name == "n_inner") and not (_is_int(v) and v > 0):
+                raise Gpt2kitError(f"{name} must be a positive integer, not {v!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if not (_is_int(v) and v >= 0):
+                raise Gpt2kitError(f"{name} must be a token id (an integer >= 0), not {v!r}")
+        for name in ("layer_norm_epsilon", "dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+                raise Gpt2kitError(f"{name} must be a number in [0, 1), not {v!r}")
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
         if self.n_embd % self.n_head != 0:
@@ -75,26 +87,34 @@ class GPTConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> GPTConfig:
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> GPTConfig:
+        """`source` names the file in error messages."""
+        if not isinstance(d, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
+            raise Gpt2kitError(f"{source} holds {kind}, not a JSON object of settings: it is not a model "
+                               "config; re-download or re-save the model")
         if d.get("model_type", "gpt2") != "gpt2":
-            raise Gpt2kitError(f"config.json describes a {d.get('model_type')!r} model, not GPT-2")
+            raise Gpt2kitError(f"{source} describes a {d.get('model_type')!r} model, not GPT-2")
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise Gpt2kitError(f"unsupported activation_function {act!r} (GPT-2 uses gelu_new)")
+            raise Gpt2kitError(f"{source}: unsupported activation_function {act!r} (GPT-2 uses gelu_new)")
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if d.get(flag):
-                raise Gpt2kitError(f"config.json sets {flag}, which gpt2kit does not support")
-        return cls(
-            vocab_size=d.get("vocab_size", 50257),
-            n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
-            n_embd=d.get("n_embd", 768),
-            n_layer=d.get("n_layer", 12),
-            n_head=d.get("n_head", 12),
-            n_inner=d.get("n_inner"),
-            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
-            bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 50256,
-            eos_token_id=d.get("eos_token_id") if d.get("eos_token_id") is not None else 50256,
-        )
+                raise Gpt2kitError(f"{source} sets {flag}, which gpt2kit does not support")
+        try:
+            return cls(
+                vocab_size=d.get("vocab_size", 50257),
+                n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
+                n_embd=d.get("n_embd", 768),
+                n_layer=d.get("n_layer", 12),
+                n_head=d.get("n_head", 12),
+                n_inner=d.get("n_inner"),
+                layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+                bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 50256,
+                eos_token_id=d.get("eos_token_id") if d.get("eos_token_id") is not None else 50256,
+            )
+        except Gpt2kitError as e:
+            raise Gpt2kitError(f"{source}: {e}; fix the file or re-download the model") from None
 
     @classmethod
     def from_openai_hparams(cls, d: dict[str, Any]) -> GPTConfig:
@@ -115,9 +135,13 @@ class GPTConfig:
     def from_json_file(cls, path: str | Path) -> GPTConfig:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise Gpt2kitError(f"cannot read model config {path}: {e}") from None
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(d, source=str(path))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

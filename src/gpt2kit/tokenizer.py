@@ -47,39 +47,52 @@ def find_vocab_files(directory: str | Path) -> tuple[Path, Path] | None:
 @functools.lru_cache(maxsize=4)
 def _load_encoding(encoder_path: str, merges_path: str) -> tiktoken.Encoding:
     try:
-        encoder: dict[str, int] = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        encoder = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Gpt2kitError(f"cannot read vocabulary {encoder_path}: {e}") from None
+    fix = "the vocabulary files are damaged or not GPT-2's; copy them from the base model's directory"
+    if not isinstance(encoder, dict):
+        raise Gpt2kitError(f"{encoder_path} is not a JSON object of token -> id: {fix}")
     dec = _byte_decoder()
     ranks: dict[bytes, int] = {}
     special: dict[str, int] = {}
-    try:
-        for tok, idx in encoder.items():
-            if tok == EOT:
-                special[tok] = idx
-            else:
-                ranks[bytes(dec[ch] for ch in tok)] = idx
-    except KeyError:
-        raise Gpt2kitError(f"{encoder_path} is not a GPT-2 byte-level vocabulary") from None
+    for tok, idx in encoder.items():
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise Gpt2kitError(f"{encoder_path} maps {tok!r} to {idx!r}, not a token id: {fix}")
+        if tok == EOT:
+            special[tok] = idx
+        elif any(ch not in dec for ch in tok):
+            raise Gpt2kitError(f"{encoder_path} is not a GPT-2 byte-level vocabulary (token {tok!r}): {fix}")
+        else:
+            ranks[bytes(dec[ch] for ch in tok)] = idx
+    if len(set(ranks.values()) | set(special.values())) != len(ranks) + len(special):
+        raise Gpt2kitError(f"{encoder_path} gives two tokens the same id: {fix}")
     # tiktoken merges by rank == token id. GPT-2's ids are exactly its merge order (256 bytes first, then
     # merges.txt line by line), so check that instead of trusting it.
     try:
         lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise Gpt2kitError(f"cannot read merges {merges_path}: {e}") from None
-    merges = [ln for ln in lines[1:] if ln and not ln.startswith("#version")]
-    for rank, line in enumerate(merges[:2000], start=256):
-        a, b = line.split(" ")
-        tok = bytes(dec[c] for c in a + b)
+    # (line number, line), the "#version" header and blank lines left out
+    merges = [(n, ln) for n, ln in enumerate(lines, start=1) if ln and not ln.startswith("#version")]
+    for rank, (n, line) in enumerate(merges[:2000], start=256):
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts) or any(c not in dec for c in line.replace(" ", "")):
+            raise Gpt2kitError(f"{merges_path} line {n} is not a merge (two byte-level tokens separated by one "
+                               f"space): {line[:40]!r}; {fix}")
+        tok = bytes(dec[c] for c in parts[0] + parts[1])
         if ranks.get(tok) != rank:
             raise Gpt2kitError(f"{encoder_path} and {merges_path} do not agree (merge {rank}); "
                                "the vocabulary files are mismatched or not GPT-2's")
-    return tiktoken.Encoding(
-        name=f"gpt2kit:{encoder_path}",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens=special,
-    )
+    try:
+        return tiktoken.Encoding(
+            name=f"gpt2kit:{encoder_path}",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=special,
+        )
+    except ValueError as e:
+        raise Gpt2kitError(f"{encoder_path} cannot be used as a vocabulary ({e}): {fix}") from None
 
 
 class Tokenizer:
