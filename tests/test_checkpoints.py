@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2kit.checkpoints import convert, load_model, resolve_model_dir, save_model
+from gpt2kit.checkpoints import convert, load_model, pick_device, resolve_model_dir, save_model
 from gpt2kit.checkpoints.hf import gpt2kit_to_hf
 from gpt2kit.errors import Gpt2kitError
 from tests.conftest import TF_TINY
@@ -224,3 +224,32 @@ def test_malformed_config_json_is_one_line_naming_the_file(tiny_model_dir, tmp_p
     with pytest.raises(Gpt2kitError) as e:
         load_model(d)
     assert str(d / "config.json") in _one_line(e) and complaint in str(e.value)
+
+
+def test_only_supported_devices_are_accepted(monkeypatch, tiny_model_dir, capsys):
+    assert pick_device("cpu") == pick_device(torch.device("cpu")) == torch.device("cpu")
+    assert pick_device(None).type in ("cpu", "cuda", "mps") and pick_device("auto") == pick_device(None)
+    for bad, complaint in [("meta", "not supported by gpt2kit"), ("xpu", "not supported by gpt2kit"),
+                           ("ipu:0", "not supported by gpt2kit"), ("gpu", "unknown device"),
+                           ("cpu:1", "does not exist"), ("cuda:", "unknown device")]:
+        with pytest.raises(Gpt2kitError) as e:
+            pick_device(bad)
+        assert complaint in _one_line(e) and "cpu" in str(e.value), bad
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Gpt2kitError, match="no CUDA GPU"):
+        pick_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(Gpt2kitError, match=r"only 2 CUDA GPU\(s\)"):
+        pick_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(Gpt2kitError, match="MPS is not available"):
+        pick_device("mps")
+    with pytest.raises(Gpt2kitError, match="not supported"):
+        load_model(tiny_model_dir, device="meta")
+    from gpt2kit.cli import main
+    for dev in ("meta", "xpu"):
+        assert main(["generate", "x", "-m", str(tiny_model_dir), "--device", dev, "--length", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: device ") and len(err.strip().splitlines()) == 1

@@ -20,23 +20,42 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """'auto'/None picks cuda, then mps, then cpu; anything else is checked to exist."""
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None picks cuda, then mps, then cpu. Otherwise only the devices gpt2kit runs on (cpu, cuda,
+    cuda:N, mps), each checked to exist here: torch accepts more names ('meta', 'xpu', ...) that would
+    fail later, deep inside loading."""
     if device in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
+    usage = "use cpu, cuda, cuda:N, mps or auto"
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise Gpt2kitError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Gpt2kitError(f"--device {device} asked for, but this torch build sees no CUDA GPU; use --device cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise Gpt2kitError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
+    except (RuntimeError, TypeError):
+        raise Gpt2kitError(f"unknown device {str(device)!r}: {usage}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise Gpt2kitError(f"device {str(device)!r} is not supported by gpt2kit: {usage}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise Gpt2kitError(f"device {str(device)!r} does not exist: use cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Gpt2kitError(f"--device {device} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise Gpt2kitError(f"--device {device} asked for, but only {n} CUDA GPU(s) are visible "
+                               f"(cuda:0 to cuda:{n - 1}); pick one of those or use --device cpu")
+    if dev.type == "mps":
+        if not _mps_available():
+            raise Gpt2kitError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
+        if dev.index not in (None, 0):
+            raise Gpt2kitError(f"device {str(device)!r} does not exist: use mps")
     return dev
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -113,7 +132,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
                tokenizer_dir: str | Path | None = None) -> tuple[GPT, Tokenizer]:
     """Load any readable checkpoint (or model name) as an eval-mode GPT plus its tokenizer."""
     path = resolve_model_dir(name_or_path)
-    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     config, sd = read_checkpoint(path)
     with torch.device("meta"):
