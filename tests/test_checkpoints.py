@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +255,50 @@ def test_only_supported_devices_are_accepted(monkeypatch, tiny_model_dir, capsys
         assert main(["generate", "x", "-m", str(tiny_model_dir), "--device", dev, "--length", "1"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: device ") and len(err.strip().splitlines()) == 1
+
+
+def test_convert_refuses_outputs_it_would_clobber_before_loading(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import gpt2kit.checkpoints as ck
+    from gpt2kit.cli import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("the checkpoint was read before OUT was checked")
+    monkeypatch.setattr(ck, "read_checkpoint", no_loading)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, complaint in [(full, "already exists and is not empty"), (afile, "is an existing file"),
+                           (afile / "sub", "cannot create output directory")]:
+        with pytest.raises(Gpt2kitError) as e:
+            convert(tiny_model_dir, out)
+        assert str(out) in _one_line(e) and complaint in str(e.value)
+        assert main(["convert", str(tiny_model_dir), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and complaint in err and len(err.strip().splitlines()) == 1
+    assert afile.read_text() == "mine" and [p.name for p in full.iterdir()] == ["notes.txt"]
+    with pytest.raises(Gpt2kitError, match="unknown dtype"):
+        convert(tiny_model_dir, tmp_path / "new", dtype="float8")
+    with pytest.raises(Gpt2kitError, match="its own source"):
+        convert(tiny_model_dir, tiny_model_dir)
+    monkeypatch.undo()
+    # a failed conversion leaves no directory behind; an empty existing directory is fine
+    with pytest.raises(Gpt2kitError):
+        convert(tmp_path / "no-such-model", tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    assert (convert(tiny_model_dir, tmp_path / "empty") / "model.safetensors").is_file()
+
+
+def test_convert_to_an_unwritable_place_is_one_line(tiny_model_dir, tmp_path):
+    if Path("/proc/self").is_dir():  # writable by nobody, root included
+        with pytest.raises(Gpt2kitError, match="cannot create output directory") as e:
+            convert(tiny_model_dir, "/proc/gpt2kit-out")
+        _one_line(e)
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        with pytest.raises(Gpt2kitError, match="cannot create output directory"):
+            convert(tiny_model_dir, ro / "out")

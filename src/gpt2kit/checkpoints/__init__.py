@@ -6,7 +6,9 @@ HuggingFace-compatible."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -159,21 +161,63 @@ def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path
     return out
 
 
+# What convert writes into its output directory (and removes again if it fails part way).
+_CONVERT_FILES = ("model.safetensors", "model.safetensors.tmp", "config.json", "config.json.tmp",
+                  "generation_config.json", "vocab.json", "merges.txt", "gpt2kit.json")
+
+
+def make_new_output_dir(out: str | Path) -> list[Path]:
+    """Create `out` to write a model into, refusing up front (before any loading) anything that would
+    clobber something or fail later: an existing file, a non-empty directory, an unwritable place.
+    Returns the directories it created, outermost first."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        if any(out.iterdir()):
+            raise Gpt2kitError(f"output directory {out} already exists and is not empty: choose a new directory "
+                               "(nothing in it is overwritten)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise Gpt2kitError(f"output directory {out} is not writable: check its permissions or choose another")
+        return []
+    if out.exists() or out.is_symlink():
+        raise Gpt2kitError(f"output {out} is an existing file, not a directory: choose a new directory name "
+                           "(the file is left as it is)")
+    created = [p for p in (out, *out.absolute().parents) if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise Gpt2kitError(f"cannot create output directory {out} ({e.strerror or e}): choose a writable "
+                           "location") from None
+    return created
+
+
 def convert(src: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """Any readable checkpoint -> our (HuggingFace-compatible) format."""
-    path = resolve_model_dir(src)
-    config, sd = read_checkpoint(path)
-    if dtype not in (None, "auto"):
-        dt = pick_dtype(dtype, torch.device("cpu"))
-        sd = {k: v.to(dt) for k, v in sd.items()}
-    from gpt2kit.checkpoints.hf import write_hf_dir
-    out = Path(out)
-    if out.exists() and out.resolve() == path.resolve():
+    """Any readable checkpoint -> our (HuggingFace-compatible) format, in `out`: a new (or empty) directory."""
+    src_path, out = Path(src).expanduser(), Path(out).expanduser()
+    if src_path.is_dir() and out.resolve() == src_path.resolve():
         raise Gpt2kitError("convert would overwrite its own source; choose another output directory")
-    write_hf_dir(out, config, sd)
-    files = find_vocab_files(path)
-    if files is not None:
-        (out / "vocab.json").write_bytes(files[0].read_bytes())
-        (out / "merges.txt").write_bytes(files[1].read_bytes())
-    (out / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
+    dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else None  # bad --dtype: now
+    created = make_new_output_dir(out)
+    try:
+        path = resolve_model_dir(src)
+        config, sd = read_checkpoint(path)
+        if dt is not None:
+            sd = {k: v.to(dt) for k, v in sd.items()}
+        from gpt2kit.checkpoints.hf import write_hf_dir
+        write_hf_dir(out, config, sd)
+        files = find_vocab_files(path)
+        if files is not None:
+            (out / "vocab.json").write_bytes(files[0].read_bytes())
+            (out / "merges.txt").write_bytes(files[1].read_bytes())
+        (out / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
+    except BaseException:
+        # out was new or empty: leave it as it was found, not half written
+        for name in _CONVERT_FILES:
+            with contextlib.suppress(OSError):
+                (out / name).unlink(missing_ok=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return out
