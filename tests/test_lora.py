@@ -170,3 +170,8 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
     # merge on a run trained without LoRA is a one-line error
     assert main(["merge", str(res.run_dir), "--out", str(tmp_path / "m")]) == 1
     assert "no LoRA adapter" in capsys.readouterr().err
+    # the base model moved: merge says to pass --base
+    shutil.move(tmp_path / "base", tmp_path / "moved")
+    assert main(["merge", str(run), "--out", str(tmp_path / "m2")]) == 1
+    assert "pass --base" in capsys.readouterr().err
+    assert main(["merge", str(run), "--out", str(tmp_path / "m2"), "--base", str(tmp_path / "moved")]) == 0

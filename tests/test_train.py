@@ -271,7 +271,7 @@ def test_scratch_init_and_tiny_odd_data(tmp_path):
     res = finetune(cfg, progress=False)  # 5 tokens: fewer than a block; validation gets the last 2
     assert res.status == "finished" and res.step == 3 and math.isfinite(res.best_val_loss)
     saved = json.loads((tmp_path / "run/config.json").read_text())
-    assert saved["init"] == "scratch" and saved["block_size"] == 128
+    assert saved["init"] == "scratch" and saved["block_size"] == 4  # the block actually used: 5 tokens - 1
     model, _ = load_model(tmp_path / "run")
     assert model.config.n_embd == GPTConfig.from_name("tiny").n_embd
 
@@ -505,3 +505,54 @@ def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_pat
     (run / "checkpoints/step-2/trainer.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Gpt2kitError, match=r"cannot read .*step-2.*trainer\.pt.*delete"):
         resume(run, progress=False)
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--lora-rank", "2", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--epochs", "2"], "not both"),  # with --steps 1
+])
+def test_rejected_values_are_one_line_and_create_nothing(tmp_path, tiny_dir, capsys, bad, expect):
+    out = tmp_path / "run"
+    assert main(_tiny_args(tiny_dir, out, "--column", "Joke", *bad)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_lora_rank_above_the_layer_size_and_device_file_as_data(tmp_path, tiny_dir, capsys):
+    assert main(_tiny_args(tiny_dir, tmp_path / "a", "--column", "Joke", "--lora-rank", "1000")) == 1
+    assert "exceeds the smaller side" in capsys.readouterr().err
+    if Path("/dev/null").exists():
+        args = _tiny_args(tiny_dir, tmp_path / "b")
+        args[args.index(str(JOKES))] = "/dev/null"
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "not a regular file" in err and "does not exist" not in err
+
+
+def test_short_data_warnings_and_resume_before_the_first_checkpoint(tmp_path, tiny_dir, capsys):
+    import shutil
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("Just a few words of text.\n")
+    cfg = _cfg(tmp_path, tiny_dir, data=[str(one_line)], column=None, val_data=[str(one_line)], steps=2,
+               eval_every=2, early_stop=3, save_every=10)
+    finetune(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: the training data has only 9 tokens" in err and ".tokens" not in err
+    assert json.loads((tmp_path / "run/config.json").read_text())["block_size"] == 8
+    # killed before its first checkpoint: resume starts over and records step 0 once
+    run = tmp_path / "run"
+    for d in ("checkpoints", "best", "final"):
+        shutil.rmtree(run / d, ignore_errors=True)
+    (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()), "status": "interrupted"}))
+    resume(run, progress=False)
+    vals = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "val_loss" in r]
+    assert vals == [0, 2]
+    # --early-stop without validation data says so
+    finetune(_cfg(tmp_path, tiny_dir, out=str(tmp_path / "nv"), steps=1, val_fraction=0.0, early_stop=2),
+             progress=False)
+    assert capsys.readouterr().err.count("--early-stop 2 needs validation data") == 1

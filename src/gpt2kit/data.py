@@ -73,6 +73,8 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise Gpt2kitError(f"no files match {item}")
             files += expand_inputs(matches)
+        elif p.exists():  # /dev/null, a pipe, a socket: nothing a cache could be keyed on
+            raise Gpt2kitError(f"input {item} is not a regular file or folder; save the data to a file first")
         else:
             raise Gpt2kitError(f"input {item} does not exist")
     seen: set[Path] = set()
@@ -463,7 +465,7 @@ class Batcher:
 
     def __init__(self, cache: TokenCache, block_size: int, batch_size: int, *, seed: int = 0,
                  line_by_line: bool = False, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", eot_token: int = 50256):
+                 device: str | torch.device = "cpu", eot_token: int = 50256, what: str = "the data"):
         if not 0 <= rank < world_size:
             raise Gpt2kitError(f"rank {rank} is outside world size {world_size}")
         if block_size < 1 or batch_size < 1:
@@ -479,9 +481,9 @@ class Batcher:
         self.eot = eot_token  # x padding; any id works since padded positions only precede ignored targets
         self.step = 0
         if not line_by_line and n < block_size + 1:
-            log.warning("%s has only %d tokens, fewer than block size %d + 1; using blocks of %d instead "
-                        "(pass --block-size %d or less, or add data, to silence this)",
-                        cache.path, n, block_size, n - 1, n - 1)
+            log.warning("%s has only %d tokens, fewer than block size %d + 1; using blocks of %d "
+                        "instead (pass --block-size %d or less, or add data, to silence this)",
+                        what, n, block_size, n - 1, n - 1)
             block_size = n - 1
         self.block_size = block_size
         per_step = batch_size * world_size

@@ -47,6 +47,8 @@ class LoraConfig:
             raise Gpt2kitError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
+        if not self.alpha > 0:
+            raise Gpt2kitError(f"LoRA alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise Gpt2kitError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         self.targets = expand_targets(self.targets)
@@ -126,6 +128,10 @@ def apply_lora(model: GPT, cfg: LoraConfig) -> list[str]:
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and full.endswith(tuple(cfg.targets)) and ".h." in f".{full}":
+                if cfg.rank > min(child.in_features, child.out_features):
+                    raise Gpt2kitError(f"LoRA rank {cfg.rank} exceeds the smaller side of {full} "
+                                       f"({child.out_features} x {child.in_features}); use a rank of at most "
+                                       f"{min(child.in_features, child.out_features)}")
                 setattr(module, child_name, LoRALinear.wrap(child, cfg.rank, cfg.scale, cfg.dropout))
                 wrapped.append(full)
     if not wrapped:
@@ -243,9 +249,12 @@ def load_lora_model(adapter: str | Path, base: str | None = None, device: str | 
     from gpt2kit.checkpoints import load_model
     path = find_adapter(adapter)
     cfg = read_adapter_config(path)
-    base = base or cfg.base_model
-    if not base:
+    if not (base or cfg.base_model):
         raise Gpt2kitError(f"{path / ADAPTER_CONFIG} does not name its base model; pass --base MODEL")
+    if not base and Path(cfg.base_model).is_absolute() and not Path(cfg.base_model).exists():
+        raise Gpt2kitError(f"the base model recorded in {path / ADAPTER_CONFIG}, {cfg.base_model}, is gone; "
+                           "pass --base MODEL (where it is now)")
+    base = base or cfg.base_model
     model, tok = load_model(base, device=device, dtype=dtype)
     apply_lora(model, cfg)
     load_adapter_weights(model, path)

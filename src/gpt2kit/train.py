@@ -145,6 +145,7 @@ class TrainConfig:
         need(self.val_fraction is None or 0.0 <= self.val_fraction < 1.0,
              f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(self.lora_rank >= 0, f"--lora-rank must be >= 0, got {self.lora_rank}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         need(not (self.lora_rank and self.init == "scratch"),
              "LoRA adapts a pretrained model; with --init scratch train all weights (drop --lora-rank)")
         need(not (self.lora_rank and self.freeze), "--freeze and --lora-rank don't mix: LoRA already "
@@ -893,6 +894,11 @@ class _Run:
         block = cfg.block_size or min(ctx, 1024)
         if block > ctx:
             raise Gpt2kitError(f"--block-size {block} exceeds the model's context of {ctx} tokens")
+        if not cfg.line_by_line and 2 <= len(train) < block + 1:  # (Batcher would shrink it; record it here)
+            self.say(f"warning: the training data has only {len(train)} tokens, fewer than block size {block} + 1; "
+                     f"using blocks of {len(train) - 1} (pass --block-size {len(train) - 1} or less, or add data, "
+                     "to silence this)")
+            block = len(train) - 1
         units = train.n_docs if cfg.line_by_line else len(train)
         per_step = cfg.batch_size * cfg.grad_accum * self.dist.world * (1 if cfg.line_by_line else block)
         steps_per_epoch = max(1, math.ceil(units / per_step))
@@ -1154,14 +1160,25 @@ class _Run:
         kw = dict(seed=cfg.seed, line_by_line=cfg.line_by_line, rank=self.dist.rank, world_size=self.dist.world,
                   device=self.device, eot_token=self.tok.eot_token)
         self.batcher = Batcher(train, cfg.block_size, cfg.batch_size, **kw)
-        self.val_batcher = Batcher(val, cfg.block_size, cfg.batch_size, **kw) if val is not None else None
+        self.val_batcher = None
+        if val is not None:
+            val_block = cfg.block_size
+            if not cfg.line_by_line and 2 <= len(val) < val_block + 1:  # what Batcher would do, said plainly
+                val_block = len(val) - 1
+                self.say(f"warning: the validation data has only {len(val)} tokens; validating on blocks of "
+                         f"{val_block}")
+            self.val_batcher = Batcher(val, val_block, cfg.batch_size, **kw)
+        if cfg.early_stop and self.val_batcher is None:
+            self.say(f"warning: --early-stop {cfg.early_stop} needs validation data and this run has none; it will "
+                     "run all its steps")
         self.trainer = Trainer(self.model, cfg, self.device, ddp=self.dist.initialized)
         self.step, self.best_val, self.best_step, self.bad_evals = 0, None, None, 0
         self.tokens_seen, self.train_time, self.last_loss = 0, 0.0, None
         if ckpt is not None:
             self._load_checkpoint_state(ckpt)
         if self.dist.main:
-            runs.truncate_metrics(self.dir, self.step)
+            # from step 0 the loop evaluates step 0 again: keep none of the earlier start's records
+            runs.truncate_metrics(self.dir, self.step if self.step else -1)
 
         n_params = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trainer.params)
@@ -1282,6 +1299,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
     """Train a new run into cfg.out: a new path, an empty folder, or (with `overwrite`, or after a start
     that failed before training) an earlier run that is not running, whose own files are replaced; a
     folder holding anything else is refused. Under torchrun, every process calls this."""
+    if cfg.steps is not None and cfg.epochs is not None:  # (a resolved config.json holds both: resume is fine)
+        raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
     cfg.validate()
     return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
 
