@@ -302,3 +302,16 @@ def test_convert_to_an_unwritable_place_is_one_line(tiny_model_dir, tmp_path):
         ro.chmod(0o555)
         with pytest.raises(Gpt2kitError, match="cannot create output directory"):
             convert(tiny_model_dir, ro / "out")
+
+
+def test_config_vocab_padded_beyond_the_tokenizer_still_loads(tokenizer, tmp_path):
+    from gpt2kit.config import GPTConfig
+    from tests.conftest import random_model
+
+    config = GPTConfig(vocab_size=50304, n_layer=1, n_head=2, n_embd=16, n_positions=32)  # padded to 64 * 786
+    d = save_model(random_model(config), tokenizer, tmp_path / "padded")
+    model, tok = load_model(d)
+    assert model.config.vocab_size == 50304 and tok.vocab_size == 50257
+    with torch.inference_mode():
+        assert model(torch.tensor([tok.encode("Hello")])).shape[-1] == 50304
+    assert load_model(convert(d, tmp_path / "conv"))[0].config.vocab_size == 50304
