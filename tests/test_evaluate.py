@@ -5,7 +5,7 @@ import torch
 
 from gpt2kit.checkpoints import load_model
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.evaluate import perplexity, windows
+from gpt2kit.evaluate import check_window, perplexity, read_eval_text, windows
 from tests.conftest import SHAKESPEARE
 
 transformers = pytest.importorskip("transformers")
@@ -53,3 +53,25 @@ def test_bad_arguments(tiny_model_dir):
         perplexity(model, [5])
     with pytest.raises(Gpt2kitError, match="stride"):
         perplexity(model, list(range(300)), stride=500)
+
+    for stride in (0, -1):  # 0 used to mean "the default" silently
+        with pytest.raises(Gpt2kitError, match=f"stride must be >= 1 token.*got {stride}"):
+            perplexity(model, list(range(300)), stride=stride)
+    with pytest.raises(Gpt2kitError, match="block size must be >= 2"):
+        perplexity(model, list(range(300)), block_size=1)
+    with pytest.raises(Gpt2kitError, match="batch size must be > 0"):
+        perplexity(model, list(range(300)), batch_size=0)
+
+
+def test_check_window_resolves_defaults_and_clamps_to_the_context():
+    assert check_window(128) == (128, 64)
+    assert check_window(128, block_size=64) == (64, 32)
+    assert check_window(128, block_size=1000, stride=100) == (128, 100)
+    with pytest.raises(Gpt2kitError, match="fewer than 2 tokens"):
+        check_window(128, n_tokens=1)
+
+
+def test_unknown_encoding_is_one_line(tmp_path):
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(Gpt2kitError, match="^unknown encoding 'bogus'; use e.g. --encoding utf-8 or latin-1$"):
+        read_eval_text(tmp_path / "d.txt", "bogus")

@@ -40,17 +40,32 @@ def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int,
     return out
 
 
+def check_window(n_positions: int, block_size: int | None = None, stride: int | None = None,
+                 n_tokens: int | None = None) -> tuple[int, int]:
+    """The (block size, stride) perplexity() will use, or a Gpt2kitError naming the bad value. Callers
+    check here before any work starts (the CLI before loading the model and before its progress bar)."""
+    if block_size is not None and block_size < 2:
+        raise Gpt2kitError(f"block size must be >= 2 tokens (leave it out for the model's context), got {block_size}")
+    block = min(block_size or n_positions, n_positions)  # a longer block than the context cannot be scored
+    if stride is None:
+        stride = block // 2
+    elif stride <= 0:
+        raise Gpt2kitError(f"stride must be >= 1 token (leave it out for half the block), got {stride}")
+    if stride > block:
+        raise Gpt2kitError(f"stride must be in 1..{block} (the block size), got {stride}")
+    if n_tokens is not None and n_tokens < 2:
+        raise Gpt2kitError("the evaluation text has fewer than 2 tokens; give a longer file")
+    return block, stride
+
+
 @torch.inference_mode()
 def perplexity(model: GPT, ids: list[int] | torch.Tensor, block_size: int | None = None,
                stride: int | None = None, batch_size: int = 4,
                progress: Callable[[int], None] | None = None) -> EvalResult:
-    block_size = min(block_size or model.config.n_positions, model.config.n_positions)
-    stride = stride or block_size // 2
-    if not 0 < stride <= block_size:
-        raise Gpt2kitError(f"stride must be in 1..{block_size} (the block size), got {stride}")
+    if batch_size <= 0:
+        raise Gpt2kitError(f"batch size must be > 0, got {batch_size}")
     ids = torch.as_tensor(ids, dtype=torch.long)
-    if ids.numel() < 2:
-        raise Gpt2kitError("the evaluation text has fewer than 2 tokens; give a longer file")
+    block_size, stride = check_window(model.config.n_positions, block_size, stride, ids.numel())
     model.eval()
     spans = windows(ids.numel(), block_size, stride)
     nll, count = 0.0, 0
@@ -83,6 +98,8 @@ def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
         raise Gpt2kitError(f"evaluation data {p} does not exist or is not a file")
     try:
         text = p.read_text(encoding=encoding).replace("\r\n", "\n").lstrip("\ufeff")
+    except LookupError:
+        raise Gpt2kitError(f"unknown encoding {encoding!r}; use e.g. --encoding utf-8 or latin-1") from None
     except UnicodeDecodeError as e:
         raise Gpt2kitError(f"{p} is not valid {encoding} (byte {e.start}); pass --encoding latin-1 "
                            "or re-save the file as UTF-8") from None
