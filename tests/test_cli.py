@@ -1,13 +1,16 @@
 """The CLI verbs generate / eval / convert / download, in process (fast) and as real processes."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from gpt2kit.cli import main
-from tests.conftest import SHAKESPEARE, TF_TINY
+from tests.conftest import SHAKESPEARE, TF_TINY, random_model
 
 
 def run(capsys, *argv):
@@ -60,6 +63,9 @@ def test_generate_prompt_file_and_output_file(capsys, tiny_model_dir, tmp_path):
     (("x", "--unconditional"), "--unconditional takes no prompt"),
     (("x", "--nsamples", "-1"), "nsamples"),
     (("x", "--seed", "-1"), "seed"),
+    (("x", "--batch-size", "0"), "--batch-size must be > 0"),
+    (("--prompt-file", "/nonexistent/prompt.txt"), "cannot read --prompt-file /nonexistent/prompt.txt"),
+    (("x", "--dtype", "float8"), "unknown dtype 'float8'"),
 ])
 def test_generate_bad_input_is_one_line_and_exit_1(capsys, tiny_model_dir, argv, msg):
     code, out, err = run(capsys, "generate", *argv, "-m", tiny_model_dir)
@@ -132,3 +138,158 @@ def test_unwritable_output_paths_are_one_line_errors(capsys, tiny_model_dir, tmp
     code, _, err = run(capsys, "convert", tiny_model_dir, afile)
     assert code == 1 and err.startswith("error: ") and str(afile) in err.splitlines()[-1]
     assert afile.read_text() == "mine"  # nothing of the user's is overwritten
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(capsys, tiny_model_dir):
+    code, out, err = run(capsys, "generate", "x", "-m", tiny_model_dir, "--device", "cuda")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: --device cuda") and "--device cpu" in err
+
+
+def test_output_path_is_checked_before_the_model_loads(capsys, tmp_path):
+    no_model = tmp_path / "no-model"  # loading it would fail: an --output error must come first
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for dest, what in [(tmp_path, "is a directory"), (tmp_path / "nope" / "o.jsonl", "does not exist"),
+                       (afile / "o.jsonl", "is not a folder")]:
+        code, _, err = run(capsys, "generate", "Hi", "-m", no_model, "--output", dest)
+        assert code == 1 and err.count("\n") == 1 and err.startswith("error: ")
+        assert f"--output {dest}" in err and what in err, err
+    code, _, err = run(capsys, "generate", "Hi", "-m", no_model, "--output", afile, "--nsamples", 0)
+    assert code == 1 and "finite --nsamples" in err
+    # a good --output is neither created nor truncated when the model then fails to load
+    code, _, err = run(capsys, "generate", "Hi", "-m", no_model, "--output", afile)
+    assert code == 1 and "no such directory" in err and afile.read_text() == "mine"
+    code, _, err = run(capsys, "generate", "Hi", "-m", no_model, "--output", tmp_path / "new.jsonl")
+    assert code == 1 and not (tmp_path / "new.jsonl").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_output_folder_is_checked_before_the_model_loads(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run(capsys, "generate", "Hi", "-m", tmp_path / "no-model", "--output", locked / "o.jsonl")
+    finally:
+        locked.chmod(0o700)
+    assert code == 1 and err.count("\n") == 1 and f"cannot write --output {locked / 'o.jsonl'}" in err
+
+
+def test_window_notice_is_printed_once_per_run_not_per_batch(capsys, tiny_model_dir):
+    code, out, err = run(capsys, "generate", "Hello", "-m", tiny_model_dir, "--length", 300, "--nsamples", 4,
+                         "--batch-size", 1, "--no-stop-at-eot", "--seed", 1)
+    assert code == 0 and out.count("SAMPLE") == 4
+    assert err.count("sliding the window") == 1
+
+
+def _first_jsonl_records(tiny_model_dir, n, *argv):
+    p = subprocess.Popen([sys.executable, "-m", "gpt2kit", "generate", "-m", str(tiny_model_dir), "--format", "jsonl",
+                          *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        return [json.loads(p.stdout.readline()) for _ in range(n)]
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
+def test_endless_samples_equal_a_finite_run_whatever_the_batch_size(capsys, tiny_model_dir):
+    args = ("The dog", "--length", 8, "--seed", 5, "--top-k", 40, "--no-stop-at-eot")
+    code, out, _ = run(capsys, "generate", *args, "-m", tiny_model_dir, "--nsamples", 4, "--format", "jsonl")
+    finite = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len({r["text"] for r in finite}) == 4
+    for bs in (1, 2):
+        endless = _first_jsonl_records(tiny_model_dir, 4, *args, "--nsamples", 0, "--batch-size", bs)
+        assert endless == finite
+
+
+def test_endless_window_notice_comes_once(tiny_model_dir, tmp_path):
+    with open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "gpt2kit", "generate", "Hello", "-m", str(tiny_model_dir),
+                              "--length", "150", "--nsamples", "0", "--no-stop-at-eot", "--seed", "1"],
+                             stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            while "SAMPLE 3 " not in p.stdout.readline():  # samples 1-2 have finished, each slid its window
+                assert p.poll() is None
+        finally:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+    assert (tmp_path / "err").read_text().count("sliding the window") == 1
+
+
+@pytest.mark.parametrize("verb", [("generate", "x"), ("eval", "--data", "d.txt")])
+def test_unknown_flags_point_at_the_verbs_help(capsys, verb):
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--bogus"])
+    _, err = capsys.readouterr()
+    assert e.value.code == 2 and err == f"error: unrecognized arguments: --bogus (see 'gpt2kit {verb[0]} --help')\n"
+
+
+def test_generate_stop_tokens_match_the_text(capsys, tiny_model_dir, tokenizer):
+    args = ("generate", "Hello", "-m", tiny_model_dir, "--length", 40, "-t", 0, "--no-stop-at-eot", "--format", "jsonl")
+    base = json.loads(run(capsys, *args)[1])
+    ends = [len(tokenizer.decode(base["tokens"][:k + 1])) for k in range(len(base["tokens"]))]
+    k = next(i for i in range(4, len(ends) - 1) if ends[i + 1] - ends[i] >= 3)
+    for stop in (base["text"][ends[k]:ends[k] + 2], base["text"][ends[k] + 1:ends[k] + 3]):
+        rec = json.loads(run(capsys, *args, "--stop", stop)[1])
+        assert rec["finish_reason"] == "stop" and rec["text"] == base["text"][:base["text"].index(stop)]
+        assert rec["tokens"] == base["tokens"][:len(rec["tokens"])]
+        assert rec["text"].startswith(tokenizer.decode(rec["tokens"]))
+        assert len(tokenizer.decode(base["tokens"][:len(rec["tokens"]) + 1])) > len(rec["text"])
+
+
+def test_padded_vocabulary_model_generates_without_crashing(capsys, tmp_path, tokenizer):
+    from gpt2kit.checkpoints import save_model
+    from gpt2kit.config import GPTConfig
+
+    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
+    with torch.no_grad():  # the pad ids (no text) are the likeliest next tokens
+        model.transformer.ln_f.weight.fill_(0.01)
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[50257:] = 10.0
+    save_model(model, tokenizer, tmp_path / "m")
+    code, out, err = run(capsys, "generate", "Hello", "-m", tmp_path / "m", "--length", 100, "--seed", 4,
+                         "--no-stop-at-eot", "--format", "jsonl")
+    rec = json.loads(out)
+    assert code == 0 and err == "" and len(rec["tokens"]) == 100 and max(rec["tokens"]) < 50257
+
+
+def test_eval_bad_window_and_data_fail_in_one_line_before_the_model_loads(capsys, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("some text to score\n")
+    for argv, msg in [(("--stride", 0), "--stride must be >= 1"), (("--stride", -3), "--stride must be >= 1"),
+                      (("--stride", 65, "--block-size", 64), "--stride must be at most --block-size (64)"),
+                      (("--encoding", "bogus"), "unknown encoding 'bogus'; use e.g. --encoding utf-8 or latin-1")]:
+        code, _, err = run(capsys, "eval", "-m", tmp_path / "no-model", "--data", data, *argv)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+
+
+def test_eval_errors_that_need_the_model_come_before_the_progress_bar(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("some text to score\n")
+    code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", data, "--stride", 500)
+    assert code == 1 and err == "error: stride must be in 1..128 (the block size), got 500\n"
+    (tmp_path / "one.txt").write_text("Hello")
+    code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "one.txt")
+    assert code == 1 and err.count("\n") == 1 and "fewer than 2 tokens" in err
+
+
+def test_download_offline_hint_fits_the_download_verb(capsys, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: the Hub cannot be reached
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for offline in (False, True):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        code, out, err = run(capsys, "download", "gpt2", "--cache-dir", tmp_path / "cache")
+        assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: cannot download 'gpt2'")
+        assert "pass --model a local" not in err and "as --model to generate, eval or serve" in err, err

@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # report unknown flags from the verb's own parser, so the hint is `gpt2kit VERB --help`
+        verb_parser = _verb_parsers(parser).get(getattr(args, "verb", None), parser)
+        verb_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -60,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the user named that can't be read or written: one line, not a traceback
         print(f"error: {_describe_os_error(e)}", file=sys.stderr)
         return 1
+
+
+def _verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _describe_os_error(e: OSError) -> str:

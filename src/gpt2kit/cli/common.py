@@ -25,11 +25,24 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
                         "float32 at batch 1, outputs drift slightly; prompts are still read in float32)")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a handler made once per process must follow it when it
+    is replaced, as pytest's capture and callers redirecting stderr do)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """Library notices (logger 'gpt2kit') go to stderr as one line each."""
     log = logging.getLogger("gpt2kit")
     if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("note: %(message)s"))
         log.addHandler(h)
         log.setLevel(logging.INFO)

@@ -26,17 +26,24 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gpt2kit.errors import Gpt2kitError
-    from gpt2kit.evaluate import evaluate_file, read_eval_text
+    from gpt2kit.evaluate import check_window, perplexity, read_eval_text
 
+    # bad flags and bad data fail before the model loads
     if args.batch_size <= 0:
         raise Gpt2kitError(f"--batch-size must be > 0, got {args.batch_size}")
     if args.block_size is not None and args.block_size < 2:
         raise Gpt2kitError(f"--block-size must be >= 2, got {args.block_size}")
-    read_eval_text(args.data, args.encoding)  # fail on bad data before loading the model
+    if args.stride is not None and args.stride <= 0:
+        raise Gpt2kitError(f"--stride must be >= 1 token (leave it out for half the block), got {args.stride}")
+    if args.stride is not None and args.block_size is not None and args.stride > args.block_size:
+        raise Gpt2kitError(f"--stride must be at most --block-size ({args.block_size}), got {args.stride}")
+    text = read_eval_text(args.data, args.encoding)
     gen = load_generator(args)
+    ids = gen.tokenizer.encode(text)
+    # the checks that need the model's context and the token count, before the progress bar starts
+    check_window(gen.model.config.n_positions, args.block_size, args.stride, len(ids))
     with tqdm(unit="window", file=sys.stderr, disable=args.format == "jsonl") as bar:
-        r = evaluate_file(gen.model, gen.tokenizer, args.data, args.block_size, args.stride, args.batch_size,
-                          args.encoding, progress=bar.update)
+        r = perplexity(gen.model, ids, args.block_size, args.stride, args.batch_size, progress=bar.update)
     if args.format == "jsonl":
         print(json.dumps(r.to_dict()))
     else:

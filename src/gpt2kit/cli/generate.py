@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from gpt2kit.cli.common import add_model_args, add_quantize_arg, load_generator, setup_logging
@@ -70,7 +68,7 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.generate import GenerationConfig
+    from gpt2kit.generate import GenerationConfig, _window_notice, once
 
     setup_logging()
     prompt = _read_prompt(args)
@@ -83,18 +81,18 @@ def run(args: argparse.Namespace) -> int:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
         stop_at_eot=args.stop_at_eot, seed=args.seed,
     ).validate()  # bad flags fail before the model loads
+    if args.output and not args.interactive:
+        if args.nsamples == 0:
+            raise Gpt2kitError("--output needs a finite --nsamples (0 means endless)")
+        _check_output(Path(args.output))
     gen = load_generator(args)
-    out = _Printer(args)
+    out = _Printer(args, once(_window_notice))  # one window notice per run, however many batches or prompts
     if args.interactive:
         return _interactive(gen, cfg, args, out)
     if args.output:
-        return _to_file(gen, prompt, cfg, args)
-    if args.nsamples == 0:  # endless, like OpenAI's generate_unconditional_samples.py
-        bs = args.batch_size or 1
-        for start in itertools.count(0, bs):
-            c = replace(cfg, seed=None if cfg.seed is None else cfg.seed + start)
-            out.run(gen, prompt, c, bs, bs, start)
-    out.run(gen, prompt, cfg, args.nsamples, args.batch_size, 0)
+        return _to_file(gen, prompt, cfg, args, out.notice)
+    # nsamples 0 is endless, like OpenAI's generate_unconditional_samples.py (batch size 1 unless given)
+    out.run(gen, prompt, cfg, args.nsamples, args.batch_size)
     return 0
 
 
@@ -102,29 +100,31 @@ class _Printer:
     """Writes samples to stdout: streamed token by token when one sample runs at a time, otherwise each
     sample whole, in order, as its batch finishes."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, notice):
         self.args = args
+        self.notice = notice
 
-    def run(self, gen, prompt: str | None, cfg, nsamples: int, batch_size: int | None, offset: int) -> None:
+    def run(self, gen, prompt: str | None, cfg, nsamples: int, batch_size: int | None) -> None:
         args = self.args
-        many = nsamples > 1 or args.nsamples != 1
-        if (batch_size or min(nsamples, 32)) == 1 and args.format == "text":
+        many = nsamples != 1 or args.nsamples != 1
+        bs = batch_size or (1 if nsamples == 0 else min(nsamples, 32))
+        if bs == 1 and args.format == "text":
             w = sys.stdout.write
             started: set[int] = set()
-            for d in gen.stream(prompt, cfg, nsamples, batch_size):
+            for d in gen.stream(prompt, cfg, nsamples, bs, on_window_slide=self.notice):
                 if d.index not in started:
                     started.add(d.index)
-                    self._header(offset + d.index, many)
+                    self._header(d.index, many)
                     if args.include_prompt and prompt is not None:
                         w(prompt)
                 w(d.text + ("\n" if d.finish_reason else ""))
                 sys.stdout.flush()
             return
-        for c in gen.completions(prompt, cfg, nsamples, batch_size):
+        for c in gen.completions(prompt, cfg, nsamples, bs, on_window_slide=self.notice):
             if args.format == "jsonl":
-                sys.stdout.write(json.dumps(_record(c, prompt, offset), ensure_ascii=False) + "\n")
+                sys.stdout.write(json.dumps(_record(c, prompt), ensure_ascii=False) + "\n")
             else:
-                self._header(offset + c.index, many)
+                self._header(c.index, many)
                 if args.include_prompt and prompt is not None:
                     sys.stdout.write(prompt)
                 sys.stdout.write(c.text + "\n")
@@ -135,8 +135,8 @@ class _Printer:
             sys.stdout.write(f"{SEPARATOR} SAMPLE {i + 1} {SEPARATOR}\n")
 
 
-def _record(c, prompt: str | None, offset: int = 0) -> dict:
-    return {"index": offset + c.index, "prompt": prompt if prompt is not None else "", "text": c.text,
+def _record(c, prompt: str | None) -> dict:
+    return {"index": c.index, "prompt": prompt if prompt is not None else "", "text": c.text,
             "tokens": c.tokens, "finish_reason": c.finish_reason}
 
 
@@ -151,20 +151,33 @@ def _interactive(gen, cfg, args: argparse.Namespace, out: _Printer) -> int:
         if not text.strip():
             print("Prompt should not be empty!", file=sys.stderr)
             continue
-        out.run(gen, text, cfg, nsamples, args.batch_size, 0)
+        out.run(gen, text, cfg, nsamples, args.batch_size)
 
 
-def _to_file(gen, prompt: str | None, cfg, args: argparse.Namespace) -> int:
+def _check_output(path: Path) -> None:
+    """Fail on an --output that cannot be written before the model loads (minutes for big models)."""
+    if path.is_dir():
+        raise Gpt2kitError(f"--output {path} is a directory; give a file name, e.g. {path / 'samples.jsonl'}")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise Gpt2kitError(f"the folder of --output {path} {what}; create it or choose another path")
+    existed = path.exists()
+    try:
+        with path.open("a", encoding="utf-8"):  # "a": an existing file is not truncated yet
+            pass
+    except OSError as e:
+        raise Gpt2kitError(f"cannot write --output {path} ({e.strerror}); choose a writable location") from None
+    if not existed:
+        path.unlink(missing_ok=True)  # leave nothing behind if loading the model fails
+
+
+def _to_file(gen, prompt: str | None, cfg, args: argparse.Namespace, notice) -> int:
     from tqdm import tqdm
 
-    if args.nsamples == 0:
-        raise Gpt2kitError("--output needs a finite --nsamples (0 means endless)")
     path = Path(args.output)
-    if not path.parent.exists():
-        raise Gpt2kitError(f"the folder of --output {path} does not exist")
     # each finished batch is written and flushed at once: Ctrl-C keeps everything already generated
     with path.open("w", encoding="utf-8") as f, tqdm(total=args.nsamples, unit="sample", file=sys.stderr) as bar:
-        for c in gen.completions(prompt, cfg, args.nsamples, args.batch_size):
+        for c in gen.completions(prompt, cfg, args.nsamples, args.batch_size, on_window_slide=notice):
             f.write(json.dumps(_record(c, prompt), ensure_ascii=False) + "\n")
             f.flush()
             bar.update(1)
