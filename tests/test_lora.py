@@ -159,6 +159,11 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
     assert tok.encode("Why did the") == Tokenizer.from_dir(VOCAB_DIR).encode("Why did the")
+    via_load, _ = load_model(run)  # what generate / eval / serve --model RUN load
+    with torch.no_grad():
+        assert torch.allclose(via_load(ids), adapted(ids), atol=1e-5, rtol=1e-5)
+    assert main(["generate", "Why", "--model", str(run), "--length", "3", "-t", "0"]) == 0
+    assert capsys.readouterr().out.strip()
 
     # finetune --model RUN starts from those merged weights
     res = finetune(TrainConfig(model=str(run), data=[str(JOKES)], column="Joke", out=str(tmp_path / "next"),

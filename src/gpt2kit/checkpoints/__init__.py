@@ -133,9 +133,14 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
                dtype: str | torch.dtype | None = None,
                tokenizer_dir: str | Path | None = None) -> tuple[GPT, Tokenizer]:
     """Load any readable checkpoint (or model name) as an eval-mode GPT plus its tokenizer."""
-    path = resolve_model_dir(name_or_path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    from gpt2kit.runs import load_adapter_run
+    adapters = load_adapter_run(name_or_path, device=dev, dtype=torch.float32)  # a LoRA run with no merged model yet
+    if adapters is not None:  # merged in float32 (as `gpt2kit merge` does), then cast
+        model, tok = adapters
+        return model.to(dtype=dt), (Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else tok)
+    path = resolve_model_dir(name_or_path)
     config, sd = read_checkpoint(path)
     with torch.device("meta"):
         model = GPT(config)  # no time spent on random init: every tensor comes from the file
