@@ -223,3 +223,30 @@ def test_worker_survives_a_failing_step(engine, reference):
     cfg = GenerationConfig(max_new_tokens=10, temperature=0)
     got = collect(engine.submit(engine.tokenizer.encode("Hi"), cfg))[0]
     assert got == reference.generate("Hi", cfg)[0].text
+
+
+def test_padded_vocabulary_ids_are_never_picked_or_reported(tokenizer):
+    # a checkpoint's vocabulary padded past the tokenizer's (50257 -> 50304) with the pad ids made by far
+    # the likeliest: the engine must pick, and report among the top logprobs, only ids that have text
+    from gpt2kit.config import GPTConfig
+    from tests.conftest import random_model
+    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(0.01)
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[50257:] = 10.0
+    ids = tokenizer.encode("Hello there")
+    with torch.no_grad():
+        assert int(model(torch.tensor([ids]))[0, -1].argmax()) >= tokenizer.vocab_size  # the test can fail
+    with BatchEngine(model, tokenizer, max_batch=2) as eng:
+        for cfg in (GenerationConfig(max_new_tokens=12, temperature=0, stop_at_eot=False, logprobs=3),
+                    GenerationConfig(max_new_tokens=12, seed=4, stop_at_eot=False),
+                    GenerationConfig(max_new_tokens=12, seed=4, top_p=0.5, repetition_penalty=1.3,
+                                     stop_at_eot=False)):
+            deltas = list(eng.submit(ids, cfg))
+            toks = [t for d in deltas for t in d.tokens]
+            assert len(toks) == 12 and max(toks) < tokenizer.vocab_size
+            assert all(t < tokenizer.vocab_size for d in deltas for info in d.token_info for t, _ in info.top)
+        stream = eng.submit(ids, GenerationConfig(max_new_tokens=0), prompt_logprobs=3)
+        list(stream)
+        assert all(t < tokenizer.vocab_size for info in stream.prompt_info[0][1:] for t, _ in info.top)

@@ -167,6 +167,9 @@ class BatchEngine:
             raise Gpt2kitError(f"max queue must be >= 1, got {max_queue}")
         self.model = model
         self.tokenizer = tokenizer
+        # ids past the tokenizer's vocabulary (a checkpoint padded to 50304) have no text: their logits
+        # columns are dropped wherever tokens are picked or reported, as generate.stream_rows does
+        self.n_vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         self.max_batch = max_batch
         self.max_queue = max_queue
         ctx = model.config.n_positions
@@ -382,7 +385,7 @@ class BatchEngine:
             device = self.model.device
             T = len(r.context)
             logits = self.model(torch.tensor([r.context], device=device), torch.arange(T, device=device),
-                                kv_len=T, rows=slice(b0, b0 + 1))[0]  # (T, V)
+                                kv_len=T, rows=slice(b0, b0 + 1))[0, :, :self.n_vocab]  # (T, V)
             job.stream._put(PromptInfo(r.out.index, _prompt_logprobs(r, logits, job.prompt_logprobs)))
             if job.score_only:
                 self._finish(b0, "length")
@@ -407,6 +410,7 @@ class BatchEngine:
     def _push_all(self, jobs: list[_Job], logits: torch.Tensor) -> None:
         """Next tokens for `jobs` from their logits (k, V), as stream_rows picks them: greedy rows by one
         argmax, sampled rows with equal parameters in one pass, repetition-penalised rows one by one."""
+        logits = logits[:, :self.n_vocab]
         picks: list[int | None] = [None] * len(jobs)
         greedy = [i for i, j in enumerate(jobs) if j.argmax]
         if greedy:
