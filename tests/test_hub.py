@@ -225,7 +225,8 @@ def test_force_downloads_again(fake_hub, tmp_path):
 def test_unknown_repo(fake_hub, tmp_path):
     with pytest.raises(Gpt2kitError) as e:
         hub.download("foo/bar", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
-    assert _one_line(e) == "model 'foo/bar' not found on the Hub: check the name, or pass a local directory"
+    assert _one_line(e) == ("model 'foo/bar' not found on the Hub: check the name, or "
+                            "pass --model a local directory holding config.json and model.safetensors")
 
 
 def test_unknown_revision(fake_hub, tmp_path):

@@ -35,7 +35,7 @@ INDEX = {w: w + ".index.json" for w in WEIGHTS}  # a sharded save: the index, wh
 NEEDED = ("config.json", "vocab.json", "merges.txt")
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_LOCAL_HINT = "pass --model a local directory holding config.json and model.safetensors"
+LOCAL_HINT = "pass --model a local directory holding config.json and model.safetensors"
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -84,9 +84,10 @@ def _complete(d: Path) -> bool:
 
 
 def download(name: str, revision: str | None = None, cache_dir: str | None = None, force: bool = False,
-             endpoint: str | None = None) -> Path:
+             endpoint: str | None = None, local_hint: str = LOCAL_HINT) -> Path:
     """The snapshot directory of model `name` (a known name or 'org/name') in huggingface_hub's cache,
-    downloading only the files gpt2kit needs. A cached copy is returned without touching the network."""
+    downloading only the files gpt2kit needs. A cached copy is returned without touching the network.
+    `local_hint` ends the errors that suggest using a local copy instead (callers word it for their verb)."""
     rid = repo_id(name)
 
     def fetch(weights: list[str], local_only: bool = False) -> Path:
@@ -115,17 +116,17 @@ def download(name: str, revision: str | None = None, cache_dir: str | None = Non
             # Older repos carry only the pickle; ask for it only then, so safetensors repos never pay for both.
             d = fetch_weights(WEIGHTS[1])
     except Exception as e:
-        err = _hub_error(e, name, revision)
+        err = _hub_error(e, name, revision, local_hint)
         if err is None:
             raise
         raise err from e
     missing = _missing_shards(d)
     if missing is None:
         raise Gpt2kitError(f"model '{name}' on the Hub has neither model.safetensors nor pytorch_model.bin: "
-                           f"it is not a GPT-2 checkpoint gpt2kit can load; {_LOCAL_HINT}")
+                           f"it is not a GPT-2 checkpoint gpt2kit can load; {local_hint}")
     if missing:
         raise Gpt2kitError(f"model '{name}' on the Hub is incomplete: its shard index names {missing[0]}, which the "
-                           f"repository does not have; {_LOCAL_HINT}")
+                           f"repository does not have; {local_hint}")
     return d
 
 
@@ -143,7 +144,7 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
         # A bare word like 'gpt3' reads as a name more than as a path, so answer for both.
         raise Gpt2kitError(f"'{name_or_path}' is neither a local directory nor a known model name: use one of "
                            f"{', '.join(KNOWN_MODELS)}, a Hub id like 'org/name', or a local directory")
-    raise Gpt2kitError(f"no such directory: {name_or_path}; {_LOCAL_HINT}, or a model name such as gpt2")
+    raise Gpt2kitError(f"no such directory: {name_or_path}; {LOCAL_HINT}, or a model name such as gpt2")
 
 
 def _chain(e: BaseException | None):
@@ -154,7 +155,7 @@ def _chain(e: BaseException | None):
         e = e.__cause__ or e.__context__
 
 
-def _hub_error(e: Exception, name: str, revision: str | None) -> Gpt2kitError | None:
+def _hub_error(e: Exception, name: str, revision: str | None, local_hint: str) -> Gpt2kitError | None:
     """One-line Gpt2kitError for a failed download; None for exceptions that are bugs, not user problems."""
     chain = list(_chain(e))
 
@@ -164,32 +165,32 @@ def _hub_error(e: Exception, name: str, revision: str | None) -> Gpt2kitError | 
     where = f"https://huggingface.co/{repo_id(name)}"
     if find(GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         return Gpt2kitError(f"model '{name}' is gated on the Hub: accept its terms at {where} and set HF_TOKEN "
-                            "(or run `hf auth login`), or pass a local directory")
+                            f"(or run `hf auth login`), or {local_hint}")
     if (x := find(RepositoryNotFoundError)) is not None:
         if getattr(x.response, "status_code", None) == 401:
             # The Hub answers 401 for both missing and private repos when no valid token is sent.
             return Gpt2kitError(f"model '{name}' not found on the Hub (or it is private and no valid token was "
-                                "sent): check the name, set HF_TOKEN for a private model, or pass a local directory")
-        return Gpt2kitError(f"model '{name}' not found on the Hub: check the name, or pass a local directory")
+                                f"sent): check the name, set HF_TOKEN for a private model, or {local_hint}")
+        return Gpt2kitError(f"model '{name}' not found on the Hub: check the name, or {local_hint}")
     if find(RevisionNotFoundError):
         return Gpt2kitError(f"revision '{revision}' of model '{name}' not found on the Hub: check --revision, "
                             "or leave it out for the main branch")
     if find(OfflineModeIsEnabled):
         return Gpt2kitError(f"cannot download '{name}': HF_HUB_OFFLINE is set and it is not in the local cache: "
-                            f"unset HF_HUB_OFFLINE to download it, or {_LOCAL_HINT}")
+                            f"unset HF_HUB_OFFLINE to download it, or {local_hint}")
     if (x := find(HfHubHTTPError)) is not None and getattr(x, "response", None) is not None:
         status = x.response.status_code
         if status == 401:
             return Gpt2kitError(f"the Hub rejected the access token while downloading '{name}' (HTTP 401): "
                                 "check HF_TOKEN or run `hf auth login` again")
         if status == 404:
-            return Gpt2kitError(f"model '{name}' not found on the Hub: check the name, or pass a local directory")
+            return Gpt2kitError(f"model '{name}' not found on the Hub: check the name, or {local_hint}")
         return Gpt2kitError(f"cannot download '{name}': the Hugging Face Hub answered HTTP {status}: "
-                            f"try again later, or {_LOCAL_HINT}")
+                            f"try again later, or {local_hint}")
     if find(NETWORK_ERRORS) or find(LocalEntryNotFoundError):
         # snapshot_download reports "could not reach the Hub and nothing cached" as LocalEntryNotFoundError.
         return Gpt2kitError(f"cannot download '{name}' from the Hugging Face Hub (no network connection): "
-                            f"connect to the internet, or {_LOCAL_HINT}")
+                            f"connect to the internet, or {local_hint}")
     if find(HFValidationError):
         return Gpt2kitError(f"'{name}' is not a valid Hub model name: use 'org/name', one of "
                             f"{', '.join(KNOWN_MODELS)}, or a local directory")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# hub's messages end with hints for verbs that take --model; download has none, so it says what fits here
+# hub's errors end with a hint for verbs that take --model; download has none, so it says what fits here
 _DOWNLOAD_HINT = ("copy the model's directory (config.json, model.safetensors, vocab.json, merges.txt) to this "
                   "machine and pass that directory as --model to generate, eval or serve; it needs no download")
 
@@ -20,23 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _reword(message: str) -> str:
-    from gpt2kit.checkpoints import hub
-
-    return (message.replace(hub._LOCAL_HINT, _DOWNLOAD_HINT)
-            .replace("or pass a local directory", f"or {_DOWNLOAD_HINT}")
-            .replace(", or a local directory", ""))  # a directory is no NAME to download
-
-
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.checkpoints import hub
     from gpt2kit.config import OPENAI_NAMES
-    from gpt2kit.errors import Gpt2kitError
 
-    try:
-        d = hub.download(OPENAI_NAMES.get(args.name, args.name), revision=args.revision,
-                         cache_dir=args.cache_dir, force=args.force)
-    except Gpt2kitError as e:
-        raise Gpt2kitError(_reword(str(e))) from None
+    d = hub.download(OPENAI_NAMES.get(args.name, args.name), revision=args.revision, cache_dir=args.cache_dir,
+                     force=args.force, local_hint=_DOWNLOAD_HINT)
     print(d)
     return 0
