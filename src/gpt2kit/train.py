@@ -470,8 +470,9 @@ class Trainer:
                            and type(head) is nn.Linear and head.bias is None)
         if device.type == "cpu" and not ddp:
             # not under torch.distributed: with it, 2-process gloo runs aborted at interpreter exit ("terminate
-            # called without an active exception", after training had finished) in 2 of 13 runs, and in none
-            # of 16 without; the cause inside gloo's teardown is not understood yet
+            # called without an active exception") in 2 of 13 runs. The likelier cause, found later, was the
+            # DDP wrapper outliving its process group (_finish now frees it first); the tuning stays off
+            # under DDP until it is measured again there
             tune_cpu_allocator()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -1336,5 +1337,14 @@ def _finish(run: _Run) -> RunResult:
         return run.run()
     finally:
         if run.dist.initialized:
+            import gc
+
             import torch.distributed as dist
+            # The DDP wrapper's reducer holds the process group. Left to the interpreter's teardown, gloo's
+            # threads could be destroyed while still joinable: the process aborted after training had
+            # finished ("terminate called without an active exception"). Free it, then the group, now.
+            trainer = getattr(run, "trainer", None)
+            if trainer is not None:
+                trainer.fwd = trainer.ddp_module = None
+            gc.collect()
             dist.destroy_process_group()
