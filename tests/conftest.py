@@ -38,6 +38,17 @@ def random_model(config: GPTConfig, seed: int = 0, std: float = 0.02) -> GPT:
     return model.eval()
 
 
+def padded_vocab_model() -> GPT:
+    """A model whose vocabulary is padded past the GPT-2 tokenizer's (50257 -> 50304, as checkpoints padded
+    for speed are), with the pad ids, which have no text, by far the likeliest next tokens."""
+    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(0.01)
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[50257:] = 10.0
+    return model
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return Tokenizer.from_dir(VOCAB_DIR)

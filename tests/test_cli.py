@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2kit.cli import main
-from tests.conftest import SHAKESPEARE, TF_TINY, random_model
+from tests.conftest import SHAKESPEARE, TF_TINY
 
 
 def run(capsys, *argv):
@@ -244,14 +244,9 @@ def test_generate_stop_tokens_match_the_text(capsys, tiny_model_dir, tokenizer):
 
 def test_padded_vocabulary_model_generates_without_crashing(capsys, tmp_path, tokenizer):
     from gpt2kit.checkpoints import save_model
-    from gpt2kit.config import GPTConfig
+    from tests.conftest import padded_vocab_model
 
-    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
-    with torch.no_grad():  # the pad ids (no text) are the likeliest next tokens
-        model.transformer.ln_f.weight.fill_(0.01)
-        model.transformer.ln_f.bias.fill_(1.0)
-        model.transformer.wte.weight[50257:] = 10.0
-    save_model(model, tokenizer, tmp_path / "m")
+    save_model(padded_vocab_model(), tokenizer, tmp_path / "m")  # the pad ids (no text) are the likeliest
     code, out, err = run(capsys, "generate", "Hello", "-m", tmp_path / "m", "--length", 100, "--seed", 4,
                          "--no-stop-at-eot", "--format", "jsonl")
     rec = json.loads(out)

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from gpt2kit.checkpoints import load_model
-from gpt2kit.config import GPTConfig
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import GenerationConfig, Generator
-from tests.conftest import random_model
+from tests.conftest import padded_vocab_model
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +166,7 @@ def test_stop_string_cuts_tokens_consistently_with_text(gen, tokenizer):
 
 @pytest.fixture(scope="module")
 def padded_gen(tokenizer):
-    # vocab padded 50257 -> 50304 (as checkpoints padded for speed are): make the pad ids, which have no
-    # text, by far the most likely next tokens
-    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
-    with torch.no_grad():
-        model.transformer.ln_f.weight.fill_(0.01)
-        model.transformer.ln_f.bias.fill_(1.0)
-        model.transformer.wte.weight[50257:] = 10.0
-    return Generator(model, tokenizer)
+    return Generator(padded_vocab_model(), tokenizer)
 
 
 def test_padded_vocabulary_ids_are_never_sampled(padded_gen, tokenizer):

@@ -228,13 +228,8 @@ def test_worker_survives_a_failing_step(engine, reference):
 def test_padded_vocabulary_ids_are_never_picked_or_reported(tokenizer):
     # a checkpoint's vocabulary padded past the tokenizer's (50257 -> 50304) with the pad ids made by far
     # the likeliest: the engine must pick, and report among the top logprobs, only ids that have text
-    from gpt2kit.config import GPTConfig
-    from tests.conftest import random_model
-    model = random_model(GPTConfig(vocab_size=50304, n_layer=2, n_head=4, n_embd=64, n_positions=128), std=0.2)
-    with torch.no_grad():
-        model.transformer.ln_f.weight.fill_(0.01)
-        model.transformer.ln_f.bias.fill_(1.0)
-        model.transformer.wte.weight[50257:] = 10.0
+    from tests.conftest import padded_vocab_model
+    model = padded_vocab_model()
     ids = tokenizer.encode("Hello there")
     with torch.no_grad():
         assert int(model(torch.tensor([ids]))[0, -1].argmax()) >= tokenizer.vocab_size  # the test can fail
