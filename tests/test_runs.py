@@ -108,7 +108,12 @@ def test_not_a_run(tmp_path):
 def test_broken_run_json_is_listed_as_unreadable(tmp_path, capsys):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "run.json").write_text("{bad")
-    assert [(r.path.name, r.status) for r in runs.list_runs(tmp_path)] == [("r", "unreadable")]
+    (tmp_path / "s").mkdir()  # valid JSON, fields of the wrong types (hand-edited)
+    (tmp_path / "s" / "run.json").write_text('{"format": "gpt2kit-run", "step": "x", "best_val_loss": "low"}')
+    assert [(r.path.name, r.status) for r in runs.list_runs(tmp_path)] == [("r", "unreadable"), ("s", "unreadable")]
+    from gpt2kit.errors import Gpt2kitError
+    with pytest.raises(Gpt2kitError, match="'step' is 'x', not an integer"):
+        runs.run_info(tmp_path / "s")
     assert main(["runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "unreadable" in out and "no runs found" not in out

@@ -248,7 +248,14 @@ def run_info(run_dir: str | Path) -> RunInfo:
     if status == "running" and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
             and not _pid_alive(info["pid"]):
         status = "dead"  # the process was killed without a chance to record it; `--resume` continues
-    return RunInfo(run_dir, status, int(info.get("step") or 0), info.get("total_steps"),
+    kinds = {"step": (int, "an integer"), "total_steps": (int, "an integer"),
+             "best_val_loss": ((int, float), "a number"), "last_loss": ((int, float), "a number"),
+             "updated": (str, "a string"), "model": (str, "a string")}
+    for key, (kind, what) in kinds.items():  # a hand-edited run.json: one line naming the field, not a crash later
+        value = info.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise Gpt2kitError(f"{run_dir / RUN_JSON}: {key!r} is {value!r}, not {what}; correct or remove it")
+    return RunInfo(run_dir, status, info.get("step") or 0, info.get("total_steps"),
                    info.get("best_val_loss"), info.get("last_loss"), info.get("updated"),
                    info.get("model"), bool(info.get("lora")))
 
