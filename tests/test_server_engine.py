@@ -245,3 +245,5 @@ def test_padded_vocabulary_ids_are_never_picked_or_reported(tokenizer):
         stream = eng.submit(ids, GenerationConfig(max_new_tokens=0), prompt_logprobs=3)
         list(stream)
         assert all(t < tokenizer.vocab_size for info in stream.prompt_info[0][1:] for t, _ in info.top)
+        with pytest.raises(Gpt2kitError, match=r"prompt token ids must be in \[0, 50257\)"):
+            eng.submit([50300, 50301], GenerationConfig(max_new_tokens=0), prompt_logprobs=1)  # ids with no text

@@ -395,7 +395,7 @@ def _plan(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s: Server
     if len(texts) * n > s.max_n:
         raise _bad(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} completions; this server allows "
                    f"at most {s.max_n} per request (--max-n)", "n")
-    vocab = engine.model.config.vocab_size
+    vocab = engine.n_vocab  # ids past the tokenizer's (a padded vocabulary) have no text
     prompts: list[list[int]] = []
     for t in texts:
         if isinstance(t, str):

@@ -251,7 +251,7 @@ class BatchEngine:
             raise Gpt2kitError("nothing to generate: no prompts")
         if len(rows) > self.max_queue:
             raise Gpt2kitError(f"a request of {len(rows)} completions exceeds the queue of {self.max_queue}")
-        vocab = self.model.config.vocab_size
+        vocab = self.n_vocab
         for ids, _ in rows:
             if len(ids) == 0:
                 raise Gpt2kitError("empty prompt: give some text, or generate unconditionally "
