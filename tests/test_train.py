@@ -304,6 +304,11 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
     assert "drop --lr" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(out)]) == 1  # finished already
     assert "already finished" in capsys.readouterr().err
+    edited = json.loads((out / "config.json").read_text())
+    del edited["steps"]  # (as a config-type error suggests for a bad line): still finished, not a new epoch
+    (out / "config.json").write_text(json.dumps(edited))
+    assert main(["finetune", "--resume", str(out)]) == 1
+    assert "already finished" in capsys.readouterr().err
     assert main(["finetune", "--data", str(JOKES), "--out", str(tmp_path / "x")]) == 1
     assert "--model" in capsys.readouterr().err
     bad = ["finetune", "--model", str(tiny_dir), "--data", str(JOKES), "--out", str(tmp_path / "y"), "--steps", "1",

@@ -1325,7 +1325,10 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
     if info.get("status") == "finished":
         ckpts = runs.checkpoint_dirs(run_dir)
         step = ckpts[-1][0] if ckpts else info.get("step")
-        if cfg.steps is not None and step is not None and step >= cfg.steps:
+        # the target: --steps when the config names it (raising it extends a finished run), else the total
+        # this run computed and recorded (so an edited or epoch-based config can't restart a finished run)
+        target = cfg.steps if cfg.steps is not None else info.get("total_steps")
+        if isinstance(target, int) and isinstance(step, int) and step >= target:
             raise Gpt2kitError(f"run {run_dir} already finished ({step} steps); its model is in "
                                f"{run_dir}/final. Start a new run from it with --model {run_dir}")
     cfg.validate()
