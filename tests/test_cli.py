@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpt2kit.cli import main
+from gpt2kit.errors import Gpt2kitError
 from tests.conftest import SHAKESPEARE, TF_TINY
 
 
@@ -288,3 +289,27 @@ def test_download_offline_hint_fits_the_download_verb(capsys, tmp_path, monkeypa
         code, out, err = run(capsys, "download", "gpt2", "--cache-dir", tmp_path / "cache")
         assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: cannot download 'gpt2'")
         assert "pass --model a local" not in err and "as --model to generate, eval or serve" in err, err
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Gpt2kitError])
+def test_output_file_is_replaced_only_when_the_job_ends_or_is_interrupted(capsys, tiny_model_dir, tmp_path,
+                                                                          monkeypatch, stop):
+    from gpt2kit.generate import Generator
+    dest = tmp_path / "out.jsonl"
+    dest.write_text("precious\n")
+    real = Generator.completions
+
+    def two_then_stop(self, *a, **kw):
+        for i, c in enumerate(real(self, *a, **kw)):
+            if i == 2:
+                raise stop("stopped")
+            yield c
+    monkeypatch.setattr(Generator, "completions", two_then_stop)
+    code, _, err = run(capsys, "generate", "Hi", "-m", tiny_model_dir, "--length", 2, "--nsamples", 5,
+                       "--batch-size", 1, "--output", dest)
+    partial = tmp_path / "out.jsonl.partial"
+    if stop is KeyboardInterrupt:  # Ctrl-C: the samples so far replace the file
+        assert code == 130 and "wrote 2 of 5 samples" in err and not partial.exists()
+        assert len(dest.read_text().splitlines()) == 2
+    else:  # a failure part way: the old file is untouched, the progress sits beside it
+        assert code == 1 and dest.read_text() == "precious\n" and len(partial.read_text().splitlines()) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -175,11 +176,23 @@ def _to_file(gen, prompt: str | None, cfg, args: argparse.Namespace, notice) -> 
     from tqdm import tqdm
 
     path = Path(args.output)
-    # each finished batch is written and flushed at once: Ctrl-C keeps everything already generated
-    with path.open("w", encoding="utf-8") as f, tqdm(total=args.nsamples, unit="sample", file=sys.stderr) as bar:
-        for c in gen.completions(prompt, cfg, args.nsamples, args.batch_size, on_window_slide=notice):
-            f.write(json.dumps(_record(c, prompt), ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(1)
-    print(f"wrote {args.nsamples} samples to {path}", file=sys.stderr)
+    # Samples go to PATH.partial, each written and flushed as it is finished, and PATH is replaced when
+    # the job ends or is stopped with Ctrl-C (which keeps everything already generated). An existing PATH
+    # survives a crash or kill -9 untouched, with the progress so far beside it in PATH.partial.
+    partial = path.with_name(path.name + ".partial")
+    written = 0
+    try:
+        with partial.open("w", encoding="utf-8") as f, \
+                tqdm(total=args.nsamples, unit="sample", file=sys.stderr) as bar:
+            for c in gen.completions(prompt, cfg, args.nsamples, args.batch_size, on_window_slide=notice):
+                f.write(json.dumps(_record(c, prompt), ensure_ascii=False) + "\n")
+                f.flush()
+                written += 1
+                bar.update(1)
+    except KeyboardInterrupt:
+        os.replace(partial, path)
+        print(f"interrupted: wrote {written} of {args.nsamples} samples to {path}", file=sys.stderr)
+        raise
+    os.replace(partial, path)
+    print(f"wrote {written} samples to {path}", file=sys.stderr)
     return 0
