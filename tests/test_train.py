@@ -504,7 +504,10 @@ def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_pat
     (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
     good = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**good, "steps": "forty"}))
-    with pytest.raises(Gpt2kitError, match=r"'steps' in the run's config.json is 'forty'"):
+    with pytest.raises(Gpt2kitError, match=r"'steps' in the run's config.json is 'forty', which is not int \| None"):
+        resume(run, progress=False)
+    (run / "config.json").write_text(json.dumps({**good, "batch_size": "big"}))
+    with pytest.raises(Gpt2kitError, match=r"'batch_size' in the run's config.json is 'big', which is not int;"):
         resume(run, progress=False)
     (run / "config.json").write_text(json.dumps({**good, "steps": 3}))
     (run / "checkpoints/step-2/trainer.pt").write_bytes(b"not a checkpoint")

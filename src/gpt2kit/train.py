@@ -171,7 +171,8 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         for key, value in d.items():
             if not _has_type(value, hints[key]):
-                want = str(hints[key]).replace("typing.", "")
+                hint = hints[key]
+                want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
                 raise Gpt2kitError(f"{key!r} in the run's config.json is {value!r}, which is not {want}; correct "
                                    "it (or delete the line to use the default)")
         return cls(**d)
