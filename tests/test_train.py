@@ -497,6 +497,27 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
 
 
+def test_a_full_disk_for_metrics_and_samples_warns_once_and_training_goes_on(tmp_path, tiny_dir, monkeypatch,
+                                                                            capsys):
+    import errno
+
+    from gpt2kit import runs
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_write = runs.atomic_write_text
+
+    def samples_full(path, *a, **kw):  # (run.json and config.json are written this way too)
+        return full() if Path(path).parent.name == "samples" else real_write(path, *a, **kw)
+    monkeypatch.setattr(runs, "append_metrics", full)
+    monkeypatch.setattr(runs, "atomic_write_text", samples_full)
+    res = finetune(_cfg(tmp_path, tiny_dir, steps=4, eval_every=2, sample_every=2, sample_tokens=4), progress=False)
+    assert res.status == "finished" and (res.run_dir / "final/model.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot write {res.run_dir / 'metrics.jsonl'} (No space left on device)") == 1
+    assert err.count(f"warning: cannot write {res.run_dir / 'samples'}") == 1
+
+
 def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_path, tiny_dir):
     run = tmp_path / "run"
     finetune(_cfg(tmp_path, tiny_dir, steps=2, save_every=1, eval_every=0, val_fraction=0.0), progress=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -758,6 +759,7 @@ class _Run:
         self.bar = None
         self.tb = None
         self._plotted = -1e9
+        self._write_warned: set[str] = set()
         self.dist, self.device, self.device_reason = _init_distributed(cfg)
 
     # ---- output ----
@@ -1054,7 +1056,8 @@ class _Run:
         ppl = math.exp(min(loss, 50.0))
         improved = step > 0 and (self.best_val is None or loss < self.best_val)
         if self.dist.main:
-            runs.append_metrics(self.dir, [{"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count}])
+            self._keep_going(runs.METRICS, lambda: runs.append_metrics(
+                self.dir, [{"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count}]))
             if self.tb is not None:
                 self.tb.add_scalar("val/loss", loss, step)
                 self.tb.add_scalar("val/perplexity", ppl, step)
@@ -1063,7 +1066,8 @@ class _Run:
                 self.best_val, self.best_step, self.bad_evals = loss, step, 0
                 self._save_named("best")
                 if self.dist.main:
-                    runs.update_run_json(self.dir, best_val_loss=loss, best_step=step, step=step)
+                    self._keep_going(runs.RUN_JSON, lambda: runs.update_run_json(
+                        self.dir, best_val_loss=loss, best_step=step, step=step))
             else:
                 self.bad_evals += 1
         mark = " (best)" if improved else ""
@@ -1078,11 +1082,24 @@ class _Run:
                               seed=self.cfg.seed + step, temperature=self.cfg.sample_temperature,
                               top_k=self.cfg.sample_top_k)
         out = self.dir / "samples"
-        out.mkdir(exist_ok=True)
         sep = "\n" + "=" * 40 + "\n"
-        runs.atomic_write_text(out / f"step-{step}.txt", sep.join(texts) + "\n")
+        self._keep_going("samples", lambda: (out.mkdir(exist_ok=True),
+                                             runs.atomic_write_text(out / f"step-{step}.txt", sep.join(texts) + "\n")))
         shown = "\n".join(f"  | {line}" for t in texts for line in (t.strip() or "(empty)").splitlines()[:6])
         self.say(f"step {step}: samples (samples/step-{step}.txt)\n{shown}")
+
+    def _keep_going(self, what: str, write: Callable[[], Any]) -> None:
+        """Bookkeeping that only the main process writes (metrics, samples, run.json fields): a failure, such
+        as a full disk, is a warning (once per file), not the end of training. Under torchrun the other
+        processes would otherwise be left waiting at their next collective call. Checkpoints, which matter,
+        fail on every process alike (_Dist.agree), with the previous one kept."""
+        try:
+            write()
+        except OSError as e:
+            if what not in self._write_warned:
+                self._write_warned.add(what)
+                self.say(f"warning: cannot write {self.dir / what} ({e.strerror or e}); training goes on, but "
+                         "the next checkpoint will fail the same way unless you free some disk space")
 
     def _plot(self, force: bool = False) -> None:
         # redrawn at evaluations and checkpoints, at most every 30 s (drawing takes a moment), and at the end
@@ -1259,7 +1276,7 @@ class _Run:
             due = lambda every: bool(every) and (self.step % every == 0)  # noqa: E731
             if self.dist.main and (pending and (time.monotonic() - last_write > 5 or stop or last
                                                  or due(cfg.eval_every) or due(cfg.save_every))):
-                runs.append_metrics(self.dir, pending)
+                self._keep_going(runs.METRICS, functools.partial(runs.append_metrics, self.dir, pending))
                 pending = []
                 last_write = time.monotonic()
             if self.val_batcher is not None and (due(cfg.eval_every) or (last and cfg.eval_every)):
@@ -1283,7 +1300,7 @@ class _Run:
             if stopped_early:
                 break
         if self.dist.main and pending:
-            runs.append_metrics(self.dir, pending)
+            self._keep_going(runs.METRICS, functools.partial(runs.append_metrics, self.dir, pending))
         self.save_checkpoint(self.step)
         final = self._save_named("final")
         if self.dist.main:
