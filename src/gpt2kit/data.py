@@ -465,7 +465,7 @@ class Batcher:
 
     def __init__(self, cache: TokenCache, block_size: int, batch_size: int, *, seed: int = 0,
                  line_by_line: bool = False, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", eot_token: int = 50256, what: str = "the data"):
+                 device: str | torch.device = "cpu", eot_token: int = 50256):
         if not 0 <= rank < world_size:
             raise Gpt2kitError(f"rank {rank} is outside world size {world_size}")
         if block_size < 1 or batch_size < 1:
@@ -481,9 +481,9 @@ class Batcher:
         self.eot = eot_token  # x padding; any id works since padded positions only precede ignored targets
         self.step = 0
         if not line_by_line and n < block_size + 1:
-            log.warning("%s has only %d tokens, fewer than block size %d + 1; using blocks of %d "
+            log.warning("the data has only %d tokens, fewer than block size %d + 1; using blocks of %d "
                         "instead (pass --block-size %d or less, or add data, to silence this)",
-                        what, n, block_size, n - 1, n - 1)
+                        n, block_size, n - 1, n - 1)
             block_size = n - 1
         self.block_size = block_size
         per_step = batch_size * world_size

@@ -90,14 +90,6 @@ def remove_run(run_dir: str | Path) -> list[str]:
     return removed
 
 
-def is_live(run_dir: str | Path) -> bool:
-    """Whether a process may still be training this run: status running and not known to be dead."""
-    try:
-        return run_info(run_dir).status == "running"
-    except Gpt2kitError:
-        return False
-
-
 def read_run_json(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_JSON
     try:
