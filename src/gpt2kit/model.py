@@ -25,11 +25,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
+        # optional (qkv (B, T, 3C), n_head) -> (B, T, C) causal attention without dropout, for the no-cache
+        # path; gpt2kit.train installs gpt2kit.kernels.causal_attention (same values, faster) on CPUs
+        self.attend: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
                 kv_len: int | None, rows: slice | None, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if (self.attend is not None and (self.kv_cache is None or input_pos is None)
+                and not (self.training and self.dropout)):
+            y = self.attend(qkv, self.n_head)  # (B, T, C)
+            return self.resid_dropout(self.c_proj(y)) if self.training else self.c_proj(y)
+        q, k, v = qkv.split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -49,16 +57,21 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)) if self.training else self.c_proj(y)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's "gelu_new" is the tanh approximation
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
+        # the activation; gpt2kit.train swaps in gpt2kit.kernels.gelu_tanh (same values, faster) on CPUs
+        self.act: Callable[[torch.Tensor], torch.Tensor] = gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2's "gelu_new" is the tanh approximation
-        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        x = self.c_proj(self.act(self.c_fc(x)))
         return self.dropout(x) if self.training else x
 
 

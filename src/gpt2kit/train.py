@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gpt2kit import runs
+from gpt2kit import kernels, runs
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy
 from gpt2kit.model import GPT
@@ -437,6 +437,38 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+class _EmbeddingRowsIntoGrad(torch.autograd.Function):
+    """weight[idx] for an nn.Embedding whose gradient is written by its backward itself: the looked-up
+    rows' gradients are added in place into weight.grad (created as zeros if there is none). `weight` is
+    not an autograd input, so autograd's AccumulateGrad for it waits on nothing here and runs first (for
+    GPT-2's tied wte, as soon as the LM head's dense gradient arrives, which it keeps without a copy);
+    `anchor`, a scalar that requires grad, only puts this node into the graph."""
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, anchor: torch.Tensor, module: nn.Embedding) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.module = module
+        return F.embedding(idx, module.weight.detach())  # (*idx.shape, C)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        weight = ctx.module.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, idx.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(weight.grad.dtype))
+        return None, None, None
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def _embedding_rows_into_grad(self: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and self.weight.requires_grad:
+        return _EmbeddingRowsIntoGrad.apply(idx, _ANCHOR, self)
+    return F.embedding(idx, self.weight)
+
+
 class Trainer:
     """One process's optimisation: loss, backward (with accumulation and DDP sync on the last
     micro-batch), clipping and the AdamW step. The training loop, the benchmark and the parity test all
@@ -455,11 +487,12 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.ddp = ddp
         wte = model.transformer.wte
-        if device.type == "cpu" and not ddp and wte.weight.requires_grad:  # (DDP rejects sparse modules)
-            # The tied wte/lm_head weight gets a dense gradient from the output layer anyway; letting the
-            # embedding lookup add its few rows as a sparse gradient skips zeroing and summing a second
-            # (vocab x n_embd) dense tensor every micro-step (~8% of a 124M step on CPU). The sum is dense.
-            wte.sparse = True
+        if device.type == "cpu" and not ddp and wte.weight.requires_grad:
+            # The tied wte/lm_head weight gets a dense gradient from the output layer anyway; the embedding
+            # lookup adds its few rows straight into it (_EmbeddingRowsIntoGrad) instead of autograd summing
+            # a second (vocab x n_embd) tensor with it, dense (~8% of a 124M step on CPU) or sparse (a 154 MB
+            # copy, 13-40 ms). Not under DDP: its reducer must see each gradient whole when it is accumulated.
+            wte.forward = types.MethodType(_embedding_rows_into_grad, wte)
         self.fwd: nn.Module = model
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -470,6 +503,14 @@ class Trainer:
         head = model.lm_head
         self.fused_head = (device.type == "cpu" and self.precision.mode == "float32" and not cfg.compile
                            and type(head) is nn.Linear and head.bias is None)
+        # float32 on CPUs: attention, GELU, the loss's softmax and the gradient norm through gpt2kit's kernels
+        # (kernels/cpu_train.cpp says why), where this machine can build them
+        self.cpu_kernels = (device.type == "cpu" and self.precision.mode == "float32" and not cfg.compile
+                            and kernels.load() is not None)
+        if self.cpu_kernels:
+            for block in model.transformer.h:
+                block.mlp.act = kernels.gelu_tanh
+                block.attn.attend = kernels.causal_attention
         if device.type == "cpu" and not ddp:
             # not under torch.distributed: with it, 2-process gloo runs aborted at interpreter exit ("terminate
             # called without an active exception") in 2 of 13 runs. The likelier cause, found later, was the
@@ -517,7 +558,7 @@ class Trainer:
         in_adamw = clip and scaler is None and bool(self.optimizer.defaults.get("fused"))
         norm = None
         if in_adamw:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = kernels.total_norm([p.grad for p in self.params if p.grad is not None])
             self.optimizer.grad_scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
         elif clip:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)

@@ -1,10 +1,12 @@
 """Optional compiled CPU kernels, built on first use with PyTorch's C++ extension tooling and cached.
 
-Both for decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch linear
-layer, and a whole one-token step of GPT-2 built on it (blocks, KV-cache attention, ln_f, LM head).
-It needs an x86-64 CPU with AVX2/FMA and a C++ compiler; without them, or with GPT2KIT_CPU_KERNELS=0,
-everything runs on PyTorch's own kernels with the same results. `python -m gpt2kit.kernels` builds it
-ahead of time (scripts/setup.sh does), so that no later command waits for the compiler.
+For decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch linear layer,
+and a whole one-token step of GPT-2 built on it (blocks, KV-cache attention, ln_f, LM head). For float32
+training (cpu_train.cpp says why): causal attention and GELU, forward and backward, the cross-entropy's
+softmax, and the gradient norm. It needs an x86-64 CPU with AVX2/FMA and a C++ compiler; without them,
+or with GPT2KIT_CPU_KERNELS=0, everything runs on PyTorch's own kernels with the same results (to float32
+rounding). `python -m gpt2kit.kernels` builds it ahead of time (scripts/setup.sh does), so that no later
+command waits for the compiler.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp"]  # one extension; cpu_decode.cpp defines it
+HEADERS = [HERE / "simd.h"]
 MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
@@ -32,8 +36,9 @@ _failed: str | None = None
 
 
 def _module_name() -> str:
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + sys.version.encode()
-    return "gpt2kit_cpu_decode_" + hashlib.sha256(key).hexdigest()[:12]
+    key = (b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
+           + torch.__version__.encode() + sys.version.encode())
+    return "gpt2kit_cpu_kernels_" + hashlib.sha256(key).hexdigest()[:12]
 
 
 def build_dir() -> Path:
@@ -95,8 +100,8 @@ def load(build: bool = True, quiet: bool = False) -> Any:
         os.environ["PATH"] = os.pathsep.join(extra + [os.environ.get("PATH", "")])
         where.mkdir(parents=True, exist_ok=True)
         if not quiet:
-            print("gpt2kit: compiling the CPU decoding kernel once (about 30 s)...", file=sys.stderr, flush=True)
-        _ext = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            print("gpt2kit: compiling the CPU kernels once (about 30 s)...", file=sys.stderr, flush=True)
+        _ext = cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                   build_directory=str(where), verbose=False)
     except Exception as e:  # a failed build must never stop generation: PyTorch's kernels still work
         last = (str(e).strip().splitlines() or [repr(e)])[-1][:200]
@@ -108,6 +113,73 @@ def load(build: bool = True, quiet: bool = False) -> Any:
 
 def failure() -> str | None:
     return _failed
+
+
+def loaded() -> Any:
+    """The extension if an earlier load() got it, else None; never builds."""
+    return _ext
+
+
+def _fits(t: torch.Tensor) -> bool:
+    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided
+            and t.is_contiguous())
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return _ext.gelu_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return _ext.gelu_backward(dy.contiguous(), x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh") (GPT-2's "gelu_new"), forward and backward through the compiled
+    kernel for contiguous float32 CPU tensors once load() got it (about 4x faster; the same values to
+    float32 rounding), else F.gelu itself."""
+    if _ext is not None and _fits(x):
+        return _GeluTanh.apply(x)
+    return F.gelu(x, approximate="tanh")
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        y, lse = _ext.causal_attention_forward(qkv, n_head)  # (B, T, C), (B, nh, T)
+        ctx.save_for_backward(qkv, y, lse)
+        ctx.n_head = n_head
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        qkv, y, lse = ctx.saved_tensors
+        return _ext.causal_attention_backward(dy.contiguous(), qkv, y, lse, ctx.n_head), None
+
+
+def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Causal self-attention (no dropout, scale 1/sqrt(head size)) straight from c_attn's output qkv
+    (B, T, 3C) to (B, T, C), heads side by side: through the compiled kernel, forward and backward, for
+    contiguous float32 CPU tensors with a head size that is a multiple of 16 once load() got it (half the
+    time of PyTorch's flash attention on a 124M training step), else F.scaled_dot_product_attention."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    if _ext is not None and _fits(qkv) and (C // n_head) % 16 == 0:
+        return _CausalAttention.apply(qkv, n_head)
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, nh, T, hs)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all the tensors together (torch.nn.utils.get_total_norm's default), in one pass on
+    both cores, summed in float64, when the kernel is loaded and every tensor is contiguous float32 on the
+    CPU; else get_total_norm."""
+    if _ext is not None and tensors and all(_fits(t) for t in tensors):
+        return torch.tensor(_ext.sum_squares(tensors) ** 0.5, dtype=torch.float32)
+    return torch.nn.utils.get_total_norm(tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
