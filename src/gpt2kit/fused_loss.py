@@ -17,7 +17,6 @@ import torch
 
 from gpt2kit import kernels
 
-
 _SLICE = 2048
 
 
