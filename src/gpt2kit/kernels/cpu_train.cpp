@@ -207,6 +207,13 @@ namespace {
 
 enum Mode { kFull, kCausalN, kLowerK, kUpperK };
 
+// One row of a micro-tile: (c0, c1) += a * (b0, b1), a broadcast from memory.
+__attribute__((always_inline)) inline void fma_row(const float* a, __m256 b0, __m256 b1, __m256& c0, __m256& c1) {
+  const __m256 av = _mm256_broadcast_ss(a);
+  c0 = _mm256_fmadd_ps(av, b0, c0);
+  c1 = _mm256_fmadd_ps(av, b1, c1);
+}
+
 // C[m][n0..n0+16) = alpha * sum_k A(m, k) B[k][n0..n0+16) for MR rows; A(m, k) = a[m * sam + k * sak].
 // The 2 x MR accumulators are named variables, not an array: GCC kept an array's copy on the stack,
 // storing all 12 every iteration, at a third of the speed.
@@ -218,34 +225,12 @@ inline void micro(const float* a, int64_t sam, int64_t sak, const float* b, int6
   for (int64_t k = k0; k < k1; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
     const float* ak = a + k * sak;
-    __m256 av = _mm256_broadcast_ss(ak);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    if constexpr (MR > 1) {
-      av = _mm256_broadcast_ss(ak + sam);
-      c10 = _mm256_fmadd_ps(av, b0, c10);
-      c11 = _mm256_fmadd_ps(av, b1, c11);
-    }
-    if constexpr (MR > 2) {
-      av = _mm256_broadcast_ss(ak + 2 * sam);
-      c20 = _mm256_fmadd_ps(av, b0, c20);
-      c21 = _mm256_fmadd_ps(av, b1, c21);
-    }
-    if constexpr (MR > 3) {
-      av = _mm256_broadcast_ss(ak + 3 * sam);
-      c30 = _mm256_fmadd_ps(av, b0, c30);
-      c31 = _mm256_fmadd_ps(av, b1, c31);
-    }
-    if constexpr (MR > 4) {
-      av = _mm256_broadcast_ss(ak + 4 * sam);
-      c40 = _mm256_fmadd_ps(av, b0, c40);
-      c41 = _mm256_fmadd_ps(av, b1, c41);
-    }
-    if constexpr (MR > 5) {
-      av = _mm256_broadcast_ss(ak + 5 * sam);
-      c50 = _mm256_fmadd_ps(av, b0, c50);
-      c51 = _mm256_fmadd_ps(av, b1, c51);
-    }
+    fma_row(ak, b0, b1, c00, c01);
+    if constexpr (MR > 1) fma_row(ak + sam, b0, b1, c10, c11);
+    if constexpr (MR > 2) fma_row(ak + 2 * sam, b0, b1, c20, c21);
+    if constexpr (MR > 3) fma_row(ak + 3 * sam, b0, b1, c30, c31);
+    if constexpr (MR > 4) fma_row(ak + 4 * sam, b0, b1, c40, c41);
+    if constexpr (MR > 5) fma_row(ak + 5 * sam, b0, b1, c50, c51);
   }
   const __m256 al = _mm256_set1_ps(alpha);
   const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
