@@ -25,8 +25,10 @@
 
 namespace {
 
+using gpt2kit::check_f32;
 using gpt2kit::exp8;
 using gpt2kit::hsum;
+using gpt2kit::sigmoid_2u;
 
 // 8 weights as floats: float32 as they are; int8 (weight-only quantisation) widened, to be multiplied by
 // their row's scale at the end.
@@ -119,16 +121,12 @@ void layer_norm(const float* x, const float* g, const float* b, float* y, int64_
   }
 }
 
-// GPT-2's GELU (the tanh approximation) in place over n floats, n a multiple of 8:
-// 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (e^(2u) + 1).
+// GPT-2's GELU (the tanh approximation) in place over n floats, n a multiple of 8: x * sigmoid(2u), the
+// same form as the training kernel's (simd.h).
 void gelu_tanh(float* x, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
-  const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, v), _mm256_mul_ps(v, v), v));
-    const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, u)), one)));
-    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(v, sigmoid_2u(v, nullptr)));
   }
 }
 
@@ -173,11 +171,6 @@ void attention(const float* qkv, float* kc, float* vc, float* y, int64_t B, int6
 }
 
 const float* ptr(const torch::Tensor& t) { return t.data_ptr<float>(); }
-
-void check_f32(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
-              what, " must be a contiguous float32 CPU tensor");
-}
 
 }  // namespace
 

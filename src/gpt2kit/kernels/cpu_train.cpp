@@ -32,41 +32,18 @@
 
 namespace {
 
+using gpt2kit::check_f32;
 using gpt2kit::exp8;
 using gpt2kit::hsum;
+using gpt2kit::sigmoid_2u;
 
-constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kKappa = 0.044715f;
 constexpr int64_t kGrain = 1 << 15;  // values per task: large enough that threads pay off
-
-void check(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
-              what, " must be a contiguous float32 CPU tensor");
-}
-
-// GELU's tanh form, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), is x * s with
-// s = sigmoid(2u) = 1 / (1 + e^(-2u)) exactly; with s' = 2 s (1 - s) u', its derivative is s + x s'.
-inline __m256 sigmoid_2u(__m256 x, __m256* du) {
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kBeta), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kKappa), x2),
-                                                                       x, x));
-  if (du) *du = _mm256_mul_ps(_mm256_set1_ps(kBeta), _mm256_fmadd_ps(_mm256_set1_ps(3 * kKappa), x2,
-                                                                      _mm256_set1_ps(1.0f)));
-  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
-  return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
-
-inline float sigmoid_2u(float x, float* du) {
-  const float u = kBeta * (x + kKappa * x * x * x);
-  if (du) *du = kBeta * (1.0f + 3 * kKappa * x * x);
-  return 1.0f / (1.0f + std::exp(-2.0f * u));
-}
 
 }  // namespace
 
 // y = gelu_tanh(x), any shape.
 torch::Tensor gelu_forward(const torch::Tensor& x) {
-  check(x, "x");
+  check_f32(x, "x");
   torch::Tensor y = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -83,8 +60,8 @@ torch::Tensor gelu_forward(const torch::Tensor& x) {
 
 // dx = dy * gelu_tanh'(x).
 torch::Tensor gelu_backward(const torch::Tensor& dy, const torch::Tensor& x) {
-  check(dy, "dy");
-  check(x, "x");
+  check_f32(dy, "dy");
+  check_f32(x, "x");
   TORCH_CHECK(dy.numel() == x.numel(), "dy and x must have the same size");
   torch::Tensor dx = torch::empty_like(x);
   const float *gp = dy.data_ptr<float>(), *xp = x.data_ptr<float>();
@@ -171,7 +148,7 @@ std::vector<torch::Tensor> softmax_xent_forward(torch::Tensor logits, const torc
 double sum_squares(const std::vector<torch::Tensor>& tensors) {
   double total = 0;
   for (const torch::Tensor& t : tensors) {
-    check(t, "every tensor");
+    check_f32(t, "every tensor");
     const float* p = t.data_ptr<float>();
     total += at::parallel_reduce(0, t.numel(), 1 << 16, 0.0, [&](int64_t b, int64_t e, double acc) {
       double s = 0;
@@ -323,7 +300,7 @@ inline float softmax_row(float* s, int64_t i, int64_t Tp, const float* given_lse
 }
 
 void check_qkv(const torch::Tensor& qkv, int64_t nh) {
-  check(qkv, "qkv");
+  check_f32(qkv, "qkv");
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * nh) == 0, "qkv must be (B, T, 3C) with C divisible by n_head");
   TORCH_CHECK((qkv.size(2) / (3 * nh)) % 16 == 0, "the head size must be a multiple of 16");
 }
@@ -359,9 +336,9 @@ std::vector<torch::Tensor> causal_attention_forward(const torch::Tensor& qkv, in
 torch::Tensor causal_attention_backward(const torch::Tensor& dy, const torch::Tensor& qkv, const torch::Tensor& y,
                                         const torch::Tensor& lse, int64_t nh) {
   check_qkv(qkv, nh);
-  check(dy, "dy");
-  check(y, "y");
-  check(lse, "lse");
+  check_f32(dy, "dy");
+  check_f32(y, "y");
+  check_f32(lse, "lse");
   const int64_t B = qkv.size(0), T = qkv.size(1), C3 = qkv.size(2), C = C3 / 3, hs = C / nh, Tp = (T + 15) / 16 * 16;
   TORCH_CHECK(dy.sizes() == y.sizes() && y.size(0) == B && y.size(1) == T && y.size(2) == C, "dy and y: (B, T, C)");
   TORCH_CHECK(lse.numel() == B * nh * T, "lse: (B, nh, T)");

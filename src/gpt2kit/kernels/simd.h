@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include <cmath>
+
 namespace gpt2kit {
 
 inline float hsum(__m256 v) {
@@ -30,6 +32,32 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline void check_f32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+              what, " must be a contiguous float32 CPU tensor");
+}
+
+constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kKappa = 0.044715f;
+
+// GELU's tanh form, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), is x * s with
+// s = sigmoid(2u) = 1 / (1 + e^(-2u)) exactly; with s' = 2 s (1 - s) u', its derivative is s + x s'.
+inline __m256 sigmoid_2u(__m256 x, __m256* du) {
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kBeta), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kKappa), x2),
+                                                                       x, x));
+  if (du) *du = _mm256_mul_ps(_mm256_set1_ps(kBeta), _mm256_fmadd_ps(_mm256_set1_ps(3 * kKappa), x2,
+                                                                      _mm256_set1_ps(1.0f)));
+  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u));
+  return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+inline float sigmoid_2u(float x, float* du) {
+  const float u = kBeta * (x + kKappa * x * x * x);
+  if (du) *du = kBeta * (1.0f + 3 * kKappa * x * x);
+  return 1.0f / (1.0f + std::exp(-2.0f * u));
 }
 
 }  // namespace gpt2kit
