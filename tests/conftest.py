@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from gpt2kit import kernels
 from gpt2kit.checkpoints import save_model
 from gpt2kit.config import GPTConfig
 from gpt2kit.model import GPT
@@ -72,3 +76,21 @@ def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128))
     return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny"))
+
+
+# On the machines this project targets (x86-64 with AVX2 and g++) the CPU kernels must build: a broken
+# build would otherwise go unnoticed behind the fallback.
+CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and shutil.which("c++") is not None
+             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The compiled CPU kernels' extension (built if need be); the test is skipped where they cannot be had."""
+    e = kernels.load(build=True)
+    if e is None and os.environ.get("GPT2KIT_CPU_KERNELS") == "0":
+        pytest.skip("kernels turned off by GPT2KIT_CPU_KERNELS=0")
+    if e is None:
+        assert not CAN_BUILD, f"the kernel should build here: {kernels.failure()}"
+        pytest.skip(f"kernel unavailable: {kernels.failure()}")
+    return e

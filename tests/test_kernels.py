@@ -3,10 +3,6 @@ that fails leaves PyTorch's kernels in charge with a one-line notice."""
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,23 +10,7 @@ import torch.nn.functional as F
 from gpt2kit import kernels
 from gpt2kit.config import GPTConfig
 from gpt2kit.generate import GenerationConfig, Generator
-from tests.conftest import random_model
-
-# On the machines this project targets (x86-64 with AVX2 and g++) the kernel must build: a broken build
-# would otherwise go unnoticed behind the fallback.
-CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and shutil.which("c++") is not None
-             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
-
-
-@pytest.fixture(scope="module")
-def ext():
-    e = kernels.load(build=True)
-    if e is None and os.environ.get("GPT2KIT_CPU_KERNELS") == "0":
-        pytest.skip("kernels turned off by GPT2KIT_CPU_KERNELS=0")
-    if e is None:
-        assert not CAN_BUILD, f"the kernel should build here: {kernels.failure()}"
-        pytest.skip(f"kernel unavailable: {kernels.failure()}")
-    return e
+from tests.conftest import CAN_BUILD, random_model
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 17, 32])

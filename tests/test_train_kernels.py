@@ -13,7 +13,6 @@ from gpt2kit.config import GPTConfig
 from gpt2kit.fused_loss import lm_head_cross_entropy
 from gpt2kit.train import TrainConfig, Trainer
 from tests.conftest import random_model
-from tests.test_kernels import ext  # noqa: F401  (the module-scoped fixture)
 
 
 def _sdpa(qkv: torch.Tensor, nh: int) -> torch.Tensor:
@@ -25,7 +24,7 @@ def _sdpa(qkv: torch.Tensor, nh: int) -> torch.Tensor:
 # lengths 1, below, at and above the kernel's blocks of 6 rows and 16 columns; head sizes 16 to 64
 @pytest.mark.parametrize("B,T,nh,hs", [(1, 1, 1, 16), (2, 5, 2, 16), (1, 16, 3, 32), (3, 37, 2, 64),
                                        (2, 256, 4, 64), (1, 300, 1, 48)])
-def test_causal_attention_equals_sdpa_forward_and_backward(ext, B, T, nh, hs):  # noqa: F811
+def test_causal_attention_equals_sdpa_forward_and_backward(ext, B, T, nh, hs):
     g = torch.Generator().manual_seed(T * 7 + hs)
     qkv0 = torch.randn(B, T, 3 * nh * hs, generator=g) * 2
     dy = torch.randn(B, T, nh * hs, generator=g)
@@ -39,13 +38,13 @@ def test_causal_attention_equals_sdpa_forward_and_backward(ext, B, T, nh, hs):  
     torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=2e-5)
 
 
-def test_causal_attention_falls_back_for_other_head_sizes(ext):  # noqa: F811
+def test_causal_attention_falls_back_for_other_head_sizes(ext):
     qkv = torch.randn(2, 9, 3 * 2 * 8)  # head size 8
     y = kernels.causal_attention(qkv, 2)
     assert y.grad_fn is None and torch.allclose(y, _sdpa(qkv, 2), atol=1e-6)
 
 
-def test_model_attention_hook_is_used_only_without_dropout(ext):  # noqa: F811
+def test_model_attention_hook_is_used_only_without_dropout(ext):
     config = GPTConfig.from_name("tiny", n_embd=32, n_head=2, n_layer=1, vocab_size=50, n_positions=16)
     model = random_model(config, seed=1).train()
     x = torch.randint(0, 50, (2, 9))
@@ -60,7 +59,7 @@ def test_model_attention_hook_is_used_only_without_dropout(ext):  # noqa: F811
 
 
 @pytest.mark.parametrize("n", [8, 13, 4097, 100_003])  # lengths with and without a tail of < 8
-def test_gelu_equals_pytorch_forward_and_backward(ext, n):  # noqa: F811
+def test_gelu_equals_pytorch_forward_and_backward(ext, n):
     g = torch.Generator().manual_seed(n)
     x0 = torch.randn(n, generator=g) * 4
     x0[:4] = torch.tensor([0.0, -30.0, 30.0, -5.0])[: min(4, n)]  # zero and saturated values
@@ -74,7 +73,7 @@ def test_gelu_equals_pytorch_forward_and_backward(ext, n):  # noqa: F811
     torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_gelu_falls_back_where_the_kernel_does_not_apply(ext):  # noqa: F811
+def test_gelu_falls_back_where_the_kernel_does_not_apply(ext):
     x = torch.randn(4, 6).t()  # not contiguous
     assert torch.equal(kernels.gelu_tanh(x), F.gelu(x, approximate="tanh"))
     xd = torch.randn(10, dtype=torch.float64)
@@ -82,7 +81,7 @@ def test_gelu_falls_back_where_the_kernel_does_not_apply(ext):  # noqa: F811
 
 
 @pytest.mark.parametrize("V", [7, 64, 1000, 50257])
-def test_softmax_xent_equals_cross_entropy_on_padded_rows(ext, V):  # noqa: F811
+def test_softmax_xent_equals_cross_entropy_on_padded_rows(ext, V):
     g = torch.Generator().manual_seed(V)
     N = 9
     logits = torch.randn(N, V, generator=g) * 6
@@ -99,12 +98,12 @@ def test_softmax_xent_equals_cross_entropy_on_padded_rows(ext, V):  # noqa: F811
                                atol=1e-7)
 
 
-def test_softmax_xent_rejects_a_target_outside_the_vocabulary(ext):  # noqa: F811
+def test_softmax_xent_rejects_a_target_outside_the_vocabulary(ext):
     with pytest.raises(RuntimeError, match="outside"):
         ext.softmax_xent_forward(torch.randn(2, 10), torch.tensor([1, 10]), -100)
 
 
-def test_total_norm_is_the_float64_norm(ext):  # noqa: F811
+def test_total_norm_is_the_float64_norm(ext):
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(s, generator=g) for s in [(3,), (1000, 77), (50_001,), (1 << 20,)]]
     want = torch.stack([t.double().square().sum() for t in tensors]).sum().sqrt()
@@ -115,7 +114,7 @@ def test_total_norm_is_the_float64_norm(ext):  # noqa: F811
 
 
 @pytest.mark.parametrize("with_kernel", [True, False])
-def test_fused_loss_with_and_without_the_kernel(ext, monkeypatch, with_kernel):  # noqa: F811
+def test_fused_loss_with_and_without_the_kernel(ext, monkeypatch, with_kernel):
     if not with_kernel:
         monkeypatch.setattr(kernels, "_ext", None)
     g = torch.Generator().manual_seed(3)
@@ -132,7 +131,7 @@ def test_fused_loss_with_and_without_the_kernel(ext, monkeypatch, with_kernel): 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_trainer_gradients_equal_plain_autograd(ext):  # noqa: F811
+def test_trainer_gradients_equal_plain_autograd(ext):
     """The trainer routes GELU through the kernel and writes the embedding rows' gradient straight into the
     tied wte gradient: over two micro-batches every gradient equals plain autograd's on a copy."""
     config = GPTConfig.from_name("tiny", n_embd=64, n_head=2, n_layer=2, vocab_size=101, n_positions=16)
