@@ -31,12 +31,19 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
                 kv_len: int | None, rows: slice | None, start: int | None = None) -> torch.Tensor:
-        B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
         if (self.attend is not None and (self.kv_cache is None or input_pos is None)
                 and not (self.training and self.dropout)):
             y = self.attend(qkv, self.n_head)  # (B, T, C)
-            return self.resid_dropout(self.c_proj(y)) if self.training else self.c_proj(y)
+        else:
+            y = self._attention(qkv, input_pos, mask, kv_len, rows, start)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y)) if self.training else self.c_proj(y)
+
+    def _attention(self, qkv: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
+                   kv_len: int | None, rows: slice | None, start: int | None) -> torch.Tensor:
+        """PyTorch's SDPA over c_attn's output (B, T, 3C), with or without the KV cache: (B, T, C)."""
+        B, T, C3 = qkv.shape
+        C = C3 // 3
         q, k, v = qkv.split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -53,8 +60,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, ck, cv, is_causal=True)
             else:  # mask None here means every query sees every slot
                 y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)) if self.training else self.c_proj(y)
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
