@@ -36,34 +36,30 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             torch.mm(h, weight[s:s + _SLICE].t(), out=logits[:, s:s + _SLICE])
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
+        # both ways leave in the buffer the softmax times 1 / inv_sum (N,), for the backward pass
         ext = kernels.loaded()
         if ext is not None and logits.dtype == torch.float32 and logits.device.type == "cpu":
-            # leaves e^(logits - row max) in the buffer; inv_sum (N,) turns it into the softmax
+            # e^(logits - row max), one exp per logit
             losses, inv_sum = ext.softmax_xent_forward(logits, targets.long().contiguous(), ignore_index)  # (N,) each
-            lse = None
         else:
             lse = torch.logsumexp(logits, dim=1)  # (N,)
             losses = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid  # (N,)
-            inv_sum = None
+            torch.sub(logits, lse[:, None], out=logits).exp_()  # the softmax itself
+            inv_sum = torch.ones_like(lse)
         count = valid.sum()
         loss = losses.sum() / count if reduction == "mean" else losses.sum()
-        ctx.save_for_backward(h, weight, safe, valid, count)
-        ctx.logits, ctx.reduction, ctx.lse, ctx.inv_sum = logits, reduction, lse, inv_sum
+        ctx.save_for_backward(h, weight, safe, valid, count, inv_sum)
+        ctx.logits, ctx.reduction = logits, reduction
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        h, weight, safe, valid, count = ctx.saved_tensors
+        h, weight, safe, valid, count, inv_sum = ctx.saved_tensors
         g, ctx.logits = ctx.logits, None  # the logits buffer becomes their gradient, in place
         if g is None:
             raise RuntimeError("the fused LM-head loss can be back-propagated only once")
         scale = valid * (grad / count if ctx.reduction == "mean" else grad)  # (N,); none at ignored positions
-        if ctx.inv_sum is not None:  # the kernel left e^(x - max): softmax = that * inv_sum
-            g.mul_((scale * ctx.inv_sum)[:, None])
-        else:
-            torch.sub(g, ctx.lse[:, None], out=g)
-            g.exp_()  # softmax
-            g.mul_(scale[:, None])
+        g.mul_((scale * inv_sum)[:, None])  # the softmax, scaled
         g[torch.arange(g.shape[0], device=g.device), safe] -= scale  # softmax - one-hot, scaled
         need_h, need_w = ctx.needs_input_grad[:2]
         return g @ weight if need_h else None, g.t() @ h if need_w else None, None, None, None
