@@ -115,6 +115,33 @@ def test_lora_run_saves_small_checkpoints_and_merges(tmp_path):
         assert torch.allclose(merged_cli(ids), ref, atol=1e-5, rtol=1e-5)
 
     assert main(["merge", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 1  # not an adapter
+    assert not (tmp_path / "x").exists()
+
+
+def test_merge_writes_only_into_a_new_or_empty_directory(tmp_path, capsys):
+    save_model(random_model(TINY, seed=3), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    model = random_model(TINY, seed=3)
+    cfg = lora.LoraConfig(rank=2, targets=["all"], base_model=str(tmp_path / "base"))
+    lora.apply_lora(model, cfg)
+    _randomise_adapters(model)
+    lora.save_adapter(model, cfg, tmp_path / "adapter")
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    weights = (tmp_path / "m/model.safetensors").read_bytes()
+    # a second merge into it, or into any folder with files (a run directory, say), is refused untouched
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/run.json").write_text('{"status": "finished"}')
+    for out in ("m", "run"):
+        assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / out)]) == 1
+        assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "m/model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.json"]
+    # a missing adapter or --base path is named, and --out is not created
+    assert main(["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "m3")]) == 1
+    assert "nope does not exist" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m3"), "--base",
+                 str(tmp_path / "gone")]) == 1
+    assert "--base" in capsys.readouterr().err and not (tmp_path / "m3").exists()
 
 
 def test_lora_resume_from_checkpoint_matches(tmp_path):

@@ -233,6 +233,8 @@ def find_adapter(path: str | Path) -> Path:
     p = Path(path)
     if is_adapter_dir(p):
         return p
+    if not p.exists():
+        raise Gpt2kitError(f"{p} does not exist; pass a LoRA run directory or an adapter directory")
     from gpt2kit.runs import checkpoint_dirs, is_run_dir
     if is_run_dir(p):
         for c in [p / "best", p / "final"] + [d for _, d in reversed(checkpoint_dirs(p))]:
@@ -264,16 +266,15 @@ def load_lora_model(adapter: str | Path, base: str | None = None, device: str | 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
                   dtype: str | None = None) -> Path:
     """What `gpt2kit merge` does: base model + adapter -> a plain HuggingFace-format checkpoint."""
+    from gpt2kit.checkpoints import new_model_dir, pick_dtype
     from gpt2kit.checkpoints.hf import write_hf_dir
-    model, tok = load_lora_model(adapter, base)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise Gpt2kitError(f"{out} exists and is not a model directory; choose an empty or new --out")
-    sd = merged_state_dict(model)
-    if dtype not in (None, "auto", "float32", "fp32"):
-        from gpt2kit.checkpoints import pick_dtype
-        dt = pick_dtype(dtype, torch.device("cpu"))
-        sd = {k: v.to(dt) for k, v in sd.items()}
-    write_hf_dir(out, model.config, sd)
-    tok.save(out)
+    dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else torch.float32
+    find_adapter(adapter)  # a missing adapter is named before --out is created
+    if base and base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
+        raise Gpt2kitError(f"--base {base} does not exist; pass the base model's directory (or its name)")
+    with new_model_dir(out) as out:  # a new or empty directory: never over a model or a run
+        model, tok = load_lora_model(adapter, base)
+        sd = {k: v.to(dt) for k, v in merged_state_dict(model).items()}
+        write_hf_dir(out, model.config, sd)
+        tok.save(out)
     return out

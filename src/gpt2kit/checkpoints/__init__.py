@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -167,7 +168,7 @@ def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path
 
 
 # What convert writes into its output directory (and removes again if it fails part way).
-_CONVERT_FILES = ("model.safetensors", "model.safetensors.tmp", "config.json", "config.json.tmp",
+_MODEL_FILES = ("model.safetensors", "model.safetensors.tmp", "config.json", "config.json.tmp",
                   "generation_config.json", "vocab.json", "merges.txt", "gpt2kit.json")
 
 
@@ -195,14 +196,33 @@ def make_new_output_dir(out: str | Path) -> list[Path]:
     return created
 
 
+@contextlib.contextmanager
+def new_model_dir(out: str | Path) -> Iterator[Path]:
+    """Write a model into `out`, a new (or empty) directory (make_new_output_dir's checks, before any
+    loading); when the writing fails, `out` is left as it was found, not half written."""
+    out = Path(out).expanduser()
+    created = make_new_output_dir(out)
+    try:
+        yield out
+    except BaseException:
+        for name in _MODEL_FILES:
+            with contextlib.suppress(OSError):
+                (out / name).unlink(missing_ok=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def convert(src: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     """Any readable checkpoint -> our (HuggingFace-compatible) format, in `out`: a new (or empty) directory."""
     src_path, out = Path(src).expanduser(), Path(out).expanduser()
     if src_path.is_dir() and out.resolve() == src_path.resolve():
         raise Gpt2kitError("convert would overwrite its own source; choose another output directory")
     dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else None  # bad --dtype: now
-    created = make_new_output_dir(out)
-    try:
+    with new_model_dir(out):
         path = resolve_model_dir(src)
         config, sd = read_checkpoint(path)
         if dt is not None:
@@ -214,15 +234,4 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None) -> Path:
             (out / "vocab.json").write_bytes(files[0].read_bytes())
             (out / "merges.txt").write_bytes(files[1].read_bytes())
         (out / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
-    except BaseException:
-        # out was new or empty: leave it as it was found, not half written
-        for name in _CONVERT_FILES:
-            with contextlib.suppress(OSError):
-                (out / name).unlink(missing_ok=True)
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
     return out
