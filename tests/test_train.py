@@ -462,6 +462,15 @@ def test_overwrite_replaces_only_a_stopped_run(tmp_path, tiny_dir, capsys):
     (out / "run.json").write_text(json.dumps(info))
     assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 0
     assert (out / "notes.txt").read_text() == "mine" and not (out / "tokenizer" / "old.txt").exists()
+    capsys.readouterr()
+    # a finished run is not resumable: the advice is to start from its model
+    assert main(_tiny_args(tiny_dir, out, "--column", "Joke")) == 1
+    assert f"start a new run from its model with --model {out}" in capsys.readouterr().err
+    # nor can a run replace the run (or the run's model) it would start from
+    for model in (out, out / "final"):
+        assert main(_tiny_args(model, out, "--column", "Joke", "--overwrite")) == 1
+        assert "cannot replace the one it starts from" in capsys.readouterr().err
+        assert (out / "final/model.safetensors").is_file() and (out / "notes.txt").is_file()
 
 
 @pytest.mark.parametrize("failure", ["oserror", "safetensors"])

@@ -833,9 +833,10 @@ class _Run:
                 raise Gpt2kitError(f"{d} holds a run that is still training (pid {runs.read_run_json(d).get('pid')}"
                                    f"); stop it first or choose another --out")
             if not (self.overwrite or self._aborted_start(info)):
-                raise Gpt2kitError(f"{d} already holds a run ({info.status} at step {info.step}); continue it "
-                                   f"with `gpt2kit finetune --resume {d}`, replace it with --overwrite, or choose "
-                                   "another --out")
+                go_on = (f"start a new run from its model with --model {d}" if info.status == "finished" else
+                         f"continue it with `gpt2kit finetune --resume {d}`")
+                raise Gpt2kitError(f"{d} already holds a run ({info.status} at step {info.step}); {go_on}, "
+                                   "replace it with --overwrite, or choose another --out")
             # an earlier start that failed before training, or --overwrite: remove the run's own files only
             runs.remove_run(d)
         elif d.is_dir() and any(d.iterdir()):
@@ -1362,6 +1363,11 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
     if cfg.steps is not None and cfg.epochs is not None:  # (a resolved config.json holds both: resume is fine)
         raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
     cfg.validate()
+    if cfg.model and Path(cfg.model).expanduser().exists():
+        model, out = Path(cfg.model).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
+        if model == out or out in model.parents:  # replacing --out would delete the model first
+            raise Gpt2kitError(f"--model {cfg.model} is inside --out {cfg.out}: a new run cannot replace the one "
+                               "it starts from; choose another --out")
     return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
 
 
