@@ -206,6 +206,36 @@ def test_prepare_data_cache_reuse_and_mismatch(tok, tmp_path, monkeypatch):
         prepare_data(other.path, tok, cache_dir=tmp_path / "cache")
 
 
+def test_encode_out_never_replaces_an_input_or_other_file(tok, tmp_path):
+    src = write(tmp_path / "a.txt", "hello world\n")
+    for out in (src, tmp_path / "notes.txt"):  # an input, or any file that is not a token cache
+        if out != src:
+            write(out, "mine")
+        before = out.read_bytes()
+        with pytest.raises(Gpt2kitError, match="(one of the inputs|not a token cache)"):
+            encode_files(src, out, tok)
+        assert out.read_bytes() == before
+    (tmp_path / "d").mkdir()
+    with pytest.raises(Gpt2kitError, match=r"is a folder; give a file name"):
+        encode_files(src, tmp_path / "d", tok)
+    first = encode_files(src, tmp_path / "a.tokens", tok)
+    write(src, "hello again\n")
+    assert encode_files(src, first.path, tok).n_docs == 1  # an earlier cache is replaced
+
+
+def test_token_cache_found_by_header_and_glob(tok, tmp_path):
+    cache = encode_files(write(tmp_path / "a.txt", "hello world\n"), tmp_path / "data.bin", tok)
+    for given in (cache.path, str(tmp_path / "*.bin"), [str(tmp_path / "dat*")]):
+        train, _ = prepare_data(given, tok, cache_dir=tmp_path / "cache")
+        assert train.path == cache.path
+    with pytest.raises(Gpt2kitError, match="already a token cache"):
+        read_documents([tmp_path / "a.txt", cache.path])
+    (tmp_path / "only").mkdir()
+    cache.path.rename(tmp_path / "only/c.tokens")
+    with pytest.raises(Gpt2kitError, match=r"pass the file itself \(e.g. .*c.tokens\)"):
+        prepare_data(tmp_path / "only", tok, cache_dir=tmp_path / "cache")
+
+
 def test_val_fraction_splits_whole_documents(tok, tmp_path):
     spec = DataSpec(column="Joke")
     train, val = prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=3, cache_dir=tmp_path)

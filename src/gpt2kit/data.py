@@ -64,7 +64,9 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in RAW_SUFFIXES
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise Gpt2kitError(f"folder {p} has no {', '.join(RAW_SUFFIXES)} files")
+                caches = sorted(p.rglob("*.tokens"))
+                raise Gpt2kitError(f"folder {p} has no {', '.join(RAW_SUFFIXES)} files" + (
+                    f"; for a token cache, pass the file itself (e.g. {caches[0]})" if caches else ""))
             files += found
         elif p.is_file():
             files.append(p)
@@ -143,8 +145,8 @@ def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | N
     docs: list[str] = []
     for f in files:
         suffix = f.suffix.lower()
-        if suffix == ".tokens":
-            raise Gpt2kitError(f"{f} is already a token cache; pass it as the training data instead")
+        if suffix == ".tokens" or is_token_cache(f):
+            raise Gpt2kitError(f"{f} is already a token cache; pass it alone as the training data instead")
         text = _read_text(f, spec.encoding)
         if suffix in (".csv", ".tsv"):
             docs += _read_table(f, text, spec)
@@ -320,10 +322,30 @@ class TokenCache:
         return cls(path, tokens, offsets, tid.rstrip(b"\0").decode("ascii", "replace"))
 
 
+def is_token_cache(path: str | Path) -> bool:
+    """Whether `path` is a file that starts like a token cache (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path, tok: Tokenizer,
                  spec: DataSpec | None = None) -> TokenCache:
-    """Read, encode and cache: what `gpt2kit encode` does."""
-    docs = read_documents(inputs, spec or DataSpec())
+    """Read, encode and cache: what `gpt2kit encode` does. `out_path` may replace an earlier token
+    cache, never an input or any other file."""
+    out = Path(out_path).expanduser()
+    if out.is_dir():
+        raise Gpt2kitError(f"--out {out_path} is a folder; give a file name, e.g. {out / 'data.tokens'}")
+    files = expand_inputs(inputs)
+    if out.exists() and any(out.resolve() == f.resolve() for f in files):
+        raise Gpt2kitError(f"--out {out_path} is one of the inputs; give the token cache another name "
+                           "(e.g. ending in .tokens)")
+    if out.exists() and not is_token_cache(out):
+        raise Gpt2kitError(f"--out {out_path} exists and is not a token cache; choose another name (the file "
+                           "is left as it is)")
+    docs = read_documents(files, spec or DataSpec())
     tokens, offsets = _encode_to_arrays(docs, tok)
     return TokenCache.write_arrays(out_path, tokens, offsets, tokenizer_id(tok))
 
@@ -353,8 +375,14 @@ def _stamp(files: list[Path]) -> list[tuple[str, int, int]]:
 
 
 def _is_cache_input(data: str | Path | Sequence[str | Path]) -> Path | None:
-    items = [data] if isinstance(data, (str, Path)) else list(data)
-    caches = [Path(x) for x in items if str(x).endswith(".tokens")]
+    """The token cache `data` names (a path or a glob matching one, by its name or its header), or None
+    for raw inputs."""
+    items: list[str | Path] = []
+    for x in [data] if isinstance(data, (str, Path)) else list(data):
+        matches = sorted(glob.glob(os.path.expanduser(str(x)), recursive=True)) \
+            if glob.has_magic(str(x)) and not Path(x).exists() else []
+        items += matches or [x]
+    caches = [Path(x) for x in items if str(x).endswith(".tokens") or is_token_cache(x)]
     if caches and len(items) > 1:
         raise Gpt2kitError("pass either one .tokens file or raw text inputs, not both or several caches")
     return caches[0] if caches else None
