@@ -300,9 +300,13 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
     assert "device cpu" in captured.err  # the device is always said
 
     assert main(args) == 1  # the run exists
-    assert "--resume" in capsys.readouterr().err
+    assert f"--model {out}" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(out), "--lr", "0.1"]) == 1
     assert "drop --lr" in capsys.readouterr().err
+    # every option that would change the run is refused, not silently dropped; where it runs may change
+    assert main(["finetune", "--resume", str(out), "--batch-size", "8", "--seed", "7", "--grad-checkpointing",
+                 "--device", "cpu", "--no-progress"]) == 1
+    assert "drop --batch-size, --seed, --grad-checkpointing (to change" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(out)]) == 1  # finished already
     assert "already finished" in capsys.readouterr().err
     edited = json.loads((out / "config.json").read_text())

@@ -112,12 +112,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="log to RUN/tensorboard (default: when tensorboard is installed)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    _DEFAULTS.update(vars(p.parse_args([])))
 
 
-# options that define a run; with --resume the run's own values are used, so these must not be given
-_RUN_OPTIONS = ("model", "config", "tokenizer", "data", "val_data", "val_fraction", "column", "field", "out",
-                "steps", "epochs", "block_size", "lr", "warmup_steps", "lora_alpha", "eval_every",
-                "sample_every", "save_every", "prompts", "tensorboard")
+# every option's default; with --resume the run's own settings are used, so any other value is refused
+_DEFAULTS: dict[str, object] = {}
+# what may differ when resuming: where it runs and how it shows progress
+_RESUME_OPTIONS = ("resume", "device", "no_progress", "func")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -134,9 +135,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from gpt2kit import train
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in _RUN_OPTIONS if getattr(args, k) not in (None, [])]
-        if args.prompt:
-            given.append("--prompt")
+        given = [f"--{k.replace('_', '-')}" for k, default in _DEFAULTS.items()
+                 if k not in _RESUME_OPTIONS and getattr(args, k) != default]
         if given:
             raise Gpt2kitError(f"--resume continues a run with its own settings; drop {', '.join(given)} "
                                "(to change them, start a new run with --model RUN_DIR)")
