@@ -81,18 +81,19 @@ def _assert_same(a: Path, b: Path) -> None:
 def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path, model_dir):
     ref = _start(model_dir, tmp_path / "ref")
     killed = _start(model_dir, tmp_path / "killed")
-    stopped = _start(model_dir, tmp_path / "stopped")
 
     # SIGKILL between checkpoints: no chance to save anything
     _wait_for_checkpoint(killed, tmp_path / "killed", 8)
-    time.sleep(0.1)
+    time.sleep(0.02)  # (a tiny model's step can take a few ms: longer could let it finish)
     killed.kill()
     killed.wait()
     assert run_info(tmp_path / "killed").status == "dead"
     last_ckpt = checkpoint_dirs(tmp_path / "killed")[-1][0]
     assert 8 <= last_ckpt < STEPS
 
-    # Ctrl-C: finish the step, save, exit 130
+    # Ctrl-C: finish the step, save, exit 130. Started only now: started with the others, it could already be
+    # near its end while the test waited for the killed run
+    stopped = _start(model_dir, tmp_path / "stopped")
     _wait_for_checkpoint(stopped, tmp_path / "stopped", 12)
     stopped.send_signal(signal.SIGINT)
     _, err = stopped.communicate(timeout=120)
