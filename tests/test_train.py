@@ -345,6 +345,20 @@ def test_early_stop_keeps_best(tmp_path, tiny_dir):
     info = json.loads((res.run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["stopped_early"] and info["step"] == res.step
     assert (res.run_dir / "final/model.safetensors").is_file()
+    with pytest.raises(Gpt2kitError, match="stopped early"):  # not resumed past its early stop
+        resume(res.run_dir, progress=False)
+
+
+def test_best_must_beat_the_starting_model(tmp_path, tiny_dir, capsys):
+    # a learning rate that wrecks the model: no evaluation after step 0 is better than step 0
+    res = finetune(_cfg(tmp_path, tiny_dir, steps=4, lr=5.0, eval_every=2, save_every=100), progress=False)
+    vals = {r["step"]: r["val_loss"] for r in map(json.loads, (res.run_dir / "metrics.jsonl").open())
+            if "val_loss" in r}
+    assert sorted(vals) == [0, 2, 4] and min(vals[2], vals[4]) > vals[0]
+    assert res.best_step == 0 and res.best_val_loss == vals[0]
+    assert not (res.run_dir / "best").exists() and res.model_dir == res.run_dir / "final"
+    err = capsys.readouterr().err
+    assert "(best)" not in err and "no step beat the starting model's validation loss" in err
 
 
 def test_tokens_cache_input_and_chained_runs(tmp_path, tiny_dir, capsys):

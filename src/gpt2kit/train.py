@@ -1096,6 +1096,7 @@ class _Run:
         total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(per_rank))
         loss = total / max(1, count)
         ppl = math.exp(min(loss, 50.0))
+        # the starting model's loss (step 0) is the baseline: only a step that beats it becomes best/
         improved = step > 0 and (self.best_val is None or loss < self.best_val)
         if self.dist.main:
             self._keep_going(runs.METRICS, lambda: runs.append_metrics(
@@ -1112,6 +1113,8 @@ class _Run:
                         self.dir, best_val_loss=loss, best_step=step, step=step))
             else:
                 self.bad_evals += 1
+        elif self.best_val is None:
+            self.best_val, self.best_step = loss, 0
         mark = " (best)" if improved else ""
         self.say(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{mark}")
         self._plot()
@@ -1350,7 +1353,12 @@ class _Run:
                                  stopped_early=stopped_early, last_loss=self.last_loss,
                                  best_val_loss=self.best_val, best_step=self.best_step)
         self._plot(force=True)
-        best = f"; best validation loss {self.best_val:.4f} at step {self.best_step} in best/" if self.best_val else ""
+        best = ""
+        if self.best_step == 0:
+            best = (f"; no step beat the starting model's validation loss ({self.best_val:.4f}), so there is no "
+                    "best/ (lower --lr?)")
+        elif self.best_step is not None:
+            best = f"; best validation loss {self.best_val:.4f} at step {self.best_step} in best/"
         self.say(f"done: {self.step} steps, {self.tokens_seen / max(self.train_time, 1e-9):,.0f} tokens/s; model in "
                  f"{final}{best}")
         return "finished", stopped_early
@@ -1387,6 +1395,10 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
     cfg.out = str(run_dir)
     if device is not None:
         cfg.device = device
+    if info.get("status") == "finished" and info.get("stopped_early"):
+        raise Gpt2kitError(f"run {run_dir} already finished: it stopped early at step {info.get('step')} (no "
+                           f"better validation loss); its model is in {run_dir}/best. Start a new run from it "
+                           f"with --model {run_dir}")
     if info.get("status") == "finished":
         ckpts = runs.checkpoint_dirs(run_dir)
         step = ckpts[-1][0] if ckpts else info.get("step")
