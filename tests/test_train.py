@@ -571,10 +571,19 @@ def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_pat
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
     (["--lora-rank", "2", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
     (["--epochs", "2"], "not both"),  # with --steps 1
+    (["--epochs", "inf", "--steps"], "--epochs must be a number > 0"),  # (--steps dropped)
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--lora-alpha", "16"], "add --lora-rank"),
+    (["--lora-targets", "mlp"], "add --lora-rank"),
+    (["--config", "tiny"], "add --init scratch"),
+    (["--prompt", ""], "--prompt is empty"),
 ])
 def test_rejected_values_are_one_line_and_create_nothing(tmp_path, tiny_dir, capsys, bad, expect):
     out = tmp_path / "run"
-    assert main(_tiny_args(tiny_dir, out, "--column", "Joke", *bad)) == 1
+    args = _tiny_args(tiny_dir, out, "--column", "Joke", *bad)
+    if args[-1] == "--steps":
+        del args[-1], args[args.index("--steps"):args.index("--steps") + 2]
+    assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and expect in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
@@ -616,3 +625,28 @@ def test_short_data_warnings_and_resume_before_the_first_checkpoint(tmp_path, ti
     finetune(_cfg(tmp_path, tiny_dir, out=str(tmp_path / "nv"), steps=1, val_fraction=0.0, early_stop=2),
              progress=False)
     assert capsys.readouterr().err.count("--early-stop 2 needs validation data") == 1
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 9663676416 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_out_of_memory_is_one_line_with_the_fix(tmp_path, tiny_dir, capsys, monkeypatch, error):
+    def oom(self, batches):
+        raise error
+    monkeypatch.setattr(Trainer, "forward_backward", oom)
+    assert main(_tiny_args(tiny_dir, tmp_path / "run", "--column", "Joke")) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the start-up lines: one error, no traceback
+    assert last.startswith("error: out of memory on cpu at batch 2 x 16 tokens; lower --batch-size"), last
+    assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "failed"
+
+
+def test_a_diverged_loss_says_to_start_again_not_resume(tmp_path, tiny_dir, capsys):
+    args = _tiny_args(tiny_dir, tmp_path / "run", "--column", "Joke", "--lr", "1e6", "--eval-every", "0")
+    args[args.index("--steps") + 1] = "30"
+    assert main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: the loss became nan at step ") and "start a new run with a lower --lr" in last
+    assert "--dtype" not in last  # already float32
+    assert "--resume would repeat" in last

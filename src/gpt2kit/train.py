@@ -130,7 +130,8 @@ class TrainConfig:
         need(bool(self.data), "no training data: pass --data FILE (text, .csv, .jsonl, a folder, a glob or a "
              ".tokens cache)")
         need(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        need(self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
+        need(self.epochs is None or 0 < self.epochs < math.inf, f"--epochs must be a number > 0, got {self.epochs}")
+        need(0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         need(self.block_size is None or self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}")
@@ -151,6 +152,12 @@ class TrainConfig:
              "LoRA adapts a pretrained model; with --init scratch train all weights (drop --lora-rank)")
         need(not (self.lora_rank and self.freeze), "--freeze and --lora-rank don't mix: LoRA already "
              "freezes every base weight")
+        need(bool(self.lora_rank) or (self.lora_alpha is None and self.lora_dropout == 0.05
+                                      and self.lora_targets == ["all"]),
+             "--lora-alpha, --lora-dropout and --lora-targets shape LoRA adapters: add --lora-rank R (e.g. 8)")
+        need(not (self.config and self.init == "pretrained"), f"--config {self.config} sets the architecture of "
+             "a model trained from scratch; add --init scratch, or drop --config to fine-tune --model as it is")
+        need(all(self.prompts), "a sample --prompt is empty; give it some text")
         for name in ("eval_every", "sample_every", "save_every"):
             v = getattr(self, name)
             need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -1018,7 +1025,8 @@ class _Run:
         try:
             yield
         except (OSError, RuntimeError, SafetensorError) as e:
-            if isinstance(e, torch.OutOfMemoryError):
+            if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
+                                                         and "DefaultCPUAllocator: can't allocate" in str(e)):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
@@ -1170,7 +1178,8 @@ class _Run:
                 with contextlib.suppress(OSError, Gpt2kitError):  # e.g. the disk is full: report `e`, not this
                     runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
                                          f"{type(e).__name__}: {e}"[:500])
-            if isinstance(e, torch.OutOfMemoryError):
+            if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
+                                                         and "DefaultCPUAllocator: can't allocate" in str(e)):
                 raise Gpt2kitError(f"out of memory on {self.device} at batch {self.cfg.batch_size} x "
                                    f"{self.cfg.block_size} tokens; lower --batch-size (raise --grad-accum to keep "
                                    "the global batch), add --grad-checkpointing, or use --lora-rank 8") from None
@@ -1303,8 +1312,10 @@ class _Run:
             self.train_time += dt
             self.last_loss = loss
             if not math.isfinite(loss) and self.trainer.precision.scaler is None:
-                raise Gpt2kitError(f"the loss became {loss} at step {self.step}; lower --lr (now {cfg.lr:g}) or "
-                                   "use --dtype float32, then start again or --resume from the last checkpoint")
+                raise Gpt2kitError(
+                    f"the loss became {loss} at step {self.step}; start a new run with a lower --lr (now {cfg.lr:g})"
+                    + (" or --dtype float32" if self.trainer.precision.mode != "float32" else "")
+                    + " (--resume would repeat the same steps)")
             rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
                    "tok_per_s": n_tok / dt, "time": round(self.train_time, 3)}
             if norm is not None:
