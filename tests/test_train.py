@@ -650,3 +650,20 @@ def test_a_diverged_loss_says_to_start_again_not_resume(tmp_path, tiny_dir, caps
     assert last.startswith("error: the loss became nan at step ") and "start a new run with a lower --lr" in last
     assert "--dtype" not in last  # already float32
     assert "--resume would repeat" in last
+
+
+def test_data_too_small_to_split_warns_once_or_fails_when_asked(tmp_path, tiny_dir, capsys):
+    (tmp_path / "one.txt").write_text("Hi")
+    args = _tiny_args(tiny_dir, tmp_path / "run")
+    args[args.index(str(JOKES))] = str(tmp_path / "one.txt")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "note: encoding 1 file(s) into" in err  # data preparation is not silent
+    warnings = [line for line in err.splitlines() if "hold out" in line]
+    assert warnings == ["warning: the data has only 2 tokens, too few to hold out validation data; training "
+                        "without validation (add --val-data FILE to validate)"], warnings
+    # the split asked for explicitly: an error with the fix
+    args[args.index("--out") + 1] = str(tmp_path / "run2")
+    assert main(args + ["--val-fraction", "0.5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the data has only 2 tokens") and err.endswith("or --val-fraction 0")

@@ -413,6 +413,10 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
     return encode_files(files, out, tok, spec), key
 
 
+class TooLittleData(Gpt2kitError):
+    """The data cannot spare a validation split."""
+
+
 def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
            key: str) -> tuple[TokenCache, TokenCache]:
     tag = f"{key}-val{fraction:g}-seed{seed}"
@@ -427,8 +431,8 @@ def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
         # One document (a single .txt file): hold out its tail, nanoGPT style, instead of failing.
         cut = len(tokens) - max(2, round(len(tokens) * fraction))
         if cut < 2:
-            raise Gpt2kitError(f"{cache.path} has only {len(tokens)} tokens, too few to hold out "
-                               "validation data; train without a validation fraction")
+            raise TooLittleData(f"the data has only {len(tokens)} tokens, too few to hold out validation data; "
+                                "pass validation data, or a validation fraction of 0")
         log.info("one document: holding out its last %d tokens for validation", len(tokens) - cut)
         tid = cache.tokenizer_id
         train = TokenCache.write_arrays(train_path, tokens[:cut], np.array([0, cut]), tid)

@@ -907,7 +907,7 @@ class _Run:
         return model, tok, base_dir
 
     def _prepare_data(self, tok: Tokenizer):
-        from gpt2kit.data import DataSpec, TokenCache, prepare_data
+        from gpt2kit.data import DataSpec, TokenCache, TooLittleData, prepare_data
         cfg = self.cfg
         info = runs.read_run_json(self.dir) if runs.is_run_dir(self.dir) else {}
         recorded = info.get("train_tokens"), info.get("val_tokens")
@@ -925,11 +925,13 @@ class _Run:
             try:
                 return prepare_data(cfg.data, tok, spec, val_data=cfg.val_data or None, val_fraction=frac,
                                     seed=cfg.seed, cache_dir=self.dir / "data")
-            except Gpt2kitError as e:
-                if frac and cfg.val_fraction is None and "too few" in str(e):
-                    self.say(f"warning: {e}; training without validation")
-                    return prepare_data(cfg.data, tok, spec, cache_dir=self.dir / "data")
-                raise
+            except TooLittleData as e:
+                if not (frac and cfg.val_fraction is None):  # the user asked for this split
+                    raise Gpt2kitError(str(e).replace("validation data, or a validation fraction of 0",
+                                                      "--val-data FILE, or --val-fraction 0")) from None
+                self.say(f"warning: {str(e).split(';')[0]}; training without validation (add --val-data FILE "
+                         "to validate)")
+                return prepare_data(cfg.data, tok, spec, cache_dir=self.dir / "data")
         # the main process writes the caches (the others wait for its outcome, a data error included), then
         # the others open them
         first = self.dist.agree(prep if self.dist.main else None)

@@ -38,15 +38,21 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging() -> None:
-    """Library notices (logger 'gpt2kit') go to stderr as one line each."""
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return ("warning: " if record.levelno >= logging.WARNING else "note: ") + record.getMessage()
+
+
+def setup_logging(speak: bool = True) -> None:
+    """Library notices (logger 'gpt2kit') go to stderr as one line each, "note: ..." or "warning: ...".
+    speak=False keeps only errors (the processes of a torchrun job besides the first)."""
     log = logging.getLogger("gpt2kit")
     if not log.handlers:
         h = _StderrHandler()
-        h.setFormatter(logging.Formatter("note: %(message)s"))
+        h.setFormatter(_Formatter())
         log.addHandler(h)
-        log.setLevel(logging.INFO)
         log.propagate = False
+    log.setLevel(logging.INFO if speak else logging.ERROR)
 
 
 def load_generator(args: argparse.Namespace):

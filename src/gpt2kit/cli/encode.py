@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2kit.cli.common import setup_logging
     from gpt2kit.data import DataSpec, encode_files  # imported here so `gpt2kit --help` stays quick
+    setup_logging()
     from gpt2kit.tokenizer import Tokenizer
 
     if args.tokenizer:

@@ -4,8 +4,10 @@ gpt2kit.train.finetune / resume."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from gpt2kit.cli.common import setup_logging
 from gpt2kit.errors import Gpt2kitError
 
 EXAMPLES = """examples:
@@ -134,6 +136,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2kit import train
+    setup_logging(speak=os.environ.get("RANK", "0") == "0")  # data preparation's notes; rank 0 speaks for all
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, default in _DEFAULTS.items()
                  if k not in _RESUME_OPTIONS and getattr(args, k) != default]
