@@ -130,3 +130,30 @@ def test_remove_run_deletes_only_the_runs_own_entries(tmp_path):
     removed = runs.remove_run(run)
     assert sorted(p.name for p in run.iterdir()) == [".tmp-notes", "data.csv", "mine", "notes.txt"]
     assert "run.json" in removed and "checkpoints" in removed
+
+
+def test_a_checkpoint_deleted_while_it_is_loaded_is_picked_again(tmp_path, monkeypatch):
+    # a run still training rotates its checkpoints (--keep): `--model RUN` may pick one that then vanishes
+    import shutil
+
+    import torch
+
+    import gpt2kit.checkpoints as ckpts
+    from gpt2kit.config import GPTConfig
+    from gpt2kit.tokenizer import Tokenizer
+    from tests.conftest import VOCAB_DIR, random_model
+    run = tmp_path / "run"
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    for step, seed in ((2, 1), (4, 2)):
+        ckpts.save_model(random_model(cfg, seed=seed), Tokenizer.from_dir(VOCAB_DIR), run / f"checkpoints/step-{step}")
+    runs.write_json(run / "run.json", {"status": "running"})
+    real = ckpts.read_checkpoint
+
+    def rotated_away(path):
+        out = real(path)
+        if path.name == "step-4":
+            shutil.rmtree(path)
+        return out
+    monkeypatch.setattr(ckpts, "read_checkpoint", rotated_away)
+    model, _ = ckpts.load_model(run)
+    assert torch.equal(model.transformer.wte.weight, random_model(cfg, seed=1).transformer.wte.weight)

@@ -141,7 +141,19 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     if adapters is not None:  # merged in float32 (as `gpt2kit merge` does), then cast
         model, tok = adapters
         return model.to(dtype=dt), (Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else tok)
-    path = resolve_model_dir(name_or_path)
+    for attempt in range(3):
+        path = resolve_model_dir(name_or_path)
+        try:
+            return _load_model_dir(path, dev, dt, tokenizer_dir)
+        except Exception:
+            # a run still training may delete the checkpoint it picked (--keep) while it is read: pick again
+            if attempt == 2 or path.exists() or path == Path(str(name_or_path)).expanduser():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_model_dir(path: Path, dev: torch.device, dt: torch.dtype,
+                    tokenizer_dir: str | Path | None) -> tuple[GPT, Tokenizer]:
     config, sd = read_checkpoint(path)
     with torch.device("meta"):
         model = GPT(config)  # no time spent on random init: every tensor comes from the file
