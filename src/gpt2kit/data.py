@@ -416,6 +416,10 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
 class TooLittleData(Gpt2kitError):
     """The data cannot spare a validation split."""
 
+    def __init__(self, n_tokens: int, fix: str = "pass validation data, or a validation fraction of 0"):
+        super().__init__(f"the data has only {n_tokens} tokens, too few to hold out validation data; {fix}")
+        self.n_tokens = n_tokens
+
 
 def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
            key: str) -> tuple[TokenCache, TokenCache]:
@@ -431,8 +435,7 @@ def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
         # One document (a single .txt file): hold out its tail, nanoGPT style, instead of failing.
         cut = len(tokens) - max(2, round(len(tokens) * fraction))
         if cut < 2:
-            raise TooLittleData(f"the data has only {len(tokens)} tokens, too few to hold out validation data; "
-                                "pass validation data, or a validation fraction of 0")
+            raise TooLittleData(len(tokens))
         log.info("one document: holding out its last %d tokens for validation", len(tokens) - cut)
         tid = cache.tokenizer_id
         train = TokenCache.write_arrays(train_path, tokens[:cut], np.array([0, cut]), tid)

@@ -440,6 +440,12 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, most)) and bool(mallopt(m_trim_threshold, most))
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
+                                                     and "DefaultCPUAllocator: can't allocate" in str(e))
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -927,10 +933,9 @@ class _Run:
                                     seed=cfg.seed, cache_dir=self.dir / "data")
             except TooLittleData as e:
                 if not (frac and cfg.val_fraction is None):  # the user asked for this split
-                    raise Gpt2kitError(str(e).replace("validation data, or a validation fraction of 0",
-                                                      "--val-data FILE, or --val-fraction 0")) from None
-                self.say(f"warning: {str(e).split(';')[0]}; training without validation (add --val-data FILE "
-                         "to validate)")
+                    raise TooLittleData(e.n_tokens, "pass --val-data FILE, or --val-fraction 0") from None
+                self.say(f"warning: the data has only {e.n_tokens} tokens, too few to hold out validation data; "
+                         "training without validation (add --val-data FILE to validate)")
                 return prepare_data(cfg.data, tok, spec, cache_dir=self.dir / "data")
         # the main process writes the caches (the others wait for its outcome, a data error included), then
         # the others open them
@@ -1027,8 +1032,7 @@ class _Run:
         try:
             yield
         except (OSError, RuntimeError, SafetensorError) as e:
-            if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
-                                                         and "DefaultCPUAllocator: can't allocate" in str(e)):
+            if _out_of_memory(e):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
@@ -1180,8 +1184,7 @@ class _Run:
                 with contextlib.suppress(OSError, Gpt2kitError):  # e.g. the disk is full: report `e`, not this
                     runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
                                          f"{type(e).__name__}: {e}"[:500])
-            if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
-                                                         and "DefaultCPUAllocator: can't allocate" in str(e)):
+            if _out_of_memory(e):
                 raise Gpt2kitError(f"out of memory on {self.device} at batch {self.cfg.batch_size} x "
                                    f"{self.cfg.block_size} tokens; lower --batch-size (raise --grad-accum to keep "
                                    "the global batch), add --grad-checkpointing, or use --lora-rank 8") from None
