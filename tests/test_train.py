@@ -355,7 +355,9 @@ def test_best_must_beat_the_starting_model(tmp_path, tiny_dir, capsys):
     vals = {r["step"]: r["val_loss"] for r in map(json.loads, (res.run_dir / "metrics.jsonl").open())
             if "val_loss" in r}
     assert sorted(vals) == [0, 2, 4] and min(vals[2], vals[4]) > vals[0]
-    assert res.best_step == 0 and res.best_val_loss == vals[0]
+    assert res.best_step is None and res.best_val_loss is None  # no best/: nothing to report for it
+    info = json.loads((res.run_dir / "run.json").read_text())
+    assert info["best_val_loss"] is None and info["best_step"] is None
     assert not (res.run_dir / "best").exists() and res.model_dir == res.run_dir / "final"
     err = capsys.readouterr().err
     assert "(best)" not in err and "no step beat the starting model's validation loss" in err
@@ -667,3 +669,20 @@ def test_data_too_small_to_split_warns_once_or_fails_when_asked(tmp_path, tiny_d
     assert main(args + ["--val-fraction", "0.5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: the data has only 2 tokens") and err.endswith("or --val-fraction 0")
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(steps=2.5), "TrainConfig.steps must be int | None, not 2.5"),
+    (dict(lr="1e-4"), "TrainConfig.lr must be float | None, not '1e-4'"),
+    (dict(freeze="embeddings"), "TrainConfig.freeze must be list[str], not 'embeddings'"),
+    (dict(prompts="Hello"), "TrainConfig.prompts must be list[str]"),
+    (dict(eps=-1.0), "eps must be > 0"),
+    (dict(lr=math.nan), "--lr must be a finite number"),
+])
+def test_the_python_api_checks_types_and_values_up_front(tmp_path, kw, expect):
+    cfg = TrainConfig(model="m", data=["d"], out=str(tmp_path / "run"), **kw)
+    with pytest.raises(Gpt2kitError) as e:
+        finetune(cfg, progress=False)
+    assert expect in str(e.value) and not (tmp_path / "run").exists()
+    with pytest.raises(Gpt2kitError, match="takes a TrainConfig, not dict"):
+        finetune({"model": "m"}, progress=False)

@@ -120,6 +120,13 @@ class TrainConfig:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise Gpt2kitError(msg)
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # (the CLI's parser already typed them; this is for the Python API)
+            value = getattr(self, f.name)
+            need(_has_type(value, hints[f.name]), f"TrainConfig.{f.name} must be {_type_name(hints[f.name])}, not "
+                 f"{value!r}")
+            need(not isinstance(value, float) or math.isfinite(value) or f.name == "epochs",
+                 f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         need(self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, not {self.init!r}")
         if self.init == "pretrained":
             need(bool(self.model), "no model to fine-tune: pass --model NAME_OR_DIR (e.g. gpt2), or "
@@ -142,6 +149,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "--weight-decay must be >= 0")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
         need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
+        need(self.eps > 0, f"Adam's eps must be > 0, got {self.eps}")
         need(self.dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.val_fraction is None or 0.0 <= self.val_fraction < 1.0,
@@ -179,11 +187,13 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         for key, value in d.items():
             if not _has_type(value, hints[key]):
-                hint = hints[key]
-                want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-                raise Gpt2kitError(f"{key!r} in the run's config.json is {value!r}, which is not {want}; correct "
-                                   "it (or delete the line to use the default)")
+                raise Gpt2kitError(f"{key!r} in the run's config.json is {value!r}, which is not "
+                                   f"{_type_name(hints[key])}; correct it (or delete the line to use the default)")
         return cls(**d)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _has_type(value: Any, hint: Any) -> bool:
@@ -1061,7 +1071,7 @@ class _Run:
             import shutil
             shutil.rmtree(old, ignore_errors=True)
         runs.update_run_json(self.dir, step=step, checkpoint=f"checkpoints/step-{step}",
-                             best_val_loss=self.best_val, best_step=self.best_step, last_loss=self.last_loss)
+                             **self._best(), last_loss=self.last_loss)
         self._plot()
 
     def _save_named(self, name: str) -> Path:
@@ -1134,6 +1144,12 @@ class _Run:
         self._plot()
         return loss
 
+    def _best(self) -> dict[str, Any]:
+        """best/'s validation loss and step, for run.json and RunResult: None while no step has beaten the
+        starting model (whose step-0 loss self.best_val then holds, as the baseline)."""
+        has = bool(self.best_step)
+        return {"best_val_loss": self.best_val if has else None, "best_step": self.best_step if has else None}
+
     def sample(self, step: int) -> None:
         if not self.dist.main:
             return
@@ -1200,8 +1216,9 @@ class _Run:
         if self.dist.main:
             model_dir = runs.model_dir(self.dir)
         tps = self.tokens_seen / self.train_time if self.train_time > 0 else 0.0
-        return RunResult(self.dir, status, self.step, self.cfg.steps, self.last_loss, self.best_val, self.best_step,
-                         model_dir, tps, stopped_early)
+        best = self._best()
+        return RunResult(self.dir, status, self.step, self.cfg.steps, self.last_loss, best["best_val_loss"],
+                         best["best_step"], model_dir, tps, stopped_early)
 
     def _build_model(self, ckpt: Path | None) -> None:
         cfg = self.cfg
@@ -1229,6 +1246,7 @@ class _Run:
             ckpt = None
         self.dist.agree(lambda: self._build_model(ckpt))
         train, val = self._prepare_data(self.tok)
+        asked_eval = cfg.eval_every
         self.cfg = cfg = self._resolve(self.model, train, val)
         if self.dist.main:
             runs.write_json(self.dir / runs.CONFIG_JSON, cfg.to_dict())
@@ -1246,9 +1264,21 @@ class _Run:
                 self.say(f"warning: the validation data has only {len(val)} tokens; validating on blocks of "
                          f"{val_block}")
             self.val_batcher = Batcher(val, val_block, cfg.batch_size, **kw)
+        if cfg.line_by_line:
+            lengths = np.diff(train.doc_offsets)  # (n_docs,), each with its closing <|endoftext|>
+            long = lengths > cfg.block_size + 1
+            if long.any():
+                unused = int((lengths[long] - (cfg.block_size + 1)).sum())
+                self.say(f"warning: --line-by-line: {int(long.sum()):,} of {len(lengths):,} documents are longer than "
+                         f"block size {cfg.block_size} + 1 tokens and are cut to it ({unused / len(train):.0%} of "
+                         "the training tokens unused); raise --block-size, or drop --line-by-line to train on "
+                         "windows of the whole text")
         if cfg.early_stop and self.val_batcher is None:
             self.say(f"warning: --early-stop {cfg.early_stop} needs validation data and this run has none; it will "
                      "run all its steps")
+        if asked_eval and self.val_batcher is None:
+            self.say(f"warning: --eval-every {asked_eval} needs validation data and this run has none; it will not "
+                     "evaluate")
         self.trainer = Trainer(self.model, cfg, self.device, ddp=self.dist.initialized)
         self.step, self.best_val, self.best_step, self.bad_evals = 0, None, None, 0
         self.tokens_seen, self.train_time, self.last_loss = 0, 0.0, None
@@ -1367,7 +1397,7 @@ class _Run:
         if self.dist.main:
             runs.update_run_json(self.dir, status="finished", step=self.step, finished=runs.now(),
                                  stopped_early=stopped_early, last_loss=self.last_loss,
-                                 best_val_loss=self.best_val, best_step=self.best_step)
+                                 **self._best())
         self._plot(force=True)
         best = ""
         if self.best_step == 0:
@@ -1384,6 +1414,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
     """Train a new run into cfg.out: a new path, an empty folder, or (with `overwrite`, or after a start
     that failed before training) an earlier run that is not running, whose own files are replaced; a
     folder holding anything else is refused. Under torchrun, every process calls this."""
+    if not isinstance(cfg, TrainConfig):
+        raise Gpt2kitError(f"finetune() takes a TrainConfig, not {type(cfg).__name__}")
     if cfg.steps is not None and cfg.epochs is not None:  # (a resolved config.json holds both: resume is fine)
         raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
     cfg.validate()
@@ -1413,8 +1445,8 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
         cfg.device = device
     if info.get("status") == "finished" and info.get("stopped_early"):
         raise Gpt2kitError(f"run {run_dir} already finished: it stopped early at step {info.get('step')} (no "
-                           f"better validation loss); its model is in {run_dir}/best. Start a new run from it "
-                           f"with --model {run_dir}")
+                           f"better validation loss); its model is in {runs.model_dir(run_dir)}. Start a new run "
+                           f"from it with --model {run_dir}")
     if info.get("status") == "finished":
         ckpts = runs.checkpoint_dirs(run_dir)
         step = ckpts[-1][0] if ckpts else info.get("step")

@@ -130,7 +130,10 @@ def _prompts(args: argparse.Namespace) -> list[str]:
             text = Path(args.prompts).read_text(encoding="utf-8")
         except OSError as e:
             raise Gpt2kitError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
-        prompts += [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise Gpt2kitError(f"--prompts {args.prompts} holds no prompts; write one per line")
+        prompts += lines
     return [p.replace("\\n", "\n") for p in prompts]
 
 
