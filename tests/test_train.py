@@ -686,3 +686,18 @@ def test_the_python_api_checks_types_and_values_up_front(tmp_path, kw, expect):
     assert expect in str(e.value) and not (tmp_path / "run").exists()
     with pytest.raises(Gpt2kitError, match="takes a TrainConfig, not dict"):
         finetune({"model": "m"}, progress=False)
+
+
+def test_options_that_cannot_apply_are_said(tmp_path, tiny_dir, capsys):
+    long = tmp_path / "long.txt"
+    long.write_text("a short line\n" + "word " * 40 + "\n")  # the second document is longer than 16 + 1 tokens
+    args = _tiny_args(tiny_dir, tmp_path / "a", "--line-by-line", "--val-fraction", "0", "--eval-every", "2")
+    args[args.index(str(JOKES))] = str(long)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: --line-by-line: 1 of 2 documents are longer than block size 16 + 1 tokens" in err
+    assert "warning: --eval-every 2 needs validation data and this run has none" in err
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    args = _tiny_args(tiny_dir, tmp_path / "b", "--column", "Joke", "--prompts", str(tmp_path / "prompts.txt"))
+    assert main(args) == 1
+    assert "holds no prompts" in capsys.readouterr().err

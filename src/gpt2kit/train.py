@@ -989,7 +989,10 @@ class _Run:
             return str(Path(p).resolve()) if p and Path(p).exists() else p
         # enough validation tokens for a steady estimate, few enough that a CPU evaluates in under a minute
         eval_batches = cfg.eval_batches or max(1, min(50, 32768 // (cfg.batch_size * block)))
-        return replace(cfg, eval_batches=eval_batches, model=absolute(cfg.model), tokenizer=absolute(cfg.tokenizer),
+        from gpt2kit.checkpoints import pick_dtype
+        dtype = str(pick_dtype(cfg.dtype, self.device)).removeprefix("torch.")  # "auto" as chosen on this device
+        return replace(cfg, dtype=dtype, eval_batches=eval_batches, model=absolute(cfg.model),
+                       tokenizer=absolute(cfg.tokenizer),
                        config=absolute(cfg.config), data=[absolute(d) for d in cfg.data],
                        val_data=[absolute(d) for d in cfg.val_data], block_size=block, steps=total, lr=lr,
                        warmup_steps=warm, eval_every=ev,
