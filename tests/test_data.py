@@ -236,7 +236,7 @@ def test_token_cache_found_by_header_and_glob(tok, tmp_path):
         prepare_data(tmp_path / "only", tok, cache_dir=tmp_path / "cache")
 
 
-def test_val_fraction_splits_whole_documents(tok, tmp_path):
+def test_val_fraction_splits_whole_documents(tok, tmp_path, caplog):
     spec = DataSpec(column="Joke")
     train, val = prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=3, cache_dir=tmp_path)
     assert (train.n_docs, val.n_docs) == (2655, 295)
@@ -249,10 +249,12 @@ def test_val_fraction_splits_whole_documents(tok, tmp_path):
     assert sorted(t + v) == sorted(docs(full))  # each document lands in exactly one split
     assert docs(prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=3, cache_dir=tmp_path)[1]) == v
     assert docs(prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=4, cache_dir=tmp_path)[1]) != v
-    # at least one document; never all of them
+    # at least one document; never all of them; when that is far more than the fraction, a warning says so
     two = write(tmp_path / "two.txt", "a\nb\n")
-    tr, va = prepare_data(two, tok, DataSpec(line_by_line=True), val_fraction=0.01, cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+        tr, va = prepare_data(two, tok, DataSpec(line_by_line=True), val_fraction=0.01, cache_dir=tmp_path)
     assert (tr.n_docs, va.n_docs) == (1, 1)
+    assert "validation holds 50% of the tokens (1 of 2 documents, for a fraction of 0.01)" in caplog.text
     # a single document gives up its tail instead
     one = write(tmp_path / "one.txt", "word " * 100)
     n = len(tok.encode("word " * 100)) + 1

@@ -361,6 +361,9 @@ def test_best_must_beat_the_starting_model(tmp_path, tiny_dir, capsys):
     assert not (res.run_dir / "best").exists() and res.model_dir == res.run_dir / "final"
     err = capsys.readouterr().err
     assert "(best)" not in err and "no step beat the starting model's validation loss" in err
+    for step in (2, 4):  # the perplexity said is exp(loss), however large, not a capped figure
+        ppl = math.exp(vals[step]) if vals[step] < 700 else math.inf
+        assert f"step {step}: validation loss {vals[step]:.4f}, perplexity {ppl:.3g}" in err
 
 
 def test_tokens_cache_input_and_chained_runs(tmp_path, tiny_dir, capsys):
@@ -650,6 +653,8 @@ def test_a_diverged_loss_says_to_start_again_not_resume(tmp_path, tiny_dir, caps
     assert main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: the loss became nan at step ") and "start a new run with a lower --lr" in last
+    info = json.loads((tmp_path / "run/run.json").read_text())  # the failed run says how far it got
+    assert info["status"] == "failed" and info["step"] == int(last.split("at step ")[1].split(";")[0]) > 0
     assert "--dtype" not in last  # already float32
     assert "--resume would repeat" in last
 

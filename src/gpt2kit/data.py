@@ -451,6 +451,11 @@ def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
         toks = tokens[np.repeat(sel, lengths)]
         parts.append((toks, np.concatenate([[0], np.cumsum(lengths[sel])])))
     log.info("validation: %d of %d documents held out (seed %d)", n_val, n, seed)
+    share = float(lengths[is_val].sum()) / max(1, len(tokens))
+    if share > max(2 * fraction, fraction + 0.1):  # whole documents of very different lengths
+        log.warning("validation holds %.0f%% of the tokens (%d of %d documents, for a fraction of %g); with so few "
+                    "documents, pass the validation text separately (--val-data FILE) instead", 100 * share, n_val,
+                    n, fraction)
     train = TokenCache.write_arrays(train_path, *parts[0], cache.tokenizer_id)
     val = TokenCache.write_arrays(val_path, *parts[1], cache.tokenizer_id)
     return train, val

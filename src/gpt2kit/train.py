@@ -1122,12 +1122,13 @@ class _Run:
         per_rank = None if self.cfg.eval_batches is None else max(1, self.cfg.eval_batches // self.dist.world)
         total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(per_rank))
         loss = total / max(1, count)
-        ppl = math.exp(min(loss, 50.0))
+        ppl = math.exp(loss) if loss < 700 else math.inf  # (exp overflows a float64 past ~709)
         # the starting model's loss (step 0) is the baseline: only a step that beats it becomes best/
         improved = step > 0 and (self.best_val is None or loss < self.best_val)
         if self.dist.main:
             self._keep_going(runs.METRICS, lambda: runs.append_metrics(
-                self.dir, [{"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count}]))
+                self.dir, [{"step": step, "val_loss": loss, "val_ppl": ppl if ppl < math.inf else None,
+                            "val_tokens": count}]))
             if self.tb is not None:
                 self.tb.add_scalar("val/loss", loss, step)
                 self.tb.add_scalar("val/perplexity", ppl, step)
@@ -1143,7 +1144,8 @@ class _Run:
         elif self.best_val is None:
             self.best_val, self.best_step = loss, 0
         mark = " (best)" if improved else ""
-        self.say(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{mark}")
+        self.say(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{mark}" if ppl < 1e6 else
+                 f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.3g}{mark}")
         self._plot()
         return loss
 
@@ -1201,8 +1203,8 @@ class _Run:
             if self.dist.main and runs.is_run_dir(self.dir):
                 st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 with contextlib.suppress(OSError, Gpt2kitError):  # e.g. the disk is full: report `e`, not this
-                    runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else
-                                         f"{type(e).__name__}: {e}"[:500])
+                    runs.update_run_json(self.dir, status=st, step=getattr(self, "step", 0),  # how far it got
+                                         error=None if st == "interrupted" else f"{type(e).__name__}: {e}"[:500])
             if _out_of_memory(e):
                 raise Gpt2kitError(f"out of memory on {self.device} at batch {self.cfg.batch_size} x "
                                    f"{self.cfg.block_size} tokens; lower --batch-size (raise --grad-accum to keep "
