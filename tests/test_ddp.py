@@ -106,3 +106,46 @@ def test_data_error_fails_every_process_with_one_line(tmp_path, model_dir):
         assert len(lines) == 1 and "Nope" in lines[0], err
     assert [line for line in errs[0].splitlines() if line.startswith("error:")] == \
            [line for line in errs[1].splitlines() if line.startswith("error:")]
+
+
+def test_a_process_failing_mid_training_stops_the_other_with_one_line(tmp_path, model_dir):
+    # rank 1 fails in its third step; rank 0 then meets a closed connection at its next collective call and
+    # must say that in one line, not print gloo's traceback, and record the cause in run.json
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import json
+    import socket
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject/sitecustomize.py").write_text(
+        "from gpt2kit import data\n"
+        "from gpt2kit.errors import Gpt2kitError\n"
+        "real = data.Batcher.batch_at\n"
+        "def batch_at(self, step):\n"
+        "    if step >= 2 and self.rank == 1:\n"
+        "        raise Gpt2kitError('injected: bad data on this process')\n"
+        "    return real(self, step)\n"
+        "data.Batcher.batch_at = batch_at\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "gpt2kit", "finetune", "--model", str(model_dir), "--data", str(JOKES),
+            "--column", "Joke", "--steps", "20", "--batch-size", "2", "--block-size", "16", "--no-progress",
+            "--no-tensorboard", "--eval-every", "0", "--sample-every", "0", "--out", str(tmp_path / "ddp")]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), *sys.path])}
+    procs = [subprocess.Popen(args, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [1, 1], errs
+    for err in errs:
+        assert "Traceback" not in err, err
+    assert errs[1].strip().splitlines()[-1] == "error: injected: bad data on this process"
+    assert errs[0].strip().splitlines()[-1].startswith("error: process 0: stopping, because another process")
+    info = json.loads((tmp_path / "ddp/run.json").read_text())
+    assert info["status"] == "failed" and "another process" in info["error"]

@@ -450,6 +450,13 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, most)) and bool(mallopt(m_trim_threshold, most))
 
 
+def _peer_failed(e: BaseException) -> bool:
+    """A collective call failed because another process of the job went away (gloo's and NCCL's words)."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+        "remote process exited or there was a network error"))
+
+
 def _out_of_memory(e: BaseException) -> bool:
     """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
@@ -1200,11 +1207,17 @@ class _Run:
             with _Interrupt(self.say) as interrupt:
                 status, stopped_early = self._loop(interrupt)
         except BaseException as e:
+            peer = self.dist.initialized and _peer_failed(e)
             if self.dist.main and runs.is_run_dir(self.dir):
                 st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                why = ("another process of the torchrun job failed (its error is in the job's output)" if peer else
+                       f"{type(e).__name__}: {e}"[:500])
                 with contextlib.suppress(OSError, Gpt2kitError):  # e.g. the disk is full: report `e`, not this
                     runs.update_run_json(self.dir, status=st, step=getattr(self, "step", 0),  # how far it got
-                                         error=None if st == "interrupted" else f"{type(e).__name__}: {e}"[:500])
+                                         error=None if st == "interrupted" else why)
+            if peer:  # the process that failed has said why; a transport traceback here would only hide it
+                raise Gpt2kitError(f"process {self.dist.rank}: stopping, because another process of this torchrun "
+                                   "job failed (its error is printed above, or in its node's output)") from None
             if _out_of_memory(e):
                 raise Gpt2kitError(f"out of memory on {self.device} at batch {self.cfg.batch_size} x "
                                    f"{self.cfg.block_size} tokens; lower --batch-size (raise --grad-accum to keep "
