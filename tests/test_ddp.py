@@ -76,21 +76,17 @@ def test_two_process_gloo_matches_one_process_with_double_accumulation(tmp_path,
         assert sa == sb and va == pytest.approx(vb, rel=1e-6)
 
 
-def test_data_error_fails_every_process_with_one_line(tmp_path, model_dir):
-    # rank 0 finds the column missing; rank 1 must get the same one-line error, not a gloo traceback at a
-    # barrier (or an NCCL hang). The two workers are started directly so that each one's stderr is its own.
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+def _two_workers(finetune_args: list[str], **env: str) -> tuple[list[subprocess.Popen], list[str]]:
+    """`gpt2kit finetune` as ranks 0 and 1 of a gloo job, started directly (not through torchrun) so that
+    each one's stderr is its own; returns the processes and their stderr."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "gpt2kit", "finetune", "--model", str(model_dir), "--data", str(JOKES),
-            "--column", "Nope", "--steps", "1", "--batch-size", "2", "--block-size", "16", "--no-progress",
-            "--no-tensorboard", "--out", str(tmp_path / "ddp")]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen(args, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+            "WORLD_SIZE": "2", **env}
+    procs = [subprocess.Popen([sys.executable, "-m", "gpt2kit", "finetune", *finetune_args],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
     try:
         errs = [p.communicate(timeout=120)[1] for p in procs]
@@ -99,6 +95,17 @@ def test_data_error_fails_every_process_with_one_line(tmp_path, model_dir):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+    return procs, errs
+
+
+def test_data_error_fails_every_process_with_one_line(tmp_path, model_dir):
+    # rank 0 finds the column missing; rank 1 must get the same one-line error, not a gloo traceback at a
+    # barrier (or an NCCL hang)
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    args = ["--model", str(model_dir), "--data", str(JOKES), "--column", "Nope", "--steps", "1", "--batch-size",
+            "2", "--block-size", "16", "--no-progress", "--no-tensorboard", "--out", str(tmp_path / "ddp")]
+    procs, errs = _two_workers(args)
     for p, err in zip(procs, errs):
         assert p.returncode == 1, err
         assert "Traceback" not in err, err
@@ -114,7 +121,6 @@ def test_a_process_failing_mid_training_stops_the_other_with_one_line(tmp_path, 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     import json
-    import socket
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject/sitecustomize.py").write_text(
         "from gpt2kit import data\n"
@@ -125,23 +131,10 @@ def test_a_process_failing_mid_training_stops_the_other_with_one_line(tmp_path, 
         "        raise Gpt2kitError('injected: bad data on this process')\n"
         "    return real(self, step)\n"
         "data.Batcher.batch_at = batch_at\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "gpt2kit", "finetune", "--model", str(model_dir), "--data", str(JOKES),
-            "--column", "Joke", "--steps", "20", "--batch-size", "2", "--block-size", "16", "--no-progress",
-            "--no-tensorboard", "--eval-every", "0", "--sample-every", "0", "--out", str(tmp_path / "ddp")]
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), *sys.path])}
-    procs = [subprocess.Popen(args, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    args = ["--model", str(model_dir), "--data", str(JOKES), "--column", "Joke", "--steps", "20", "--batch-size",
+            "2", "--block-size", "16", "--no-progress", "--no-tensorboard", "--eval-every", "0", "--sample-every",
+            "0", "--out", str(tmp_path / "ddp")]
+    procs, errs = _two_workers(args, PYTHONPATH=os.pathsep.join([str(tmp_path / "inject"), *sys.path]))
     assert [p.returncode for p in procs] == [1, 1], errs
     for err in errs:
         assert "Traceback" not in err, err
