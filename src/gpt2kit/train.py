@@ -1151,8 +1151,8 @@ class _Run:
         elif self.best_val is None:
             self.best_val, self.best_step = loss, 0
         mark = " (best)" if improved else ""
-        self.say(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}{mark}" if ppl < 1e6 else
-                 f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.3g}{mark}")
+        shown = f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3g}"
+        self.say(f"step {step}: validation loss {loss:.4f}, perplexity {shown}{mark}")
         self._plot()
         return loss
 
