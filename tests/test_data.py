@@ -195,6 +195,10 @@ def test_prepare_data_cache_reuse_and_mismatch(tok, tmp_path, monkeypatch):
     again, _ = prepare_data(f, tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
     assert again.path == train.path
     monkeypatch.undo()
+    # a damaged cache of the run's own (even its header) is encoded again
+    train.path.write_bytes(b"garbage")
+    again, _ = prepare_data(f, tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
+    assert again.path == train.path and again.n_docs == 2
     # a changed spec is a different cache
     whole, _ = prepare_data(f, tok, DataSpec(), cache_dir=tmp_path / "cache")
     assert whole.path != train.path and whole.n_docs == 1

@@ -409,6 +409,7 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
             return cache, key
         except Gpt2kitError as e:
             log.warning("re-encoding: %s", e)
+            out.unlink(missing_ok=True)  # our own cache, but encode_files replaces only files that look like one
     log.info("encoding %d file(s) into %s", len(files), out)
     return encode_files(files, out, tok, spec), key
 
