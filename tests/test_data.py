@@ -378,3 +378,101 @@ def test_cli_encode(tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad_stderr
     assert bad_stderr.strip().count("\n") == 0 and bad_stderr.startswith("error:") and "Joke" in bad_stderr
     assert not (tmp_path / "x.tokens").exists()
+
+
+# --- misuse of the Python API: one-line errors at the call, naming the argument and the fix
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda t, c, d: prepare_data(c, t, cache_dir=d), r"^data must be a path.*not TokenCache.*cache\.path"),
+    (lambda t, c, d: prepare_data(None, t, cache_dir=d), r"^data must be a path.*not NoneType"),
+    (lambda t, c, d: prepare_data(c.path, t, val_data=c, cache_dir=d), r"^val_data must be a path.*cache\.path"),
+    (lambda t, c, d: prepare_data(c.path, t, cache_dir=c), r"^cache_dir must be a path.*not TokenCache"),
+    (lambda t, c, d: prepare_data(c.path, "gpt2", cache_dir=d), r"^tok must be a gpt2kit Tokenizer.*not str"),
+    (lambda t, c, d: prepare_data(c.path, t, {"column": "x"}, cache_dir=d),
+     r"^spec must be a DataSpec or None, not dict; pass DataSpec\(\*\*spec\)"),
+    (lambda t, c, d: prepare_data(c.path, t, val_fraction="0.1", cache_dir=d),
+     r"^val_fraction must be a number in \[0, 1\), not '0.1'"),
+    (lambda t, c, d: prepare_data(c.path, t, seed="1", cache_dir=d), r"^seed must be an integer, not '1'"),
+    (lambda t, c, d: read_documents([c.path, 5]), r"^inputs must be a path.*not a list holding int"),
+    (lambda t, c, d: read_documents(SHAKESPEARE, "utf-8"), r"^spec must be a DataSpec.*DataSpec\(column="),
+    (lambda t, c, d: encode_files(SHAKESPEARE, d / "x.tokens", "gpt2"), r"^tok must be a gpt2kit Tokenizer"),
+    (lambda t, c, d: encode_files(SHAKESPEARE, c, t), r"^out_path must be a path.*cache\.path"),
+    (lambda t, c, d: TokenCache.open(c), r"^path must be a path.*not TokenCache"),
+])
+def test_wrong_argument_kinds_name_the_argument(tok, tmp_path, call, match):
+    cache = stream_cache(tmp_path)
+    with pytest.raises(TypeError, match=match):
+        call(tok, cache, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_batcher_checks_its_arguments(tmp_path, monkeypatch):
+    cache = stream_cache(tmp_path)
+    for cache_arg in (str(cache.path), cache.path):
+        with pytest.raises(TypeError, match=r"^Batcher needs a TokenCache.*TokenCache\.open\(path\)"):
+            Batcher(cache_arg, 16, 4)
+    for args, kw, match in [(("16", 4), {}, "^block_size must be an integer, not '16'"),
+                            ((16.0, 4), {}, "^block_size must be an integer, not 16.0"),
+                            ((16, "4"), {}, "^batch_size must be an integer, not '4'"),
+                            ((16, 4), {"seed": 1.5}, "^seed must be an integer, not 1.5"),
+                            ((16, 4), {"rank": 0.0}, "^rank must be an integer, not 0.0")]:
+        with pytest.raises(TypeError, match=match):
+            Batcher(cache, *args, **kw)
+    for args, kw, match in [((0, 4), {}, r"^block_size must be >= 1, got 0$"),
+                            ((-1, 4), {}, r"^block_size must be >= 1, got -1$"),
+                            ((16, 0), {}, r"^batch_size must be >= 1, got 0$"),
+                            ((16, 4), {"world_size": 0}, r"^world_size must be >= 1, got 0$"),
+                            ((16, 4), {"device": "gpu"}, r"^unknown device 'gpu': use cpu, cuda")]:
+        with pytest.raises(Gpt2kitError, match=match):
+            Batcher(cache, *args, **kw)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Gpt2kitError, match=r"^--device cuda asked for, but this torch build sees no CUDA GPU; use "
+                                           r"--device cpu$"):
+        Batcher(cache, 16, 4, device="cuda")
+    b = Batcher(cache, np.int64(16), np.int64(4), seed=np.int64(3))  # numpy integers are fine
+    assert b.next()[0].shape == (4, 16) and type(b.block_size) is int
+
+
+def test_batcher_load_state_dict_reports_a_bad_state(tmp_path):
+    b = Batcher(stream_cache(tmp_path), 16, 4)
+    valid = r"a valid state is a dict like \{'step': 0, 'seed': 0, 'epoch': 0\}, as Batcher.state_dict\(\) returns$"
+    for state, match in [({}, r"^the batcher state has no 'step' or 'seed' \(its keys: none\); "),
+                         ({"steps": 3, "seed": 0}, r"^the batcher state has no 'step' \(its keys: 'steps', 'seed'\); "),
+                         (None, r"^the batcher state is a NoneType; "),
+                         ({"step": "x", "seed": 0}, r"^the batcher state's 'step' must be an integer >= 0, not 'x'; "),
+                         ({"step": -3, "seed": 0}, r"^the batcher state's 'step' must be an integer >= 0, not -3; "),
+                         ({"step": 2.7, "seed": 0}, r"^the batcher state's 'step' must be an integer >= 0, not 2.7; "),
+                         ({"step": 2, "seed": "1"}, r"^the batcher state's 'seed' must be an integer, not '1'; ")]:
+        with pytest.raises(Gpt2kitError, match=match + valid):
+            b.load_state_dict(state)
+    assert b.state_dict()["step"] == 0  # a refused state changes nothing
+    b.load_state_dict({"step": np.int64(5), "seed": 7})  # "epoch" is derived from step, so not needed
+    assert b.state_dict() == {"step": 5, "seed": 7, "epoch": 5 // b.steps_per_epoch}
+
+
+def test_dataspec_checks_its_fields():
+    for kw, match in [({"encoding": None}, r"^DataSpec.encoding must be a str \(e.g. 'utf-8'\), not None$"),
+                      ({"column": 3}, r"^DataSpec.column must be a str or None, not 3$"),
+                      ({"field": ["a"]}, r"^DataSpec.field must be a str or None, not \['a'\]$"),
+                      ({"line_by_line": "no"}, r"^DataSpec.line_by_line must be True or False, not 'no'$")]:
+        with pytest.raises(Gpt2kitError, match=match):
+            DataSpec(**kw)
+
+
+def test_token_cache_write_refuses_what_it_would_store_wrongly(tmp_path, tok):
+    path = tmp_path / "w.tokens"
+    with pytest.raises(ValueError, match=r"^token ids must be in \[0, 2\*\*32\), got -1 to 2$"):
+        TokenCache.write(path, [[-1, 2]], "t")  # was stored as 65535
+    with pytest.raises(ValueError, match=r"^token ids must be in \[0, 2\*\*32\)"):
+        TokenCache.write(path, [[2**33]], "t")  # was stored as 0
+    with pytest.raises(TypeError, match=r"^tokens must be an integer array, not float64$"):
+        TokenCache.write_arrays(path, np.array([1.5, 2.0]), np.array([0, 2]), "t")
+    for docs in ("hello", [1, 2, 3]):
+        with pytest.raises(TypeError, match=r"^docs_tokens must be a list of token id lists, one per document"):
+            TokenCache.write(path, docs, "t")
+    with pytest.raises(TypeError, match=r"^tokenizer_id must be a str \(from tokenizer_id\(tok\)\), not Tokenizer$"):
+        TokenCache.write(path, [[1]], tok)
+    with pytest.raises(ValueError, match=r"^tokenizer id must be ASCII"):
+        TokenCache.write(path, [[1]], "tök")
+    assert not path.exists()

@@ -19,10 +19,11 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,75 @@ class DataSpec:
     encoding: str = "utf-8"  # a leading BOM is dropped; CRLF and CR become LF
     line_by_line: bool = False  # .txt: each non-empty line is a document (and, in Batcher, a sample)
 
+    def __post_init__(self) -> None:
+        # checked here, where the mistake is made: a non-str encoding fails only once a file is read, and a
+        # str line_by_line ("false") would silently be true
+        for name in ("column", "field"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise Gpt2kitError(f"DataSpec.{name} must be a str or None, not {v!r}")
+        if not isinstance(self.encoding, str):
+            raise Gpt2kitError(f"DataSpec.encoding must be a str (e.g. 'utf-8'), not {self.encoding!r}")
+        if not isinstance(self.line_by_line, bool):
+            raise Gpt2kitError(f"DataSpec.line_by_line must be True or False, not {self.line_by_line!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checks at the public entry points: a wrong kind of argument otherwise fails far from the call,
+# in pathlib, numpy or torch, with a message that names neither the argument nor the fix
+
+
+def _path_arg(name: str, value: object) -> Path:
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    hint = " (for an open TokenCache, pass cache.path)" if isinstance(value, TokenCache) else ""
+    raise TypeError(f"{name} must be a path (str or Path), not {type(value).__name__}{hint}")
+
+
+def _inputs_arg(name: str, value: object) -> list[str | Path]:
+    """A path, a glob or an iterable of them -> a list."""
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        items = list(value)
+        bad = [x for x in items if not isinstance(x, (str, os.PathLike))]
+        if not bad:
+            return items
+        what, culprit = f"a list holding {type(bad[0]).__name__}", bad[0]
+    else:
+        what, culprit = type(value).__name__, value
+    hint = " (for an open TokenCache, pass cache.path)" if isinstance(culprit, TokenCache) else ""
+    raise TypeError(f"{name} must be a path, a glob or a list of them, not {what}{hint}")
+
+
+def _spec_arg(spec: object) -> DataSpec:
+    if spec is None:
+        return DataSpec()
+    if isinstance(spec, DataSpec):
+        return spec
+    hint = "DataSpec(**spec)" if isinstance(spec, Mapping) else "e.g. DataSpec(column='text')"
+    raise TypeError(f"spec must be a DataSpec or None, not {type(spec).__name__}; pass {hint}")
+
+
+def _tok_arg(tok: object) -> Tokenizer:
+    if not isinstance(tok, Tokenizer):
+        raise TypeError(f"tok must be a gpt2kit Tokenizer (e.g. Tokenizer.from_dir(VOCAB_DIR)), not "
+                        f"{type(tok).__name__}")
+    return tok
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too; bool is never meant
+
+
+def _int_arg(name: str, value: object, minimum: int | None = None) -> int:
+    # a float or str would fail (or be truncated) only later, inside numpy
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if minimum is not None and value < minimum:
+        raise Gpt2kitError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
 
 # ---------------------------------------------------------------------------------------------------
 # raw inputs -> documents
@@ -54,7 +124,7 @@ class DataSpec:
 
 def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     """Files, folders (recursive, sorted, hidden entries skipped) and globs -> a de-duplicated file list."""
-    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    items = _inputs_arg("inputs", inputs)
     if not items:
         raise Gpt2kitError("no input files given")
     files: list[Path] = []
@@ -140,7 +210,7 @@ def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | N
     """All documents from `inputs`, in file order. Blank documents are skipped; no documents at all is
     an error. CSV rows and JSONL records stay one document each even with line_by_line (a cell may hold
     several lines)."""
-    spec = spec or DataSpec()
+    spec = _spec_arg(spec)
     files = expand_inputs(inputs)
     docs: list[str] = []
     for f in files:
@@ -258,18 +328,37 @@ class TokenCache:
 
     @classmethod
     def write(cls, path: str | Path, docs_tokens: Sequence[Sequence[int]], tokenizer_id: str) -> TokenCache:
-        lengths = np.fromiter((len(d) for d in docs_tokens), dtype=np.int64, count=len(docs_tokens))
-        flat = np.fromiter((t for d in docs_tokens for t in d), dtype=np.int64, count=int(lengths.sum()))
+        usage = ("docs_tokens must be a list of token id lists, one per document (e.g. [[15496, 50256], [40, 50256]]), "
+                 f"not {type(docs_tokens).__name__}")
+        if isinstance(docs_tokens, (str, bytes)):  # would otherwise fail on its first character
+            raise TypeError(usage)
+        try:
+            lengths = np.fromiter((len(d) for d in docs_tokens), dtype=np.int64, count=len(docs_tokens))
+            flat = np.fromiter((t for d in docs_tokens for t in d), dtype=np.int64, count=int(lengths.sum()))
+        except OverflowError:
+            raise ValueError("token ids must be in [0, 2**32)") from None
+        except (TypeError, ValueError):
+            raise TypeError(usage) from None
         return cls.write_arrays(path, flat, np.concatenate([[0], np.cumsum(lengths)]), tokenizer_id)
 
     @classmethod
     def write_arrays(cls, path: str | Path, tokens: np.ndarray, doc_offsets: np.ndarray,
                      tokenizer_id: str) -> TokenCache:
         """Write from a flat token array and its (n_docs + 1,) offsets; atomic (temporary file + rename)."""
-        path = Path(path)
+        path = _path_arg("path", path)
+        if not isinstance(tokenizer_id, str):
+            raise TypeError(f"tokenizer_id must be a str (from tokenizer_id(tok)), not {type(tokenizer_id).__name__}")
+        if not tokenizer_id.isascii():
+            raise ValueError(f"tokenizer id must be ASCII: {tokenizer_id!r}")
         tid = tokenizer_id.encode("ascii")
         if len(tid) > 96:
             raise ValueError(f"tokenizer id longer than 96 bytes: {tokenizer_id!r}")
+        tokens = np.asarray(tokens)
+        if tokens.dtype.kind not in "iu":  # floats would be truncated silently
+            raise TypeError(f"tokens must be an integer array, not {tokens.dtype}")
+        # out-of-range ids would wrap silently when narrowed to uint16/uint32 (-1 -> 65535)
+        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= 1 << 32):
+            raise ValueError(f"token ids must be in [0, 2**32), got {int(tokens.min())} to {int(tokens.max())}")
         width = 2 if len(tokens) == 0 or int(tokens.max()) < 1 << 16 else 4
         offsets = np.asarray(doc_offsets, dtype=np.int64)
         if offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0):
@@ -279,7 +368,7 @@ class TokenCache:
         try:
             with open(tmp, "wb") as f:
                 f.write(_HEADER.pack(MAGIC, VERSION, width, len(tokens), len(offsets) - 1, tid))
-                body = np.asarray(tokens).astype(f"<u{width}", copy=False)
+                body = tokens.astype(f"<u{width}", copy=False)
                 body.tofile(f)
                 f.write(b"\0" * _pad16(body.nbytes))
                 offsets.astype("<u8").tofile(f)
@@ -291,7 +380,7 @@ class TokenCache:
 
     @classmethod
     def open(cls, path: str | Path) -> TokenCache:
-        path = Path(path)
+        path = _path_arg("path", path)
         fix = f"re-create it with `gpt2kit encode INPUT... --out {path}`"
         try:
             size = path.stat().st_size
@@ -335,7 +424,8 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
                  spec: DataSpec | None = None) -> TokenCache:
     """Read, encode and cache: what `gpt2kit encode` does. `out_path` may replace an earlier token
     cache, never an input or any other file."""
-    out = Path(out_path).expanduser()
+    out = _path_arg("out_path", out_path).expanduser()
+    tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
     if out.is_dir():
         raise Gpt2kitError(f"--out {out_path} is a folder; give a file name, e.g. {out / 'data.tokens'}")
     files = expand_inputs(inputs)
@@ -345,7 +435,7 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     if out.exists() and not is_token_cache(out):
         raise Gpt2kitError(f"--out {out_path} exists and is not a token cache; choose another name (the file "
                            "is left as it is)")
-    docs = read_documents(files, spec or DataSpec())
+    docs = read_documents(files, spec)
     tokens, offsets = _encode_to_arrays(docs, tok)
     return TokenCache.write_arrays(out_path, tokens, offsets, tokenizer_id(tok))
 
@@ -378,7 +468,7 @@ def _is_cache_input(data: str | Path | Sequence[str | Path]) -> Path | None:
     """The token cache `data` names (a path or a glob matching one, by its name or its header), or None
     for raw inputs."""
     items: list[str | Path] = []
-    for x in [data] if isinstance(data, (str, Path)) else list(data):
+    for x in _inputs_arg("data", data):
         matches = sorted(glob.glob(os.path.expanduser(str(x)), recursive=True)) \
             if glob.has_magic(str(x)) and not Path(x).exists() else []
         items += matches or [x]
@@ -469,8 +559,14 @@ def prepare_data(data: str | Path | Sequence[str | Path], tok: Tokenizer, spec: 
     tokenizer must match `tok`); raw inputs are encoded once into `cache_dir`, keyed by the input paths,
     mtimes and sizes, the spec and the tokenizer, so re-runs reuse them. `val_fraction` holds out whole
     documents, chosen at random by `seed` (at least one; a single document gives up its tail instead)."""
-    spec = spec or DataSpec()
-    cache_dir = Path(cache_dir)
+    # everything checked up front: val_data is otherwise first looked at after the training data is encoded
+    data = _inputs_arg("data", data)
+    if val_data is not None:
+        val_data = _inputs_arg("val_data", val_data)
+    tok, spec, cache_dir = _tok_arg(tok), _spec_arg(spec), _path_arg("cache_dir", cache_dir)
+    seed = _int_arg("seed", seed)
+    if not isinstance(val_fraction, numbers.Real) or isinstance(val_fraction, bool):
+        raise TypeError(f"val_fraction must be a number in [0, 1), not {val_fraction!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise Gpt2kitError(f"val fraction must be in [0, 1), got {val_fraction}")
     tid = tokenizer_id(tok)
@@ -507,18 +603,24 @@ class Batcher:
     def __init__(self, cache: TokenCache, block_size: int, batch_size: int, *, seed: int = 0,
                  line_by_line: bool = False, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", eot_token: int = 50256):
-        if not 0 <= rank < world_size:
+        if not isinstance(cache, TokenCache):
+            hint = "; open the file with TokenCache.open(path)" if isinstance(cache, (str, os.PathLike)) else ""
+            raise TypeError(f"Batcher needs a TokenCache (from prepare_data or TokenCache.open), not "
+                            f"{type(cache).__name__}{hint}")
+        # checked once here, since next() is on the training hot path and checks nothing
+        block_size, batch_size = _int_arg("block_size", block_size, 1), _int_arg("batch_size", batch_size, 1)
+        seed, eot_token = _int_arg("seed", seed), _int_arg("eot_token", eot_token, 0)
+        rank, world_size = _int_arg("rank", rank, 0), _int_arg("world_size", world_size, 1)
+        if rank >= world_size:
             raise Gpt2kitError(f"rank {rank} is outside world size {world_size}")
-        if block_size < 1 or batch_size < 1:
-            raise Gpt2kitError(f"block size and batch size must be positive (got {block_size}, {batch_size})")
         n = len(cache)
         if n < 2:
             raise Gpt2kitError(f"{cache.path} holds {n} token(s); training needs at least 2")
         self.cache, self.tokens = cache, cache.tokens
         self.batch_size, self.seed, self.line_by_line = batch_size, seed, line_by_line
         self.rank, self.world_size = rank, world_size
-        import torch
-        self.device = torch.device(device)
+        from gpt2kit.checkpoints import pick_device  # (imports torch)
+        self.device = pick_device(device)  # fails here, not at the first batch, e.g. on cuda without a GPU
         self.eot = eot_token  # x padding; any id works since padded positions only precede ignored targets
         self.step = 0
         if not line_by_line and n < block_size + 1:
@@ -540,7 +642,20 @@ class Batcher:
         return {"step": self.step, "seed": self.seed, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.seed = int(state["step"]), int(state["seed"])
+        # the state comes from a checkpoint file: a damaged or foreign one is reported, not a KeyError
+        valid = f"a valid state is a dict like {self.state_dict()}, as Batcher.state_dict() returns"
+        if not isinstance(state, Mapping):
+            raise Gpt2kitError(f"the batcher state is a {type(state).__name__}; {valid}")
+        missing = [k for k in ("step", "seed") if k not in state]
+        if missing:
+            raise Gpt2kitError(f"the batcher state has no {' or '.join(map(repr, missing))} (its keys: "
+                               f"{', '.join(map(repr, state)) or 'none'}); {valid}")
+        step, seed = state["step"], state["seed"]
+        if not (_is_int(step) and step >= 0):
+            raise Gpt2kitError(f"the batcher state's 'step' must be an integer >= 0, not {step!r}; {valid}")
+        if not _is_int(seed):
+            raise Gpt2kitError(f"the batcher state's 'seed' must be an integer, not {seed!r}; {valid}")
+        self.step, self.seed = int(step), int(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.batch_at(self.step)
