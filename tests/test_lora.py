@@ -207,3 +207,140 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
     assert main(["merge", str(run), "--out", str(tmp_path / "m2")]) == 1
     assert "pass --base" in capsys.readouterr().err
     assert main(["merge", str(run), "--out", str(tmp_path / "m2"), "--base", str(tmp_path / "moved")]) == 0
+
+
+# ---- the base an adapter was trained on ------------------------------------------------------------------
+
+
+def _lora_cfg(model, out, **kw):
+    base = dict(model=str(model), data=[str(JOKES)], column="Joke", out=str(out), steps=2, batch_size=4,
+                block_size=16, lr=1e-2, lora_rank=4, lora_dropout=0.0, eval_every=0, val_fraction=0.0,
+                sample_every=0, save_every=1, tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _logits(model_dir, ids):
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_weights_fingerprint_follows_content_not_place(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setattr(lora, "_WHOLE", 1 << 20)  # sample files over 1 MiB, as 500 MB ones are
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text("{}")
+    (a / "model.safetensors").write_bytes(torch.randint(0, 256, (8 << 20,), dtype=torch.uint8).numpy().tobytes())
+    fp = lora.weights_fingerprint(a)
+    assert fp and fp.startswith("v1:")
+    shutil.copytree(a, tmp_path / "b")
+    assert lora.weights_fingerprint(tmp_path / "b") == fp  # a copy elsewhere: the same weights
+    with open(tmp_path / "b/model.safetensors", "r+b") as f:  # a change inside any one MiB of the file
+        f.seek(5 << 20)
+        f.write(b"\xff" * (1 << 20))
+    assert lora.weights_fingerprint(tmp_path / "b") != fp
+    assert lora.weights_fingerprint(tmp_path) is None  # no weights
+
+
+def test_merge_refuses_a_base_trained_on_since_and_base_forces_it(tmp_path, capsys):
+    import shutil
+
+    from gpt2kit.train import resume
+    save_model(random_model(TINY, seed=6), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "m0")
+    # a full fine-tuning run is the base: --model RUN resolves to RUN/final
+    base_run = finetune(_lora_cfg(tmp_path / "m0", tmp_path / "base", lora_rank=0, lora_dropout=0.05,
+                                 lr=1e-3), progress=False).run_dir
+    run = finetune(_lora_cfg(base_run, tmp_path / "run"), progress=False).run_dir
+    rec = json.loads((run / "final" / lora.ADAPTER_CONFIG).read_text())
+    assert rec["base_model"] == str((base_run / "final").resolve())
+    assert rec["base_fingerprint"] == lora.weights_fingerprint(base_run / "final")
+    shutil.copytree(base_run / "final", tmp_path / "copy")  # the weights it was trained on, elsewhere
+    ids = torch.randint(0, TINY.vocab_size, (1, 10))
+
+    # base unchanged: merge gives the run's own merged model, exactly
+    assert main(["merge", str(run), "--out", str(tmp_path / "m1")]) == 0
+    assert torch.equal(_logits(tmp_path / "m1", ids), _logits(run / "final", ids))
+
+    # the base run trains on (resumed with more steps): its final/ holds other weights under the same path
+    cfg = json.loads((base_run / "config.json").read_text())
+    (base_run / "config.json").write_text(json.dumps({**cfg, "steps": 3}))
+    assert resume(base_run, progress=False).step == 3
+    capsys.readouterr()
+    assert main(["merge", str(run), "--out", str(tmp_path / "m2")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m2").exists()
+    assert f"adapter {run / 'best'}" in err or f"adapter {run / 'final'}" in err
+    assert f"trained on {base_run / 'final'}" in err and "changed since" in err and "--base" in err
+    with pytest.raises(Gpt2kitError, match="changed since"):
+        lora.load_lora_model(run)
+    with pytest.raises(Gpt2kitError, match="changed since"):
+        lora.load_lora_model(run / "checkpoints/step-2")
+
+    # --base the copy of the weights it was trained on: the same model as before; --base the new weights
+    # forces them (with a warning), and gives another model
+    assert main(["merge", str(run), "--out", str(tmp_path / "m3"), "--base", str(tmp_path / "copy")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert torch.equal(_logits(tmp_path / "m3", ids), _logits(run / "final", ids))
+    assert main(["merge", str(run), "--out", str(tmp_path / "m4"), "--base", str(base_run)]) == 0
+    assert "warning: adapter" in capsys.readouterr().err
+    assert not torch.allclose(_logits(tmp_path / "m4", ids), _logits(run / "final", ids), atol=1e-4)
+
+    # adapters saved before fingerprints were recorded are not checked
+    for d in (run / "final", run / "checkpoints/step-2"):
+        c = json.loads((d / lora.ADAPTER_CONFIG).read_text())
+        del c["base_fingerprint"]
+        (d / lora.ADAPTER_CONFIG).write_text(json.dumps(c))
+    assert main(["merge", str(run), "--out", str(tmp_path / "m5")]) == 0
+
+
+def test_lora_on_an_adapter_only_run_keeps_the_checkpoint_it_merged(tmp_path, capsys):
+    # a LoRA run stopped before best/ and final/ is the base of a second LoRA run: the second records the
+    # adapter checkpoint that was merged, not the run, whose newest adapter moves on when it is resumed
+    import shutil
+
+    from gpt2kit import runs
+    from gpt2kit.train import resume
+    save_model(random_model(TINY, seed=7), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "m0")
+    first = finetune(_lora_cfg(tmp_path / "m0", tmp_path / "first", steps=3), progress=False).run_dir
+    shutil.rmtree(first / "checkpoints/step-3")
+    shutil.rmtree(first / "final")
+    runs.update_run_json(first, status="interrupted", step=2)
+    second = finetune(_lora_cfg(first, tmp_path / "second", lr=1e-2), progress=False).run_dir
+    rec = json.loads((second / "final" / lora.ADAPTER_CONFIG).read_text())
+    assert rec["base_model"] == str((first / "checkpoints/step-2").resolve()) and rec["base_fingerprint"]
+    ids = torch.randint(0, TINY.vocab_size, (1, 10))
+    want = _logits(second / "final", ids)
+
+    # the first run goes on to its final/ (step-2 stays, --keep 2): merge still uses the step-2 adapter
+    assert resume(first, progress=False).step == 3 and (first / "final").is_dir()
+    assert main(["merge", str(second), "--out", str(tmp_path / "m1")]) == 0
+    assert torch.equal(_logits(tmp_path / "m1", ids), want)
+
+    # step-2 rewritten with other adapter weights: refused, and --base forces it
+    shutil.copy(first / "checkpoints/step-3" / lora.ADAPTER_WEIGHTS, first / "checkpoints/step-2")
+    capsys.readouterr()
+    assert main(["merge", str(second), "--out", str(tmp_path / "m2")]) == 1
+    err = capsys.readouterr().err
+    assert f"trained on {(first / 'checkpoints/step-2').resolve()}" in err and "changed since" in err
+    assert main(["merge", str(second), "--out", str(tmp_path / "m2"), "--base",
+                 str(first / "checkpoints/step-2")]) == 0
+    assert not torch.allclose(_logits(tmp_path / "m2", ids), want, atol=1e-5)
+
+
+def test_lora_resume_refuses_a_changed_base(tmp_path):
+    import shutil
+
+    from gpt2kit import runs
+    from gpt2kit.train import resume
+    tok = Tokenizer.from_dir(VOCAB_DIR)
+    save_model(random_model(TINY, seed=8), tok, tmp_path / "m0")
+    run = finetune(_lora_cfg(tmp_path / "m0", tmp_path / "run"), progress=False).run_dir
+    shutil.rmtree(run / "checkpoints/step-2")
+    shutil.rmtree(run / "final")
+    runs.update_run_json(run, status="interrupted", step=1)
+    save_model(random_model(TINY, seed=9), tok, tmp_path / "m0")  # other weights under the same path
+    with pytest.raises(Gpt2kitError, match=r"cannot resume .*trained on .*m0, whose weights have changed since"):
+        resume(run, progress=False)
+    save_model(random_model(TINY, seed=8), tok, tmp_path / "m0")  # the same weights again: it goes on
+    assert resume(run, progress=False).step == 2

@@ -519,7 +519,8 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
 
     monkeypatch.setattr(hf, "write_hf_dir", full_disk)
     cfg = _cfg(tmp_path, tiny_dir, steps=4, save_every=2, eval_every=0, val_fraction=0.0)
-    with pytest.raises(Gpt2kitError, match=r"cannot write .*step-4.*free some disk space.*--resume") as e:
+    with pytest.raises(Gpt2kitError, match=r"cannot write .*step-4 .*the last checkpoint, .*step-2, is kept: free "
+                                           r"some disk space.*--resume") as e:
         finetune(cfg, progress=False)
     assert "\n" not in str(e.value)
     run = tmp_path / "run"
@@ -528,6 +529,32 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
     leftovers = [p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+def test_disk_full_at_the_first_checkpoint_says_there_is_none_and_resume_starts_over(tmp_path, tiny_dir,
+                                                                                     monkeypatch):
+    import errno
+
+    import gpt2kit.checkpoints.hf as hf
+    from gpt2kit.runs import checkpoint_dirs
+    from gpt2kit.train import resume
+    real = hf.write_hf_dir
+
+    def full_disk(out, *a, **kw):
+        real(out, *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(hf, "write_hf_dir", full_disk)
+    cfg = _cfg(tmp_path, tiny_dir, steps=4, save_every=2, eval_every=0, val_fraction=0.0)
+    with pytest.raises(Gpt2kitError, match=r"cannot write .*step-2 \(No space left on device\); no checkpoint has "
+                                           r"been written yet: free some disk space, then .*--resume") as e:
+        finetune(cfg, progress=False)
+    assert "\n" not in str(e.value) and "previous checkpoint" not in str(e.value)
+    run = tmp_path / "run"
+    assert checkpoint_dirs(run) == [] and json.loads((run / "run.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(hf, "write_hf_dir", real)  # space freed: --resume does what the message says
+    res = resume(run, progress=False)
+    assert res.status == "finished" and res.step == 4 and [s for s, _ in checkpoint_dirs(run)] == [2, 4]
 
 
 def test_a_full_disk_for_metrics_and_samples_warns_once_and_training_goes_on(tmp_path, tiny_dir, monkeypatch,

@@ -6,13 +6,18 @@ base model's parameter names (and checkpoints) are unchanged; the adapters add `
 `<module>.lora_B`. On disk an adapter is two small files:
 
     adapter.safetensors    the A and B tensors, keyed "<module>.lora_A" / "<module>.lora_B"
-    adapter_config.json    rank, alpha, dropout, target modules and the base model it was trained on
+    adapter_config.json    rank, alpha, dropout, target modules, the base model it was trained on and a
+                           fingerprint of that base model's weights
 
-`merge` folds them into the base weights (W + alpha/rank * B A) and writes a plain checkpoint."""
+`merge` folds them into the base weights (W + alpha/rank * B A) and writes a plain checkpoint. Loading an
+adapter onto its recorded base checks the fingerprint first: a base that has changed since (a run that
+trained on, a directory replaced) is refused rather than silently given an adapter trained on other weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +30,8 @@ from torch import nn
 
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
+
+log = logging.getLogger("gpt2kit")
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +48,7 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     base_model: str | None = None  # where the base weights come from (recorded for `merge`)
+    base_fingerprint: str | None = None  # weights_fingerprint() of those weights (None in older adapters)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -63,7 +71,8 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
         return cls(rank=int(d["rank"]), alpha=d.get("alpha"), dropout=float(d.get("dropout", 0.0)),
-                   targets=list(d.get("targets") or ALL_TARGETS), base_model=d.get("base_model"))
+                   targets=list(d.get("targets") or ALL_TARGETS), base_model=d.get("base_model"),
+                   base_fingerprint=d.get("base_fingerprint"))
 
 
 def expand_targets(targets: Sequence[str]) -> list[str]:
@@ -245,21 +254,139 @@ def find_adapter(path: str | Path) -> Path:
                        "adapter directory")
 
 
-def load_lora_model(adapter: str | Path, base: str | None = None, device: str | torch.device | None = "cpu",
-                    dtype: str | torch.dtype | None = "float32"):
-    """The base model with the adapter applied (not merged), plus its tokenizer."""
-    from gpt2kit.checkpoints import load_model
-    path = find_adapter(adapter)
+# ---- the base an adapter was trained on ---------------------------------------------------------------
+
+_SAMPLE = 1 << 16  # bytes in one sample of a large weight file
+_WHOLE = 64 << 20  # files up to this size are hashed whole
+
+
+def _hash_file(h: Any, f: Path) -> None:
+    """Name, size and content: the whole file up to 64 MiB, else one 64 KiB sample per MiB at evenly spaced
+    offsets (at most 1024; ~30 ms for a cached 500 MB file). Training changes nearly every byte of each tensor
+    it updates, so the samples of a trained model differ; a copy of the file has the same ones."""
+    size = f.stat().st_size
+    h.update(f"{f.name}\0{size}\0".encode())
+    with open(f, "rb") as fh:
+        if size <= _WHOLE:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+            return
+        n = min(size >> 20, 1024)
+        for i in range(n):
+            fh.seek(i * (size - _SAMPLE) // (n - 1))
+            h.update(fh.read(_SAMPLE))
+
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """A cheap content fingerprint of a model directory's weights (HuggingFace, sharded or OpenAI TF files):
+    the same wherever the directory is copied, different once training has changed the weights. None when
+    the directory holds no weight files of a known kind."""
+    from gpt2kit.checkpoints.hf import shard_names, weights_source
+    d = Path(model_dir)
+    src = weights_source(d)
+    if src is not None:
+        files = [d / n for n in shard_names(src)] if src.name.endswith(".index.json") else [src]
+    else:  # OpenAI TF: model.ckpt.index + model.ckpt.data-*
+        files = sorted(f for f in d.iterdir() if f.is_file() and (f.suffix == ".index" or ".data-" in f.name))
+    if not files:
+        return None
+    h = hashlib.sha256(b"gpt2kit-weights-v1\0")
+    for f in files:
+        _hash_file(h, f)
+    return "v1:" + h.hexdigest()[:32]
+
+
+def _merged_fingerprint(adapter: Path, cfg: LoraConfig, base_fp: str | None) -> str | None:
+    """The fingerprint of `adapter` merged onto the base whose fingerprint is `base_fp`."""
+    if base_fp is None:
+        return None
+    h = hashlib.sha256(b"gpt2kit-lora-merged-v1\0")
+    h.update(json.dumps([cfg.rank, cfg.alpha, cfg.targets, base_fp]).encode())
+    _hash_file(h, adapter / ADAPTER_WEIGHTS)
+    return "v1:" + h.hexdigest()[:32]
+
+
+def _read_fingerprinted(fingerprint, load, what: Path):
+    """(load(), fingerprint()), the fingerprint taken before and after reading: a directory replaced
+    meanwhile (a run writing best/ again) is an error, never a fingerprint of other weights than those read."""
+    before = fingerprint()
+    out = load()
+    if fingerprint() != before:
+        raise Gpt2kitError(f"{what} changed while it was read (is a run writing it?); try again")
+    return out, before
+
+
+def _run_tokenizer(adapter: Path) -> Path | None:
+    """The vocabulary a run keeps beside its adapters (RUN/best, RUN/checkpoints/step-N), if any."""
+    from gpt2kit.runs import is_run_dir
+    from gpt2kit.tokenizer import find_vocab_files
+    for run in (adapter.parent, adapter.parent.parent):
+        if is_run_dir(run) and find_vocab_files(run / "tokenizer") is not None:
+            return run / "tokenizer"
+    return None
+
+
+def open_base(base: str | Path, device: str | torch.device | None = "cpu",
+              dtype: str | torch.dtype | None = "float32", tokenizer_dir: str | Path | None = None,
+              fingerprint: bool = True, _depth: int = 0):
+    """Load the weights `base` names and say exactly which they were: (GPT, Tokenizer, fingerprint or None,
+    the directory read). `base` is anything `--model` takes (a model directory or name, a run: its best/,
+    final/ or newest checkpoint), or an adapter directory, which is merged onto its own base (in float32, then
+    cast). A LoRA run with adapter checkpoints only gives its newest adapter checkpoint merged the same way,
+    and that checkpoint directory is what is returned: see _Run._load_model."""
+    from gpt2kit.checkpoints import load_model, pick_device, pick_dtype, resolve_model_dir
+    from gpt2kit.checkpoints.hf import is_hf_dir
+    from gpt2kit.runs import adapter_only_checkpoint
+    from gpt2kit.tokenizer import Tokenizer
+    p = Path(str(base)).expanduser()
+    adapter = p if is_adapter_dir(p) and not is_hf_dir(p) else adapter_only_checkpoint(p)
+    if adapter is not None:
+        if _depth > 8:
+            raise Gpt2kitError(f"{adapter}: adapters on adapters more than 8 deep (does one name itself as its "
+                               f"base in {ADAPTER_CONFIG}?)")
+        model, tok, fp = _load_adapted(adapter, None, device, torch.float32, fingerprint, _depth + 1)
+        merge_lora(model)
+        model = model.to(dtype=pick_dtype(dtype, pick_device(device))).eval()
+        own = Path(tokenizer_dir) if tokenizer_dir else _run_tokenizer(adapter)
+        return model, (Tokenizer.from_dir(own) if own else tok), fp, adapter
+    d = resolve_model_dir(base)
+    (model, tok), fp = _read_fingerprinted(lambda: weights_fingerprint(d) if fingerprint else None,
+                                           lambda: load_model(d, device=device, dtype=dtype,
+                                                              tokenizer_dir=tokenizer_dir), d)
+    return model, tok, fp, d
+
+
+def _load_adapted(path: Path, base: str | None, device, dtype, fingerprint: bool, depth: int = 0):
+    """(the base with the adapter at `path` applied, its tokenizer, fingerprint of the two merged or None)."""
     cfg = read_adapter_config(path)
     if not (base or cfg.base_model):
         raise Gpt2kitError(f"{path / ADAPTER_CONFIG} does not name its base model; pass --base MODEL")
     if not base and Path(cfg.base_model).is_absolute() and not Path(cfg.base_model).exists():
         raise Gpt2kitError(f"the base model recorded in {path / ADAPTER_CONFIG}, {cfg.base_model}, is gone; "
                            "pass --base MODEL (where it is now)")
-    base = base or cfg.base_model
-    model, tok = load_model(base, device=device, dtype=dtype)
+    recorded = cfg.base_fingerprint
+    model, tok, fp, _ = open_base(base or cfg.base_model, device=device, dtype=dtype,
+                                  fingerprint=fingerprint or bool(recorded), _depth=depth)
+    if recorded and fp is not None and fp != recorded:
+        if not base:
+            raise Gpt2kitError(f"adapter {path} was trained on {cfg.base_model}, whose weights have changed since "
+                               f"(fingerprint {fp}, recorded {recorded}); pass --base with the model it was trained "
+                               f"on, or --base {cfg.base_model} to apply it to these weights anyway (gpt2kit merge "
+                               f"{path} --base MODEL --out DIR)")
+        log.warning(f"adapter {path} was trained on other weights than {base} (fingerprint {recorded}, these "
+                    f"are {fp}); applying it to them as --base asks")
     apply_lora(model, cfg)
-    load_adapter_weights(model, path)
+    _, merged = _read_fingerprinted(lambda: _merged_fingerprint(path, cfg, fp) if fingerprint else None,
+                                    lambda: load_adapter_weights(model, path), path)
+    return model, tok, merged
+
+
+def load_lora_model(adapter: str | Path, base: str | None = None, device: str | torch.device | None = "cpu",
+                    dtype: str | torch.dtype | None = "float32"):
+    """The base model with the adapter applied (not merged), plus its tokenizer. Without `base`, the recorded
+    base model is used, and refused if its weights are no longer those the adapter was trained on (adapters
+    from before fingerprints were recorded are not checked); an explicit `base` is used as given."""
+    model, tok, _ = _load_adapted(find_adapter(adapter), base, device, dtype, fingerprint=False)
     return model.eval(), tok
 
 

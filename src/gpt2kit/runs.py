@@ -323,14 +323,9 @@ def load_adapter_run(run_dir: str | Path, device: Any = None, dtype: Any = None)
     ckpt = adapter_only_checkpoint(run_dir)
     if ckpt is None:
         return None
-    from gpt2kit.lora import load_lora_model, merge_lora
-    from gpt2kit.tokenizer import Tokenizer, find_vocab_files
-    model, tok = load_lora_model(ckpt, device=device, dtype=dtype)
-    merge_lora(model)
-    own = Path(run_dir) / "tokenizer"
-    if find_vocab_files(own) is not None:
-        tok = Tokenizer.from_dir(own)
-    return model.eval(), tok
+    from gpt2kit.lora import open_base
+    model, tok, _, _ = open_base(ckpt, device=device, dtype=dtype, fingerprint=False)  # + the run's tokenizer
+    return model, tok
 
 
 def model_dir(run_dir: str | Path) -> Path | None:

@@ -882,8 +882,10 @@ class _Run:
         return (info.status in ("failed", "dead", "interrupted") and info.step == 0
                 and not runs.checkpoint_dirs(self.dir) and runs.model_dir(self.dir) is None)
 
-    def _load_model(self, ckpt: Path | None) -> tuple[GPT, Tokenizer, str | None]:
-        """fp32 master weights on the device: from the checkpoint, the pretrained model, or random."""
+    def _load_model(self, ckpt: Path | None) -> tuple[GPT, Tokenizer, str | None, str | None]:
+        """fp32 master weights on the device: from the checkpoint, the pretrained model, or random. Also the
+        directory the base weights came from and their fingerprint (LoRA runs record both in their adapters)."""
+        from gpt2kit import lora
         from gpt2kit.checkpoints import load_model, resolve_model_dir
         from gpt2kit.config import GPTConfig
         cfg = self.cfg
@@ -892,34 +894,44 @@ class _Run:
         own_tok = self.resuming and find_vocab_files(own) is not None
         full_ckpt = ckpt is not None and not cfg.lora_rank  # needs nothing from the base model
         needs_base = cfg.model and not (full_ckpt and (own_tok or cfg.tokenizer))
-        # a LoRA run stopped before best/ and final/: its newest adapter merged onto its base
-        merged = runs.load_adapter_run(cfg.model, self.device, torch.float32) \
-            if needs_base and cfg.init == "pretrained" and not full_ckpt else None
-        if merged is not None:
-            base_dir = str(Path(cfg.model).resolve())
-            base_tok = str(Path(base_dir) / "tokenizer")
+        base_dir = base_fp = None
+        if needs_base and cfg.init == "pretrained" and not full_ckpt:
+            src, expect = cfg.model, None
+            if ckpt is not None:  # resuming a LoRA run: its adapters go on the weights they were trained on
+                rec = lora.read_adapter_config(ckpt)
+                if rec.base_model and Path(rec.base_model).exists():
+                    src = rec.base_model
+                expect = rec.base_fingerprint
+            # The base is read once, here, and base_dir names exactly what was read: a model directory, or for
+            # a LoRA run with adapter checkpoints only, the adapter checkpoint merged onto its base (not the run,
+            # whose newest adapter changes as it trains on). The fingerprint catches what a path cannot: weights
+            # replaced under the same name (a run resumed, best/ rewritten).
+            model, tok, base_fp, src_dir = lora.open_base(
+                src, device=self.device, dtype=torch.float32, tokenizer_dir=str(own) if own_tok else cfg.tokenizer,
+                fingerprint=bool(cfg.lora_rank))
+            if expect and base_fp != expect:
+                raise Gpt2kitError(f"cannot resume {self.dir}: its adapters were trained on {src}, whose weights have "
+                                   f"changed since (fingerprint {base_fp}, recorded {expect}); put those weights "
+                                   "back, or start a new run")
+            base_dir = str(src_dir.resolve())
         else:
-            base_dir = base_tok = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
-        tok_dir = str(own) if own_tok else cfg.tokenizer or base_tok
-        if tok_dir is None:
-            raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
-                               "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
-        if full_ckpt:
-            model, tok = load_model(ckpt, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
-        elif merged is not None:
-            model, tok = merged[0], Tokenizer.from_dir(tok_dir)
-        elif cfg.init == "pretrained":
-            model, tok = load_model(base_dir, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
-        else:
-            if cfg.config and Path(cfg.config).is_file():
-                gcfg = GPTConfig.from_json_file(cfg.config)
-            elif cfg.config:
-                gcfg = GPTConfig.from_name(cfg.config)
+            base_dir = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
+            tok_dir = str(own) if own_tok else cfg.tokenizer or base_dir
+            if tok_dir is None:
+                raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
+                                   "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
+            if full_ckpt:
+                model, tok = load_model(ckpt, device=self.device, dtype=torch.float32, tokenizer_dir=tok_dir)
             else:
-                gcfg = GPTConfig.from_json_file(Path(base_dir) / "config.json")
-            tok = Tokenizer.from_dir(tok_dir)
-            torch.manual_seed(cfg.seed)
-            model = GPT(gcfg).to(self.device)
+                if cfg.config and Path(cfg.config).is_file():
+                    gcfg = GPTConfig.from_json_file(cfg.config)
+                elif cfg.config:
+                    gcfg = GPTConfig.from_name(cfg.config)
+                else:
+                    gcfg = GPTConfig.from_json_file(Path(base_dir) / "config.json")
+                tok = Tokenizer.from_dir(tok_dir)
+                torch.manual_seed(cfg.seed)
+                model = GPT(gcfg).to(self.device)
         if self.dist.main and not self.resuming:
             tok.save(own)
         if tok.vocab_size > model.config.vocab_size:
@@ -927,7 +939,7 @@ class _Run:
                                f"{model.config.vocab_size}; pass the model's own --tokenizer")
         model.train()
         set_dropout(model, cfg.dropout)
-        return model, tok, base_dir
+        return model, tok, base_dir, base_fp
 
     def _prepare_data(self, tok: Tokenizer):
         from gpt2kit.data import DataSpec, TokenCache, TooLittleData, prepare_data
@@ -1044,8 +1056,9 @@ class _Run:
 
     @contextlib.contextmanager
     def _writing(self, tmp: Path, final: Path) -> Iterator[None]:
-        """A failed write of `tmp` (disk full, no permission) becomes one line naming `final` and the fix;
-        the half-written `tmp` is removed, and the previous `final` was never touched."""
+        """A failed write of `tmp` (disk full, no permission) becomes one line naming `final`, the checkpoint
+        `--resume` would continue from (or that there is none yet), and the fix; the half-written `tmp` is
+        removed, and the previous `final` was never touched."""
         import shutil
 
         from safetensors import SafetensorError
@@ -1056,9 +1069,13 @@ class _Run:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
-            raise Gpt2kitError(f"cannot write {final} ({why[:200]}); the previous checkpoint is kept: free some "
-                               f"disk space, then `gpt2kit finetune --resume {self.dir}` (or start again with "
-                               "another --out)") from None
+            ckpts = runs.checkpoint_dirs(self.dir)
+            kept = (f"the last checkpoint, {ckpts[-1][1]}, is kept: free some disk space, then `gpt2kit finetune "
+                    f"--resume {self.dir}` to continue from it" if ckpts else
+                    "no checkpoint has been written yet: free some disk space, then `gpt2kit finetune --resume "
+                    f"{self.dir}` to start the run again from step 0")
+            raise Gpt2kitError(f"cannot write {final} ({why[:200]}); {kept} (or start again with another --out)"
+                               ) from None
 
     def save_checkpoint(self, step: int) -> None:
         state = self._trainer_state(step)  # every rank's state is identical here; the main one writes
@@ -1240,12 +1257,13 @@ class _Run:
 
     def _build_model(self, ckpt: Path | None) -> None:
         cfg = self.cfg
-        self.model, self.tok, base_dir = self._load_model(ckpt)
+        self.model, self.tok, base_dir, base_fp = self._load_model(ckpt)
         self.lora_cfg = None
         if cfg.lora_rank:
             from gpt2kit import lora
             self.lora_cfg = lora.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                            targets=cfg.lora_targets, base_model=base_dir)
+                                            targets=cfg.lora_targets, base_model=base_dir,
+                                            base_fingerprint=base_fp)
             torch.manual_seed(cfg.seed)
             lora.apply_lora(self.model, self.lora_cfg)
             if ckpt is not None:

@@ -15,14 +15,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR", help="LoRA run directory (uses best/, else final/, "
                    "else the newest checkpoint) or adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the merged model")
-    p.add_argument("--base", metavar="MODEL", help="base model (default: the one recorded in adapter_config.json)")
+    p.add_argument("--base", metavar="MODEL", help="base model (default: the one recorded in adapter_config.json, "
+                   "refused if its weights have changed since the adapter was trained on them; --base uses the "
+                   "model given, even that one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the written weights (default float32)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2kit.cli.common import setup_logging
     from gpt2kit.lora import merge_adapter
+    setup_logging()  # the warning when --base names other weights than the adapter was trained on
     out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
     print(out)
     return 0
