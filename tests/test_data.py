@@ -95,6 +95,28 @@ def test_jsonl(tmp_path):
         read_documents(f, DataSpec(field="body"))
     with pytest.raises(Gpt2kitError, match=r"bad.jsonl:2: not valid JSON"):
         read_documents(write(tmp_path / "bad.jsonl", '{"text": "a"}\n{oops\n'))
+    for line, kind in (('{"text": 1}', "field 'text' is a number,"), ('{"text": {}}', "field 'text' is an object,"),
+                       ("[1]", "the line is a list;")):
+        with pytest.raises(Gpt2kitError, match=kind):
+            read_documents(write(tmp_path / "kind.jsonl", line))
+
+
+def test_column_and_field_must_apply_to_some_input(tok, tmp_path):
+    j = write(tmp_path / "j.jsonl", '{"body": "the joke", "text": "WRONG"}\n')
+    t = write(tmp_path / "d" / "a.txt", "plain text")
+    c = write(tmp_path / "d" / "b.csv", "Joke\nfrom the csv\n")
+    with pytest.raises(Gpt2kitError, match=r"^--column applies to .csv/.tsv files; for .jsonl use --field$"):
+        read_documents(j, DataSpec(column="body"))
+    with pytest.raises(Gpt2kitError, match=r"^--field applies to .jsonl files; for .csv/.tsv use --column$"):
+        read_documents(c, DataSpec(field="Joke"))
+    for spec in (DataSpec(column="X"), DataSpec(field="X")):
+        with pytest.raises(Gpt2kitError, match=r"^--column/--field apply to .csv/.tsv and .jsonl files, not to text"):
+            read_documents(t, spec)
+        with pytest.raises(Gpt2kitError, match=r"^--column/--field apply"):  # finetune --data a.txt --column X
+            prepare_data(t, tok, spec, cache_dir=tmp_path / "cache")
+    # mixed inputs: each option applies to the files of its kind
+    assert read_documents(tmp_path / "d", DataSpec(column="Joke")) == ["plain text", "from the csv"]
+    assert read_documents([j, t], DataSpec(field="body")) == ["the joke", "plain text"]
 
 
 def test_bom_and_newlines(tmp_path):
@@ -191,7 +213,7 @@ def test_prepare_data_cache_reuse_and_mismatch(tok, tmp_path, monkeypatch):
     f = write(tmp_path / "a.txt", "hello world\nbye\n")
     train, val = prepare_data(f, tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
     assert val is None and train.n_docs == 2 and train.tokenizer_id == tokenizer_id(tok)
-    monkeypatch.setattr(data, "encode_files", lambda *a, **k: pytest.fail("re-encoded"))
+    monkeypatch.setattr(data, "_encode_to_arrays", lambda *a, **k: pytest.fail("re-encoded"))
     again, _ = prepare_data(f, tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
     assert again.path == train.path
     monkeypatch.undo()
@@ -222,9 +244,23 @@ def test_encode_out_never_replaces_an_input_or_other_file(tok, tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(Gpt2kitError, match=r"is a folder; give a file name"):
         encode_files(src, tmp_path / "d", tok)
+    with pytest.raises(Gpt2kitError, match=r"new/ is a folder; give a file name, e.g. .*new/data.tokens"):
+        encode_files(src, f"{tmp_path}/new/", tok)  # a trailing slash: a folder, even one not made yet
+    assert not (tmp_path / "new").exists()
     first = encode_files(src, tmp_path / "a.tokens", tok)
     write(src, "hello again\n")
     assert encode_files(src, first.path, tok).n_docs == 1  # an earlier cache is replaced
+
+
+def test_prepare_data_notes(tok, tmp_path, caplog):
+    f = write(tmp_path / "a.csv", "Joke\nhello world\n")
+    with caplog.at_level(logging.INFO, logger="gpt2kit"), pytest.raises(Gpt2kitError, match="no column 'nope'"):
+        prepare_data(f, tok, DataSpec(column="nope"), cache_dir=tmp_path / "cache")
+    assert caplog.records == []  # no "encoding ..." note before the error
+    with caplog.at_level(logging.INFO, logger="gpt2kit"):
+        prepare_data(f, tok, cache_dir=tmp_path / "cache")
+        prepare_data(f, tok, cache_dir=tmp_path / "cache")
+    assert "encoding 1 file into" in caplog.text and "(1 document, 3 tokens)" in caplog.text
 
 
 def test_token_cache_found_by_header_and_glob(tok, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,46 @@ def test_broken_run_json_is_listed_as_unreadable(tmp_path, capsys):
     assert main(["runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "unreadable" in out and "no runs found" not in out
+
+
+def test_list_runs_searches_the_whole_tree(tmp_path):
+    _fake_run(tmp_path / "a/b/c/d/e/deep", status="finished")  # 5 folders down
+    _fake_run(tmp_path / "top", status="finished")
+    _fake_run(tmp_path / "top/checkpoints/inner", status="finished")  # inside a run: not looked at
+    _fake_run(tmp_path / ".hidden/run", status="finished")
+    (tmp_path / "a/loop").symlink_to(tmp_path / "a")  # a symlinked folder, here a loop
+    (tmp_path / "a/alias").symlink_to(tmp_path / "top")
+    locked = tmp_path / "locked"
+    _fake_run(locked / "run", status="finished")
+    locked.chmod(0)
+    try:
+        found = [r.path.relative_to(tmp_path).as_posix() for r in runs.list_runs(tmp_path)]
+    finally:
+        locked.chmod(0o755)
+    assert found[:2] == ["a/b/c/d/e/deep", *(["locked/run"] if os.geteuid() == 0 else [])][:2] and "top" in found
+    assert len(found) == (3 if os.geteuid() == 0 else 2)  # root reads the locked folder anyway
+
+
+def test_failed_runs_say_why_and_other_tools_run_json_is_skipped(tmp_path, capsys, monkeypatch):
+    why = "Gpt2kitError: the loss became nan at step 2; lower --lr (e.g. 3e-5) " + "or use --dtype float32 " * 9
+    _fake_run(tmp_path / "failed", status="failed", step=2, total_steps=30, error=why)
+    _fake_run(tmp_path / "resumed", status="running", error="Gpt2kitError: an old failure", **runs.process_stamp())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/run.json").write_text('{"run_id": "abc"}')  # another tool's run.json
+    _fake_run(tmp_path / "other/mine", status="finished")  # a run below it is still found
+    assert [r.path.name for r in runs.list_runs(tmp_path)] == ["failed", "mine", "resumed"]
+
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs"]) == 0  # DIR defaults to the current directory
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("ERROR") and "failed 2/30" in " ".join(lines[1].split())
+    assert lines[1].split("  ")[-1].startswith("the loss became nan at step 2; lower --lr")
+    assert lines[1].endswith("...") and len(lines[1]) == 119
+    assert "old failure" not in lines[3]
+    assert main(["runs", "--json"]) == 0
+    rows = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["failed"]["error"] == why and rows["resumed"]["error"] is None
 
 
 def test_remove_run_deletes_only_the_runs_own_entries(tmp_path):

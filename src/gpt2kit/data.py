@@ -105,6 +105,16 @@ def _tok_arg(tok: object) -> Tokenizer:
     return tok
 
 
+def plural(n: int, word: str) -> str:
+    """"1 file", "2 files", "1,000 documents"."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _json_kind(v: object) -> str:
+    return {bool: "true/false", type(None): "null", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(v), "a string")
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too; bool is never meant
 
@@ -196,14 +206,28 @@ def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
         except json.JSONDecodeError as e:
             raise Gpt2kitError(f"{path}:{n}: not valid JSON ({e.msg}); "
                                "each line must be one JSON object") from None
-        if not isinstance(obj, dict) or field not in obj:
-            keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise Gpt2kitError(f"{path}:{n}: no field {field!r} (found: {keys}); pick one with --field NAME")
+        if not isinstance(obj, dict):
+            raise Gpt2kitError(f"{path}:{n}: the line is {_json_kind(obj)}; each line must be one JSON object")
+        if field not in obj:
+            raise Gpt2kitError(f"{path}:{n}: no field {field!r} (found: {', '.join(obj)}); pick one with --field NAME")
         if not isinstance(obj[field], str):
-            raise Gpt2kitError(f"{path}:{n}: field {field!r} is a {type(obj[field]).__name__}, not a string")
+            raise Gpt2kitError(f"{path}:{n}: field {field!r} is {_json_kind(obj[field])}, not a string")
         if obj[field].strip():
             docs.append(obj[field])
     return docs
+
+
+def _check_spec_applies(files: list[Path], spec: DataSpec) -> None:
+    """--column/--field that no input file uses is a mistake (e.g. --column on .jsonl), not a no-op."""
+    kinds = {f.suffix.lower() for f in files}
+    has_table, has_jsonl = bool(kinds & {".csv", ".tsv"}), ".jsonl" in kinds
+    if has_table or has_jsonl:
+        if spec.column is not None and not has_table:
+            raise Gpt2kitError("--column applies to .csv/.tsv files; for .jsonl use --field")
+        if spec.field is not None and not has_jsonl:
+            raise Gpt2kitError("--field applies to .jsonl files; for .csv/.tsv use --column")
+    elif spec.column is not None or spec.field is not None:
+        raise Gpt2kitError(f"--column/--field apply to .csv/.tsv and .jsonl files, not to text files like {files[0]}")
 
 
 def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None) -> list[str]:
@@ -212,6 +236,7 @@ def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | N
     several lines)."""
     spec = _spec_arg(spec)
     files = expand_inputs(inputs)
+    _check_spec_applies(files, spec)
     docs: list[str] = []
     for f in files:
         suffix = f.suffix.lower()
@@ -426,7 +451,7 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     cache, never an input or any other file."""
     out = _path_arg("out_path", out_path).expanduser()
     tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
-    if out.is_dir():
+    if out.is_dir() or str(out_path).endswith(("/", os.sep)):  # a trailing slash means a folder, even a new one
         raise Gpt2kitError(f"--out {out_path} is a folder; give a file name, e.g. {out / 'data.tokens'}")
     files = expand_inputs(inputs)
     if out.exists() and any(out.resolve() == f.resolve() for f in files):
@@ -490,18 +515,21 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
         key = hashlib.sha256(json.dumps(_stamp([path])).encode()).hexdigest()[:20]
         return cache, key
     files = expand_inputs(data)
+    _check_spec_applies(files, spec)  # also before reusing a cache
     key = hashlib.sha256(json.dumps([_stamp(files), asdict(spec), tid, VERSION]).encode()).hexdigest()[:20]
     out = cache_dir / f"{key}.tokens"
     if out.is_file():
         try:
             cache = TokenCache.open(out)
-            log.info("reusing token cache %s (%d documents, %d tokens)", out, cache.n_docs, len(cache))
+            log.info("reusing token cache %s (%s, %s)", out, plural(cache.n_docs, "document"),
+                     plural(len(cache), "token"))
             return cache, key
         except Gpt2kitError as e:
             log.warning("re-encoding: %s", e)
-            out.unlink(missing_ok=True)  # our own cache, but encode_files replaces only files that look like one
-    log.info("encoding %d file(s) into %s", len(files), out)
-    return encode_files(files, out, tok, spec), key
+            out.unlink(missing_ok=True)
+    docs = read_documents(files, spec)  # before the note, so that a wrong --column is the only line printed
+    log.info("encoding %s into %s", plural(len(files), "file"), out)
+    return TokenCache.write_arrays(out, *_encode_to_arrays(docs, tok), tid), key
 
 
 class TooLittleData(Gpt2kitError):
@@ -527,7 +555,7 @@ def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
         cut = len(tokens) - max(2, round(len(tokens) * fraction))
         if cut < 2:
             raise TooLittleData(len(tokens))
-        log.info("one document: holding out its last %d tokens for validation", len(tokens) - cut)
+        log.info("one document: holding out its last %s for validation", plural(len(tokens) - cut, "token"))
         tid = cache.tokenizer_id
         train = TokenCache.write_arrays(train_path, tokens[:cut], np.array([0, cut]), tid)
         val = TokenCache.write_arrays(val_path, tokens[cut:], np.array([0, len(tokens) - cut]), tid)
@@ -615,7 +643,7 @@ class Batcher:
             raise Gpt2kitError(f"rank {rank} is outside world size {world_size}")
         n = len(cache)
         if n < 2:
-            raise Gpt2kitError(f"{cache.path} holds {n} token(s); training needs at least 2")
+            raise Gpt2kitError(f"{cache.path} holds {plural(n, 'token')}; training needs at least 2")
         self.cache, self.tokens = cache, cache.tokens
         self.batch_size, self.seed, self.line_by_line = batch_size, seed, line_by_line
         self.rank, self.world_size = rank, world_size

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -216,11 +217,13 @@ class RunInfo:
     updated: str | None
     model: str | None
     lora: bool
+    error: str | None = None  # why a run failed, or why its run.json is unreadable
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "best_val_loss": self.best_val_loss,
-                "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora}
+                "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora,
+                "error": self.error}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -247,36 +250,54 @@ def run_info(run_dir: str | Path) -> RunInfo:
         value = info.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise Gpt2kitError(f"{run_dir / RUN_JSON}: {key!r} is {value!r}, not {what}; correct or remove it")
+    error = info.get("error") if status == "failed" else None  # a resumed run keeps its old error
     return RunInfo(run_dir, status, info.get("step") or 0, info.get("total_steps"),
                    info.get("best_val_loss"), info.get("last_loss"), info.get("updated"),
-                   info.get("model"), bool(info.get("lora")))
+                   info.get("model"), bool(info.get("lora")), error if isinstance(error, str) else None)
 
 
-def list_runs(root: str | Path = ".", max_depth: int = 3) -> list[RunInfo]:
-    """Run directories at or below `root` (not looking inside runs), sorted by path."""
+def _listed_as_run(d: Path) -> bool:
+    """Whether `d`, holding a run.json, is a gpt2kit run for `list_runs`: its run.json is ours, or too
+    damaged to tell (shown as unreadable); a valid run.json of another tool is not. (is_run_dir stays
+    looser: --out must not treat such a folder as an empty one.)"""
+    try:
+        info = json.loads((d / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return isinstance(info, dict) and info.get("format") == RUN_FORMAT
+
+
+def list_runs(root: str | Path = ".") -> list[RunInfo]:
+    """Run directories at or below `root`, sorted by path. The whole tree is searched except inside runs,
+    hidden folders, symlinked folders (no loops) and folders that cannot be read."""
     root = Path(root)
     if not root.is_dir():
         raise Gpt2kitError(f"{root} is not a directory")
     found: list[RunInfo] = []
-
-    def walk(d: Path, depth: int) -> None:
-        if is_run_dir(d):
-            try:
-                found.append(run_info(d))
-            except Gpt2kitError:  # a torn or hand-broken run.json: still a run, shown as such
-                found.append(RunInfo(d, "unreadable", 0, None, None, None, None, None, False))
-            return
-        if depth >= max_depth:
-            return
+    todo = [root]
+    while todo:
+        d = todo.pop()
         try:
-            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+            with os.scandir(d) as it:
+                entries = list(it)
+            if any(e.name == RUN_JSON and e.is_file() for e in entries) and _listed_as_run(d):
+                try:
+                    found.append(run_info(d))
+                except Gpt2kitError as e:  # a torn or hand-broken run.json: still a run, shown as such
+                    found.append(RunInfo(d, "unreadable", 0, None, None, None, None, None, False, str(e)))
+                continue
+            todo += [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
         except OSError:
-            return
-        for c in children:
-            walk(c, depth + 1)
+            continue
+    return sorted(found, key=lambda r: r.path)
 
-    walk(root, 0)
-    return found
+
+def _short_error(error: str | None, width: int) -> str:
+    """"Gpt2kitError: the loss became nan ..." -> "the loss became nan ...", on one line, cut to `width`."""
+    if not error:
+        return ""
+    text = " ".join(re.sub(r"^[A-Z]\w*: ", "", error).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def format_runs(runs: list[RunInfo]) -> str:
@@ -288,6 +309,10 @@ def format_runs(runs: list[RunInfo]) -> str:
         rows.append((str(r.path) + (" (lora)" if r.lora else ""), r.status, steps, _fmt(r.best_val_loss),
                      _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    if any(r.error for r in runs):  # last, cut to what the terminal has left (at least 40 characters)
+        room = max(40, shutil.get_terminal_size().columns - 1 - sum(w + 2 for w in widths))
+        rows = [rows[0] + ("ERROR",)] + [row + (_short_error(r.error, room),) for row, r in zip(rows[1:], runs)]
+        widths.append(0)
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 

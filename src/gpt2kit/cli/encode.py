@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--model", "-m", default="gpt2", help="model whose tokenizer to use (default: gpt2)")
     src.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json+merges.txt or "
                      "encoder.json+vocab.bpe (instead of --model)")
-    p.add_argument("--column", help=".csv: the column holding one document per row")
+    p.add_argument("--column", help=".csv/.tsv: the column holding one document per row")
     p.add_argument("--field", help=".jsonl: the field holding the text (default: text)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the inputs (default: utf-8)")
     p.add_argument("--line-by-line", action="store_true", help=".txt: each non-empty line is a document")
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.cli.common import setup_logging
-    from gpt2kit.data import DataSpec, encode_files  # imported here so `gpt2kit --help` stays quick
+    from gpt2kit.data import DataSpec, encode_files, plural  # imported here so `gpt2kit --help` stays quick
     setup_logging()
     from gpt2kit.tokenizer import Tokenizer
 
@@ -43,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
     t0 = time.perf_counter()
     cache = encode_files(args.inputs, args.out, tok, spec)
-    docs = f"{cache.n_docs:,} document" + ("s" if cache.n_docs != 1 else "")
-    print(f"encoded {docs}, {len(cache):,} tokens -> {cache.path} "
+    print(f"encoded {plural(cache.n_docs, 'document')}, {plural(len(cache), 'token')} -> {cache.path} "
           f"({time.perf_counter() - t0:.1f}s)")
     return 0

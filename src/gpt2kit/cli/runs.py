@@ -10,7 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "runs", help="list fine-tuning runs",
         description="List the gpt2kit run directories at or below DIR (default: the current directory) with "
-                    "their status, step, best validation loss and last training loss. A run marked 'dead' was "
+                    "their status, step, best validation loss, last training loss and, for a failed run, its error. "
+                    "Hidden and symlinked folders are not searched. A run marked 'dead' was "
                     "killed without recording it; `gpt2kit finetune --resume RUN` continues it.")
     p.add_argument("dir", nargs="?", default=".", metavar="DIR")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
