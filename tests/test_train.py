@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -496,6 +497,121 @@ def test_overwrite_replaces_only_a_stopped_run(tmp_path, tiny_dir, capsys):
         assert (out / "final/model.safetensors").is_file() and (out / "notes.txt").is_file()
 
 
+def test_overwrite_refuses_an_input_inside_the_run_before_deleting_anything(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny_args(tiny_dir, out, "--column", "Joke")) == 0
+    (cache,) = [p for p in (out / "data").glob("*.tokens") if "-val" not in p.name]
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    capsys.readouterr()
+    jokes = ["--data", str(JOKES), "--column", "Joke"]
+    for extra in (["--data", str(cache)],  # (each --data replaces _tiny_args' JOKES below)
+                  ["--data", str(out / "data" / "*.tokens")],  # a glob matching files in the run
+                  [*jokes, "--val-data", str(cache)],
+                  [*jokes, "--tokenizer", str(out / "tokenizer")],
+                  [*jokes, "--init", "scratch", "--config", str(out / "final" / "config.json")]):
+        args = _tiny_args(tiny_dir, out, "--overwrite", *extra[2:])
+        args[args.index(str(JOKES))] = extra[1]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        opt = extra[0] if extra[0] != "--data" or len(extra) == 2 else extra[-2]
+        assert err.startswith(f"error: {opt} ") and "is inside --out" in err and "choose another --out" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    # a file the user put beside the run is no run entry: it stays, and may be trained on
+    (out / "notes.txt").write_text("Some notes of mine to train on. " * 40)
+    args = _tiny_args(tiny_dir, out, "--overwrite")
+    args[args.index(str(JOKES))] = str(out / "notes.txt")
+    assert main(args) == 0 and (out / "notes.txt").is_file()
+    # a data folder that holds --out would read the run's own files (its tokenizer's merges.txt) as text
+    args = _tiny_args(tiny_dir, tmp_path / "corpus" / "run")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("Some text. " * 40)
+    args[args.index(str(JOKES))] = str(tmp_path / "corpus")
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "error: --data " + str(tmp_path / "corpus") + " holds --out" in capsys.readouterr().err
+    assert not (tmp_path / "corpus" / "run").exists()
+
+
+def test_messages_name_the_python_api_too_and_quote_paths(tmp_path, tiny_dir, monkeypatch, capsys):
+    from gpt2kit import train
+    out = tmp_path / "sp ace" / "my run"
+    cfg = _cfg(tmp_path, tiny_dir, out=str(out), steps=3, eval_every=0, val_fraction=0.0)
+    real_enter = train._Interrupt.__enter__
+
+    def ctrl_c(self):  # as if Ctrl-C came during the first step
+        real_enter(self)
+        self.flag = True
+        return self
+    monkeypatch.setattr(train._Interrupt, "__enter__", ctrl_c)
+    assert finetune(cfg, progress=False).status == "interrupted"
+    err = capsys.readouterr().err
+    assert f"continue with `gpt2kit finetune --resume '{out}'` (Python: resume({str(out)!r}))" in err
+    with pytest.raises(Gpt2kitError, match=r"already holds a run \(interrupted at step 1\); continue it with "
+                                           r"`gpt2kit finetune --resume '.*my run'`.*overwrite=True"):
+        finetune(cfg, progress=False)
+    with pytest.raises(Gpt2kitError, match=r"TrainConfig.schedule must be one of cosine, linear, constant, not 'cos'"):
+        finetune(_cfg(tmp_path, tiny_dir, schedule="cos"), progress=False)
+    monkeypatch.undo()
+    assert resume(out, progress=False).status == "finished"
+    err = capsys.readouterr().err
+    assert "steps: 3 of 4 sequences x 32 tokens" in err and "done: 3 steps," in err
+    assert main(["finetune", "--resume", str(out)]) == 1
+    assert f"already finished (3 steps); its model is in {out}/final. Start a new run from it with --model '{out}'" \
+        in capsys.readouterr().err
+
+
+def test_one_step_one_sequence_and_a_prompts_file_with_a_byte_order_mark(tmp_path, tiny_dir, capsys):
+    (tmp_path / "wp.txt").write_bytes(b"\xef\xbb\xbfHello\r\nWorld\r\n")
+    args = _tiny_args(tiny_dir, tmp_path / "run", "--column", "Joke", "--prompts", str(tmp_path / "wp.txt"))
+    args[args.index("--batch-size") + 1] = "1"
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run/config.json").read_text())["prompts"] == ["Hello", "World"]
+    err = capsys.readouterr().err
+    assert "steps: 1 of 1 sequence x 16 tokens" in err and "done: 1 step," in err
+    (tmp_path / "bad.txt").write_bytes(b"Hello \xff\n")
+    assert main(_tiny_args(tiny_dir, tmp_path / "b", "--prompts", str(tmp_path / "bad.txt"))) == 1
+    assert capsys.readouterr().err == f"error: --prompts {tmp_path / 'bad.txt'} is not UTF-8 text (byte 6); " \
+        "save it as UTF-8\n"
+
+
+def test_resuming_a_read_only_run_says_it_must_be_writable(tmp_path, tiny_dir, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    from gpt2kit import runs
+    run = tmp_path / "run"
+    finetune(_cfg(tmp_path, tiny_dir, steps=2, save_every=1, eval_every=0, val_fraction=0.0), progress=False)
+    info = {**json.loads((run / "run.json").read_text()), "status": "interrupted", "step": 1}
+    (run / "run.json").write_text(json.dumps(info))
+
+    def read_only(*a, **kw):  # (as root, a chmod would not stop this process)
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(runs, "atomic_write_text", read_only)  # run.json, config.json
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(run)]) == 1
+    assert capsys.readouterr().err == (f"error: cannot resume {run}: cannot write in it (Read-only file system); a "
+                                       "run directory must be writable to resume: make it writable, or copy it "
+                                       "elsewhere and resume the copy\n")
+    assert json.loads((run / "run.json").read_text()) == info
+
+
+@pytest.mark.parametrize("free_mb", [3, 100_000])
+def test_a_full_disk_in_pytorchs_words_is_said_plainly(tmp_path, tiny_dir, monkeypatch, free_mb):
+    import shutil
+
+    def torch_save(*a, **kw):
+        raise torch_save.error
+    torch_save.error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6444224 vs 6444112")
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, free_mb * 10**6))
+    cfg = _cfg(tmp_path, tiny_dir, steps=2, save_every=2, eval_every=0, val_fraction=0.0)
+    why = "no space left on device, 3 MB free" if free_mb == 3 else str(torch_save.error)
+    with pytest.raises(Gpt2kitError, match=r"cannot write .*step-2 \(" + re.escape(why) + r"\); no checkpoint"):
+        finetune(cfg, progress=False)
+
+
 @pytest.mark.parametrize("failure", ["oserror", "safetensors"])
 def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_dir, monkeypatch,
                                                                          failure):
@@ -692,7 +808,7 @@ def test_data_too_small_to_split_warns_once_or_fails_when_asked(tmp_path, tiny_d
     args[args.index(str(JOKES))] = str(tmp_path / "one.txt")
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "note: encoding 1 file(s) into" in err  # data preparation is not silent
+    assert "note: encoding 1 file into" in err  # data preparation is not silent
     warnings = [line for line in err.splitlines() if "hold out" in line]
     assert warnings == ["warning: the data has only 2 tokens, too few to hold out validation data; training "
                         "without validation (add --val-data FILE to validate)"], warnings

@@ -17,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
 import json
 import logging
 import math
 import os
 import random
+import shlex
 import signal
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -40,6 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gpt2kit import kernels, runs
+from gpt2kit.data import plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy
 from gpt2kit.model import GPT
@@ -52,6 +56,11 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 TRAINER_STATE = "trainer.pt"
 TRAINER_STATE_VERSION = 1
 DEFAULT_PROMPTS = ("<|endoftext|>",)  # unconditional: shows what the model writes on its own
+
+
+def _resume_hint(run_dir: str | Path) -> str:
+    """How to continue a run, for callers of the command line and of the Python API alike."""
+    return f"`gpt2kit finetune --resume {shlex.quote(str(run_dir))}` (Python: resume({str(run_dir)!r}))"
 
 
 @dataclass
@@ -127,7 +136,9 @@ class TrainConfig:
                  f"{value!r}")
             need(not isinstance(value, float) or math.isfinite(value) or f.name == "epochs",
                  f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-        need(self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, not {self.init!r}")
+        # (--init, --schedule and --dtype are choices the CLI's parser checks: these messages reach API callers only)
+        need(self.init in ("pretrained", "scratch"),
+             f"TrainConfig.init must be pretrained or scratch, not {self.init!r}")
         if self.init == "pretrained":
             need(bool(self.model), "no model to fine-tune: pass --model NAME_OR_DIR (e.g. gpt2), or "
                  "--init scratch --config NAME to train from random weights")
@@ -144,13 +155,15 @@ class TrainConfig:
         need(self.block_size is None or self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}")
         need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        need(self.schedule in SCHEDULES, f"TrainConfig.schedule must be one of {', '.join(SCHEDULES)}, not "
+             f"{self.schedule!r}")
         need(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0")
         need(self.weight_decay >= 0, "--weight-decay must be >= 0")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
         need(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
         need(self.eps > 0, f"Adam's eps must be > 0, got {self.eps}")
-        need(self.dtype in DTYPE_NAMES, f"--dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
+        need(self.dtype in DTYPE_NAMES, f"TrainConfig.dtype must be one of {', '.join(DTYPE_NAMES)}, not "
+             f"{self.dtype!r}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.val_fraction is None or 0.0 <= self.val_fraction < 1.0,
              f"--val-fraction must be in [0, 1), got {self.val_fraction}")
@@ -851,6 +864,12 @@ class _Run:
             if info.status == "running":
                 raise Gpt2kitError(f"run {self.dir} is still running (pid {runs.read_run_json(self.dir).get('pid')}); "
                                    "stop it before resuming")
+            try:  # a read-only run would fail at its first write, after loading the model and data
+                tempfile.TemporaryFile(dir=self.dir).close()
+            except OSError as e:
+                raise Gpt2kitError(f"cannot resume {self.dir}: cannot write in it ({e.strerror or e}); a run "
+                                   "directory must be writable to resume: make it writable, or copy it elsewhere "
+                                   "and resume the copy") from None
             runs.recover_dirs(self.dir)
             return
         # gpt2kit deletes only what it wrote: --out is a new path, an empty folder, or a run of ours
@@ -863,10 +882,11 @@ class _Run:
                 raise Gpt2kitError(f"{d} holds a run that is still training (pid {runs.read_run_json(d).get('pid')}"
                                    f"); stop it first or choose another --out")
             if not (self.overwrite or self._aborted_start(info)):
-                go_on = (f"start a new run from its model with --model {d}" if info.status == "finished" else
-                         f"continue it with `gpt2kit finetune --resume {d}`")
+                go_on = (f"start a new run from its model with --model {shlex.quote(str(d))}"
+                         if info.status == "finished" else f"continue it with {_resume_hint(d)}")
                 raise Gpt2kitError(f"{d} already holds a run ({info.status} at step {info.step}); {go_on}, "
-                                   "replace it with --overwrite, or choose another --out")
+                                   "replace it with --overwrite (Python: finetune(..., overwrite=True)), or choose "
+                                   "another --out")
             # an earlier start that failed before training, or --overwrite: remove the run's own files only
             runs.remove_run(d)
         elif d.is_dir() and any(d.iterdir()):
@@ -1068,12 +1088,22 @@ class _Run:
             if _out_of_memory(e):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
+            if isinstance(e, OSError) and e.strerror:
+                why = e.strerror
+            else:  # PyTorch and safetensors word a full disk their own way ("unexpected pos ..."): look at it
+                try:
+                    free = shutil.disk_usage(final.parent if final.parent.is_dir() else self.dir).free
+                except OSError:
+                    free = None
+                # what a checkpoint holds: the weights and Adam's two moments, plus a margin
+                need = 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) + 2**20
+                why = (f"no space left on device, {free / 1e6:,.0f} MB free" if free is not None and free < need
+                       else (str(e).strip().splitlines() or [""])[-1])
             ckpts = runs.checkpoint_dirs(self.dir)
-            kept = (f"the last checkpoint, {ckpts[-1][1]}, is kept: free some disk space, then `gpt2kit finetune "
-                    f"--resume {self.dir}` to continue from it" if ckpts else
-                    "no checkpoint has been written yet: free some disk space, then `gpt2kit finetune --resume "
-                    f"{self.dir}` to start the run again from step 0")
+            kept = (f"the last checkpoint, {ckpts[-1][1]}, is kept: free some disk space, then "
+                    f"{_resume_hint(self.dir)} to continue from it" if ckpts else
+                    "no checkpoint has been written yet: free some disk space, then "
+                    f"{_resume_hint(self.dir)} to start the run again from step 0")
             raise Gpt2kitError(f"cannot write {final} ({why[:200]}); {kept} (or start again with another --out)"
                                ) from None
 
@@ -1270,7 +1300,7 @@ class _Run:
                 lora.load_adapter_weights(self.model, ckpt)
         if cfg.freeze:
             frozen = freeze(self.model, cfg.freeze)
-            self.say(f"frozen: {len(frozen)} parameter tensors ({', '.join(cfg.freeze)})")
+            self.say(f"frozen: {plural(len(frozen), 'parameter tensor')} ({', '.join(cfg.freeze)})")
         self.model.gradient_checkpointing = cfg.grad_checkpointing
 
     def _setup(self) -> None:
@@ -1331,11 +1361,11 @@ class _Run:
         what = (f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else
                 "all weights" if n_train == n_params else "partly frozen")
         self.say(f"model: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained ({what}); data: "
-                 f"{len(train):,} tokens in {train.n_docs:,} document{'s' if train.n_docs != 1 else ''}"
+                 f"{plural(len(train), 'token')} in {plural(train.n_docs, 'document')}"
                  + (f", validation {len(val):,} tokens" if val is not None else ", no validation"))
         glob_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
-        self.say(f"steps: {cfg.steps} of {glob_batch} x {cfg.block_size} tokens, lr {cfg.lr:g} ({cfg.schedule}, "
-                 f"{cfg.warmup_steps} warmup); run directory {self.dir}"
+        self.say(f"steps: {cfg.steps} of {plural(glob_batch, 'sequence')} x {cfg.block_size} tokens, lr {cfg.lr:g} "
+                 f"({cfg.schedule}, {cfg.warmup_steps} warmup); run directory {self.dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
         if cfg.compile and self.device.type == "cpu":
             self.say("warning: --compile made CPU training slower in our measurements (4.1 vs 2.9 s a step for "
@@ -1409,7 +1439,7 @@ class _Run:
             if self.val_batcher is not None and (due(cfg.eval_every) or (last and cfg.eval_every)):
                 self.evaluate(self.step)
                 if cfg.early_stop and self.bad_evals >= cfg.early_stop:
-                    self.say(f"early stop: no better validation loss in {cfg.early_stop} evaluations "
+                    self.say(f"early stop: no better validation loss in {plural(cfg.early_stop, 'evaluation')} "
                              f"(best {self.best_val:.4f} at step {self.best_step})")
                     stopped_early = True
             if due(cfg.sample_every) or (last and cfg.sample_every):
@@ -1420,7 +1450,7 @@ class _Run:
                 if self.dist.main:
                     runs.update_run_json(self.dir, status="interrupted", step=self.step)
                 self.say(f"interrupted: saved {self.dir}/checkpoints/step-{self.step}; continue with "
-                         f"`gpt2kit finetune --resume {self.dir}`")
+                         f"{_resume_hint(self.dir)}")
                 return "interrupted", False
             if due(cfg.save_every) and not last and not stopped_early:
                 self.save_checkpoint(self.step)
@@ -1441,8 +1471,8 @@ class _Run:
                     "best/ (lower --lr?)")
         elif self.best_step is not None:
             best = f"; best validation loss {self.best_val:.4f} at step {self.best_step} in best/"
-        self.say(f"done: {self.step} steps, {self.tokens_seen / max(self.train_time, 1e-9):,.0f} tokens/s; model in "
-                 f"{final}{best}")
+        tps = self.tokens_seen / max(self.train_time, 1e-9)
+        self.say(f"done: {plural(self.step, 'step')}, {tps:,.0f} tokens/s; model in {final}{best}")
         return "finished", stopped_early
 
 
@@ -1455,12 +1485,32 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
     if cfg.steps is not None and cfg.epochs is not None:  # (a resolved config.json holds both: resume is fine)
         raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
     cfg.validate()
-    if cfg.model and Path(cfg.model).expanduser().exists():
-        model, out = Path(cfg.model).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
-        if model == out or out in model.parents:  # replacing --out would delete the model first
-            raise Gpt2kitError(f"--model {cfg.model} is inside --out {cfg.out}: a new run cannot replace the one "
-                               "it starts from; choose another --out")
+    _check_inputs(cfg)
     return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    """Replacing a run in --out deletes its own entries before the new run reads its inputs: an input among
+    them is refused before anything is deleted. So is a data folder holding --out, which would read the run's
+    own files (tokenizer/merges.txt, samples/) as training text."""
+    out = Path(cfg.out).expanduser().resolve()
+    named = [("--model", cfg.model), ("--config", cfg.config), ("--tokenizer", cfg.tokenizer)]
+    named += [("--data", d) for d in cfg.data] + [("--val-data", d) for d in cfg.val_data]
+    for opt, value in named:
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        found = [path] if path.exists() or not glob.has_magic(value) else \
+            [Path(m) for m in glob.glob(os.path.expanduser(value), recursive=True)]
+        for p in (f.resolve() for f in found if f.exists()):
+            if p == out or (out in p.parents and p.relative_to(out).parts[0] in runs.RUN_ENTRIES):
+                fix = "" if opt == "--model" else f"copy it out of {cfg.out} first, or "
+                raise Gpt2kitError(f"{opt} {value} is inside --out {cfg.out}: a new run cannot replace the one it "
+                                   f"{'starts from' if opt == '--model' else 'reads from'}; {fix}choose another --out")
+            if (opt in ("--data", "--val-data") and p.is_dir() and p in out.parents
+                    and not any(part.startswith(".") for part in out.relative_to(p).parts)):  # (hidden: skipped)
+                raise Gpt2kitError(f"{opt} {value} holds --out {cfg.out}, whose own files (tokenizer, samples) would "
+                                   "be read as training text; choose an --out outside it")
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = None) -> RunResult:
@@ -1482,7 +1532,7 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
     if info.get("status") == "finished" and info.get("stopped_early"):
         raise Gpt2kitError(f"run {run_dir} already finished: it stopped early at step {info.get('step')} (no "
                            f"better validation loss); its model is in {runs.model_dir(run_dir)}. Start a new run "
-                           f"from it with --model {run_dir}")
+                           f"from it with --model {shlex.quote(str(run_dir))}")
     if info.get("status") == "finished":
         ckpts = runs.checkpoint_dirs(run_dir)
         step = ckpts[-1][0] if ckpts else info.get("step")
@@ -1490,8 +1540,8 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
         # this run computed and recorded (so an edited or epoch-based config can't restart a finished run)
         target = cfg.steps if cfg.steps is not None else info.get("total_steps")
         if isinstance(target, int) and isinstance(step, int) and step >= target:
-            raise Gpt2kitError(f"run {run_dir} already finished ({step} steps); its model is in "
-                               f"{run_dir}/final. Start a new run from it with --model {run_dir}")
+            raise Gpt2kitError(f"run {run_dir} already finished ({plural(step, 'step')}); its model is in "
+                               f"{run_dir}/final. Start a new run from it with --model {shlex.quote(str(run_dir))}")
     cfg.validate()
     return _finish(_Run(cfg, resume=True, progress=progress))
 

@@ -127,9 +127,12 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts:
         try:
-            text = Path(args.prompts).read_text(encoding="utf-8")
+            text = Path(args.prompts).read_text(encoding="utf-8-sig")  # (a byte-order mark is no prompt text)
         except OSError as e:
             raise Gpt2kitError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise Gpt2kitError(f"--prompts {args.prompts} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+                               ) from None
         lines = [line for line in text.splitlines() if line.strip()]
         if not lines:
             raise Gpt2kitError(f"--prompts {args.prompts} holds no prompts; write one per line")
