@@ -1316,7 +1316,8 @@ class _Run:
         self.cfg = cfg = self._resolve(self.model, train, val)
         if self.dist.main:
             runs.write_json(self.dir / runs.CONFIG_JSON, cfg.to_dict())
-            runs.update_run_json(self.dir, status="running", total_steps=cfg.steps, **runs.process_stamp())
+            runs.update_run_json(self.dir, status="running", total_steps=cfg.steps, error=None,  # (a failed start's)
+                                  **runs.process_stamp())
 
         from gpt2kit.data import Batcher
         kw = dict(seed=cfg.seed, line_by_line=cfg.line_by_line, rank=self.dist.rank, world_size=self.dist.world,
