@@ -228,6 +228,35 @@ def test_malformed_config_json_is_one_line_naming_the_file(tiny_model_dir, tmp_p
     assert str(d / "config.json") in _one_line(e) and complaint in str(e.value)
 
 
+def test_config_file_near_miss_keys_are_errors_and_hf_keys_pass(tiny_model_dir, tmp_path):
+    from gpt2kit.config import GPTConfig
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"n_embd": 64, "n_head": 4, "n_layer": 2, "n_position": 64}')
+    with pytest.raises(Gpt2kitError) as e:
+        GPTConfig.from_json_file(typo)
+    assert _one_line(e) == f"{typo}: unknown key 'n_position' (did you mean 'n_positions'?)"
+    # every key of HF's GPT-2 config (and of the config.json files we write) loads; unrelated keys are ignored
+    hf = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=64).to_dict()
+    (tmp_path / "hf.json").write_text(json.dumps({**hf, "my_note": "x"}))
+    assert GPTConfig.from_json_file(tmp_path / "hf.json").n_positions == 64
+    assert GPTConfig.from_json_file(tiny_model_dir / "config.json") == load_model(tiny_model_dir)[0].config
+
+
+def test_bad_config_says_re_download_only_for_a_model_directory(tiny_model_dir, tmp_path):
+    from gpt2kit.config import GPTConfig
+    bad = '{"n_embd": 64, "n_head": 5}'
+    (tmp_path / "badhead.json").write_text(bad)
+    with pytest.raises(Gpt2kitError) as e:
+        GPTConfig.from_json_file(tmp_path / "badhead.json")
+    assert _one_line(e).endswith("must be divisible by n_head (5); fix the file")
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "config.json").write_text(bad)
+    with pytest.raises(Gpt2kitError) as e:
+        load_model(d)
+    assert _one_line(e).endswith("fix the file or re-download the model")
+
+
 def test_only_supported_devices_are_accepted(monkeypatch, tiny_model_dir, capsys):
     assert pick_device("cpu") == pick_device(torch.device("cpu")) == torch.device("cpu")
     assert pick_device(None).type in ("cpu", "cuda", "mps") and pick_device("auto") == pick_device(None)

@@ -53,6 +53,12 @@ def test_adapters_start_as_identity_and_train_alone():
     assert cfg.targets == ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"] and cfg.scale == 2.0
     with pytest.raises(Gpt2kitError):
         lora.LoraConfig(rank=2, targets=["wte"])
+    for kw, msg in [(dict(dropout=1.5), "LoRA dropout (--lora-dropout) must be in [0, 1), got 1.5"),
+                    (dict(rank=0), "LoRA rank (--lora-rank) must be >= 1, got 0"),
+                    (dict(alpha=-1.0), "LoRA alpha (--lora-alpha) must be > 0, got -1.0")]:
+        with pytest.raises(Gpt2kitError) as e:
+            lora.LoraConfig(**kw)
+        assert str(e.value) == msg
 
 
 def test_merge_equals_adapters_applied(tmp_path):
@@ -191,6 +197,15 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
         assert torch.allclose(via_load(ids), adapted(ids), atol=1e-5, rtol=1e-5)
     assert main(["generate", "Why", "--model", str(run), "--length", "3", "-t", "0"]) == 0
     assert capsys.readouterr().out.strip()
+    # an adapter checkpoint directory itself is a model too: its base with it merged in, and the run's tokenizer
+    step1, tok1 = load_model(run / "checkpoints/step-1")
+    adapted1, _ = lora.load_lora_model(run / "checkpoints/step-1")
+    with torch.no_grad():
+        assert torch.allclose(step1(ids), adapted1(ids), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(step1(ids), adapted(ids), atol=1e-4)
+    assert tok1.encode("Why did the") == tok.encode("Why did the")
+    assert main(["generate", "Why", "--model", str(run / "checkpoints/step-1"), "--length", "3", "-t", "0"]) == 0
+    assert capsys.readouterr().out.strip()
 
     # finetune --model RUN starts from those merged weights
     res = finetune(TrainConfig(model=str(run), data=[str(JOKES)], column="Joke", out=str(tmp_path / "next"),
@@ -202,10 +217,15 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
     # merge on a run trained without LoRA is a one-line error
     assert main(["merge", str(res.run_dir), "--out", str(tmp_path / "m")]) == 1
     assert "no LoRA adapter" in capsys.readouterr().err
-    # the base model moved: merge says to pass --base
+    # the base model moved: every command says how to merge the adapter onto it where it is now
     shutil.move(tmp_path / "base", tmp_path / "moved")
-    assert main(["merge", str(run), "--out", str(tmp_path / "m2")]) == 1
-    assert "pass --base" in capsys.readouterr().err
+    ckpt = run / "checkpoints/step-2"
+    for argv in (["merge", str(run), "--out", str(tmp_path / "m2")], ["generate", "Why", "--model", str(run)],
+                 ["generate", "Why", "--model", str(ckpt)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{tmp_path / 'base'}, is gone; move it back" in err, argv
+        assert f"`gpt2kit merge {ckpt} --base MODEL --out DIR`" in err, argv
     assert main(["merge", str(run), "--out", str(tmp_path / "m2"), "--base", str(tmp_path / "moved")]) == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -87,12 +88,19 @@ class GPTConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> GPTConfig:
-        """`source` names the file in error messages."""
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json",
+                     fix: str = "fix the file or re-download the model") -> GPTConfig:
+        """`source` names the file in error messages, `fix` says what to do about a bad one. Other keys are
+        ignored (HF config.json files hold many), but a near miss of a
+        setting's name ('n_position') is an error rather than a setting silently left at its default."""
         if not isinstance(d, dict):
             kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
             raise Gpt2kitError(f"{source} holds {kind}, not a JSON object of settings: it is not a model "
-                               "config; re-download or re-save the model")
+                               f"config; {fix}")
+        for key in d:
+            near = difflib.get_close_matches(str(key), _SETTING_NAMES, n=1, cutoff=0.85)
+            if near and key not in _KNOWN_KEYS:
+                raise Gpt2kitError(f"{source}: unknown key {key!r} (did you mean {near[0]!r}?)")
         if d.get("model_type", "gpt2") != "gpt2":
             raise Gpt2kitError(f"{source} describes a {d.get('model_type')!r} model, not GPT-2")
         act = d.get("activation_function", "gelu_new")
@@ -114,7 +122,7 @@ class GPTConfig:
                 eos_token_id=d.get("eos_token_id") if d.get("eos_token_id") is not None else 50256,
             )
         except Gpt2kitError as e:
-            raise Gpt2kitError(f"{source}: {e}; fix the file or re-download the model") from None
+            raise Gpt2kitError(f"{source}: {e}; {fix}") from None
 
     @classmethod
     def from_openai_hparams(cls, d: dict[str, Any]) -> GPTConfig:
@@ -137,7 +145,10 @@ class GPTConfig:
             d = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise Gpt2kitError(f"cannot read model config {path}: {e}") from None
-        return cls.from_hf_dict(d, source=str(path))
+        from gpt2kit.checkpoints.hf import is_hf_dir
+        in_model = Path(path).name == "config.json" and is_hf_dir(Path(path).parent)  # else a file of the user's
+        return cls.from_hf_dict(d, source=str(path),
+                                fix="fix the file or re-download the model" if in_model else "fix the file")
 
 
 def _is_int(v: Any) -> bool:
@@ -152,6 +163,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),  # 82M
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=128),  # for tests and smoke runs
 }
+
+# The keys of a config.json that gpt2kit reads, and those it writes: a near miss of one of the first that is
+# neither is taken for a typo. (No key of HF's GPT2Config is such a near miss: tests/test_checkpoints.py.)
+_SETTING_NAMES = sorted({f.name for f in fields(GPTConfig)} - {"dropout"} | {"n_ctx"})  # what from_hf_dict reads
+_KNOWN_KEYS = set(_SETTING_NAMES) | set(GPTConfig().to_hf_dict())
 
 # OpenAI's original release names map onto the HF names.
 OPENAI_NAMES = {"117M": "gpt2", "124M": "gpt2", "345M": "gpt2-medium", "355M": "gpt2-medium",

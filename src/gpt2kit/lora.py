@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,13 +53,13 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise Gpt2kitError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise Gpt2kitError(f"LoRA rank (--lora-rank) must be >= 1, got {self.rank}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
         if not self.alpha > 0:
-            raise Gpt2kitError(f"LoRA alpha must be > 0, got {self.alpha}")
+            raise Gpt2kitError(f"LoRA alpha (--lora-alpha) must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise Gpt2kitError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise Gpt2kitError(f"LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout}")
         self.targets = expand_targets(self.targets)
 
     @property
@@ -359,20 +360,21 @@ def open_base(base: str | Path, device: str | torch.device | None = "cpu",
 def _load_adapted(path: Path, base: str | None, device, dtype, fingerprint: bool, depth: int = 0):
     """(the base with the adapter at `path` applied, its tokenizer, fingerprint of the two merged or None)."""
     cfg = read_adapter_config(path)
+    merge = f"`gpt2kit merge {shlex.quote(str(path))} --base MODEL --out DIR`"  # --base is merge's alone
     if not (base or cfg.base_model):
-        raise Gpt2kitError(f"{path / ADAPTER_CONFIG} does not name its base model; pass --base MODEL")
+        raise Gpt2kitError(f"{path / ADAPTER_CONFIG} does not name its base model; merge the adapter onto it: "
+                           f"{merge}")
     if not base and Path(cfg.base_model).is_absolute() and not Path(cfg.base_model).exists():
         raise Gpt2kitError(f"the base model recorded in {path / ADAPTER_CONFIG}, {cfg.base_model}, is gone; "
-                           "pass --base MODEL (where it is now)")
+                           f"move it back, or merge the adapter onto it where it is now: {merge}")
     recorded = cfg.base_fingerprint
     model, tok, fp, _ = open_base(base or cfg.base_model, device=device, dtype=dtype,
                                   fingerprint=fingerprint or bool(recorded), _depth=depth)
     if recorded and fp is not None and fp != recorded:
         if not base:
             raise Gpt2kitError(f"adapter {path} was trained on {cfg.base_model}, whose weights have changed since "
-                               f"(fingerprint {fp}, recorded {recorded}); pass --base with the model it was trained "
-                               f"on, or --base {cfg.base_model} to apply it to these weights anyway (gpt2kit merge "
-                               f"{path} --base MODEL --out DIR)")
+                               f"(fingerprint {fp}, recorded {recorded}); merge it onto the weights it was trained on, "
+                               f"{merge}, or onto these anyway with --base {shlex.quote(cfg.base_model)}")
         log.warning(f"adapter {path} was trained on other weights than {base} (fingerprint {recorded}, these "
                     f"are {fp}); applying it to them as --base asks")
     apply_lora(model, cfg)

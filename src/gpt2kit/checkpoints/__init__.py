@@ -133,12 +133,19 @@ def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 def load_model(name_or_path: str | Path, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None,
                tokenizer_dir: str | Path | None = None) -> tuple[GPT, Tokenizer]:
-    """Load any readable checkpoint (or model name) as an eval-mode GPT plus its tokenizer."""
+    """Load any readable checkpoint (or model name) as an eval-mode GPT plus its tokenizer. A LoRA adapter
+    directory, or a LoRA run with adapter checkpoints only, is its base model with the adapter merged in."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    from gpt2kit.lora import is_adapter_dir, open_base
     from gpt2kit.runs import load_adapter_run
-    adapters = load_adapter_run(name_or_path, device=dev, dtype=torch.float32)  # a LoRA run with no merged model yet
-    if adapters is not None:  # merged in float32 (as `gpt2kit merge` does), then cast
+    p = Path(str(name_or_path)).expanduser()
+    if is_adapter_dir(p) and not _is_model_dir(p):  # an adapter (RUN/checkpoints/step-N of a LoRA run)
+        model, tok, _, _ = open_base(p, device=dev, dtype=torch.float32, fingerprint=False)  # + a run's tokenizer
+        adapters = model, tok
+    else:
+        adapters = load_adapter_run(p, device=dev, dtype=torch.float32)  # a LoRA run with no merged model yet
+    if adapters is not None:  # merged onto its base in float32 (as `gpt2kit merge` does), then cast
         model, tok = adapters
         return model.to(dtype=dt), (Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else tok)
     for attempt in range(3):
