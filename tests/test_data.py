@@ -268,13 +268,127 @@ def test_token_cache_found_by_header_and_glob(tok, tmp_path):
     for given in (cache.path, str(tmp_path / "*.bin"), [str(tmp_path / "dat*")]):
         train, _ = prepare_data(given, tok, cache_dir=tmp_path / "cache")
         assert train.path == cache.path
-    with pytest.raises(Gpt2kitError, match="already a token cache"):
+    with pytest.raises(Gpt2kitError, match="already tokenized"):
         read_documents([tmp_path / "a.txt", cache.path])
     (tmp_path / "only").mkdir()
     cache.path.rename(tmp_path / "only/c.tokens")
     with pytest.raises(Gpt2kitError, match=r"pass the file itself \(e.g. .*c.tokens\)"):
         prepare_data(tmp_path / "only", tok, cache_dir=tmp_path / "cache")
 
+
+
+def token_files(tok, d: Path) -> tuple[list[list[int]], dict[str, Path]]:
+    """The same two documents as gpt-2-simple / nshepperd (.npz), numpy (.npy) and nanoGPT (.bin) write them."""
+    docs = [tok.encode("hello world"), tok.encode("bye now<|endoftext|>")]
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(d / "out.npz", *[np.array(x, dtype=np.int64) for x in docs])  # nshepperd's encode.py
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [np.array(x, dtype=np.int32) for x in docs]
+    np.save(d / "ragged.npy", ragged, allow_pickle=True)
+    np.save(d / "one.npy", np.array(docs[0], dtype=np.uint16))
+    np.array(docs[0] + docs[1], dtype="<u2").tofile(d / "train.bin")  # nanoGPT: one stream, no header
+    return docs, {p.name: p for p in d.iterdir()}
+
+
+def test_token_files_are_read_as_token_ids(tok, tmp_path, monkeypatch):
+    docs, f = token_files(tok, tmp_path / "in")
+    monkeypatch.setattr(data, "_encode_to_arrays", lambda *a, **k: pytest.fail("re-encoded"))
+    expected = {"out.npz": docs, "ragged.npy": docs, "one.npy": docs[:1], "train.bin": [docs[0] + docs[1]]}
+    for name, want in expected.items():
+        train, _ = prepare_data(f[name], tok, DataSpec(line_by_line=True), cache_dir=tmp_path / "cache")
+        assert [train.doc(i).tolist() for i in range(train.n_docs)] == want, name
+        assert train.tokenizer_id == tokenizer_id(tok)
+        out = encode_files(f[name], tmp_path / f"{name}.tokens", tok)
+        assert [out.doc(i).tolist() for i in range(out.n_docs)] == want, name
+    both = encode_files([f["out.npz"], f["one.npy"]], tmp_path / "both.tokens", tok)
+    assert [both.doc(i).tolist() for i in range(both.n_docs)] == docs + docs[:1]
+    # a validation split works on them as on text
+    train, val = prepare_data(f["out.npz"], tok, val_fraction=0.5, cache_dir=tmp_path / "cache")
+    assert train.n_docs == val.n_docs == 1
+
+
+def test_token_files_refused_when_not_token_ids(tok, tmp_path):
+    docs, f = token_files(tok, tmp_path / "in")
+    text = write(tmp_path / "a.txt", "some text\n")
+    np.savez(tmp_path / "big.npz", np.array([5, tok.vocab_size + 7]))
+    np.save(tmp_path / "neg.npy", np.array([5, -3]))
+    np.savez(tmp_path / "float.npz", np.array([1.5, 2.0]))
+    np.array([1, 60000], dtype="<u2").tofile(tmp_path / "ids.bin")
+    write(tmp_path / "odd.bin", b"\x01\x02\x03")
+    write(tmp_path / "text.npz", "not a zip\n")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    evil = np.empty(1, dtype=object)
+    evil[0] = Evil()
+    np.save(tmp_path / "evil.npy", evil, allow_pickle=True)
+    binary = r"looks like a binary file, not text.*\.npz/\.npy/\.bin token files and \.tokens caches$"
+    cases = {
+        "big.npz": rf"big.npz holds token id {tok.vocab_size + 7}, outside this tokenizer's 0-{tok.vocab_size - 1}",
+        "neg.npy": r"neg.npy holds token id -3, outside",
+        "float.npz": r"float.npz holds a float64 array of shape \(2,\), not token ids",
+        "ids.bin": r"ids.bin " + binary.replace("text.*", r"text \(as uint16 token ids it would hold id 60000.*"),
+        "odd.bin": r"odd.bin " + binary.replace("text.*", r"text \(its size, 3 bytes, is odd.*"),
+        "text.npz": r"text.npz is not a numpy .npz/.npy file",
+        "evil.npy": r"^cannot read .*evil.npy as token ids: it would load builtins.print, which is not a numpy array",
+    }
+    for name, match in cases.items():
+        for call in (lambda p: prepare_data(p, tok, cache_dir=tmp_path / "cache"),
+                     lambda p: encode_files(p, tmp_path / "x.tokens", tok)):
+            with pytest.raises(Gpt2kitError, match=match):
+                call(tmp_path / name)
+    with pytest.raises(Gpt2kitError, match=r"out.npz holds token ids; pass token files .* not mixed with text"):
+        prepare_data([text, f["out.npz"]], tok, cache_dir=tmp_path / "cache")
+    with pytest.raises(Gpt2kitError, match="already tokenized"):
+        read_documents([text, f["train.bin"]])
+    assert not (tmp_path / "x.tokens").exists()
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04zip bytes\xff", b"\x1f\x8b\x08gzip", b"\x93NUMPY\x01\x00",
+                                     b"text\x00with a NUL"])
+def test_binary_input_is_refused_not_decoded(tok, tmp_path, content):
+    f = write(tmp_path / "data.txt", content)
+    for spec in (DataSpec(), DataSpec(encoding="latin-1")):  # latin-1 would decode any bytes
+        with pytest.raises(Gpt2kitError, match=r"^\S*data.txt looks like a binary file, not text; gpt2kit reads") as e:
+            prepare_data(f, tok, spec, cache_dir=tmp_path / "cache")
+        assert "--encoding" not in str(e.value)
+    assert read_documents(write(tmp_path / "w.txt", "wide text".encode("utf-16")), DataSpec(encoding="utf-16")) == [
+        "wide text"]
+
+
+def test_text_options_are_an_error_with_pre_encoded_inputs(tok, tmp_path):
+    _, f = token_files(tok, tmp_path / "in")
+    cache = encode_files(f["out.npz"], tmp_path / "c.tokens", tok)
+    for path in (cache.path, f["out.npz"], f["train.bin"]):
+        for spec, opt in ((DataSpec(column="Joke"), "--column"), (DataSpec(field="text"), "--field"),
+                          (DataSpec(encoding="latin-1"), "--encoding")):
+            with pytest.raises(Gpt2kitError, match=rf"^{opt} applies to text inputs, but .* is already token ids"):
+                prepare_data(path, tok, spec, cache_dir=tmp_path / "cache")
+        # the default encoding however spelled, and line_by_line (document boundaries), are fine
+        prepare_data(path, tok, DataSpec(encoding="UTF8", line_by_line=True), cache_dir=tmp_path / "cache")
+    with pytest.raises(Gpt2kitError, match=r"^--encoding applies"):
+        encode_files(f["out.npz"], tmp_path / "x.tokens", tok, DataSpec(encoding="latin-1"))
+
+
+def test_encode_out_names_numpy_cannot_load_are_refused(tok, tmp_path, capsys):
+    from gpt2kit.cli import main
+    src = write(tmp_path / "dset.txt", "hello world\n")
+    for name in ("out.npz", "out.NPY"):
+        with pytest.raises(Gpt2kitError, match=rf"^--out .*{name}: gpt2kit writes its own token cache format.*"
+                                               r"name it .*out.tokens \(finetune --data reads .npz/.npy"):
+            encode_files(src, tmp_path / name, tok)
+        assert not (tmp_path / name).exists()
+    # nshepperd's `encode.py dset.txt out.npz` argument order
+    assert main(["encode", str(src), str(tmp_path / "out.npz"), "--tokenizer", str(VOCAB)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the output is named with --out")
+    assert f"--out {tmp_path / 'out.tokens'}" in err
+    assert main(["encode", str(src), "--tokenizer", str(VOCAB)]) == 1
+    assert capsys.readouterr().err == "error: --out FILE.tokens is required: the token cache to write\n"
+    _, f = token_files(tok, tmp_path / "in")
+    assert main(["encode", str(f["out.npz"]), "--out", str(tmp_path / "n.tokens"), "--tokenizer", str(VOCAB)]) == 0
+    assert capsys.readouterr().out.startswith("encoded 2 documents, 5 tokens")
 
 def test_val_fraction_splits_whole_documents(tok, tmp_path, caplog):
     spec = DataSpec(column="Joke")

@@ -2,9 +2,11 @@
 
 Raw inputs are .txt files (one document per file, or per line with line_by_line), folders (searched
 recursively), globs, .csv/.tsv (one document per row of one column) and .jsonl (one document per line,
-one field). Documents are encoded with the model's tokenizer, each followed by <|endoftext|>, and stored
-in a `.tokens` file (format below) that is read back with np.memmap, so a corpus larger than memory
-trains without loading it.
+one field). Pre-encoded token files are read as they are, without re-encoding: .npz (gpt-2-simple /
+nshepperd encode.py: each array one document), .npy (an integer array, or an object array of them) and
+nanoGPT's .bin (raw uint16 ids). Documents are encoded with the model's tokenizer, each followed by
+<|endoftext|>, and stored in a `.tokens` file (format below) that is read back with np.memmap, so a
+corpus larger than memory trains without loading it.
 
 Undecodable bytes are an error, not a warning: replacing them with U+FFFD would silently train the model
 on garbage, and the fix (`--encoding latin-1`, or the file's real encoding) is one flag away.
@@ -12,6 +14,7 @@ on garbage, and the fix (`--encoding latin-1`, or the file's real encoding) is o
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
@@ -21,8 +24,10 @@ import logging
 import math
 import numbers
 import os
+import pickle
 import re
 import struct
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +44,8 @@ if TYPE_CHECKING:  # only Batcher needs torch; importing it lazily keeps `gpt2ki
 log = logging.getLogger(__name__)
 
 RAW_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")  # what a folder is searched for
+TOKEN_SUFFIXES = (".npz", ".npy", ".bin")  # other tools' token ids (a gpt2kit cache named .bin: told by its header)
+_BINARY_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"\x93NUMPY")  # zip (and .npz), gzip, .npy
 
 
 @dataclass
@@ -163,12 +170,22 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
+def _binary_error(path: Path, why: str = "") -> Gpt2kitError:
+    return Gpt2kitError(f"{path} looks like a binary file, not text{why}; gpt2kit reads .txt/.csv/.tsv/.jsonl text, "
+                        ".npz/.npy/.bin token files and .tokens caches")
+
+
 def _read_text(path: Path, encoding: str) -> str:
     data = path.read_bytes()
     try:
-        text = data.decode(encoding)
+        wide = b"\0" in "\n".encode(encoding)  # UTF-16/32 text is full of NUL bytes
     except LookupError:
         raise Gpt2kitError(f"unknown encoding {encoding!r}; use e.g. --encoding utf-8 or latin-1") from None
+    # checked before decoding: any bytes decode as latin-1, and training on them is never what was meant
+    if data.startswith(_BINARY_MAGIC) or (b"\0" in data[:8192] and not wide):
+        raise _binary_error(path)
+    try:
+        text = data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise Gpt2kitError(
@@ -240,8 +257,8 @@ def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | N
     docs: list[str] = []
     for f in files:
         suffix = f.suffix.lower()
-        if suffix == ".tokens" or is_token_cache(f):
-            raise Gpt2kitError(f"{f} is already a token cache; pass it alone as the training data instead")
+        if suffix in (".tokens", *TOKEN_SUFFIXES) or is_token_cache(f):
+            raise Gpt2kitError(f"{f} is already tokenized; pass it alone as the training data instead")
         text = _read_text(f, spec.encoding)
         if suffix in (".csv", ".tsv"):
             docs += _read_table(f, text, spec)
@@ -453,6 +470,9 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
     if out.is_dir() or str(out_path).endswith(("/", os.sep)):  # a trailing slash means a folder, even a new one
         raise Gpt2kitError(f"--out {out_path} is a folder; give a file name, e.g. {out / 'data.tokens'}")
+    if out.suffix.lower() in (".npz", ".npy"):  # numpy could not load what is written
+        raise Gpt2kitError(f"--out {out_path}: gpt2kit writes its own token cache format, not {out.suffix}; name it "
+                           f"{out.with_suffix('.tokens')} (finetune --data reads .npz/.npy files directly)")
     files = expand_inputs(inputs)
     if out.exists() and any(out.resolve() == f.resolve() for f in files):
         raise Gpt2kitError(f"--out {out_path} is one of the inputs; give the token cache another name "
@@ -460,8 +480,10 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     if out.exists() and not is_token_cache(out):
         raise Gpt2kitError(f"--out {out_path} exists and is not a token cache; choose another name (the file "
                            "is left as it is)")
-    docs = read_documents(files, spec)
-    tokens, offsets = _encode_to_arrays(docs, tok)
+    if _token_inputs(files, spec):
+        tokens, offsets = _read_token_files(files, tok)
+    else:
+        tokens, offsets = _encode_to_arrays(read_documents(files, spec), tok)
     return TokenCache.write_arrays(out_path, tokens, offsets, tokenizer_id(tok))
 
 
@@ -479,6 +501,107 @@ def _encode_to_arrays(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.n
             parts.append(np.fromiter((t for x in ids for t in x), dtype=dtype, count=sum(map(len, ids))))
             group, size = [], 0
     return np.concatenate(parts), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# pre-encoded token files
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """An object .npy is a pickle: only what rebuilds numpy arrays is allowed, so the file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")) or (
+                module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it would load {module}.{name}, which is not a numpy array")
+
+
+def _numpy_arrays(path: Path) -> list[np.ndarray]:
+    """The arrays of a .npz, or the one array of a .npy."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+            if head == b"\x93NUMPY":
+                f.seek(0)
+                version = np.lib.format.read_magic(f)
+                header = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0(f))
+                if header[2].hasobject:
+                    return [np.asarray(_NumpyUnpickler(f).load())]
+            elif not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+                raise Gpt2kitError(f"{path} is not a numpy .npz/.npy file (it does not start like one)")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return [loaded[k] for k in loaded.files]
+        return [loaded]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise Gpt2kitError(f"cannot read {path} as token ids: {e}") from None
+
+
+def _token_docs(arr: np.ndarray, path: Path) -> list[np.ndarray]:
+    """A 1-D integer array is one document; a 2-D one holds a document per row, an object array one per item."""
+    try:
+        items = list(arr) if arr.dtype == object or arr.ndim == 2 else [arr]
+        docs = [np.asarray(d.tolist() if isinstance(d, np.ndarray) and d.dtype == object else d) for d in items]
+    except (TypeError, ValueError):  # a 0-d object array, ragged lists: reported below
+        docs = [arr]
+    for d in docs:
+        if d.dtype.kind not in "iu" or d.ndim != 1:
+            raise Gpt2kitError(f"{path} holds a {d.dtype} array of shape {d.shape}, not token ids (1-D integer "
+                               "arrays, one per document)")
+    return docs
+
+
+def _token_inputs(files: list[Path], spec: DataSpec) -> bool:
+    """Whether `files` are pre-encoded token files; a mix with text, or a text option for them, is refused."""
+    pre = [f for f in files if f.suffix.lower() in TOKEN_SUFFIXES and not is_token_cache(f)]
+    if pre and len(pre) < len(files):
+        raise Gpt2kitError(f"{pre[0]} holds token ids; pass token files (.npz/.npy/.bin) on their own, not mixed "
+                           "with text inputs (encode those separately)")
+    if pre:
+        _check_no_text_options(spec, pre[0])
+    return bool(pre)
+
+
+def _check_no_text_options(spec: DataSpec, path: Path) -> None:
+    """--column/--field/--encoding have nothing to act on in tokens: a mistake, not a no-op."""
+    try:
+        utf8 = codecs.lookup(spec.encoding).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    for opt, given in (("--column", spec.column is not None), ("--field", spec.field is not None),
+                       ("--encoding", not utf8)):
+        if given:
+            raise Gpt2kitError(f"{opt} applies to text inputs, but {path} is already token ids; drop {opt}")
+
+
+def _read_token_files(files: list[Path], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token files -> (tokens, doc offsets), ids as stored (no <|endoftext|> is added)."""
+    docs: list[np.ndarray] = []
+    for f in files:
+        if f.suffix.lower() == ".bin":  # nanoGPT: raw little-endian uint16 ids, no header: checked by size and ids
+            size = f.stat().st_size
+            if size % 2:
+                raise _binary_error(f, f" (its size, {size} bytes, is odd for uint16 token ids)")
+            part = [np.memmap(f, dtype="<u2", mode="r")] if size else []
+        else:
+            part = [d for a in _numpy_arrays(f) for d in _token_docs(a, f)]
+        part = [d for d in part if len(d)]
+        hi = max((int(d.max()) for d in part), default=0)
+        if f.suffix.lower() == ".bin" and hi >= tok.vocab_size:
+            raise _binary_error(f, f" (as uint16 token ids it would hold id {hi}, past this tokenizer's "
+                                   f"{tok.vocab_size} tokens)")
+        if hi >= tok.vocab_size or min((int(d.min()) for d in part), default=0) < 0:
+            lo = min(int(d.min()) for d in part)
+            raise Gpt2kitError(f"{f} holds token id {hi if hi >= tok.vocab_size else lo}, outside this tokenizer's "
+                               f"0-{tok.vocab_size - 1}; it was encoded with another vocabulary")
+        docs += part
+    if not docs:
+        raise Gpt2kitError(f"no tokens in {', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}")
+    tokens = docs[0] if len(docs) == 1 else np.concatenate(docs)  # (a lone .bin stays memory-mapped)
+    return tokens, np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,6 +630,7 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
     """A cache for `data` plus a key naming its content (for derived files)."""
     path = _is_cache_input(data)
     if path is not None:
+        _check_no_text_options(spec, path)
         cache = TokenCache.open(path)
         if cache.tokenizer_id != tid:
             raise Gpt2kitError(f"{path} was encoded with another tokenizer ({cache.tokenizer_id[:27]}...) "
@@ -515,7 +639,9 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
         key = hashlib.sha256(json.dumps(_stamp([path])).encode()).hexdigest()[:20]
         return cache, key
     files = expand_inputs(data)
-    _check_spec_applies(files, spec)  # also before reusing a cache
+    pre_encoded = _token_inputs(files, spec)  # these checks also come before reusing a cache
+    if not pre_encoded:
+        _check_spec_applies(files, spec)
     key = hashlib.sha256(json.dumps([_stamp(files), asdict(spec), tid, VERSION]).encode()).hexdigest()[:20]
     out = cache_dir / f"{key}.tokens"
     if out.is_file():
@@ -527,6 +653,9 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
         except Gpt2kitError as e:
             log.warning("re-encoding: %s", e)
             out.unlink(missing_ok=True)
+    if pre_encoded:
+        log.info("reading the token ids of %s into %s", plural(len(files), "file"), out)
+        return TokenCache.write_arrays(out, *_read_token_files(files, tok), tid), key
     docs = read_documents(files, spec)  # before the note, so that a wrong --column is the only line printed
     log.info("encoding %s into %s", plural(len(files), "file"), out)
     return TokenCache.write_arrays(out, *_encode_to_arrays(docs, tok), tid), key

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "encode", help="tokenize text/csv/jsonl files into a .tokens cache for finetune",
         description="Tokenize .txt files (one document each), folders, globs, .csv (--column) and .jsonl "
-                    "(--field) into a .tokens file that `gpt2kit finetune` reads directly.")
+                    "(--field) into a .tokens file that `gpt2kit finetune` reads directly. Token files "
+                    "(.npz/.npy from gpt-2-simple or nshepperd's encode.py, nanoGPT .bin) are converted as they are.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
-    p.add_argument("--out", "-o", required=True, metavar="FILE.tokens", help="token cache to write")
+    # checked in run(), to point at nshepperd's `encode.py INPUT OUT.npz` order
+    p.add_argument("--out", "-o", metavar="FILE.tokens", help="token cache to write (required)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", "-m", default="gpt2", help="model whose tokenizer to use (default: gpt2)")
     src.add_argument("--tokenizer", metavar="DIR", help="directory with vocab.json+merges.txt or "
@@ -27,14 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.cli.common import setup_logging
     from gpt2kit.data import DataSpec, encode_files, plural  # imported here so `gpt2kit --help` stays quick
+    from gpt2kit.errors import Gpt2kitError
     setup_logging()
     from gpt2kit.tokenizer import Tokenizer
 
+    if args.out is None:
+        last = Path(args.inputs[-1])
+        if len(args.inputs) > 1 and not last.exists() and last.suffix.lower() in (".npz", ".tokens", ".bin", ".npy"):
+            raise Gpt2kitError(f"the output is named with --out, not as the last input: gpt2kit encode "
+                               f"{' '.join(args.inputs[:-1])} --out {last.with_suffix('.tokens')}")
+        raise Gpt2kitError("--out FILE.tokens is required: the token cache to write")
     if args.tokenizer:
         tok = Tokenizer.from_dir(args.tokenizer)
     else:
         from gpt2kit.checkpoints import resolve_model_dir  # imports torch and the model: only when needed
-        from gpt2kit.errors import Gpt2kitError
         try:
             model_dir = resolve_model_dir(args.model)
         except Gpt2kitError as e:
