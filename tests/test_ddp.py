@@ -142,3 +142,26 @@ def test_a_process_failing_mid_training_stops_the_other_with_one_line(tmp_path, 
     assert errs[0].strip().splitlines()[-1].startswith("error: process 0: stopping, because another process")
     info = json.loads((tmp_path / "ddp/run.json").read_text())
     assert info["status"] == "failed" and "another process" in info["error"]
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, model_dir):
+    # the global batch is batch x grad-accum x processes, and rank r reads micro-step step * W + r: another W
+    # would replay or skip data
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import json
+    run = tmp_path / "ddp"
+    args = ["--model", str(model_dir), "--data", str(JOKES), "--column", "Joke", "--steps", "1", "--batch-size",
+            "2", "--block-size", "16", "--no-progress", "--no-tensorboard", "--eval-every", "0", "--sample-every",
+            "0", "--out", str(run)]
+    procs, errs = _two_workers(args)
+    assert [p.returncode for p in procs] == [0, 0], errs
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["steps"] = 2  # (a finished run resumes when its --steps is raised)
+    (run / "config.json").write_text(json.dumps(cfg))
+    one = subprocess.run([sys.executable, "-m", "gpt2kit", "finetune", "--resume", str(run), "--no-progress"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 1 and "Traceback" not in one.stderr, one.stderr
+    assert (f"error: cannot resume {run}: it was trained with 2 processes and this job has 1 (the global batch"
+            in one.stderr), one.stderr
+    assert f"resume it with `torchrun --nproc_per_node 2 -m gpt2kit finetune --resume {run}`" in one.stderr

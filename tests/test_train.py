@@ -309,7 +309,7 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
                  "--device", "cpu", "--no-progress"]) == 1
     assert "drop --batch-size, --seed, --grad-checkpointing (to change" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(out)]) == 1  # finished already
-    assert "already finished" in capsys.readouterr().err
+    assert f"already finished (2 steps); its model is in {out / 'best'}." in capsys.readouterr().err
     edited = json.loads((out / "config.json").read_text())
     del edited["steps"]  # (as a config-type error suggests for a bad line): still finished, not a new epoch
     (out / "config.json").write_text(json.dumps(edited))
@@ -854,3 +854,79 @@ def test_options_that_cannot_apply_are_said(tmp_path, tiny_dir, capsys):
     args = _tiny_args(tiny_dir, tmp_path / "b", "--column", "Joke", "--prompts", str(tmp_path / "prompts.txt"))
     assert main(args) == 1
     assert "holds no prompts" in capsys.readouterr().err
+
+
+def _extend(run: Path, steps: int) -> None:
+    """Raise a finished run's --steps, so that it can be resumed (as the README says)."""
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["steps"] = steps
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def test_resume_refuses_a_replaced_tokens_cache(tmp_path, tiny_dir, capsys):
+    cache = tmp_path / "g.tokens"
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely, " * 200)
+
+    def encode(src: Path, *extra: str) -> None:
+        assert main(["encode", str(src), *extra, "--tokenizer", str(VOCAB_DIR), "--out", str(tmp_path / "new.tokens")
+                     ]) == 0
+        os.replace(tmp_path / "new.tokens", cache)
+    encode(JOKES, "--column", "Joke")
+    run = tmp_path / "gt"
+    finetune(_cfg(tmp_path, tiny_dir, data=[str(cache)], column=None, val_fraction=0.0, steps=2, save_every=1,
+                  out=str(run)), progress=False)
+    _extend(run, 3)
+    encode(other)
+    with pytest.raises(Gpt2kitError, match=f"cannot resume {run}: its training data {cache} has changed since the "
+                                           r"run started \(\d[\d,]* tokens then, [\d,]+ now\); put the original back"):
+        resume(run, progress=False)
+    encode(JOKES, "--column", "Joke")  # the original back
+    assert resume(run, progress=False).status == "finished"
+
+
+def test_lora_resume_with_a_moved_base_and_paths_in_the_python_api(tmp_path, tiny_dir, capsys):
+    import shutil
+    base, moved, other = tmp_path / "tinyB", tmp_path / "tinyC", tmp_path / "other"
+    shutil.copytree(tiny_dir, base)
+    save_model(random_model(TINY, seed=2), Tokenizer.from_dir(VOCAB_DIR), other)
+    run = tmp_path / "mv"
+    assert main(_tiny_args(base, run, "--column", "Joke", "--lora-rank", "4", "--lora-targets", "c_attn, c_fc",
+                           "--steps", "2", "--save-every", "1")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\d,\d{3} trained \(LoRA rank 4\)", err), err  # not "0.00M"
+    _extend(run, 3)
+    base.rename(moved)
+    assert main(["finetune", "--resume", str(run), "--no-progress"]) == 1
+    assert f"the base model {base} of this LoRA run is gone; pass --model WHERE_IT_IS_NOW with --resume" in \
+        capsys.readouterr().err
+    assert main(["finetune", "--resume", str(run), "--model", str(other), "--no-progress"]) == 1
+    assert "whose weights have changed since" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(run), "--model", str(moved), "--no-progress"]) == 0
+    assert json.loads((run / "run.json").read_text())["step"] == 3
+    # a full run resumes from its own weights: --model has nothing to do there
+    full = tmp_path / "full"
+    assert main(_tiny_args(moved, full, "--column", "Joke")) == 0
+    assert main(["finetune", "--resume", str(full), "--model", str(moved)]) == 1
+    assert "drop --model" in capsys.readouterr().err
+
+    # paths in the Python API: as str, so config.json stays JSON; a single data path is a list of one
+    cfg = TrainConfig(model=moved, data=JOKES, val_data=[JOKES], out=tmp_path / "p").validate()
+    assert (cfg.model, cfg.data, cfg.val_data, cfg.out) == (str(moved), [str(JOKES)], [str(JOKES)],
+                                                          str(tmp_path / "p"))
+    json.dumps(cfg.to_dict())
+
+
+def test_an_interrupted_lora_run_names_its_newest_checkpoint(tmp_path, tiny_dir, monkeypatch):
+    from gpt2kit import train
+    from gpt2kit.lora import open_base
+    enter = train._Interrupt.__enter__
+
+    def ctrl_c_at_once(self):
+        enter(self)
+        self.flag = True
+        return self
+    monkeypatch.setattr(train._Interrupt, "__enter__", ctrl_c_at_once)
+    result = finetune(_cfg(tmp_path, tiny_dir, lora_rank=4, steps=3, eval_every=0), progress=False)
+    assert result.status == "interrupted" and result.model_dir == tmp_path / "run/checkpoints/step-1"
+    open_base(str(result.model_dir), device="cpu", dtype=torch.float32)  # (what --model RUN loads too)

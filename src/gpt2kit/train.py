@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -124,6 +125,18 @@ class TrainConfig:
     save_every: int | None = None  # steps; default: 10 times per run, at most every 1000 steps
     keep: int = 2  # checkpoints kept besides best/ and final/
     tensorboard: bool | None = None  # None: log to RUN/tensorboard when tensorboard is installed
+
+    def __post_init__(self) -> None:
+        # paths as str, so that config.json stays JSON; a single data path is a list of one
+        for name in ("model", "config", "tokenizer", "out"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        for name in ("data", "val_data"):
+            v = getattr(self, name)
+            if isinstance(v, (str, os.PathLike)):
+                v = [v]
+            if isinstance(v, (list, tuple)):
+                setattr(self, name, [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v])
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -709,6 +722,20 @@ class _Dist:
         return float(t.item()) / self.world
 
 
+def _data_identity(cache) -> dict[str, Any]:
+    """A cheap identity of a token cache file: its token count and a hash of its size, its first and last
+    MiB and 8 chunks between them (a replaced file differs in one of them, or in its size, in practice)."""
+    path = Path(cache.path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for off, n in [(0, 1 << 20), *((size * i // 9, 1 << 16) for i in range(1, 9)), (max(0, size - (1 << 20)),
+                                                                                          1 << 20)]:
+            f.seek(off)
+            h.update(f.read(n))
+    return {"tokens": len(cache), "sha256": h.hexdigest()}
+
+
 def _one_line(e: Exception, rank: int) -> str:
     if isinstance(e, Gpt2kitError):
         return str(e)
@@ -834,9 +861,11 @@ class _Interrupt:
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, *, resume: bool, progress: bool, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool, progress: bool, overwrite: bool = False,
+                 moved_base: bool = False):
         self.cfg = cfg
         self.resuming = resume
+        self.moved_base = moved_base  # resuming a LoRA run with its base model at a new cfg.model
         self.overwrite = overwrite
         self.progress = progress
         self.dir = Path(cfg.out)
@@ -919,9 +948,13 @@ class _Run:
             src, expect = cfg.model, None
             if ckpt is not None:  # resuming a LoRA run: its adapters go on the weights they were trained on
                 rec = lora.read_adapter_config(ckpt)
-                if rec.base_model and Path(rec.base_model).exists():
+                if rec.base_model and not self.moved_base and (Path(rec.base_model).exists()
+                                                               or Path(cfg.model).is_absolute()):
                     src = rec.base_model
                 expect = rec.base_fingerprint
+            if self.resuming and not self.moved_base and Path(src).is_absolute() and not Path(src).exists():
+                raise Gpt2kitError(f"cannot resume {self.dir}: the base model {src} of this LoRA run is gone; pass "
+                                   "--model WHERE_IT_IS_NOW with --resume (Python: resume(..., model=...))")
             # The base is read once, here, and base_dir names exactly what was read: a model directory, or for
             # a LoRA run with adapter checkpoints only, the adapter checkpoint merged onto its base (not the run,
             # whose newest adapter changes as it trains on). The fingerprint catches what a path cannot: weights
@@ -970,6 +1003,7 @@ class _Run:
             # the caches this run trained on: the same tokens even if the raw files changed or moved
             train = TokenCache.open(recorded[0])
             val = TokenCache.open(recorded[1]) if recorded[1] and Path(recorded[1]).is_file() else None
+            self._same_data(info.get("data_ids") or {}, train, val)
             return train, val
         spec = DataSpec(column=cfg.column, field=cfg.field, encoding=cfg.encoding, line_by_line=cfg.line_by_line)
         frac = cfg.val_fraction if cfg.val_fraction is not None else (0.0 if cfg.val_data else 0.05)
@@ -991,10 +1025,27 @@ class _Run:
         first = self.dist.agree(prep if self.dist.main else None)
         second = self.dist.agree(None if self.dist.main else prep)
         train, val = first if self.dist.main else second
-        if self.dist.main:
+        if self.resuming and "data_ids" in info:
+            self._same_data(info["data_ids"], train, val)
+        elif self.dist.main:
+            # caches read in place (not the run's own copies in RUN/data) may be replaced under the same name
+            own = (self.dir / "data").resolve()
+            ids = {k: _data_identity(c) for k, c in (("train", train), ("val", val))
+                   if c is not None and own not in c.path.resolve().parents}
             runs.update_run_json(self.dir, train_tokens=str(train.path.resolve()),
-                                 val_tokens=str(val.path.resolve()) if val is not None else None)
+                                 val_tokens=str(val.path.resolve()) if val is not None else None, data_ids=ids)
         return train, val
+
+    def _same_data(self, recorded: dict[str, Any], train, val) -> None:
+        for key, what, cache in (("train", "training", train), ("val", "validation", val)):
+            then = recorded.get(key)
+            if cache is None or not then:
+                continue
+            now = _data_identity(cache)
+            if now != then:
+                raise Gpt2kitError(f"cannot resume {self.dir}: its {what} data {cache.path} has changed since the "
+                                   f"run started ({then['tokens']:,} tokens then, {now['tokens']:,} now); put the "
+                                   "original back, or start a new run")
 
     def _resolve(self, model: GPT, train, val) -> TrainConfig:
         """Fill every automatic value, so config.json records exactly what runs."""
@@ -1045,7 +1096,7 @@ class _Run:
     def _trainer_state(self, step: int) -> dict[str, Any]:
         np_state = np.random.get_state()
         return {
-            "version": TRAINER_STATE_VERSION, "step": step,
+            "version": TRAINER_STATE_VERSION, "step": step, "world_size": self.dist.world,
             **self.trainer.state_dict(),
             "scheduler": {"kind": self.cfg.schedule, "step": step, "total_steps": self.cfg.steps},
             "batcher": self.batcher.state_dict(),
@@ -1154,6 +1205,14 @@ class _Run:
         if state.get("version") != TRAINER_STATE_VERSION:
             raise Gpt2kitError(f"{ckpt / TRAINER_STATE} has format v{state.get('version')}; this gpt2kit "
                                f"reads v{TRAINER_STATE_VERSION}")
+        world = state.get("world_size", self.dist.world)  # (absent from older checkpoints)
+        if world != self.dist.world:
+            q = shlex.quote(str(self.dir))
+            how = (f"`torchrun --nproc_per_node {world} -m gpt2kit finetune --resume {q}`" if world > 1 else
+                   f"without torchrun: `gpt2kit finetune --resume {q}`")
+            raise Gpt2kitError(f"cannot resume {self.dir}: it was trained with {world} process"
+                               f"{'es' if world > 1 else ''} and this job has {self.dist.world} (the global batch "
+                               f"and the data each step reads depend on it); resume it with {how}")
         self.trainer.load_state_dict(state)
         self.batcher.load_state_dict(state["batcher"])
         rng = state["rng"]
@@ -1279,7 +1338,9 @@ class _Run:
 
         model_dir = None
         if self.dist.main:
-            model_dir = runs.model_dir(self.dir)
+            # (a LoRA checkpoint holds adapters only, which --model RUN also loads)
+            ckpts = runs.checkpoint_dirs(self.dir)
+            model_dir = runs.model_dir(self.dir) or (ckpts[-1][1] if ckpts else None)
         tps = self.tokens_seen / self.train_time if self.train_time > 0 else 0.0
         best = self._best()
         return RunResult(self.dir, status, self.step, self.cfg.steps, self.last_loss, best["best_val_loss"],
@@ -1361,7 +1422,8 @@ class _Run:
         self.say(f"gpt2kit finetune: device {self.device_reason}; {prec.describe()}")
         what = (f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else
                 "all weights" if n_train == n_params else "partly frozen")
-        self.say(f"model: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained ({what}); data: "
+        trained = f"{n_train:,}" if n_train < 1e6 else f"{n_train / 1e6:.2f}M"
+        self.say(f"model: {n_params / 1e6:.1f}M parameters, {trained} trained ({what}); data: "
                  f"{plural(len(train), 'token')} in {plural(train.n_docs, 'document')}"
                  + (f", validation {len(val):,} tokens" if val is not None else ", no validation"))
         glob_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
@@ -1514,10 +1576,12 @@ def _check_inputs(cfg: TrainConfig) -> None:
                                    "be read as training text; choose an --out outside it")
 
 
-def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = None) -> RunResult:
+def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = None,
+           model: str | os.PathLike | None = None) -> RunResult:
     """Continue a run from its newest checkpoint, with the configuration it was started with. A run that
     had not reached its first checkpoint starts over (with the same result, since every step is
-    deterministic)."""
+    deterministic). `model`: where a LoRA run's base model is now, if it moved (its weights must be the
+    ones the run trained on)."""
     run_dir = Path(run_dir)
     info = runs.read_run_json(run_dir)
     try:
@@ -1530,6 +1594,11 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
     cfg.out = str(run_dir)
     if device is not None:
         cfg.device = device
+    if model is not None:
+        if not cfg.lora_rank:
+            raise Gpt2kitError(f"run {run_dir} trains all weights and resumes from its own checkpoints; drop "
+                               "--model (it can only point a LoRA run at its moved base model)")
+        cfg.model = os.fspath(model)
     if info.get("status") == "finished" and info.get("stopped_early"):
         raise Gpt2kitError(f"run {run_dir} already finished: it stopped early at step {info.get('step')} (no "
                            f"better validation loss); its model is in {runs.model_dir(run_dir)}. Start a new run "
@@ -1542,9 +1611,10 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
         target = cfg.steps if cfg.steps is not None else info.get("total_steps")
         if isinstance(target, int) and isinstance(step, int) and step >= target:
             raise Gpt2kitError(f"run {run_dir} already finished ({plural(step, 'step')}); its model is in "
-                               f"{run_dir}/final. Start a new run from it with --model {shlex.quote(str(run_dir))}")
+                               f"{runs.model_dir(run_dir)}. Start a new run from it with --model "
+                               f"{shlex.quote(str(run_dir))}")
     cfg.validate()
-    return _finish(_Run(cfg, resume=True, progress=progress))
+    return _finish(_Run(cfg, resume=True, progress=progress, moved_base=model is not None))
 
 
 def _finish(run: _Run) -> RunResult:

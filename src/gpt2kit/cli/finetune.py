@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", action="extend", metavar="PATH", default=[],
-                   help="training data: .txt/.csv/.tsv/.jsonl files, folders, globs, or one .tokens cache "
-                   "(from `gpt2kit encode`); repeatable")
+                   help="training data: .txt/.csv/.tsv/.jsonl files, folders, globs, .npz/.npy/.bin token files, or "
+                   "one .tokens cache (from `gpt2kit encode`); repeatable")
     g.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", default=[],
                    help="validation data (default: hold out --val-fraction of the documents)")
     g.add_argument("--val-fraction", type=float, help="fraction of documents held out for validation "
@@ -119,8 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # every option's default; with --resume the run's own settings are used, so any other value is refused
 _DEFAULTS: dict[str, object] = {}
-# what may differ when resuming: where it runs and how it shows progress
-_RESUME_OPTIONS = ("resume", "device", "no_progress", "func")
+# what may differ when resuming: where it runs and how it shows progress (and where a LoRA run's base moved)
+_RESUME_OPTIONS = ("resume", "device", "no_progress", "func", "model")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             raise Gpt2kitError(f"--resume continues a run with its own settings; drop {', '.join(given)} "
                                "(to change them, start a new run with --model RUN_DIR)")
         device = None if args.device == "auto" else args.device  # e.g. resume a GPU run on a CPU
-        result = train.resume(args.resume, progress=not args.no_progress, device=device)
+        result = train.resume(args.resume, progress=not args.no_progress, device=device, model=args.model)
     else:
         if not args.out:
             raise Gpt2kitError("no run directory: pass --out RUN_DIR (or --resume RUN_DIR to continue a run)")
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             grad_clip=args.grad_clip, dtype=args.dtype, device=args.device,
             grad_checkpointing=args.grad_checkpointing, compile=args.compile, dropout=args.dropout,
             freeze=args.freeze, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, lora_targets=[t for t in args.lora_targets.split(",") if t.strip()],
+            lora_dropout=args.lora_dropout, lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
             eval_every=args.eval_every, eval_batches=args.eval_batches, early_stop=args.early_stop,
             sample_every=args.sample_every, sample_tokens=args.sample_tokens, prompts=_prompts(args),
             save_every=args.save_every, keep=args.keep, tensorboard=args.tensorboard)
