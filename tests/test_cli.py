@@ -92,7 +92,7 @@ def test_eval_jsonl_and_errors(capsys, tiny_model_dir, tmp_path):
     assert run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "empty.txt")[2].startswith("error: ")
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "missing.txt")
     assert code == 1 and "does not exist" in err
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    (tmp_path / "bin.txt").write_bytes(b"ab\xffcd")  # not UTF-8 (NUL bytes would make it binary: refused)
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "bin.txt")
     assert code == 1 and "--encoding" in err
 

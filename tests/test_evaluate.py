@@ -83,3 +83,16 @@ def test_unknown_encoding_is_one_line(tmp_path):
     (tmp_path / "d.txt").write_text("hello")
     with pytest.raises(Gpt2kitError, match="^unknown encoding 'bogus'; use e.g. --encoding utf-8 or latin-1$"):
         read_eval_text(tmp_path / "d.txt", "bogus")
+
+
+def test_eval_data_that_is_binary_is_refused_not_decoded(tmp_path):
+    import numpy as np
+    np.savez_compressed(tmp_path / "ids.npz", np.arange(50, dtype=np.int32))
+    for enc in ("utf-8", "latin-1"):  # latin-1 decodes any bytes: the refusal comes before decoding
+        with pytest.raises(Gpt2kitError, match=r"ids.npz looks like a binary file, not text") as e:
+            read_eval_text(tmp_path / "ids.npz", enc)
+        assert "--encoding" not in str(e.value)
+    (tmp_path / "w.txt").write_bytes(b"a\r\nb\xe9")
+    with pytest.raises(Gpt2kitError, match=r"w.txt: byte 4 .*--encoding latin-1"):
+        read_eval_text(tmp_path / "w.txt")
+    assert read_eval_text(tmp_path / "w.txt", "latin-1") == "a\nb\u00e9"

@@ -175,7 +175,7 @@ def _binary_error(path: Path, why: str = "") -> Gpt2kitError:
                         ".npz/.npy/.bin token files and .tokens caches")
 
 
-def _read_text(path: Path, encoding: str) -> str:
+def read_text(path: Path, encoding: str) -> str:
     data = path.read_bytes()
     try:
         wide = b"\0" in "\n".encode(encoding)  # UTF-16/32 text is full of NUL bytes
@@ -259,7 +259,7 @@ def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | N
         suffix = f.suffix.lower()
         if suffix in (".tokens", *TOKEN_SUFFIXES) or is_token_cache(f):
             raise Gpt2kitError(f"{f} is already tokenized; pass it alone as the training data instead")
-        text = _read_text(f, spec.encoding)
+        text = read_text(f, spec.encoding)
         if suffix in (".csv", ".tsv"):
             docs += _read_table(f, text, spec)
         elif suffix == ".jsonl":

@@ -96,13 +96,9 @@ def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
     p = Path(path)
     if not p.is_file():
         raise Gpt2kitError(f"evaluation data {p} does not exist or is not a file")
-    try:
-        text = p.read_text(encoding=encoding).replace("\r\n", "\n").lstrip("\ufeff")
-    except LookupError:
-        raise Gpt2kitError(f"unknown encoding {encoding!r}; use e.g. --encoding utf-8 or latin-1") from None
-    except UnicodeDecodeError as e:
-        raise Gpt2kitError(f"{p} is not valid {encoding} (byte {e.start}); pass --encoding latin-1 "
-                           "or re-save the file as UTF-8") from None
+    from gpt2kit.data import read_text
+    try:  # as finetune reads text: a binary file (a token .npz, say) is refused, not decoded as latin-1
+        text = read_text(p, encoding)
     except OSError as e:
         raise Gpt2kitError(f"cannot read {p}: {e.strerror}") from None
     if not text.strip():
