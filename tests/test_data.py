@@ -626,3 +626,20 @@ def test_token_cache_write_refuses_what_it_would_store_wrongly(tmp_path, tok):
     with pytest.raises(ValueError, match=r"^tokenizer id must be ASCII"):
         TokenCache.write(path, [[1]], "tök")
     assert not path.exists()
+
+
+def test_one_set_of_text_options_serves_training_and_validation_data_of_other_kinds(tok, tmp_path):
+    tr = write(tmp_path / "tr.csv", "id,text\n1,one joke here\n2,another joke\n")
+    val_txt = write(tmp_path / "val.txt", "some held out text\n")
+    val_tokens = encode_files(val_txt, tmp_path / "val.tokens", tok)
+    spec = DataSpec(column="text")
+    for val in (val_txt, val_tokens.path):  # --column applies to the csv; the other set is of another kind
+        train, v = prepare_data(tr, tok, spec, val_data=val, cache_dir=tmp_path / f"c-{val.suffix}")
+        assert train.n_docs == 2 and tok.decode(v.tokens.tolist()).startswith("some held out text")
+    train, v = prepare_data(val_tokens.path, tok, spec, val_data=tr, cache_dir=tmp_path / "c3")
+    assert v.n_docs == 2
+    with pytest.raises(Gpt2kitError, match=r"^--column applies to text inputs, but .*val.tokens is already token "
+                                           r"ids; drop --column$"):
+        prepare_data(val_tokens.path, tok, spec, val_data=val_tokens.path, cache_dir=tmp_path / "c4")
+    with pytest.raises(Gpt2kitError, match=r"^--column/--field apply to .csv/.tsv and .jsonl files"):
+        prepare_data(val_txt, tok, spec, val_data=val_tokens.path, cache_dir=tmp_path / "c5")

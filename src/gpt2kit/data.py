@@ -254,6 +254,10 @@ def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | N
     spec = _spec_arg(spec)
     files = expand_inputs(inputs)
     _check_spec_applies(files, spec)
+    return _documents(files, spec)
+
+
+def _documents(files: list[Path], spec: DataSpec) -> list[str]:
     docs: list[str] = []
     for f in files:
         suffix = f.suffix.lower()
@@ -480,10 +484,11 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     if out.exists() and not is_token_cache(out):
         raise Gpt2kitError(f"--out {out_path} exists and is not a token cache; choose another name (the file "
                            "is left as it is)")
-    if _token_inputs(files, spec):
+    _check_options([files], spec)
+    if _token_inputs(files):
         tokens, offsets = _read_token_files(files, tok)
     else:
-        tokens, offsets = _encode_to_arrays(read_documents(files, spec), tok)
+        tokens, offsets = _encode_to_arrays(_documents(files, spec), tok)
     return TokenCache.write_arrays(out_path, tokens, offsets, tokenizer_id(tok))
 
 
@@ -554,15 +559,29 @@ def _token_docs(arr: np.ndarray, path: Path) -> list[np.ndarray]:
     return docs
 
 
-def _token_inputs(files: list[Path], spec: DataSpec) -> bool:
-    """Whether `files` are pre-encoded token files; a mix with text, or a text option for them, is refused."""
+def _token_inputs(files: list[Path]) -> bool:
+    """Whether `files` are pre-encoded token files; a mix with text is refused."""
     pre = [f for f in files if f.suffix.lower() in TOKEN_SUFFIXES and not is_token_cache(f)]
     if pre and len(pre) < len(files):
         raise Gpt2kitError(f"{pre[0]} holds token ids; pass token files (.npz/.npy/.bin) on their own, not mixed "
                            "with text inputs (encode those separately)")
-    if pre:
-        _check_no_text_options(spec, pre[0])
     return bool(pre)
+
+
+def _check_options(input_sets: list, spec: DataSpec) -> None:
+    """Text options against every input set together: one --column serves --data and --val-data alike, so
+    it must apply to some text input of either (a .txt validation set beside a .csv is fine); with token
+    inputs only, any text option is a mistake."""
+    text: list[Path] = []
+    tokens: list[Path] = []
+    for inputs in input_sets:
+        cache = _is_cache_input(inputs)
+        files = [cache] if cache is not None else expand_inputs(inputs)
+        (tokens if cache is not None or _token_inputs(files) else text).extend(files)
+    if text:
+        _check_spec_applies(text, spec)
+    else:
+        _check_no_text_options(spec, tokens[0])
 
 
 def _check_no_text_options(spec: DataSpec, path: Path) -> None:
@@ -630,7 +649,6 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
     """A cache for `data` plus a key naming its content (for derived files)."""
     path = _is_cache_input(data)
     if path is not None:
-        _check_no_text_options(spec, path)
         cache = TokenCache.open(path)
         if cache.tokenizer_id != tid:
             raise Gpt2kitError(f"{path} was encoded with another tokenizer ({cache.tokenizer_id[:27]}...) "
@@ -639,9 +657,7 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
         key = hashlib.sha256(json.dumps(_stamp([path])).encode()).hexdigest()[:20]
         return cache, key
     files = expand_inputs(data)
-    pre_encoded = _token_inputs(files, spec)  # these checks also come before reusing a cache
-    if not pre_encoded:
-        _check_spec_applies(files, spec)
+    pre_encoded = _token_inputs(files)
     key = hashlib.sha256(json.dumps([_stamp(files), asdict(spec), tid, VERSION]).encode()).hexdigest()[:20]
     out = cache_dir / f"{key}.tokens"
     if out.is_file():
@@ -656,7 +672,7 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
     if pre_encoded:
         log.info("reading the token ids of %s into %s", plural(len(files), "file"), out)
         return TokenCache.write_arrays(out, *_read_token_files(files, tok), tid), key
-    docs = read_documents(files, spec)  # before the note, so that a wrong --column is the only line printed
+    docs = _documents(files, spec)  # before the note, so that a bad file is the only line printed
     log.info("encoding %s into %s", plural(len(files), "file"), out)
     return TokenCache.write_arrays(out, *_encode_to_arrays(docs, tok), tid), key
 
@@ -726,6 +742,7 @@ def prepare_data(data: str | Path | Sequence[str | Path], tok: Tokenizer, spec: 
         raise TypeError(f"val_fraction must be a number in [0, 1), not {val_fraction!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise Gpt2kitError(f"val fraction must be in [0, 1), got {val_fraction}")
+    _check_options([data] + ([val_data] if val_data is not None else []), spec)  # (also before reusing a cache)
     tid = tokenizer_id(tok)
     train, key = _load(data, tok, spec, cache_dir, tid)
     if len(train) == 0:
