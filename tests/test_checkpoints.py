@@ -240,6 +240,11 @@ def test_config_file_near_miss_keys_are_errors_and_hf_keys_pass(tiny_model_dir, 
     (tmp_path / "hf.json").write_text(json.dumps({**hf, "my_note": "x"}))
     assert GPTConfig.from_json_file(tmp_path / "hf.json").n_positions == 64
     assert GPTConfig.from_json_file(tiny_model_dir / "config.json") == load_model(tiny_model_dir)[0].config
+    mpt = tmp_path / "mpt.json"  # another architecture's names are not typos of GPT-2's
+    mpt.write_text('{"model_type": "mpt", "n_heads": 32, "n_layers": 32}')
+    with pytest.raises(Gpt2kitError) as e:
+        GPTConfig.from_json_file(mpt)
+    assert "describes a 'mpt' model, not GPT-2" in _one_line(e)
 
 
 def test_bad_config_says_re_download_only_for_a_model_directory(tiny_model_dir, tmp_path):

@@ -97,12 +97,12 @@ class GPTConfig:
             kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
             raise Gpt2kitError(f"{source} holds {kind}, not a JSON object of settings: it is not a model "
                                f"config; {fix}")
+        if d.get("model_type", "gpt2") != "gpt2":  # first: another architecture's names are no typos of ours
+            raise Gpt2kitError(f"{source} describes a {d.get('model_type')!r} model, not GPT-2")
         for key in d:
             near = difflib.get_close_matches(str(key), _SETTING_NAMES, n=1, cutoff=0.85)
             if near and key not in _KNOWN_KEYS:
                 raise Gpt2kitError(f"{source}: unknown key {key!r} (did you mean {near[0]!r}?)")
-        if d.get("model_type", "gpt2") != "gpt2":
-            raise Gpt2kitError(f"{source} describes a {d.get('model_type')!r} model, not GPT-2")
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise Gpt2kitError(f"{source}: unsupported activation_function {act!r} (GPT-2 uses gelu_new)")
