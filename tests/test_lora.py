@@ -364,3 +364,14 @@ def test_lora_resume_refuses_a_changed_base(tmp_path):
         resume(run, progress=False)
     save_model(random_model(TINY, seed=8), tok, tmp_path / "m0")  # the same weights again: it goes on
     assert resume(run, progress=False).step == 2
+
+
+def test_weights_fingerprint_leaves_a_missing_shard_to_the_loader(tmp_path):
+    d = tmp_path / "sharded"
+    d.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": names[0], "b": names[1]}}))
+    (d / names[0]).write_bytes(b"\0" * 64)
+    assert lora.weights_fingerprint(d) is None  # not an OSError: loading then names the missing shard
+    (d / names[1]).write_bytes(b"\1" * 64)
+    assert lora.weights_fingerprint(d).startswith("v1:")

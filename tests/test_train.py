@@ -885,6 +885,18 @@ def test_resume_refuses_a_replaced_tokens_cache(tmp_path, tiny_dir, capsys):
     assert resume(run, progress=False).status == "finished"
 
 
+def test_a_moved_run_that_prepares_its_data_again_records_the_new_caches(tmp_path, tiny_dir):
+    import shutil
+    run, moved = tmp_path / "r", tmp_path / "moved"
+    finetune(_cfg(tmp_path, tiny_dir, steps=2, save_every=1, out=str(run)), progress=False)
+    _extend(run, 3)
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)  # the caches run.json names are gone with it: the resume encodes the data again
+    assert resume(moved, progress=False).status == "finished"
+    info = json.loads((moved / "run.json").read_text())
+    assert Path(info["train_tokens"]).parent == (moved / "data").resolve() and Path(info["train_tokens"]).is_file()
+
+
 def test_lora_resume_with_a_moved_base_and_paths_in_the_python_api(tmp_path, tiny_dir, capsys):
     import shutil
     base, moved, other = tmp_path / "tinyB", tmp_path / "tinyC", tmp_path / "other"

@@ -289,11 +289,14 @@ def weights_fingerprint(model_dir: str | Path) -> str | None:
         files = [d / n for n in shard_names(src)] if src.name.endswith(".index.json") else [src]
     else:  # OpenAI TF: model.ckpt.index + model.ckpt.data-*
         files = sorted(f for f in d.iterdir() if f.is_file() and (f.suffix == ".index" or ".data-" in f.name))
-    if not files:
+    if not files or not all(f.is_file() for f in files):  # a missing shard: the loader names it, in its words
         return None
     h = hashlib.sha256(b"gpt2kit-weights-v1\0")
-    for f in files:
-        _hash_file(h, f)
+    try:
+        for f in files:
+            _hash_file(h, f)
+    except OSError:  # replaced while read: _read_fingerprinted's second look tells
+        return None
     return "v1:" + h.hexdigest()[:32]
 
 
@@ -373,7 +376,8 @@ def _load_adapted(path: Path, base: str | None, device, dtype, fingerprint: bool
     if recorded and fp is not None and fp != recorded:
         if not base:
             raise Gpt2kitError(f"adapter {path} was trained on {cfg.base_model}, whose weights have changed since "
-                               f"(fingerprint {fp}, recorded {recorded}); merge it onto the weights it was trained on, "
+                               f"(fingerprint {fp}, recorded {recorded}; the same weights saved again in another form "
+                               f"count as changed too); merge it onto the weights it was trained on, "
                                f"{merge}, or onto these anyway with --base {shlex.quote(cfg.base_model)}")
         log.warning(f"adapter {path} was trained on other weights than {base} (fingerprint {recorded}, these "
                     f"are {fp}); applying it to them as --base asks")

@@ -964,8 +964,9 @@ class _Run:
                 fingerprint=bool(cfg.lora_rank))
             if expect and base_fp != expect:
                 raise Gpt2kitError(f"cannot resume {self.dir}: its adapters were trained on {src}, whose weights have "
-                                   f"changed since (fingerprint {base_fp}, recorded {expect}); put those weights "
-                                   "back, or start a new run")
+                                   f"changed since (fingerprint {base_fp}, recorded {expect}; the same weights saved "
+                                   "again in another form count as changed too); put those weights back, or start a "
+                                   "new run")
             base_dir = str(src_dir.resolve())
         else:
             base_dir = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
@@ -1025,15 +1026,17 @@ class _Run:
         first = self.dist.agree(prep if self.dist.main else None)
         second = self.dist.agree(None if self.dist.main else prep)
         train, val = first if self.dist.main else second
-        if self.resuming and "data_ids" in info:
+        checked = self.resuming and "data_ids" in info
+        if checked:
             self._same_data(info["data_ids"], train, val)
-        elif self.dist.main:
+        if self.dist.main:  # (a resume that prepared the data again records where its caches now are)
+            paths = dict(train_tokens=str(train.path.resolve()),
+                         val_tokens=str(val.path.resolve()) if val is not None else None)
             # caches read in place (not the run's own copies in RUN/data) may be replaced under the same name
             own = (self.dir / "data").resolve()
             ids = {k: _data_identity(c) for k, c in (("train", train), ("val", val))
                    if c is not None and own not in c.path.resolve().parents}
-            runs.update_run_json(self.dir, train_tokens=str(train.path.resolve()),
-                                 val_tokens=str(val.path.resolve()) if val is not None else None, data_ids=ids)
+            runs.update_run_json(self.dir, **paths, **({} if checked else {"data_ids": ids}))
         return train, val
 
     def _same_data(self, recorded: dict[str, Any], train, val) -> None:
