@@ -67,9 +67,12 @@ def test_replace_dir_and_recovery(tmp_path):
     # a crash after moving the old directory aside, before the new one arrived
     (tmp_path / "best").rename(tmp_path / ".old-best")
     (tmp_path / "checkpoints/.tmp-step-9").mkdir(parents=True)
+    (tmp_path / ".run.json.1670.tmp").write_text("{")  # atomic_write_text's, of a process killed mid-write
+    (tmp_path / "notes.tmp").write_text("mine")  # not ours: kept
     runs.recover_dirs(tmp_path)
     assert (tmp_path / "best/w").read_text() == "new"
     assert not (tmp_path / "checkpoints/.tmp-step-9").exists()
+    assert not (tmp_path / ".run.json.1670.tmp").exists() and (tmp_path / "notes.tmp").exists()
 
     (tmp_path / "checkpoints/step-4").mkdir()  # no trainer.pt: incomplete, never listed
     (tmp_path / "checkpoints/step-2").mkdir()

@@ -942,3 +942,10 @@ def test_an_interrupted_lora_run_names_its_newest_checkpoint(tmp_path, tiny_dir,
     result = finetune(_cfg(tmp_path, tiny_dir, lora_rank=4, steps=3, eval_every=0), progress=False)
     assert result.status == "interrupted" and result.model_dir == tmp_path / "run/checkpoints/step-1"
     open_base(str(result.model_dir), device="cpu", dtype=torch.float32)  # (what --model RUN loads too)
+
+
+def test_the_resume_hint_names_torchrun_for_a_run_of_several_processes():
+    from gpt2kit.train import _resume_hint
+    assert _resume_hint("my run") == "`gpt2kit finetune --resume 'my run'` (Python: resume('my run'))"
+    # a run of 2 processes is refused by a 1-process resume, so the hint must not offer one
+    assert _resume_hint("my run", 2) == "`torchrun --nproc_per_node 2 -m gpt2kit finetune --resume 'my run'`"

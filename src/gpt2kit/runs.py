@@ -201,6 +201,8 @@ def recover_dirs(run_dir: str | Path) -> None:
                     os.replace(p, final)
             elif p.name.startswith(".tmp-") and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():  # atomic_write_text's
+                p.unlink(missing_ok=True)
 
 
 # ---- listing -------------------------------------------------------------------------------------

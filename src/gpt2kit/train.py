@@ -59,8 +59,11 @@ TRAINER_STATE_VERSION = 1
 DEFAULT_PROMPTS = ("<|endoftext|>",)  # unconditional: shows what the model writes on its own
 
 
-def _resume_hint(run_dir: str | Path) -> str:
-    """How to continue a run, for callers of the command line and of the Python API alike."""
+def _resume_hint(run_dir: str | Path, world: int = 1) -> str:
+    """How to continue a run, for callers of the command line and of the Python API alike; a run of several
+    processes resumes with as many."""
+    if world > 1:
+        return f"`torchrun --nproc_per_node {world} -m gpt2kit finetune --resume {shlex.quote(str(run_dir))}`"
     return f"`gpt2kit finetune --resume {shlex.quote(str(run_dir))}` (Python: resume({str(run_dir)!r}))"
 
 
@@ -1155,9 +1158,9 @@ class _Run:
                        else (str(e).strip().splitlines() or [""])[-1])
             ckpts = runs.checkpoint_dirs(self.dir)
             kept = (f"the last checkpoint, {ckpts[-1][1]}, is kept: free some disk space, then "
-                    f"{_resume_hint(self.dir)} to continue from it" if ckpts else
+                    f"{_resume_hint(self.dir, self.dist.world)} to continue from it" if ckpts else
                     "no checkpoint has been written yet: free some disk space, then "
-                    f"{_resume_hint(self.dir)} to start the run again from step 0")
+                    f"{_resume_hint(self.dir, self.dist.world)} to start the run again from step 0")
             raise Gpt2kitError(f"cannot write {final} ({why[:200]}); {kept} (or start again with another --out)"
                                ) from None
 
@@ -1516,7 +1519,7 @@ class _Run:
                 if self.dist.main:
                     runs.update_run_json(self.dir, status="interrupted", step=self.step)
                 self.say(f"interrupted: saved {self.dir}/checkpoints/step-{self.step}; continue with "
-                         f"{_resume_hint(self.dir)}")
+                         f"{_resume_hint(self.dir, self.dist.world)}")
                 return "interrupted", False
             if due(cfg.save_every) and not last and not stopped_early:
                 self.save_checkpoint(self.step)
