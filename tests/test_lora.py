@@ -247,7 +247,9 @@ def _logits(model_dir, ids):
 
 def test_weights_fingerprint_follows_content_not_place(tmp_path, monkeypatch):
     import shutil
-    monkeypatch.setattr(lora, "_WHOLE", 1 << 20)  # sample files over 1 MiB, as 500 MB ones are
+
+    from gpt2kit import runs
+    monkeypatch.setattr(runs, "_WHOLE", 1 << 20)  # sample files over 1 MiB, as 500 MB ones are
     a = tmp_path / "a"
     a.mkdir()
     (a / "config.json").write_text("{}")

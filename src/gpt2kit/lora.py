@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2kit import runs
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 
@@ -257,27 +258,6 @@ def find_adapter(path: str | Path) -> Path:
 
 # ---- the base an adapter was trained on ---------------------------------------------------------------
 
-_SAMPLE = 1 << 16  # bytes in one sample of a large weight file
-_WHOLE = 64 << 20  # files up to this size are hashed whole
-
-
-def _hash_file(h: Any, f: Path) -> None:
-    """Name, size and content: the whole file up to 64 MiB, else one 64 KiB sample per MiB at evenly spaced
-    offsets (at most 1024; ~30 ms for a cached 500 MB file). Training changes nearly every byte of each tensor
-    it updates, so the samples of a trained model differ; a copy of the file has the same ones."""
-    size = f.stat().st_size
-    h.update(f"{f.name}\0{size}\0".encode())
-    with open(f, "rb") as fh:
-        if size <= _WHOLE:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-            return
-        n = min(size >> 20, 1024)
-        for i in range(n):
-            fh.seek(i * (size - _SAMPLE) // (n - 1))
-            h.update(fh.read(_SAMPLE))
-
-
 def weights_fingerprint(model_dir: str | Path) -> str | None:
     """A cheap content fingerprint of a model directory's weights (HuggingFace, sharded or OpenAI TF files):
     the same wherever the directory is copied, different once training has changed the weights. None when
@@ -294,7 +274,7 @@ def weights_fingerprint(model_dir: str | Path) -> str | None:
     h = hashlib.sha256(b"gpt2kit-weights-v1\0")
     try:
         for f in files:
-            _hash_file(h, f)
+            runs.hash_file(h, f)
     except OSError:  # replaced while read: _read_fingerprinted's second look tells
         return None
     return "v1:" + h.hexdigest()[:32]
@@ -306,7 +286,7 @@ def _merged_fingerprint(adapter: Path, cfg: LoraConfig, base_fp: str | None) -> 
         return None
     h = hashlib.sha256(b"gpt2kit-lora-merged-v1\0")
     h.update(json.dumps([cfg.rank, cfg.alpha, cfg.targets, base_fp]).encode())
-    _hash_file(h, adapter / ADAPTER_WEIGHTS)
+    runs.hash_file(h, adapter / ADAPTER_WEIGHTS)
     return "v1:" + h.hexdigest()[:32]
 
 
@@ -330,6 +310,15 @@ def _run_tokenizer(adapter: Path) -> Path | None:
     return None
 
 
+def adapter_named(path: str | Path) -> Path | None:
+    """The adapter `path` names when it is no model itself: an adapter directory (RUN/checkpoints/step-N of a
+    LoRA run), or a LoRA run with adapter checkpoints only (its newest). None for anything else."""
+    from gpt2kit.checkpoints import is_model_dir
+    from gpt2kit.runs import adapter_only_checkpoint
+    p = Path(str(path)).expanduser()
+    return p if is_adapter_dir(p) and not is_model_dir(p) else adapter_only_checkpoint(p)
+
+
 def open_base(base: str | Path, device: str | torch.device | None = "cpu",
               dtype: str | torch.dtype | None = "float32", tokenizer_dir: str | Path | None = None,
               fingerprint: bool = True, _depth: int = 0):
@@ -339,11 +328,8 @@ def open_base(base: str | Path, device: str | torch.device | None = "cpu",
     cast). A LoRA run with adapter checkpoints only gives its newest adapter checkpoint merged the same way,
     and that checkpoint directory is what is returned: see _Run._load_model."""
     from gpt2kit.checkpoints import load_model, pick_device, pick_dtype, resolve_model_dir
-    from gpt2kit.checkpoints.hf import is_hf_dir
-    from gpt2kit.runs import adapter_only_checkpoint
     from gpt2kit.tokenizer import Tokenizer
-    p = Path(str(base)).expanduser()
-    adapter = p if is_adapter_dir(p) and not is_hf_dir(p) else adapter_only_checkpoint(p)
+    adapter = adapter_named(base)
     if adapter is not None:
         if _depth > 8:
             raise Gpt2kitError(f"{adapter}: adapters on adapters more than 8 deep (does one name itself as its "

@@ -726,16 +726,9 @@ class _Dist:
 
 
 def _data_identity(cache) -> dict[str, Any]:
-    """A cheap identity of a token cache file: its token count and a hash of its size, its first and last
-    MiB and 8 chunks between them (a replaced file differs in one of them, or in its size, in practice)."""
-    path = Path(cache.path)
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for off, n in [(0, 1 << 20), *((size * i // 9, 1 << 16) for i in range(1, 9)), (max(0, size - (1 << 20)),
-                                                                                          1 << 20)]:
-            f.seek(off)
-            h.update(f.read(n))
+    """A cheap identity of a token cache file: its token count and a hash of samples of its content."""
+    h = hashlib.sha256()
+    runs.hash_file(h, Path(cache.path))
     return {"tokens": len(cache), "sha256": h.hexdigest()}
 
 

@@ -79,17 +79,17 @@ def run_model_dir(path: Path) -> Path | None:
     if not (path / "run.json").is_file():
         return None
     for sub in ("best", "final"):
-        if _is_model_dir(path / sub):
+        if is_model_dir(path / sub):
             return path / sub
     ckpts = sorted((path / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[-1])) \
         if (path / "checkpoints").is_dir() else []
     for c in reversed(ckpts):
-        if _is_model_dir(c):
+        if is_model_dir(c):
             return c
     raise Gpt2kitError(f"run directory {path} has no saved model yet (no best/, final/ or checkpoints/)")
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
     from gpt2kit.checkpoints.hf import is_hf_dir
     return path.is_dir() and (is_hf_dir(path) or _is_tf_dir(path))
 
@@ -137,17 +137,11 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     directory, or a LoRA run with adapter checkpoints only, is its base model with the adapter merged in."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    from gpt2kit.lora import is_adapter_dir, open_base
-    from gpt2kit.runs import load_adapter_run
-    p = Path(str(name_or_path)).expanduser()
-    if is_adapter_dir(p) and not _is_model_dir(p):  # an adapter (RUN/checkpoints/step-N of a LoRA run)
-        model, tok, _, _ = open_base(p, device=dev, dtype=torch.float32, fingerprint=False)  # + a run's tokenizer
-        adapters = model, tok
-    else:
-        adapters = load_adapter_run(p, device=dev, dtype=torch.float32)  # a LoRA run with no merged model yet
-    if adapters is not None:  # merged onto its base in float32 (as `gpt2kit merge` does), then cast
-        model, tok = adapters
-        return model.to(dtype=dt), (Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else tok)
+    from gpt2kit.lora import adapter_named, open_base
+    if adapter_named(name_or_path) is not None:  # merged onto its base in float32 (as `gpt2kit merge` does)
+        model, tok, _, _ = open_base(name_or_path, device=dev, dtype=dt, tokenizer_dir=tokenizer_dir,
+                                     fingerprint=False)
+        return model, tok
     for attempt in range(3):
         path = resolve_model_dir(name_or_path)
         try:
