@@ -149,3 +149,46 @@ def test_trainer_gradients_equal_plain_autograd(ext):
     # inference through the patched embedding is unchanged
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "emulated"])
+def test_trainer_uses_the_kernels_in_bfloat16_too(ext, monkeypatch, mode):
+    """Under bfloat16 autocast (native bf16 arithmetic, forced here on any CPU) and its float32 emulation,
+    the trainer routes attention and GELU through the float32 kernels too: autocast takes their bf16 input
+    up to float32, the emulation rounds attention's input and output as it does around SDPA. The loss and
+    gradients agree with PyTorch's own kernels under the same precision."""
+    import gpt2kit.train as train
+
+    monkeypatch.setattr(train, "_native_cpu", lambda dtype: mode == "autocast")
+    config = GPTConfig.from_name("tiny", n_embd=64, n_head=2, n_layer=2, vocab_size=101, n_positions=16)
+    seq = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(3))
+    x, y = seq[:, :-1], seq[:, 1:]
+    results, calls = [], []
+    for fn in (kernels._CausalAttention, kernels._GeluTanh):
+        monkeypatch.setattr(fn, "apply", (lambda orig, name: lambda *a: calls.append(name) or orig(*a))(
+            fn.apply, fn.__name__))
+    for use_kernels in (True, False):
+        if not use_kernels:
+            monkeypatch.setattr(kernels, "load", lambda *a, **k: None)
+        model = random_model(config, seed=5).train()
+        trainer = Trainer(model, TrainConfig(model="x", data=["x"], dtype="bfloat16"), torch.device("cpu"))
+        assert trainer.precision.mode == mode and trainer.cpu_kernels == use_kernels
+        block = model.transformer.h[0]
+        if use_kernels:
+            assert block.mlp.act is (kernels.gelu_tanh_float32 if mode == "autocast" else kernels.gelu_tanh)
+            qkv = torch.randn(2, 16, 3 * 64)
+            out = block.attn.attend(qkv.bfloat16() if mode == "autocast" else qkv, 2)
+            assert out.dtype == torch.float32
+            if mode == "emulated":  # rounded to bf16 on the way out
+                assert torch.equal(out, out.bfloat16().float())
+        else:
+            assert block.attn.attend is None
+        calls.clear()
+        loss = trainer.forward_backward([(x, y)])
+        # each of the 2 blocks ran both kernels, or neither
+        assert sorted(calls) == (["_CausalAttention"] * 2 + ["_GeluTanh"] * 2 if use_kernels else [])
+        results.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+    (loss_k, grads_k), (loss_ref, grads_ref) = results
+    assert abs(loss_k - loss_ref) < 2e-3
+    for gk, gr in zip(grads_k, grads_ref):
+        assert F.cosine_similarity(gk.flatten(), gr.flatten(), dim=0) > 0.999

@@ -30,13 +30,23 @@ SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp"]  # one extension; cp
 HEADERS = [HERE / "simd.h"]
 MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+# on CPUs with AVX-512 (PyTorch's "AVX512" capability: F, BW, VL, DQ) the training kernels use 512-bit
+# vectors (simd.h's vec); GPT2KIT_CPU_KERNELS_AVX512=0 builds the AVX2 form there too. The flags are part
+# of the build's name, so a cache shared by machines of both kinds keeps one build of each.
+AVX512_CFLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+
+
+def cflags() -> list[str]:
+    wide = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and os.environ.get("GPT2KIT_CPU_KERNELS_AVX512", "1") != "0")
+    return CFLAGS + (AVX512_CFLAGS if wide else [])
 
 _ext: Any = None
 _failed: str | None = None
 
 
 def _module_name() -> str:
-    key = (b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
+    key = (b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(cflags()).encode()
            + torch.__version__.encode() + sys.version.encode())
     return "gpt2kit_cpu_kernels_" + hashlib.sha256(key).hexdigest()[:12]
 
@@ -101,7 +111,7 @@ def load(build: bool = True, quiet: bool = False) -> Any:
         where.mkdir(parents=True, exist_ok=True)
         if not quiet:
             print("gpt2kit: compiling the CPU kernels once (about 30 s)...", file=sys.stderr, flush=True)
-        _ext = cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        _ext = cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
                                   build_directory=str(where), verbose=False)
     except Exception as e:  # a failed build must never stop generation: PyTorch's kernels still work
         last = (str(e).strip().splitlines() or [repr(e)])[-1][:200]
@@ -171,6 +181,17 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
         return _CausalAttention.apply(qkv, n_head)
     q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, nh, T, hs)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+
+
+def gelu_tanh_float32(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh of x taken up to float32 (for bfloat16/float16 autocast on CPUs): a float32 result."""
+    return gelu_tanh(x.float())
+
+
+def causal_attention_float32(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """causal_attention of qkv taken up to float32 (for bfloat16/float16 autocast on CPUs): a float32
+    result, computed from the rounded inputs more precisely than in the low-precision type."""
+    return causal_attention(qkv.float(), n_head)
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,6 @@
-// gpt2kit's training kernels for x86-64 CPUs with AVX2/FMA, float32: the parts of a GPT-2 training step
-// besides the big matrix products, which PyTorch runs as several memory passes, with a slow vectorised
-// tanh, or (attention) at a fraction of the CPU's speed.
+// gpt2kit's training kernels for x86-64 CPUs with AVX2/FMA (AVX-512 where the CPU has it: simd.h's vec),
+// float32: the parts of a GPT-2 training step besides the big matrix products, which PyTorch runs as
+// several memory passes, with a slow vectorised tanh, or (attention) at a fraction of the CPU's speed.
 //
 // Why by hand: in a float32 124M step on 2 cores (2.55 s, ~2.1 s of it matrix products already at ~95% of
 // the CPU's peak) the rest was what stood between gpt2kit and a larger lead over transformers. Measured
@@ -33,9 +33,10 @@
 namespace {
 
 using gpt2kit::check_f32;
-using gpt2kit::exp8;
-using gpt2kit::hsum;
 using gpt2kit::sigmoid_2u;
+namespace vec = gpt2kit::vec;
+using vec::V;
+using vec::W;
 
 constexpr int64_t kGrain = 1 << 15;  // values per task: large enough that threads pay off
 
@@ -49,9 +50,9 @@ torch::Tensor gelu_forward(const torch::Tensor& x) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
     int64_t i = b;
-    for (; i + 8 <= e; i += 8) {
-      const __m256 v = _mm256_loadu_ps(xp + i);
-      _mm256_storeu_ps(yp + i, _mm256_mul_ps(v, sigmoid_2u(v, nullptr)));
+    for (; i + W <= e; i += W) {
+      const V v = vec::load(xp + i);
+      vec::store(yp + i, vec::mul(v, sigmoid_2u(v, nullptr)));
     }
     for (; i < e; ++i) yp[i] = xp[i] * sigmoid_2u(xp[i], nullptr);
   });
@@ -67,15 +68,15 @@ torch::Tensor gelu_backward(const torch::Tensor& dy, const torch::Tensor& x) {
   const float *gp = dy.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* dp = dx.data_ptr<float>();
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
-    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    const V one = vec::set1(1.0f), two = vec::set1(2.0f);
     int64_t i = b;
-    for (; i + 8 <= e; i += 8) {
-      const __m256 v = _mm256_loadu_ps(xp + i);
-      __m256 du;
-      const __m256 s = sigmoid_2u(v, &du);
+    for (; i + W <= e; i += W) {
+      const V v = vec::load(xp + i);
+      V du;
+      const V s = sigmoid_2u(v, &du);
       // s + x * 2 s (1 - s) u'
-      const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(two, s), _mm256_mul_ps(_mm256_sub_ps(one, s), du));
-      _mm256_storeu_ps(dp + i, _mm256_mul_ps(_mm256_loadu_ps(gp + i), _mm256_fmadd_ps(v, ds, s)));
+      const V ds = vec::mul(vec::mul(two, s), vec::mul(vec::sub(one, s), du));
+      vec::store(dp + i, vec::mul(vec::load(gp + i), vec::fmadd(v, ds, s)));
     }
     for (; i < e; ++i) {
       float du;
@@ -96,7 +97,7 @@ std::vector<torch::Tensor> softmax_xent_forward(torch::Tensor logits, const torc
                   logits.stride(1) == 1, "logits must be a float32 CPU (N, V) tensor with unit column stride");
   TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.is_contiguous() &&
                   targets.size(0) == logits.size(0), "targets must be (N,) int64");
-  const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
+  const int64_t N = logits.size(0), Vn = logits.size(1), ld = logits.stride(0);
   torch::Tensor loss = torch::empty({N}, logits.options());
   torch::Tensor inv_sum = torch::empty({N}, logits.options());
   float* base = logits.data_ptr<float>();
@@ -107,32 +108,29 @@ std::vector<torch::Tensor> softmax_xent_forward(torch::Tensor logits, const torc
     for (int64_t r = r0; r < r1; ++r) {
       float* x = base + r * ld;
       const int64_t t = tp[r];
-      if (t != ignore_index && (t < 0 || t >= V)) {
+      if (t != ignore_index && (t < 0 || t >= Vn)) {
         bad_target = true;
         continue;
       }
       const float picked = t == ignore_index ? 0.0f : x[t];
-      __m256 m8 = _mm256_set1_ps(-INFINITY);
+      V m8 = vec::set1(-INFINITY);
       int64_t i = 0;
-      for (; i + 8 <= V; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
-      float m = -INFINITY;
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, m8);
-      for (float l : lanes) m = std::max(m, l);
-      for (int64_t j = i; j < V; ++j) m = std::max(m, x[j]);
-      const __m256 mv = _mm256_set1_ps(m);
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      for (; i + W <= Vn; i += W) m8 = vec::max(m8, vec::load(x + i));
+      float m = vec::hmax(m8);
+      for (int64_t j = i; j < Vn; ++j) m = std::max(m, x[j]);
+      const V mv = vec::set1(m);
+      V s0 = vec::zero(), s1 = vec::zero();
       i = 0;
-      for (; i + 16 <= V; i += 16) {
-        const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
-        const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), mv));
-        _mm256_storeu_ps(x + i, e0);
-        _mm256_storeu_ps(x + i + 8, e1);
-        s0 = _mm256_add_ps(s0, e0);
-        s1 = _mm256_add_ps(s1, e1);
+      for (; i + 2 * W <= Vn; i += 2 * W) {
+        const V e0 = vec::exp(vec::sub(vec::load(x + i), mv));
+        const V e1 = vec::exp(vec::sub(vec::load(x + i + W), mv));
+        vec::store(x + i, e0);
+        vec::store(x + i + W, e1);
+        s0 = vec::add(s0, e0);
+        s1 = vec::add(s1, e1);
       }
-      double sum = hsum(_mm256_add_ps(s0, s1));
-      for (; i < V; ++i) {
+      double sum = vec::hsum(vec::add(s0, s1));
+      for (; i < Vn; ++i) {
         x[i] = std::exp(x[i] - m);
         sum += x[i];
       }
@@ -140,7 +138,7 @@ std::vector<torch::Tensor> softmax_xent_forward(torch::Tensor logits, const torc
       lp[r] = t == ignore_index ? 0.0f : static_cast<float>(m + std::log(sum) - picked);
     }
   });
-  TORCH_CHECK(!bad_target, "a target is outside [0, ", V, ")");
+  TORCH_CHECK(!bad_target, "a target is outside [0, ", Vn, ")");
   return {loss, inv_sum};
 }
 
@@ -154,14 +152,14 @@ double sum_squares(const std::vector<torch::Tensor>& tensors) {
       double s = 0;
       for (int64_t i0 = b; i0 < e; i0 += 4096) {  // float partial sums over 4,096 values, then double
         const int64_t i1 = std::min(e, i0 + 4096);
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        V a0 = vec::zero(), a1 = vec::zero();
         int64_t i = i0;
-        for (; i + 16 <= i1; i += 16) {
-          const __m256 v0 = _mm256_loadu_ps(p + i), v1 = _mm256_loadu_ps(p + i + 8);
-          a0 = _mm256_fmadd_ps(v0, v0, a0);
-          a1 = _mm256_fmadd_ps(v1, v1, a1);
+        for (; i + 2 * W <= i1; i += 2 * W) {
+          const V v0 = vec::load(p + i), v1 = vec::load(p + i + W);
+          a0 = vec::fmadd(v0, v0, a0);
+          a1 = vec::fmadd(v1, v1, a1);
         }
-        s += hsum(_mm256_add_ps(a0, a1));
+        s += vec::hsum(vec::add(a0, a1));
         for (; i < i1; ++i) s += static_cast<double>(p[i]) * p[i];
       }
       return acc + s;
@@ -184,60 +182,81 @@ namespace {
 
 enum Mode { kFull, kCausalN, kLowerK, kUpperK };
 
-// One row of a micro-tile: (c0, c1) += a * (b0, b1), a broadcast from memory.
-__attribute__((always_inline)) inline void fma_row(const float* a, __m256 b0, __m256 b1, __m256& c0, __m256& c1) {
-  const __m256 av = _mm256_broadcast_ss(a);
-  c0 = _mm256_fmadd_ps(av, b0, c0);
-  c1 = _mm256_fmadd_ps(av, b1, c1);
+// Rows of a micro-tile: 2 x 8 accumulators fit AVX-512's 32 registers, 2 x 6 AVX2's 16. The kLowerK and
+// kUpperK sums read up to kMR - 1 values past the diagonal, which softmax_row leaves zero (7 of them).
+constexpr int kMR = W == 16 ? 8 : 6;
+
+// One row of a micro-tile: (c0, c1) += a * (b0, b1) (c0 only when NV is 1), a broadcast from memory.
+template <int NV>
+__attribute__((always_inline)) inline void fma_row(const float* a, V b0, V b1, V& c0, V& c1) {
+  const V av = vec::set1(*a);
+  c0 = vec::fmadd(av, b0, c0);
+  if constexpr (NV > 1) c1 = vec::fmadd(av, b1, c1);
 }
 
-// C[m][n0..n0+16) = alpha * sum_k A(m, k) B[k][n0..n0+16) for MR rows; A(m, k) = a[m * sam + k * sak].
+// C[m][n0..n0+NV*W) = alpha * sum_k A(m, k) B[k][n0..n0+NV*W) for MR rows; A(m, k) = a[m * sam + k * sak].
 // The 2 x MR accumulators are named variables, not an array: GCC kept an array's copy on the stack,
 // storing all 12 every iteration, at a third of the speed.
-template <int MR>
+template <int MR, int NV>
 inline void micro(const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, float* c, int64_t ldc,
                   int64_t k0, int64_t k1, float alpha) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
-         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  V c00 = vec::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00, c40 = c00,
+    c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
   for (int64_t k = k0; k < k1; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+    const V b0 = vec::load(b + k * ldb), b1 = NV > 1 ? vec::load(b + k * ldb + W) : b0;
     const float* ak = a + k * sak;
-    fma_row(ak, b0, b1, c00, c01);
-    if constexpr (MR > 1) fma_row(ak + sam, b0, b1, c10, c11);
-    if constexpr (MR > 2) fma_row(ak + 2 * sam, b0, b1, c20, c21);
-    if constexpr (MR > 3) fma_row(ak + 3 * sam, b0, b1, c30, c31);
-    if constexpr (MR > 4) fma_row(ak + 4 * sam, b0, b1, c40, c41);
-    if constexpr (MR > 5) fma_row(ak + 5 * sam, b0, b1, c50, c51);
+    fma_row<NV>(ak, b0, b1, c00, c01);
+    if constexpr (MR > 1) fma_row<NV>(ak + sam, b0, b1, c10, c11);
+    if constexpr (MR > 2) fma_row<NV>(ak + 2 * sam, b0, b1, c20, c21);
+    if constexpr (MR > 3) fma_row<NV>(ak + 3 * sam, b0, b1, c30, c31);
+    if constexpr (MR > 4) fma_row<NV>(ak + 4 * sam, b0, b1, c40, c41);
+    if constexpr (MR > 5) fma_row<NV>(ak + 5 * sam, b0, b1, c50, c51);
+    if constexpr (MR > 6) fma_row<NV>(ak + 6 * sam, b0, b1, c60, c61);
+    if constexpr (MR > 7) fma_row<NV>(ak + 7 * sam, b0, b1, c70, c71);
   }
-  const __m256 al = _mm256_set1_ps(alpha);
-  const __m256 rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  const V al = vec::set1(alpha);
+  const V rows[8][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}, {c60, c61},
+                        {c70, c71}};
   for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, _mm256_mul_ps(al, rows[r][0]));
-    _mm256_storeu_ps(c + r * ldc + 8, _mm256_mul_ps(al, rows[r][1]));
+    vec::store(c + r * ldc, vec::mul(al, rows[r][0]));
+    if constexpr (NV > 1) vec::store(c + r * ldc + W, vec::mul(al, rows[r][1]));
+  }
+}
+
+template <int NV>
+inline void micro_rows(int mr, const float* am, int64_t sam, int64_t sak, const float* bn, int64_t ldb, float* cm,
+                       int64_t ldc, int64_t k0, int64_t k1, float alpha) {
+  switch (mr) {
+    case 8: micro<8, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    case 7: micro<7, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    case 6: micro<6, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    case 5: micro<5, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    case 4: micro<4, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    case 3: micro<3, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    case 2: micro<2, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+    default: micro<1, NV>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
   }
 }
 
 // C (M x N) = alpha * A (M x K) B (K x N), N a multiple of 16, B row-major with row stride ldb. mode:
-// kCausalN computes only the 16-column blocks that reach the diagonal (n0 <= m), for S and dP;
+// kCausalN computes only the column blocks that reach the diagonal (n0 <= m), for S and dP;
 // kLowerK sums k <= m only (A zero above its diagonal: P and dS), kUpperK k >= m only (A = P^T, dS^T).
+// Tiles are kMR rows by two vectors (16 columns with AVX2, 32 with AVX-512; a last block of 16 then takes one).
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb,
           float* c, int64_t ldc, Mode mode, float alpha) {
-  constexpr int MR = 6;
-  for (int64_t m0 = 0; m0 < M; m0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+  static_assert(2 * W % 16 == 0 && 16 % W == 0, "tiles of 16 columns are one or two vectors");
+  for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
     const int64_t k0 = mode == kUpperK ? m0 : 0, k1 = mode == kLowerK ? std::min(K, m0 + mr) : K;
-    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    for (int64_t n0 = 0; n0 < N;) {
       if (mode == kCausalN && n0 > m0 + mr - 1) break;
       const float* am = a + m0 * sam;
-      const float* bn = b + n0;
-      float* cm = c + m0 * ldc + n0;
-      switch (mr) {
-        case 6: micro<6>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
-        case 5: micro<5>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
-        case 4: micro<4>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
-        case 3: micro<3>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
-        case 2: micro<2>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
-        default: micro<1>(am, sam, sak, bn, ldb, cm, ldc, k0, k1, alpha); break;
+      if (n0 + 2 * W <= N) {
+        micro_rows<2>(mr, am, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc, k0, k1, alpha);
+        n0 += 2 * W;
+      } else {  // AVX-512's last 16 columns
+        micro_rows<1>(mr, am, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc, k0, k1, alpha);
+        n0 += W;
       }
     }
   }
@@ -264,35 +283,33 @@ inline int64_t padded_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
 // Row i of P from row i of S (scale already applied), for j <= i: e^(S - lse) with lse computed here
 // (forward, returned) or given (backward); zero for j in (i, i + 8), which the kLowerK / kUpperK sums
-// read within a block of 6 rows.
+// read within a block of kMR (at most 8) rows.
 inline float softmax_row(float* s, int64_t i, int64_t Tp, const float* given_lse) {
   const int64_t n = i + 1;
   float lse;
   int64_t j = 0;
   if (given_lse) {  // backward: P = e^(S - lse)
     lse = *given_lse;
-    const __m256 lv = _mm256_set1_ps(lse);
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), lv)));
+    const V lv = vec::set1(lse);
+    for (; j + W <= n; j += W) vec::store(s + j, vec::exp(vec::sub(vec::load(s + j), lv)));
     for (; j < n; ++j) s[j] = std::exp(s[j] - lse);
   } else {  // forward: e^(S - max), then divided by its sum
-    __m256 m8 = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, m8);
-    float m = *std::max_element(lanes, lanes + 8);
+    V m8 = vec::set1(-INFINITY);
+    for (; j + W <= n; j += W) m8 = vec::max(m8, vec::load(s + j));
+    float m = vec::hmax(m8);
     for (; j < n; ++j) m = std::max(m, s[j]);
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 acc = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-      _mm256_storeu_ps(s + j, e);
-      acc = _mm256_add_ps(acc, e);
+    const V mv = vec::set1(m);
+    V acc = vec::zero();
+    for (j = 0; j + W <= n; j += W) {
+      const V e = vec::exp(vec::sub(vec::load(s + j), mv));
+      vec::store(s + j, e);
+      acc = vec::add(acc, e);
     }
-    float sum = hsum(acc);
+    float sum = vec::hsum(acc);
     for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
     lse = m + std::log(sum);
-    const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+    const V inv = vec::set1(1.0f / sum);
+    for (j = 0; j + W <= n; j += W) vec::store(s + j, vec::mul(vec::load(s + j), inv));
     for (; j < n; ++j) s[j] *= 1.0f / sum;
   }
   for (int64_t z = n; z < std::min(Tp, n + 7); ++z) s[z] = 0.0f;
@@ -358,10 +375,9 @@ torch::Tensor causal_attention_backward(const torch::Tensor& dy, const torch::Te
       const float* o = yp + b * T * C + h * hs;
       float* dq = dbase + b * T * C3 + h * hs;
       for (int64_t i = 0; i < T; ++i) {  // D_i = dY_i . Y_i
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < hs; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(g + i * C + d), _mm256_loadu_ps(o + i * C + d), acc);
-        D[i] = hsum(acc);
+        V acc = vec::zero();
+        for (int64_t d = 0; d < hs; d += W) acc = vec::fmadd(vec::load(g + i * C + d), vec::load(o + i * C + d), acc);
+        D[i] = vec::hsum(acc);
       }
       transpose_into(k, C3, T, hs, Tp, Kt.data(), Ld);
       transpose_into(v, C3, T, hs, Tp, Vt.data(), Ld);
@@ -374,10 +390,9 @@ torch::Tensor causal_attention_backward(const torch::Tensor& dy, const torch::Te
         float* p = P.data() + i * Ld;
         float* ds = dS.data() + i * Ld;
         softmax_row(p, i, Tp, lp + t * T + i);
-        const __m256 dv = _mm256_set1_ps(D[i]);
+        const V dv = vec::set1(D[i]);
         int64_t j = 0;
-        for (; j + 8 <= i + 1; j += 8)
-          _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(ds + j), dv)));
+        for (; j + W <= i + 1; j += W) vec::store(ds + j, vec::mul(vec::load(p + j), vec::sub(vec::load(ds + j), dv)));
         for (; j <= i; ++j) ds[j] = p[j] * (ds[j] - D[i]);
         for (int64_t z = i + 1; z < std::min(Tp, i + 8); ++z) ds[z] = 0.0f;
       }
