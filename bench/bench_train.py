@@ -1,7 +1,7 @@
 """Training speed: gpt2kit vs a plain transformers training loop, same weights, data and settings.
 
     python bench/bench_train.py                 # fp32 + bf16 table, then the jokes-job projection
-    python bench/bench_train.py --quick         # fewer steps, skips transformers' bf16 (very slow on AVX2)
+    python bench/bench_train.py --quick         # fewer steps; transformers bf16 only where the CPU has bf16 arithmetic
 
 Both sides fully fine-tune the same random-initialised 124M GPT-2 (random weights train at exactly the
 speed of pretrained ones) on the same batches of 2 x 256 tokens of tinyshakespeare: AdamW (lr 1e-4,
@@ -165,8 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="processes per side, in alternating order")
-    ap.add_argument("--quick", action="store_true", help="4 steps, 1 round; no transformers bf16 (~200 s a step "
-                    "on AVX2 CPUs)")
+    ap.add_argument("--quick", action="store_true", help="4 steps, 1 round; no transformers bf16 on CPUs without "
+                    "bf16 arithmetic (~200 s a step on AVX2 CPUs)")
     ap.add_argument("--no-jokes", action="store_true", help="skip the jokes-job projection")
     ap.add_argument("--jokes-only", action="store_true", help="only the jokes-job projection")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -191,8 +191,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         save_model(GPT(GPTConfig.from_name("gpt2")), Tokenizer.from_dir(VOCAB), d)  # random 124M, saved once
+        # where the CPU has bfloat16 arithmetic (AMX, AVX512-BF16) transformers' bf16 autocast step is fast
+        # enough to time like the others; elsewhere it takes ~200 s a step and gets one step at the end
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         plan = [("float32", "gpt2kit"), ("float32", "transformers"), ("float32", "transformers+fused"),
                 ("bfloat16", "gpt2kit")]
+        if native_bf16:
+            plan += [("bfloat16", "transformers"), ("bfloat16", "transformers+fused")]
         results: dict[tuple[str, str], list[dict]] = {}
         for r in range(0 if args.jokes_only else args.rounds):
             for dtype, side in (plan if r % 2 == 0 else plan[::-1]):
@@ -200,7 +205,7 @@ def main() -> None:
                 results.setdefault((side, dtype), []).append(res)
                 print(f"  {side:<20} {dtype:<9} {res['mode']:<9} steps {[round(x, 2) for x in res['step_s']]}  "
                       f"peak RSS {res['peak_rss_gib']:.2f} GiB  (load {_load()})", flush=True)
-        if not args.quick and not args.jokes_only:  # one step of ~200 s; its warm-up share is noise
+        if not args.quick and not args.jokes_only and not native_bf16:  # one step of ~200 s; its warm-up is noise
             res = json.loads(_subprocess("--worker", "transformers", "bfloat16", "0", d))
             results[("transformers", "bfloat16")] = [res]
             print(f"  {'transformers':<20} bfloat16  {res['mode']:<9} steps {[round(x, 2) for x in res['step_s']]}  "
