@@ -3,10 +3,10 @@
 For decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch linear layer,
 and a whole one-token step of GPT-2 built on it (blocks, KV-cache attention, ln_f, LM head). For float32
 training (cpu_train.cpp says why): causal attention and GELU, forward and backward, the cross-entropy's
-softmax, and the gradient norm. It needs an x86-64 CPU with AVX2/FMA and a C++ compiler; without them,
-or with GPT2KIT_CPU_KERNELS=0, everything runs on PyTorch's own kernels with the same results (to float32
-rounding). `python -m gpt2kit.kernels` builds it ahead of time (scripts/setup.sh does), so that no later
-command waits for the compiler.
+softmax, and the gradient norm. It needs an x86-64 CPU with AVX2/FMA (it uses AVX-512 where the CPU has
+it) and a C++ compiler; without them, or with GPT2KIT_CPU_KERNELS=0, everything runs on PyTorch's own
+kernels with the same results (to float32 rounding). `python -m gpt2kit.kernels` builds it ahead of time
+(scripts/setup.sh does), so that no later command waits for the compiler.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp"]  # one extension; cp
 HEADERS = [HERE / "simd.h"]
 MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-# on CPUs with AVX-512 (PyTorch's "AVX512" capability: F, BW, VL, DQ) the training kernels use 512-bit
-# vectors (simd.h's vec); GPT2KIT_CPU_KERNELS_AVX512=0 builds the AVX2 form there too. The flags are part
-# of the build's name, so a cache shared by machines of both kinds keeps one build of each.
+# on CPUs with AVX-512 (PyTorch's "AVX512" capability: F, BW, VL, DQ) the training kernels and the decoding
+# products use 512-bit vectors (simd.h's vec); GPT2KIT_CPU_KERNELS_AVX512=0 builds the AVX2 form there too.
+# The flags are part of the build's name, so a cache shared by machines of both kinds keeps one build of each.
 AVX512_CFLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 
 
