@@ -27,7 +27,6 @@
 namespace {
 
 using gpt2kit::check_f32;
-using gpt2kit::exp8;
 using gpt2kit::hsum;
 using gpt2kit::sigmoid_2u;
 
