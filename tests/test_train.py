@@ -145,6 +145,29 @@ def test_clipping_reaches_the_optimizer(clip):
     assert not hasattr(trainer.optimizer, "grad_scale")
 
 
+@pytest.mark.parametrize("accum, checkpointing", [(1, False), (2, False), (2, True)])
+def test_clipping_norm_is_summed_during_backward(monkeypatch, accum, checkpointing):
+    """With gpt2kit's CPU kernels, each gradient's sum of squares is taken by a hook as autograd completes
+    it, and the rows the tied embedding adds afterwards report their change: the norm handed to AdamW must
+    be the exact norm of the final gradients, with no pass over them after backward."""
+    from gpt2kit import kernels
+    if kernels.load() is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    model = random_model(TINY, seed=2).train()
+    model.gradient_checkpointing = checkpointing
+    trainer = Trainer(model, TrainConfig(model="x", data=["x"], lr=1e-3, grad_clip=1e-3), torch.device("cpu"))
+    assert trainer.norm_in_backward is not None
+    seq = torch.randint(0, TINY.vocab_size, (2 * accum, 17), generator=torch.Generator().manual_seed(3))
+    trainer.forward_backward([(seq[i:i + 2, :-1], seq[i:i + 2, 1:]) for i in range(0, 2 * accum, 2)])
+    assert all(s is not None for s in trainer.norm_in_backward.slots)  # every gradient had its hook run
+    want = torch.stack([p.grad.double().square().sum() for p in model.parameters()]).sum().sqrt().item()
+    monkeypatch.setattr(kernels, "total_norm", lambda ts: pytest.fail("a pass over the gradients after backward"))
+    norm = trainer.optimizer_step(lr=1e-3)
+    assert norm.item() == pytest.approx(want, rel=1e-6)
+    # the next step's gradients are new: slots from this one are not reused
+    assert not trainer.norm_in_backward.ready
+
+
 def test_lr_schedule():
     cfg = TrainConfig(model="x", data=["x"], lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg, 110) == pytest.approx(0.1)

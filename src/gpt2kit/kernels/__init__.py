@@ -203,6 +203,12 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(tensors)
 
 
+def squared_norm(t: torch.Tensor) -> float | None:
+    """sum(t^2) in float64 through the kernel, or None when it is not loaded or t is not a contiguous float32
+    CPU tensor."""
+    return _ext.sum_squares([t]) if _ext is not None and _fits(t) else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the compiled kernel when it applies: float32 CPU tensors, at most MAX_ROWS input
     rows, a row-major weight, no autograd. Otherwise F.linear itself."""
