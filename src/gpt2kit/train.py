@@ -557,8 +557,8 @@ class _NormInBackward:
         self.slots: list[float | None] = [None] * len(params)
         self.watching = False  # during the backward whose gradients the next optimizer step uses
         self.ready = False  # the slots belong to the gradients there are now
-        self.handles = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
-                        for i, p in enumerate(params)]
+        for i, p in enumerate(params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
 
     def _accumulated(self, i: int, p: torch.Tensor) -> None:
         if self.watching:
@@ -584,10 +584,6 @@ class _NormInBackward:
         squares = sum(s for s in self.slots if s is not None) + (float(kernels.total_norm(rest)) ** 2 if rest else 0.0)
         self.ready = False
         return torch.tensor(squares ** 0.5, dtype=torch.float32)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class Trainer:
