@@ -104,18 +104,15 @@ void rows(const float* x, const WT* w, const float* scale, const float* b, float
     const float* sn = scale ? scale + n : nullptr;
     const float* bn = b ? b + n : nullptr;
     int64_t m = 0;
-    for (; m + MB <= M; m += MB) {
-      if (m == 0 && prefetch)
-        tile<R, MB, true>(x, wn, sn, bn, y + n, K, N, add);
-      else
-        tile<R, MB, false>(x + m * K, wn, sn, bn, y + m * N + n, K, N, add);
+    if (prefetch && M >= MB) {  // the group's first tile prefetches; the rest read what it brought
+      tile<R, MB, true>(x, wn, sn, bn, y + n, K, N, add);
+      m = MB;
+    } else if (prefetch) {
+      tile<R, 1, true>(x, wn, sn, bn, y + n, K, N, add);
+      m = 1;
     }
-    for (; m < M; ++m) {
-      if (m == 0 && prefetch)
-        tile<R, 1, true>(x, wn, sn, bn, y + n, K, N, add);
-      else
-        tile<R, 1, false>(x + m * K, wn, sn, bn, y + m * N + n, K, N, add);
-    }
+    for (; m + MB <= M; m += MB) tile<R, MB, false>(x + m * K, wn, sn, bn, y + m * N + n, K, N, add);
+    for (; m < M; ++m) tile<R, 1, false>(x + m * K, wn, sn, bn, y + m * N + n, K, N, add);
   }
 }
 
