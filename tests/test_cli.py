@@ -30,6 +30,13 @@ def test_generate_prompted_is_reproducible_with_a_seed(capsys, tiny_model_dir):
     assert with_prompt == "Hello there" + out1
 
 
+def test_generate_max_new_tokens_is_another_name_for_length(capsys, tiny_model_dir):
+    args = ("generate", "--prompt", "Hi", "-m", tiny_model_dir, "--seed", 1, "--format", "jsonl", "--no-stop-at-eot")
+    code, out, _ = run(capsys, *args, "--max-new-tokens", 7)
+    assert code == 0 and len(json.loads(out)["tokens"]) == 7
+    assert run(capsys, *args, "--length", 7)[1] == out
+
+
 def test_generate_jsonl_many_samples(capsys, tiny_model_dir):
     code, out, _ = run(capsys, "generate", "--prompt", "Hi", "-m", tiny_model_dir, "--length", 5, "--seed", 1,
                        "--nsamples", 3, "--batch-size", 2, "--format", "jsonl", "--no-stop-at-eot")
@@ -95,6 +102,22 @@ def test_eval_jsonl_and_errors(capsys, tiny_model_dir, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"ab\xffcd")  # not UTF-8 (NUL bytes would make it binary: refused)
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "bin.txt")
     assert code == 1 and "--encoding" in err
+
+
+def test_eval_progress_bar_knows_its_total_and_does_not_flood_a_log(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text(SHAKESPEARE.read_text()[:3000])
+    from gpt2kit.evaluate import windows
+    from gpt2kit.tokenizer import Tokenizer
+
+    n = len(Tokenizer.from_dir(tiny_model_dir).encode(data.read_text()))
+    total = len(windows(n, 32, 8))
+    assert total > 50
+    code, out, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", data, "--block-size", 32, "--stride", 8,
+                         "--batch-size", 1)
+    assert code == 0 and out.startswith("perplexity ")
+    # stderr is captured, not a terminal: the bar is drawn when it starts and when it ends, not per window
+    assert f"0/{total}" in err and f"{total}/{total}" in err and err.count("\r") <= 4
 
 
 def test_convert_tf_checkpoint(capsys, tmp_path):

@@ -311,6 +311,14 @@ def test_float16_with_loss_scaling_and_lora_bf16(tmp_path, tiny_dir):
     assert res.status == "finished" and math.isfinite(res.last_loss)
 
 
+def test_progress_bar_into_a_log_is_drawn_at_start_and_end_only(tmp_path, tiny_dir, capsys):
+    res = finetune(_cfg(tmp_path, tiny_dir, steps=30, eval_every=0, val_fraction=0.0))
+    err = capsys.readouterr().err  # captured, not a terminal
+    assert res.status == "finished" and "0/30" in err and "30/30" in err
+    # the start, the end, and a clear and redraw around the closing message (redrawn every 0.1 s: 11)
+    assert err.count("\r") <= 6
+
+
 # ---- CLI -------------------------------------------------------------------------------------------
 
 def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):

@@ -1521,8 +1521,9 @@ class _Run:
         cfg = self.cfg
         if self.dist.main and self.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, desc="finetune")
+            # redrawn on a terminal; into a log file or a pipe, where every redraw is kept, every 30 s at most
+            self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            desc="finetune", mininterval=0.1 if sys.stderr.isatty() else 30.0)
         if self.step == 0:
             if self.val_batcher is not None and cfg.eval_every:
                 self.evaluate(0)

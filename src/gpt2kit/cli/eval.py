@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from gpt2kit.cli.common import add_model_args, load_generator
+from gpt2kit.cli.common import add_model_args, load_generator, progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from gpt2kit.errors import Gpt2kitError
-    from gpt2kit.evaluate import check_window, perplexity, read_eval_text
+    from gpt2kit.evaluate import check_window, perplexity, read_eval_text, windows
 
     # bad flags and bad data fail before the model loads
     if args.batch_size <= 0:
@@ -41,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     gen = load_generator(args)
     ids = gen.tokenizer.encode(text)
     # the checks that need the model's context and the token count, before the progress bar starts
-    check_window(gen.model.config.n_positions, args.block_size, args.stride, len(ids))
-    with tqdm(unit="window", file=sys.stderr, disable=args.format == "jsonl") as bar:
+    block, stride = check_window(gen.model.config.n_positions, args.block_size, args.stride, len(ids))
+    with progress_bar(total=len(windows(len(ids), block, stride)), unit="window",
+                      disable=args.format == "jsonl") as bar:
         r = perplexity(gen.model, ids, args.block_size, args.stride, args.batch_size, progress=bar.update)
     if args.format == "jsonl":
         print(json.dumps(r.to_dict()))

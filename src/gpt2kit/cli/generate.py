@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpt2kit.cli.common import add_model_args, add_quantize_arg, load_generator, setup_logging
+from gpt2kit.cli.common import add_model_args, add_quantize_arg, load_generator, progress_bar, setup_logging
 from gpt2kit.errors import Gpt2kitError
 
 SEPARATOR = "=" * 40
@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--unconditional", action="store_true", help="no prompt: start from <|endoftext|>")
     src.add_argument("--interactive", "-i", action="store_true", help="ask for prompts in a loop")
     s = p.add_argument_group("sampling")
-    s.add_argument("--length", "-n", type=int, default=100, help="new tokens per sample (default 100)")
+    s.add_argument("--length", "-n", "--max-new-tokens", type=int, default=100,
+                   help="new tokens per sample (default 100)")
     s.add_argument("--temperature", "-t", type=float, default=1.0, help="0 means greedy (default 1.0)")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
@@ -173,8 +174,6 @@ def _check_output(path: Path) -> None:
 
 
 def _to_file(gen, prompt: str | None, cfg, args: argparse.Namespace, notice) -> int:
-    from tqdm import tqdm
-
     path = Path(args.output)
     # Samples go to PATH.partial, each written and flushed as it is finished, and PATH is replaced when
     # the job ends or is stopped with Ctrl-C (which keeps everything already generated). An existing PATH
@@ -183,7 +182,7 @@ def _to_file(gen, prompt: str | None, cfg, args: argparse.Namespace, notice) -> 
     written = 0
     try:
         with partial.open("w", encoding="utf-8") as f, \
-                tqdm(total=args.nsamples, unit="sample", file=sys.stderr) as bar:
+                progress_bar(total=args.nsamples, unit="sample") as bar:
             for c in gen.completions(prompt, cfg, args.nsamples, args.batch_size, on_window_slide=notice):
                 f.write(json.dumps(_record(c, prompt), ensure_ascii=False) + "\n")
                 f.flush()
