@@ -46,6 +46,41 @@ def test_list_runs_status_and_table(tmp_path, capsys):
     assert "no runs found" in capsys.readouterr().out
 
 
+def test_compare_runs_shows_the_settings_that_differ_and_the_results(tmp_path, capsys):
+    base = {"model": "gpt2", "lr": 1e-4, "batch_size": 4, "freeze": [], "out": "x", "seed": 0}
+    for name, cfg, loss, speeds in (("a", {}, 2.5, [100.0, 300.0, 200.0]),
+                                    ("b", {"lr": 3e-4, "freeze": ["wte", "wpe"]}, 2.25, [50.0])):
+        _fake_run(tmp_path / name, status="finished", step=10, total_steps=10, best_val_loss=loss, best_step=8,
+                  last_loss=loss + 0.1)
+        runs.write_json(tmp_path / name / runs.CONFIG_JSON, {**base, **cfg, "out": str(tmp_path / name)})
+        runs.append_metrics(tmp_path / name, [{"step": i + 1, "tok_per_s": v} for i, v in enumerate(speeds)])
+    c = runs.compare_runs(runs.list_runs(tmp_path))
+    assert c.settings == {"lr": [1e-4, 3e-4], "freeze": [[], ["wte", "wpe"]]}  # not "out": every run's differs
+    assert c.tokens_per_sec == [200.0, 50.0] and c.best_steps == [8, 8]
+
+    assert main(["runs", str(tmp_path / "a"), str(tmp_path / "b"), "--compare"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["lr", "0.0001", "0.0003"] and lines[2].split() == ["freeze", "-", "wte,", "wpe"]
+    assert "2.5000 (step 8)" in lines[6] and "2.2500 (step 8)" in lines[6]
+    assert lines[-1].split() == ["tokens/s", "200", "50"]
+    assert main(["runs", str(tmp_path), "--compare", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [r["best_val_loss"] for r in got["runs"]] == [2.5, 2.25] and got["settings"]["lr"] == [1e-4, 3e-4]
+
+    assert main(["runs", str(tmp_path / "a"), str(tmp_path)]) == 0  # several DIRs; a run found twice is one row
+    assert capsys.readouterr().out.count("finished") == 2
+
+    runs.write_json(tmp_path / "b" / runs.CONFIG_JSON, base)
+    runs.write_json(tmp_path / "a" / runs.CONFIG_JSON, base)
+    assert main(["runs", str(tmp_path), "--compare"]) == 0 and "(same settings)" in capsys.readouterr().out
+    assert main(["runs", str(tmp_path / "a"), "--compare"]) == 1
+    assert "needs at least two runs, found 1" in capsys.readouterr().err
+    (tmp_path / "b" / runs.CONFIG_JSON).write_text("{torn")
+    assert main(["runs", str(tmp_path), "--compare"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot compare") and "config.json is unreadable" in err and err.count("\n") == 1
+
+
 def test_metrics_torn_line_and_truncate(tmp_path):
     runs.append_metrics(tmp_path, [{"step": s, "loss": 1.0 / s} for s in range(1, 6)])
     with open(tmp_path / runs.METRICS, "a") as f:

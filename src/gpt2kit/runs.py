@@ -347,6 +347,80 @@ def _fmt(x: float | None) -> str:
     return f"{x:.4f}"
 
 
+# ---- comparing ------------------------------------------------------------------------------------
+
+# settings that differ between any two runs without saying how they were trained
+_NOT_COMPARED = ("out",)
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) if value else "-"
+    return "-" if value is None else str(value)
+
+
+def _median_tokens_per_sec(run_dir: Path) -> float | None:
+    speeds = sorted(r["tok_per_s"] for r in read_metrics(run_dir) if isinstance(r.get("tok_per_s"), (int, float)))
+    return speeds[len(speeds) // 2] if speeds else None
+
+
+@dataclass
+class Comparison:
+    """Runs side by side: the settings (config.json) on which they differ, each run's value, and results."""
+    runs: list[RunInfo]
+    settings: dict[str, list[Any]]  # name -> each run's value, only the names where the runs differ
+    best_steps: list[int | None]  # the step of each run's best validation loss
+    tokens_per_sec: list[float | None]  # each run's median over its logged steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runs": [{**r.to_dict(), "best_step": b, "tokens_per_sec": t}
+                         for r, b, t in zip(self.runs, self.best_steps, self.tokens_per_sec)],
+                "settings": self.settings}
+
+
+def compare_runs(found: list[RunInfo]) -> Comparison:
+    """Compare two or more runs (as list_runs gives them); a run whose config.json cannot be read is an
+    error naming it."""
+    if len(found) < 2:
+        raise Gpt2kitError(f"--compare needs at least two runs, found {len(found)}; name two run directories, "
+                           "or a folder that holds several")
+    configs = []
+    for r in found:
+        path = r.path / CONFIG_JSON
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise Gpt2kitError(f"cannot compare {r.path}: its {CONFIG_JSON} is unreadable ({e}); "
+                               "leave it out") from None
+        if not isinstance(cfg, dict):
+            raise Gpt2kitError(f"cannot compare {r.path}: its {CONFIG_JSON} is not a JSON object; leave it out")
+        configs.append(cfg)
+    names = [k for k in dict.fromkeys(k for c in configs for k in c) if k not in _NOT_COMPARED]
+    settings = {k: [c.get(k) for c in configs] for k in names
+                if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
+    best_steps = []
+    for r in found:
+        step = read_run_json(r.path).get("best_step") if r.best_val_loss is not None else None
+        best_steps.append(step if isinstance(step, int) and not isinstance(step, bool) else None)
+    return Comparison(found, settings, best_steps, [_median_tokens_per_sec(r.path) for r in found])
+
+
+def format_comparison(c: Comparison) -> str:
+    results = {
+        "status": [r.status for r in c.runs],
+        "step": [f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step) for r in c.runs],
+        "best val loss": [_fmt(r.best_val_loss) + (f" (step {b})" if b is not None else "")
+                          for r, b in zip(c.runs, c.best_steps)],
+        "last loss": [_fmt(r.last_loss) for r in c.runs],
+        "tokens/s": [f"{t:,.0f}" if t is not None else "-" for t in c.tokens_per_sec]}
+    head = [""] + [str(r.path) for r in c.runs]
+    body = [[k, *map(_setting, v)] for k, v in c.settings.items()] or [["(same settings)"] + [""] * len(c.runs)]
+    rows = [head, *body, None, *([k, *v] for k, v in results.items())]
+    widths = [max(len(row[i]) for row in rows if row is not None) for i in range(len(head))]
+    return "\n".join("" if row is None else "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
 def adapter_only_checkpoint(run_dir: str | Path) -> Path | None:
     """A LoRA run stopped before best/ or final/ (which hold the merged model) were written: its newest
     adapter checkpoint. None for any other directory."""
