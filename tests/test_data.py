@@ -157,10 +157,26 @@ def test_empty_input(tmp_path, tok):
 def test_encode_documents_chunked_matches_whole(tok, monkeypatch):
     text = SHAKESPEARE.read_text()[:20000]
     monkeypatch.setattr(data, "_CHUNK_CHARS", 100)  # many chunk boundaries
-    assert len(data._chunks(text)) > 50
+    assert len(list(data._chunks(text))) > 50
     ids = encode_documents([text, "a<|endoftext|>b"], tok)
     assert ids[0] == tok.encode(text) + [tok.eot_token]
     assert ids[1] == [64, tok.eot_token, 65, tok.eot_token]
+
+
+def test_encoding_to_arrays_keeps_a_batch_at_a_time_even_inside_one_large_document(tok, monkeypatch):
+    text = SHAKESPEARE.read_text()[:30000]
+    docs = [text, "", "short one", text[:5000]]
+    monkeypatch.setattr(data, "_CHUNK_CHARS", 200)
+    monkeypatch.setattr(data, "_BATCH_CHARS", 3000)
+    sizes = []
+    encode_batch = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: sizes.append(sum(map(len, texts))) or encode_batch(texts))
+    tokens, offsets = data._encode_to_arrays(docs, tok)
+    # the 30,000-character document went through in several batches, none much over the batch size
+    assert len(sizes) >= 10 and max(sizes) < 3000 + 2 * 400
+    whole = encode_documents(docs, tok)
+    assert offsets.tolist() == np.cumsum([0] + [len(ids) for ids in whole]).tolist()
+    assert tokens.tolist() == [t for ids in whole for t in ids] and tokens.dtype == np.uint16
 
 
 def test_tokenizer_id_ignores_file_format(tok):
