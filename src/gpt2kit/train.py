@@ -1610,6 +1610,9 @@ class _Run:
         elif self.best_step is not None:
             best = f"; best validation loss {self.best_val:.4f} at step {self.best_step} in best/"
         tps = self.tokens_seen / max(self.train_time, 1e-9)
+        if self.bar is not None:  # the finished bar first, once, then the summary under it
+            self.bar.close()
+            self.bar = None
         self.say(f"done: {plural(self.step, 'step')}, {tps:,.0f} tokens/s; model in {final}{best}")
         return "finished", stopped_early
 
