@@ -406,6 +406,61 @@ def test_encode_out_names_numpy_cannot_load_are_refused(tok, tmp_path, capsys):
     assert main(["encode", str(f["out.npz"]), "--out", str(tmp_path / "n.tokens"), "--tokenizer", str(VOCAB)]) == 0
     assert capsys.readouterr().out.startswith("encoded 2 documents, 5 tokens")
 
+def test_a_validation_split_is_two_small_views_not_a_copy_of_the_data(tok, tmp_path, caplog):
+    spec = DataSpec(column="Joke")
+    corpus = encode_files(JOKES, tmp_path / "in" / "corpus.tokens", tok, spec)
+    train, val = prepare_data(corpus.path, tok, val_fraction=0.1, seed=3, cache_dir=tmp_path / "run-data")
+    written = sorted((tmp_path / "run-data").iterdir())
+    assert [p.suffix for p in written] == [".json", ".json"]
+    assert sum(p.stat().st_size for p in written) < corpus.path.stat().st_size / 10
+    # the tokens a copy would hold: the chosen documents in their order
+    is_val = np.zeros(corpus.n_docs, dtype=bool)
+    is_val[np.random.default_rng([3, 1]).permutation(corpus.n_docs)[:295]] = True
+    for view, sel in ((train, ~is_val), (val, is_val)):
+        expect = np.concatenate([corpus.doc(i) for i in np.flatnonzero(sel)])
+        assert np.array_equal(np.asarray(view.tokens), expect) and view.n_docs == sel.sum()
+        rng = np.random.default_rng(0)
+        for a, b in rng.integers(0, len(view) + 1, size=(300, 2)):  # slices across the ranges' edges too
+            assert np.array_equal(view.tokens[min(a, b):max(a, b)], expect[min(a, b):max(a, b)])
+        copy = TokenCache.write_arrays(tmp_path / f"copy{len(view)}.tokens", expect, view.doc_offsets,
+                                       corpus.tokenizer_id)
+        for lbl in (False, True):  # the same batches as from a copy, in both modes
+            kw = dict(seed=5, line_by_line=lbl)
+            b1, b2 = Batcher(view, 32, 4, **kw), Batcher(copy, 32, 4, **kw)
+            for j in (0, 1, 17, 400):
+                assert all(torch.equal(x, y) for x, y in zip(b1.batch_at(j), b2.batch_at(j)))
+            assert all(torch.equal(x, y) for p, q in zip(b1.eval_batches(), b2.eval_batches()) for x, y in zip(p, q))
+    # reused as they are; a changed input is noticed: its old views refuse to open, and it gets new ones
+    assert prepare_data(corpus.path, tok, val_fraction=0.1, seed=3, cache_dir=tmp_path / "run-data")[1].n_docs == 295
+    encode_files(write(tmp_path / "other.txt", "other words\n" * 50), corpus.path, tok)
+    with pytest.raises(Gpt2kitError, match=r"splits the token cache .*corpus.tokens, which has changed since the split "
+                                           r"was made \(57,414 tokens then, \d+ now\); put the original back"):
+        TokenCache.open(val.path)
+    tr2, va2 = prepare_data(corpus.path, tok, val_fraction=0.1, seed=3, cache_dir=tmp_path / "run-data")
+    assert tr2.path != train.path and len(tr2) + len(va2) == len(TokenCache.open(corpus.path))
+    # views that no longer open where they are reused are made again, with a warning
+    tr2.path.write_text("{torn")
+    with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+        tr3, _ = prepare_data(corpus.path, tok, val_fraction=0.1, seed=3, cache_dir=tmp_path / "run-data")
+    assert "re-splitting" in caplog.text and np.array_equal(np.asarray(tr3.tokens), np.asarray(tr2.tokens))
+    corpus.path.unlink()
+    with pytest.raises(Gpt2kitError, match=r"corpus.tokens, which is gone; put it back where it was"):
+        TokenCache.open(tr2.path)
+
+
+def test_a_split_of_a_cache_beside_it_survives_moving_the_folder(tok, tmp_path):
+    # raw inputs: their cache and its split views sit together in RUN/data, which a moved run takes along
+    train, val = prepare_data(write(tmp_path / "one.txt", "word " * 100), tok, val_fraction=0.1,
+                              cache_dir=tmp_path / "a")
+    whole = np.concatenate([np.asarray(train.tokens), np.asarray(val.tokens)])
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = [TokenCache.open(tmp_path / "b" / p.name) for p in (train.path, val.path)]
+    assert np.array_equal(np.concatenate([np.asarray(m.tokens) for m in moved]), whole)
+    (tmp_path / "b" / train.path.name).write_text('{"format": "gpt2kit-token-view", "version": 1}')
+    with pytest.raises(Gpt2kitError, match="is not a gpt2kit data split .*delete it and start again"):
+        TokenCache.open(tmp_path / "b" / train.path.name)
+
+
 def test_val_fraction_splits_whole_documents(tok, tmp_path, caplog):
     spec = DataSpec(column="Joke")
     train, val = prepare_data(JOKES, tok, spec, val_fraction=0.1, seed=3, cache_dir=tmp_path)

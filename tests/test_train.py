@@ -407,6 +407,10 @@ def test_tokens_cache_input_and_chained_runs(tmp_path, tiny_dir, capsys):
     second = finetune(_cfg(tmp_path, first.run_dir, data=[str(tmp_path / "jokes.tokens")], column=None,
                            steps=2, out=str(tmp_path / "second")), progress=False)
     assert second.status == "finished"
+    # each run's validation split is two small views of the cache, not a copy of it
+    for run in (first.run_dir, second.run_dir):
+        kept = list((Path(run) / "data").iterdir())
+        assert {p.suffix for p in kept} == {".json"} and sum(p.stat().st_size for p in kept) < 20_000
     w1, _ = load_model(first.run_dir)
     w2, _ = load_model(tmp_path / "second/checkpoints/step-2")
     assert not torch.equal(w1.transformer.wte.weight, w2.transformer.wte.weight)

@@ -434,6 +434,8 @@ class TokenCache:
                 head = f.read(_HEADER.size)
         except OSError as e:
             raise Gpt2kitError(f"cannot read token cache {path}: {e.strerror}") from None
+        if head[:1] == b"{" and path.suffix == ".json":
+            return _open_view(path)
         if len(head) < _HEADER.size or head[:8] != MAGIC:
             raise Gpt2kitError(f"{path} is not a gpt2kit token cache (bad header); {fix}")
         _, version, width, n_tokens, n_docs, tid = _HEADER.unpack(head)
@@ -455,6 +457,146 @@ class TokenCache:
         if offsets[0] != 0 or offsets[-1] != n_tokens or np.any(np.diff(offsets) < 0):
             raise Gpt2kitError(f"{path} is corrupt (document offsets); {fix}")
         return cls(path, tokens, offsets, tid.rstrip(b"\0").decode("ascii", "replace"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# views: a validation split without copying the data
+#
+# Holding out a share of the documents used to write the two halves as new caches into RUN/data, a full
+# copy of the data for every run (a 5 GB .tokens input, 5 GB more per run of a sweep). A split is now two
+# small JSON files naming the cache they split (by a path relative to themselves when it sits beside them,
+# as a raw input's cache in RUN/data does, so a moved run still finds it), a cheap identity of it, and
+# which runs of documents (or, for a single document, which token range) each half holds. They open as a
+# TokenCache whose `tokens` is the selected ranges read in place: the same token sequence a copy held, so
+# the same batches.
+
+VIEW_FORMAT = "gpt2kit-token-view"
+VIEW_VERSION = 1
+
+
+class _Segments:
+    """A read-only token sequence made of ranges of a base array: len() and [a:b] slices, which is all a
+    TokenCache's readers (Batcher, doc()) take from `tokens`. A slice within one range is a view of the
+    memmap, with no copy."""
+
+    def __init__(self, base: np.ndarray, ranges: np.ndarray):
+        ranges = ranges[ranges[:, 1] > ranges[:, 0]]  # (R, 2) [start, end) in base, empty ones dropped
+        self.base, self.ranges, self.dtype = base, ranges, base.dtype
+        self.starts = np.concatenate([[0], np.cumsum(ranges[:, 1] - ranges[:, 0])])  # (R + 1,) in this sequence
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # np.asarray(view.tokens): the whole sequence
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else np.array(out)
+
+    def tolist(self) -> list[int]:
+        return self[:].tolist()
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a token view takes [start:stop] slices only")
+        a, b, _ = key.indices(len(self))
+        if b <= a:
+            return np.zeros(0, self.dtype)
+        i = int(np.searchsorted(self.starts, a, side="right")) - 1
+        parts = []
+        while a < b:
+            s0, s1 = (int(v) for v in self.ranges[i])
+            off = a - int(self.starts[i])
+            take = min(b - a, s1 - s0 - off)
+            parts.append(self.base[s0 + off:s0 + off + take])
+            a, i = a + take, i + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def cache_identity(cache: TokenCache) -> dict[str, object]:
+    """A cheap identity of a token cache file: its token count and a hash of samples of its content."""
+    from gpt2kit.runs import hash_file
+    h = hashlib.sha256()
+    hash_file(h, Path(cache.path))
+    return {"tokens": len(cache), "sha256": h.hexdigest()}
+
+
+def _view_cache(path: Path, base: TokenCache, doc_runs: np.ndarray | None,
+                token_range: tuple[int, int] | None) -> TokenCache:
+    if token_range is not None:  # one document: a range of tokens
+        s, e = token_range
+        ranges, offsets = np.array([[s, e]], dtype=np.int64), np.array([0, e - s], dtype=np.int64)
+    else:  # runs [d0, d1) of whole documents
+        lengths = np.diff(base.doc_offsets)
+        ranges = np.stack([base.doc_offsets[doc_runs[:, 0]], base.doc_offsets[doc_runs[:, 1]]], axis=1)
+        picked = np.concatenate([lengths[d0:d1] for d0, d1 in doc_runs]) if len(doc_runs) else lengths[:0]
+        offsets = np.concatenate([[0], np.cumsum(picked)]).astype(np.int64)
+    return TokenCache(path, _Segments(base.tokens, ranges), offsets, base.tokenizer_id)  # type: ignore[arg-type]
+
+
+def write_view(path: str | Path, base: TokenCache, *, docs: np.ndarray | None = None,
+               token_range: tuple[int, int] | None = None) -> TokenCache:
+    """A view of `base` holding the documents where the (n_docs,) bool mask `docs` is set (in order), or
+    the tokens in token_range = (start, end) as one document; written atomically as JSON and opened."""
+    path = Path(path)
+    if (docs is None) == (token_range is None):
+        raise ValueError("give docs or token_range")
+    entry: dict[str, object]
+    if docs is not None:
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], docs.astype(np.int8), [0]])))  # run starts, ends
+        entry = {"doc_runs": edges.reshape(-1, 2).tolist()}
+    else:
+        entry = {"token_range": [int(token_range[0]), int(token_range[1])]}
+    base_path = Path(base.path).resolve()
+    where = base_path.name if base_path.parent == path.parent.resolve() else str(base_path)
+    info = {"format": VIEW_FORMAT, "version": VIEW_VERSION, "base": where, "base_identity": cache_identity(base),
+            "tokenizer_id": base.tokenizer_id, **entry}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Gpt2kitError(f"cannot write {path}: {e}") from None
+    return _open_view(path)
+
+
+def _open_view(path: Path) -> TokenCache:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Gpt2kitError(f"cannot read the data split {path}: {e}") from None
+    shape_ok = (isinstance(info, dict) and info.get("format") == VIEW_FORMAT and isinstance(info.get("base"), str)
+                and isinstance(info.get("base_identity"), dict)
+                and (isinstance(info.get("doc_runs"), list) or isinstance(info.get("token_range"), list)))
+    if not shape_ok:
+        raise Gpt2kitError(f"{path} is not a gpt2kit data split (or is damaged); delete it and start again")
+    if info.get("version") != VIEW_VERSION:
+        raise Gpt2kitError(f"{path} is data split format v{info.get('version')}, this gpt2kit reads v{VIEW_VERSION}")
+    base_path = Path(info["base"])
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    if not base_path.is_file():
+        raise Gpt2kitError(f"{path} splits the token cache {base_path}, which is gone; put it back where it was "
+                           "(a .tokens input is read where it is, not copied)")
+    base = TokenCache.open(base_path)
+    then, now = info["base_identity"], cache_identity(base)
+    if now != then:
+        raise Gpt2kitError(f"{path} splits the token cache {base_path}, which has changed since the split was made "
+                           f"({then.get('tokens', 0):,} tokens then, {now['tokens']:,} now); put the original "
+                           "back, or start a new run")
+    try:
+        if "token_range" in info:
+            s, e = (int(v) for v in info["token_range"])
+            if not 0 <= s < e <= len(base):
+                raise ValueError
+            return _view_cache(path, base, None, (s, e))
+        runs_ = np.asarray(info["doc_runs"], dtype=np.int64).reshape(-1, 2)
+        if len(runs_) and (runs_.min() < 0 or runs_.max() > base.n_docs or np.any(runs_[:, 1] <= runs_[:, 0])):
+            raise ValueError
+        return _view_cache(path, base, runs_, None)
+    except (TypeError, ValueError):
+        raise Gpt2kitError(f"{path} is damaged (its ranges do not fit {base_path}); delete it and start "
+                           "again") from None
 
 
 def is_token_cache(path: str | Path) -> bool:
@@ -714,8 +856,10 @@ class TooLittleData(Gpt2kitError):
 
 def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
            key: str) -> tuple[TokenCache, TokenCache]:
+    """(train, validation): views of `cache` (see write_view: nothing is copied), written into `cache_dir`
+    and reused from there."""
     tag = f"{key}-val{fraction:g}-seed{seed}"
-    train_path, val_path = cache_dir / f"{tag}.train.tokens", cache_dir / f"{tag}.val.tokens"
+    train_path, val_path = cache_dir / f"{tag}.train.json", cache_dir / f"{tag}.val.json"
     if train_path.is_file() and val_path.is_file():
         try:
             return TokenCache.open(train_path), TokenCache.open(val_path)
@@ -728,28 +872,20 @@ def _split(cache: TokenCache, fraction: float, seed: int, cache_dir: Path,
         if cut < 2:
             raise TooLittleData(len(tokens))
         log.info("one document: holding out its last %s for validation", plural(len(tokens) - cut, "token"))
-        tid = cache.tokenizer_id
-        train = TokenCache.write_arrays(train_path, tokens[:cut], np.array([0, cut]), tid)
-        val = TokenCache.write_arrays(val_path, tokens[cut:], np.array([0, len(tokens) - cut]), tid)
-        return train, val
+        return (write_view(train_path, cache, token_range=(0, cut)),
+                write_view(val_path, cache, token_range=(cut, len(tokens))))
     n_val = min(n - 1, max(1, round(n * fraction)))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng([seed % 2**63, 1]).permutation(n)[:n_val]] = True
     lengths = np.diff(offsets)
-    parts = []
-    for sel in (~is_val, is_val):  # documents keep their original order within each split
-        # expand the per-document choice to a (n_tokens,) bool mask: 1 byte per token
-        toks = tokens[np.repeat(sel, lengths)]
-        parts.append((toks, np.concatenate([[0], np.cumsum(lengths[sel])])))
     log.info("validation: %d of %d documents held out (seed %d)", n_val, n, seed)
     share = float(lengths[is_val].sum()) / max(1, len(tokens))
     if share > max(2 * fraction, fraction + 0.1):  # whole documents of very different lengths
         log.warning("validation holds %.0f%% of the tokens (%d of %d documents, for a fraction of %g); with so few "
                     "documents, pass the validation text separately (--val-data FILE) instead", 100 * share, n_val,
                     n, fraction)
-    train = TokenCache.write_arrays(train_path, *parts[0], cache.tokenizer_id)
-    val = TokenCache.write_arrays(val_path, *parts[1], cache.tokenizer_id)
-    return train, val
+    # documents keep their original order within each split
+    return write_view(train_path, cache, docs=~is_val), write_view(val_path, cache, docs=is_val)
 
 
 def prepare_data(data: str | Path | Sequence[str | Path], tok: Tokenizer, spec: DataSpec | None = None, *,

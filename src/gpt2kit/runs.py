@@ -6,7 +6,7 @@
       metrics.jsonl          one JSON object per line: train steps and evaluations
       samples/step-N.txt     samples from the fixed prompts
       loss.png               training and validation loss
-      data/                  token caches of the inputs
+      data/                  the raw inputs' token cache, the validation split's views of it
       checkpoints/step-N/    model (HF format; LoRA runs: the adapter) + trainer.pt
       best/                  the model with the lowest validation loss
       final/                 the model at the end of training

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import functools
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gpt2kit import kernels, runs
-from gpt2kit.data import plural
+from gpt2kit.data import cache_identity, plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy
 from gpt2kit.model import GPT
@@ -800,13 +799,6 @@ class _Dist:
         return float(t.item()) / self.world
 
 
-def _data_identity(cache) -> dict[str, Any]:
-    """A cheap identity of a token cache file: its token count and a hash of samples of its content."""
-    h = hashlib.sha256()
-    runs.hash_file(h, Path(cache.path))
-    return {"tokens": len(cache), "sha256": h.hexdigest()}
-
-
 def _one_line(e: Exception, rank: int) -> str:
     if isinstance(e, Gpt2kitError):
         return str(e)
@@ -1105,7 +1097,7 @@ class _Run:
                          val_tokens=str(val.path.resolve()) if val is not None else None)
             # caches read in place (not the run's own copies in RUN/data) may be replaced under the same name
             own = (self.dir / "data").resolve()
-            ids = {k: _data_identity(c) for k, c in (("train", train), ("val", val))
+            ids = {k: cache_identity(c) for k, c in (("train", train), ("val", val))
                    if c is not None and own not in c.path.resolve().parents}
             runs.update_run_json(self.dir, **paths, **({} if checked else {"data_ids": ids}))
         return train, val
@@ -1115,7 +1107,7 @@ class _Run:
             then = recorded.get(key)
             if cache is None or not then:
                 continue
-            now = _data_identity(cache)
+            now = cache_identity(cache)
             if now != then:
                 raise Gpt2kitError(f"cannot resume {self.dir}: its {what} data {cache.path} has changed since the "
                                    f"run started ({then['tokens']:,} tokens then, {now['tokens']:,} now); put the "
