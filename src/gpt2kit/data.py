@@ -19,6 +19,7 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -658,20 +659,15 @@ def _encode_to_arrays(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.n
         pending.clear()
 
     for i, d in enumerate(docs):
-        chunks = _chunks(d)
+        chunks = _chunks(d)  # a generator: one chunk of the document at a time besides the batch
         c = next(chunks)
-        for following in chunks:  # one chunk of look-ahead, to know which is the last
-            pending.append((i, c, False))
+        for following in itertools.chain(chunks, [None]):  # one chunk of look-ahead, to know the last
+            pending.append((i, c, following is None))
             size += len(c)
-            c = following
             if size >= _BATCH_CHARS:
                 flush()
                 size = 0
-        pending.append((i, c, True))
-        size += len(c)
-        if size >= _BATCH_CHARS:
-            flush()
-            size = 0
+            c = following
     flush()
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     return tokens, np.concatenate([[0], np.cumsum(lengths)])

@@ -243,10 +243,11 @@ class RunInfo:
     model: str | None
     lora: bool
     error: str | None = None  # why a run failed, or why its run.json is unreadable
+    best_step: int | None = None  # the step of best_val_loss
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "status": self.status, "step": self.step,
-                "total_steps": self.total_steps, "best_val_loss": self.best_val_loss,
+                "total_steps": self.total_steps, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora,
                 "error": self.error}
 
@@ -268,7 +269,7 @@ def run_info(run_dir: str | Path) -> RunInfo:
     if status == "running" and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
             and not _pid_alive(info["pid"]):
         status = "dead"  # the process was killed without a chance to record it; `--resume` continues
-    kinds = {"step": (int, "an integer"), "total_steps": (int, "an integer"),
+    kinds = {"step": (int, "an integer"), "total_steps": (int, "an integer"), "best_step": (int, "an integer"),
              "best_val_loss": ((int, float), "a number"), "last_loss": ((int, float), "a number"),
              "updated": (str, "a string"), "model": (str, "a string")}
     for key, (kind, what) in kinds.items():  # a hand-edited run.json: one line naming the field, not a crash later
@@ -278,7 +279,8 @@ def run_info(run_dir: str | Path) -> RunInfo:
     error = info.get("error") if status == "failed" else None  # a resumed run keeps its old error
     return RunInfo(run_dir, status, info.get("step") or 0, info.get("total_steps"),
                    info.get("best_val_loss"), info.get("last_loss"), info.get("updated"),
-                   info.get("model"), bool(info.get("lora")), error if isinstance(error, str) else None)
+                   info.get("model"), bool(info.get("lora")), error if isinstance(error, str) else None,
+                   info.get("best_step") if info.get("best_val_loss") is not None else None)
 
 
 def _listed_as_run(d: Path) -> bool:
@@ -369,12 +371,10 @@ class Comparison:
     """Runs side by side: the settings (config.json) on which they differ, each run's value, and results."""
     runs: list[RunInfo]
     settings: dict[str, list[Any]]  # name -> each run's value, only the names where the runs differ
-    best_steps: list[int | None]  # the step of each run's best validation loss
     tokens_per_sec: list[float | None]  # each run's median over its logged steps
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runs": [{**r.to_dict(), "best_step": b, "tokens_per_sec": t}
-                         for r, b, t in zip(self.runs, self.best_steps, self.tokens_per_sec)],
+        return {"runs": [{**r.to_dict(), "tokens_per_sec": t} for r, t in zip(self.runs, self.tokens_per_sec)],
                 "settings": self.settings}
 
 
@@ -398,19 +398,15 @@ def compare_runs(found: list[RunInfo]) -> Comparison:
     names = [k for k in dict.fromkeys(k for c in configs for k in c) if k not in _NOT_COMPARED]
     settings = {k: [c.get(k) for c in configs] for k in names
                 if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
-    best_steps = []
-    for r in found:
-        step = read_run_json(r.path).get("best_step") if r.best_val_loss is not None else None
-        best_steps.append(step if isinstance(step, int) and not isinstance(step, bool) else None)
-    return Comparison(found, settings, best_steps, [_median_tokens_per_sec(r.path) for r in found])
+    return Comparison(found, settings, [_median_tokens_per_sec(r.path) for r in found])
 
 
 def format_comparison(c: Comparison) -> str:
     results = {
         "status": [r.status for r in c.runs],
         "step": [f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step) for r in c.runs],
-        "best val loss": [_fmt(r.best_val_loss) + (f" (step {b})" if b is not None else "")
-                          for r, b in zip(c.runs, c.best_steps)],
+        "best val loss": [_fmt(r.best_val_loss) + (f" (step {r.best_step})" if r.best_step is not None else "")
+                          for r in c.runs],
         "last loss": [_fmt(r.last_loss) for r in c.runs],
         "tokens/s": [f"{t:,.0f}" if t is not None else "-" for t in c.tokens_per_sec]}
     head = [""] + [str(r.path) for r in c.runs]
