@@ -1,5 +1,6 @@
 """The CLI verbs generate / eval / convert / download, in process (fast) and as real processes."""
 
+import csv
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ import torch
 
 from gpt2kit.cli import main
 from gpt2kit.errors import Gpt2kitError
-from tests.conftest import SHAKESPEARE, TF_TINY
+from tests.conftest import JOKES, SHAKESPEARE, TF_TINY
 
 
 def run(capsys, *argv):
@@ -102,6 +103,47 @@ def test_eval_jsonl_and_errors(capsys, tiny_model_dir, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"ab\xffcd")  # not UTF-8 (NUL bytes would make it binary: refused)
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "bin.txt")
     assert code == 1 and "--encoding" in err
+
+
+def test_eval_reads_data_as_finetune_does(capsys, tiny_model_dir, tmp_path):
+    from gpt2kit.checkpoints import load_model
+    from gpt2kit.data import DataSpec, encode_documents, read_documents
+    from gpt2kit.evaluate import perplexity
+
+    model, tok = load_model(tiny_model_dir)
+    jokes = read_documents(JOKES, DataSpec(column="Joke"))[:300]
+    with open(tmp_path / "j.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["Joke"], *([j] for j in jokes)])
+    stream = [t for ids in encode_documents(jokes, tok) for t in ids]  # each joke followed by <|endoftext|>
+    want = perplexity(model, stream, 64, 32).to_dict()
+
+    def ev(*argv):
+        code, out, err = run(capsys, "eval", "-m", tiny_model_dir, "--block-size", 64, "--stride", 32,
+                             "--format", "jsonl", "--data", *argv)
+        assert code == 0, err
+        return json.loads(out)
+
+    got = ev(tmp_path / "j.csv", "--column", "Joke")
+    assert got["tokens"] == want["tokens"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert main(["encode", str(tmp_path / "j.csv"), "--column", "Joke", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "j.tokens")]) == 0
+    capsys.readouterr()
+    assert ev(tmp_path / "j.tokens") == got  # its .tokens cache: the same stream
+    # several text files: one document each, as in training; one text file alone is scored as it is
+    for i, j in enumerate(jokes[:40]):
+        (tmp_path / "docs" / f"{i:02d}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{i:02d}.txt").write_text(j)
+    several = [t for ids in encode_documents(jokes[:40], tok) for t in ids]
+    assert ev(tmp_path / "docs")["tokens"] == len(several) - 1
+    one = ev(tmp_path / "docs" / "00.txt")
+    assert one["tokens"] == len(tok.encode(jokes[0])) - 1
+    # options that do not apply fail in one line, before the model loads
+    (tmp_path / "j.jsonl").write_text(json.dumps({"text": jokes[0]}) + "\n")
+    for argv, msg in (((tmp_path / "j.csv", "--field", "text"), "--field applies to .jsonl files"),
+                      ((tmp_path / "j.jsonl", "--column", "Joke"), "--column applies to .csv/.tsv files"),
+                      ((tmp_path / "j.tokens", "--column", "Joke"), "--column")):
+        code, _, err = run(capsys, "eval", "-m", tmp_path / "no-model", "--data", *argv)
+        assert code == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1
 
 
 def test_eval_progress_bar_knows_its_total_and_does_not_flood_a_log(capsys, tiny_model_dir, tmp_path):

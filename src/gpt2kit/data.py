@@ -810,15 +810,42 @@ def _is_cache_input(data: str | Path | Sequence[str | Path]) -> Path | None:
     return caches[0] if caches else None
 
 
+def _open_for(path: Path, tid: str) -> TokenCache:
+    """The token cache at `path`, which must have been encoded with the tokenizer whose id is `tid`."""
+    cache = TokenCache.open(path)
+    if cache.tokenizer_id != tid:
+        raise Gpt2kitError(f"{path} was encoded with another tokenizer ({cache.tokenizer_id[:27]}...) "
+                           f"than this model's ({tid[:27]}...); re-encode it with "
+                           "`gpt2kit encode ... --model MODEL` or pass the raw text files")
+    return cache
+
+
+def check_inputs(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None) -> None:
+    """What can be checked of `inputs` without reading them: that they exist, are of kinds that go together,
+    and that --column/--field apply to them (a one-line Gpt2kitError otherwise)."""
+    _check_options([_inputs_arg("inputs", inputs)], _spec_arg(spec))
+
+
+def read_tokens(inputs: str | Path | Sequence[str | Path], tok: Tokenizer, spec: DataSpec | None = None) -> np.ndarray:
+    """The token stream of `inputs` as finetune trains on it, read without caching anything: one .tokens
+    cache's tokens (encoded with `tok`), token files' ids, or text documents each followed by <|endoftext|>."""
+    tok, spec = _tok_arg(tok), _spec_arg(spec)
+    inputs = _inputs_arg("inputs", inputs)
+    _check_options([inputs], spec)
+    path = _is_cache_input(inputs)
+    if path is not None:
+        return np.asarray(_open_for(path, tokenizer_id(tok)).tokens)
+    files = expand_inputs(inputs)
+    if _token_inputs(files):
+        return _read_token_files(files, tok)[0]
+    return _encode_to_arrays(_documents(files, spec), tok)[0]
+
+
 def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tuple[TokenCache, str]:
     """A cache for `data` plus a key naming its content (for derived files)."""
     path = _is_cache_input(data)
     if path is not None:
-        cache = TokenCache.open(path)
-        if cache.tokenizer_id != tid:
-            raise Gpt2kitError(f"{path} was encoded with another tokenizer ({cache.tokenizer_id[:27]}...) "
-                               f"than this model's ({tid[:27]}...); re-encode it with "
-                               "`gpt2kit encode ... --model MODEL` or pass the raw text files")
+        cache = _open_for(path, tid)
         key = hashlib.sha256(json.dumps(_stamp([path])).encode()).hexdigest()[:20]
         return cache, key
     files = expand_inputs(data)

@@ -3,11 +3,13 @@ token-exactly (every token after the first is scored once, with up to `block_siz
 
 from __future__ import annotations
 
+import glob
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +106,34 @@ def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
     if not text.strip():
         raise Gpt2kitError(f"evaluation data {p} is empty")
     return text
+
+
+_READ_AS_DATA = (".csv", ".tsv", ".jsonl", ".tokens", ".npz", ".npy", ".bin")
+
+
+def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, field: str | None = None) -> Path | None:
+    """The single text file `inputs` names, to be scored as it is (nothing added between its lines, as in
+    the transformers perplexity guide); None for anything read as finetune reads --data (several files,
+    folders, globs, tables, JSON Lines, token files), scored as that stream: each document followed by
+    <|endoftext|>."""
+    if len(inputs) != 1 or column is not None or field is not None:
+        return None
+    p = Path(inputs[0])
+    if p.is_dir() or glob.has_magic(str(p)) or p.suffix.lower() in _READ_AS_DATA:
+        return None
+    from gpt2kit.data import is_token_cache
+    return None if is_token_cache(p) else p
+
+
+def eval_token_ids(inputs: str | Path | Sequence[str | Path], tokenizer: Tokenizer, column: str | None = None,
+                   field: str | None = None, encoding: str = "utf-8") -> np.ndarray:
+    """The tokens `perplexity` scores for `inputs` (see plain_text_input)."""
+    from gpt2kit.data import DataSpec, read_tokens
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    plain = plain_text_input(items, column, field)
+    if plain is not None:
+        return np.asarray(tokenizer.encode(read_eval_text(plain, encoding)), dtype=np.int64)
+    return read_tokens(items, tokenizer, DataSpec(column=column, field=field, encoding=encoding)).astype(np.int64)
 
 
 def evaluate_file(model: GPT, tokenizer: Tokenizer, path: str | Path, block_size: int | None = None,

@@ -9,10 +9,16 @@ from gpt2kit.cli.common import add_model_args, load_generator, progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity of a text file",
-                       description="Perplexity and mean loss of a text file, scored with a sliding window.")
+    p = sub.add_parser("eval", help="perplexity of a text file or of finetune-style data",
+                       description="Perplexity and mean loss of a text file, or of data as finetune reads it, "
+                                   "scored with a sliding window.")
     add_model_args(p)
-    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="one text file, scored as it is; or what finetune --data takes (several files, folders, "
+                        "globs, .csv/.tsv with --column, .jsonl with --field, token files, a .tokens cache), "
+                        "scored as its training stream: each document followed by <|endoftext|>")
+    p.add_argument("--column", help="CSV/TSV column holding the text")
+    p.add_argument("--field", help="JSONL field holding the text (default: text)")
     p.add_argument("--block-size", type=int, help="window length in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens the window moves each step (default: half the block)")
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
@@ -22,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2kit.data import DataSpec, check_inputs
     from gpt2kit.errors import Gpt2kitError
-    from gpt2kit.evaluate import check_window, perplexity, read_eval_text, windows
+    from gpt2kit.evaluate import check_window, eval_token_ids, perplexity, plain_text_input, read_eval_text, windows
 
     # bad flags and bad data fail before the model loads
     if args.batch_size <= 0:
@@ -34,9 +41,14 @@ def run(args: argparse.Namespace) -> int:
         raise Gpt2kitError(f"--stride must be >= 1 token (leave it out for half the block), got {args.stride}")
     if args.stride is not None and args.block_size is not None and args.stride > args.block_size:
         raise Gpt2kitError(f"--stride must be at most --block-size ({args.block_size}), got {args.stride}")
-    text = read_eval_text(args.data, args.encoding)
+    plain = plain_text_input(args.data, args.column, args.field)
+    if plain is not None:
+        text = read_eval_text(plain, args.encoding)  # read (and its errors found) before the model loads
+    else:
+        check_inputs(args.data, DataSpec(column=args.column, field=args.field, encoding=args.encoding))
     gen = load_generator(args)
-    ids = gen.tokenizer.encode(text)
+    ids = gen.tokenizer.encode(text) if plain is not None else \
+        eval_token_ids(args.data, gen.tokenizer, args.column, args.field, args.encoding)
     # the checks that need the model's context and the token count, before the progress bar starts
     block, stride = check_window(gen.model.config.n_positions, args.block_size, args.stride, len(ids))
     with progress_bar(total=len(windows(len(ids), block, stride)), unit="window",
