@@ -179,6 +179,24 @@ def test_encoding_to_arrays_keeps_a_batch_at_a_time_even_inside_one_large_docume
     assert tokens.tolist() == [t for ids in whole for t in ids] and tokens.dtype == np.uint16
 
 
+def test_a_long_encode_says_how_far_it_is(tok, monkeypatch, caplog):
+    text = SHAKESPEARE.read_text()[:30000]
+    monkeypatch.setattr(data, "_CHUNK_CHARS", 200)
+    monkeypatch.setattr(data, "_BATCH_CHARS", 3000)
+    monkeypatch.setattr(data, "_PROGRESS_EVERY", 0.0)  # every batch counts as long here
+    with caplog.at_level(logging.INFO, logger="gpt2kit"):
+        data._encode_to_arrays([text], tok)
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoding: ")]
+    assert len(notes) >= 5 and notes[0].endswith("tokens so far") and " of 30,000 characters, " in notes[0]
+    shares = [int(n.split()[1].rstrip("%")) for n in notes]
+    assert shares == sorted(shares) and 0 < shares[0] and shares[-1] < 100  # rising; the end is the summary's
+    caplog.clear()
+    monkeypatch.setattr(data, "_PROGRESS_EVERY", 10.0)
+    with caplog.at_level(logging.INFO, logger="gpt2kit"):
+        data._encode_to_arrays([text], tok)  # quick: nothing to say
+    assert not any(r.getMessage().startswith("encoding: ") for r in caplog.records)
+
+
 def test_tokenizer_id_ignores_file_format(tok):
     # the same vocabulary in HF's file names and formatting is the same tokenizer
     hf = Tokenizer.from_dir(SHARED / "tf-gpt2-tiny" / "hf")

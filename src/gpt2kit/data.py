@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import struct
+import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -636,6 +637,7 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
 
 
 _BATCH_CHARS = 1 << 24  # characters encoded at once
+_PROGRESS_EVERY = 10.0  # seconds between "encoding: N%" notes on a long encode
 
 
 def _encode_to_arrays(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -649,14 +651,23 @@ def _encode_to_arrays(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.n
     lengths = np.zeros(len(docs), dtype=np.int64)
     pending: list[tuple[int, str, bool]] = []  # (document, chunk, whether it is the document's last)
     size = 0
+    total, done, n_tokens = sum(map(len, docs)), 0, 0
+    last_note = time.monotonic()
 
     def flush() -> None:
-        for (i, _, last), ids in zip(pending, tok.encode_batch([c for _, c, _ in pending]), strict=True):
+        nonlocal done, n_tokens, last_note
+        for (i, c, last), ids in zip(pending, tok.encode_batch([c for _, c, _ in pending]), strict=True):
             parts.append(np.asarray(ids, dtype=dtype))
             lengths[i] += len(ids) + last
             if last:
                 parts.append(eot)
+            done += len(c)
+            n_tokens += len(ids) + last
         pending.clear()
+        if time.monotonic() - last_note >= _PROGRESS_EVERY and done < total:  # a long encode says how far it is
+            last_note = time.monotonic()
+            log.info("encoding: %.0f%% of %s characters, %s tokens so far", 100 * done / total, f"{total:,}",
+                     f"{n_tokens:,}")
 
     for i, d in enumerate(docs):
         chunks = _chunks(d)  # a generator: one chunk of the document at a time besides the batch
