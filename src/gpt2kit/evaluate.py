@@ -108,7 +108,6 @@ def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
     return text
 
 
-_READ_AS_DATA = (".csv", ".tsv", ".jsonl", ".tokens", ".npz", ".npy", ".bin")
 
 
 def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, field: str | None = None) -> Path | None:
@@ -118,10 +117,11 @@ def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, fi
     <|endoftext|>."""
     if len(inputs) != 1 or column is not None or field is not None:
         return None
+    from gpt2kit.data import TOKEN_SUFFIXES, is_token_cache
     p = Path(inputs[0])
-    if p.is_dir() or glob.has_magic(str(p)) or p.suffix.lower() in _READ_AS_DATA:
+    read_as_data = (".csv", ".tsv", ".jsonl", ".tokens", *TOKEN_SUFFIXES)
+    if p.is_dir() or glob.has_magic(str(p)) or p.suffix.lower() in read_as_data:
         return None
-    from gpt2kit.data import is_token_cache
     return None if is_token_cache(p) else p
 
 
@@ -139,5 +139,6 @@ def eval_token_ids(inputs: str | Path | Sequence[str | Path], tokenizer: Tokeniz
 def evaluate_file(model: GPT, tokenizer: Tokenizer, path: str | Path, block_size: int | None = None,
                   stride: int | None = None, batch_size: int = 4, encoding: str = "utf-8",
                   progress: Callable[[int], None] | None = None) -> EvalResult:
-    ids = tokenizer.encode(read_eval_text(path, encoding))
+    """perplexity() of what `path` holds, read as `gpt2kit eval --data PATH` reads it (eval_token_ids)."""
+    ids = eval_token_ids(path, tokenizer, encoding=encoding)
     return perplexity(model, ids, block_size, stride, batch_size, progress)
