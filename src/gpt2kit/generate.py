@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from gpt2kit.cuda_graphs import prepare_cuda_decoding_
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.kernels import prepare_cpu_decoding_
 from gpt2kit.model import GPT
@@ -289,6 +290,7 @@ class Generator:
         from gpt2kit.checkpoints import load_model
         model, tok = load_model(name_or_path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
         prepare_cpu_decoding_(model, quantize)  # faster decoding on CPUs, same numerics; see gpt2kit.kernels
+        prepare_cuda_decoding_(model)  # on GPUs: decoding steps replayed as CUDA graphs (gpt2kit.cuda_graphs)
         return cls(model, tok)
 
     def _prompts(self, prompt: str | Sequence[str] | None, nsamples: int) -> list[str]:

@@ -112,6 +112,10 @@ class GPT(nn.Module):
         # when it does not apply: every block, ln_f and the LM head for rows that all write cache slot pos.
         # gpt2kit.kernels installs one on CPUs; it must give what the modules below give.
         self.decode_step: Callable[..., torch.Tensor | None] | None = None
+        # optional one-token step for any rows' positions, (idx (B, 1), input_pos (B, 1), kv_len, rows) ->
+        # logits (B, 1, vocab), or None when it does not apply; gpt2kit.cuda_graphs installs one on GPUs that
+        # replays decode_masked as a CUDA graph. It must give what decode_masked gives.
+        self.graph_step: Callable[..., torch.Tensor | None] | None = None
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -188,6 +192,11 @@ class GPT(nn.Module):
         return_hidden gives ln_f's output (B, T, C) instead of logits, for a caller that applies the LM head
         itself (gpt2kit.fused_loss in training)."""
         B, T = idx.shape
+        if (T == 1 and input_pos is not None and self.graph_step is not None and not self.training
+                and not return_hidden and not torch.is_grad_enabled()):
+            pos = input_pos.view(1, 1).expand(B, 1) if input_pos.numel() == 1 else input_pos.view(B, 1)
+            if (logits := self.graph_step(idx, pos, kv_len, rows)) is not None:
+                return logits  # (B, 1, vocab)
         if input_pos is None:
             if T > self.config.n_positions:
                 raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.n_positions}")
@@ -224,6 +233,20 @@ class GPT(nn.Module):
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         x = self.transformer.ln_f(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, vocab)
+
+    def decode_masked(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+                      rows: slice | None = None) -> torch.Tensor:
+        """One token per row, idx (B, 1) at positions input_pos (B, 1), each written into its row's cache
+        slot -> logits (B, 1, vocab). Attends over the first kv_len cache slots (> every position), masked
+        per row: shapes depend only on B and kv_len, and nothing waits for the GPU, which is what a CUDA
+        graph can capture (forward's own T == 1 path picks cheaper shapes by looking at the positions)."""
+        B = idx.shape[0]
+        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)  # (B, 1, C)
+        slots = torch.arange(kv_len, device=idx.device)
+        mask = slots.view(1, 1, 1, kv_len) <= input_pos.view(B, 1, 1, 1)  # (B, 1, 1, kv_len)
+        for block in self.transformer.h:
+            x = block(x, input_pos, mask, kv_len, rows, None)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, 1, vocab)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         logits = self(idx)

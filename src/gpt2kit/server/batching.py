@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from gpt2kit.cuda_graphs import prepare_cuda_decoding_
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice
 from gpt2kit.kernels import prepare_cpu_decoding_
@@ -194,6 +195,7 @@ class BatchEngine:
                 return self
             self.model.eval()
             prepare_cpu_decoding_(self.model)  # as Generator does: faster decoding, identical numerics
+            prepare_cuda_decoding_(self.model)  # on GPUs, CUDA-graph decoding steps
             self.model.setup_caches(self.max_batch, self.max_len)
             self._thread = threading.Thread(target=self._run, name="gpt2kit-engine", daemon=True)
             self._thread.start()
@@ -462,7 +464,9 @@ class BatchEngine:
                 r.context = r.context[-(self.max_len // 2):]
                 _prefill(self.model, [r.context[:-1]], rows=slice(b, b + 1))
                 r.pos = len(r.context) - 1
-        hi = active[-1] + 1
+        # with CUDA graphs every step runs all rows (one graph per batch size; a GPU step at these sizes costs
+        # about the same for 1 row as for all)
+        hi = self.max_batch if getattr(self.model, "graph_step", None) is not None else active[-1] + 1
         # free rows below `hi` ride along writing slot 0 of their own row; a new request re-prefills it
         toks, pos = [0] * hi, [0] * hi
         for b in active:
