@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# What we run on a lent GPU machine, in one go (bench/RESULTS.md records the outcome):
+#   1. the tests that exercise GPU paths (CUDA graphs, the batching engine, generation, parity with transformers),
+#   2. finetune on the GPU: one process, then torchrun with the NCCL backend (1 process: one GPU here),
+#   3. the whole test suite with the GPU visible (device auto picks it; a summary line only),
+#   4. bench/bench_gpu.py: parity, decoding and training speed against transformers (tables last).
+#
+#   bash bench/gpu_check.sh OUTDIR [bench_gpu.py arguments...]
+#
+# Needs ../shared/data beside the repository (or a copy in .gpu/shared/data, which is linked there).
+set -u
+OUT=${1:-/tmp/gpu-check}
+shift || true
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+[ -d ../shared/data ] || { [ -d .gpu/shared/data ] && ln -sfn "$PWD/.gpu/shared" ../shared; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+
+SECONDS=0
+echo "== GPU tests"
+$PY -m pytest -o addopts="" -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_server_engine.py \
+    tests/test_generate.py tests/test_model_parity.py >"$OUT/tests_gpu.txt" 2>&1
+tail -n 3 "$OUT/tests_gpu.txt"; grep -E "^(FAILED|ERROR)" "$OUT/tests_gpu.txt" | head -20
+
+echo "($SECONDS s)"; echo "== finetune on the GPU, then torchrun + NCCL"
+W=$(mktemp -d)
+$PY - "$W/tiny" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from gpt2kit.checkpoints import save_model
+from gpt2kit.config import GPTConfig
+from gpt2kit.model import GPT
+from gpt2kit.tokenizer import Tokenizer
+torch.manual_seed(0)
+save_model(GPT(GPTConfig.from_name("tiny")), Tokenizer.from_dir(Path("../shared/data/gpt2-vocab")), sys.argv[1])
+EOF
+DATA=../shared/data/datasets/tinyshakespeare.txt
+ARGS="--model $W/tiny --data $DATA --steps 30 --batch-size 8 --block-size 64 --eval-every 10 --sample-every 15 --no-progress"
+$PY -m gpt2kit finetune $ARGS --out "$W/one" --dtype bfloat16 >"$OUT/finetune_one.txt" 2>&1
+echo "one process (bf16): exit $?"; tail -n 2 "$OUT/finetune_one.txt"
+$PY -m gpt2kit finetune $ARGS --out "$W/compiled" --compile >"$OUT/finetune_compile.txt" 2>&1
+echo "one process (--compile): exit $?"; tail -n 2 "$OUT/finetune_compile.txt"
+$PY -m torch.distributed.run --standalone --nproc_per_node 1 -m gpt2kit finetune $ARGS --out "$W/ddp" \
+    >"$OUT/finetune_nccl.txt" 2>&1
+echo "torchrun, NCCL: exit $?"; grep -i -m1 "nccl\|process" "$OUT/finetune_nccl.txt"; tail -n 2 "$OUT/finetune_nccl.txt"
+$PY -m gpt2kit generate "Hello" --model "$W/one" --length 20 --seed 1 >"$OUT/generate.txt" 2>&1
+echo "generate from the GPU run: exit $?"
+
+echo "($SECONDS s)"; echo "== whole suite, GPU visible"
+timeout "${SUITE_TIMEOUT:-240}" $PY -m pytest -o addopts="" -q -p no:cacheprovider -n 8 tests \
+    >"$OUT/tests_all.txt" 2>&1
+echo "exit $?"; tail -n 1 "$OUT/tests_all.txt"; grep -E "^(FAILED|ERROR)" "$OUT/tests_all.txt" | head -30
+
+echo "($SECONDS s)"; echo "== bench_gpu.py"
+timeout -s TERM "${BENCH_TIMEOUT:-400}" $PY bench/bench_gpu.py --json "$OUT/bench.json" "$@" 2>"$OUT/bench_stderr.txt" | tee "$OUT/bench.txt"
+echo "($SECONDS s)"
