@@ -1285,8 +1285,8 @@ class _Run:
         torch.set_rng_state(rng["torch"].cpu())
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        np_state = rng["numpy"]
-        np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+        np_state = rng["numpy"]  # its key array comes back on the run's device (map_location), a GPU too
+        np.random.set_state((np_state[0], np_state[1].cpu().numpy().astype(np.uint32), *np_state[2:]))
         random.setstate(rng["python"])
         self.step = int(state["step"])
         self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
