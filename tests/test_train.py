@@ -122,6 +122,23 @@ def test_grad_accumulation_equals_one_big_batch():
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-8), n
 
 
+def test_padded_lm_head_gives_the_same_loss_and_gradients():
+    # the GPU path (Trainer.pad_head, on for CUDA devices) forced on the CPU against the plain one
+    a, b = random_model(TINY, seed=5).train(), random_model(TINY, seed=5).train()
+    cfg = TrainConfig(model="x", data=["x"], lr=1e-3)
+    ta, tb = Trainer(a, cfg, torch.device("cpu")), Trainer(b, cfg, torch.device("cpu"))
+    assert not ta.pad_head and TINY.vocab_size % 64
+    tb.pad_head, tb.fused_head = True, False
+    seq = torch.randint(0, TINY.vocab_size, (2, 17))
+    seq[0, -3:] = TINY.vocab_size - 1  # the last real row of the head is a target too
+    x, y = seq[:, :-1], seq[:, 1:]
+    assert tb._padded_head_logits(x).shape[-1] == -(-TINY.vocab_size // 64) * 64
+    la, lb = ta.forward_backward([(x, y)]), tb.forward_backward([(x, y)])
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=0)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 # ---- pieces ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("clip", [1e-3, 1e6])  # clipping and not
