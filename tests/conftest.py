@@ -102,3 +102,16 @@ def ext():
         assert not CAN_BUILD, f"the kernel should build here: {kernels.failure()}"
         pytest.skip(f"kernel unavailable: {kernels.failure()}")
     return e
+
+
+def ctrl_c_in_the_first_step(monkeypatch) -> None:
+    """Make the next training run behave as if Ctrl-C came during its first step (monkeypatch.undo() ends it)."""
+    from gpt2kit import train
+    real_enter = train._Interrupt.__enter__
+
+    def enter(self):
+        real_enter(self)
+        self.flag = True
+        return self
+    monkeypatch.setattr(train._Interrupt, "__enter__", enter)
+

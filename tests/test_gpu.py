@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2kit import train
 from gpt2kit.checkpoints import save_model
 from gpt2kit.config import GPTConfig
 from gpt2kit.runs import read_metrics
 from gpt2kit.tokenizer import Tokenizer
 from gpt2kit.train import TrainConfig, finetune, resume
-from tests.conftest import JOKES, VOCAB_DIR, random_model
+from tests.conftest import JOKES, VOCAB_DIR, ctrl_c_in_the_first_step, random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -29,13 +28,7 @@ def test_a_run_interrupted_and_resumed_on_a_gpu_ends_like_an_uninterrupted_one(t
                       batch_size=4, block_size=32, eval_batches=2, eval_every=3, save_every=2, sample_every=0,
                       tensorboard=False, device="cuda", dtype=dtype)
     assert finetune(cfg, progress=False).status == "finished"
-    real_enter = train._Interrupt.__enter__
-
-    def ctrl_c(self):  # as if Ctrl-C came during the first step
-        real_enter(self)
-        self.flag = True
-        return self
-    monkeypatch.setattr(train._Interrupt, "__enter__", ctrl_c)
+    ctrl_c_in_the_first_step(monkeypatch)
     assert finetune(replace(cfg, out=str(tmp_path / "b")), progress=False).status == "interrupted"
     monkeypatch.undo()
     assert resume(tmp_path / "b", progress=False).status == "finished"  # the trainer state read onto the GPU

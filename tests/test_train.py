@@ -32,7 +32,7 @@ from gpt2kit.train import (
     param_groups,
     resume,
 )
-from tests.conftest import JOKES, VOCAB_DIR, random_model
+from tests.conftest import JOKES, VOCAB_DIR, ctrl_c_in_the_first_step, random_model
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
 
@@ -586,16 +586,9 @@ def test_overwrite_refuses_an_input_inside_the_run_before_deleting_anything(tmp_
 
 
 def test_messages_name_the_python_api_too_and_quote_paths(tmp_path, tiny_dir, monkeypatch, capsys):
-    from gpt2kit import train
     out = tmp_path / "sp ace" / "my run"
     cfg = _cfg(tmp_path, tiny_dir, out=str(out), steps=3, eval_every=0, val_fraction=0.0)
-    real_enter = train._Interrupt.__enter__
-
-    def ctrl_c(self):  # as if Ctrl-C came during the first step
-        real_enter(self)
-        self.flag = True
-        return self
-    monkeypatch.setattr(train._Interrupt, "__enter__", ctrl_c)
+    ctrl_c_in_the_first_step(monkeypatch)
     assert finetune(cfg, progress=False).status == "interrupted"
     err = capsys.readouterr().err
     assert f"continue with `gpt2kit finetune --resume '{out}'` (Python: resume({str(out)!r}))" in err
