@@ -8,23 +8,21 @@ recordable: fixed shapes (GPT.decode_masked attends over a fixed number of cache
 and no host synchronisation inside it. The graph reads its token ids and positions from buffers it owns,
 so each step copies them in, replays, and copies the logits out.
 
-One graph per (batch size, attention length), for steps that cover every row of the cache; the attention
-length is rounded up to a multiple of SPAN, so that a long generation uses a few graphs, each attending
-over at most SPAN slots more than the tokens so far. A new cache (another batch size or length) drops the
-graphs recorded on the old one. Weights changed in place (a load_state_dict) are seen; weights replaced by
-new tensors are not: call `reset()` after that (the installer below does it for a model prepared again)."""
+One graph per attention length, for steps that cover every row of the cache; the attention length is
+rounded up to a multiple of SPAN, so that a long generation uses a few graphs, each attending over at most
+SPAN slots more than the tokens so far. A new cache (another batch size or length) drops the graphs
+recorded on the old one. Weights changed in place (a load_state_dict) are seen; weights replaced by new
+tensors are not: call `reset()` after that (the installer below does it for a model prepared again)."""
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 SPAN = 256  # attention-length granularity of the graphs (slots)
-MAX_GRAPHS = 16  # least recently used graphs beyond this are dropped (each holds its own small memory pool)
 
 
 @dataclass
@@ -33,7 +31,6 @@ class _Graph:
     idx: torch.Tensor  # (B, 1) token ids, read by the graph
     pos: torch.Tensor  # (B, 1) positions, read by the graph
     out: torch.Tensor  # (B, 1, vocab) logits, written by the graph
-    keep: tuple[torch.Tensor, ...]  # the caches it writes: kept alive while the graph may replay
 
 
 class GraphStep:
@@ -44,7 +41,7 @@ class GraphStep:
         # compile=True: the step through torch.compile first (fuses the small operations between the
         # products; slow to start, once per graph shape), then recorded as a graph like the plain one
         self.step = torch.compile(model.decode_masked, dynamic=False) if compile else model.decode_masked
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.graphs: dict[int, _Graph] = {}  # attention length -> graph, all on the cache `where` names
         self.where: tuple | None = None  # the cache the graphs write into (addresses, shape, dtype, device)
         self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
 
@@ -71,25 +68,19 @@ class GraphStep:
         where = (tuple(t.data_ptr() for t in caches), caches[0].shape, caches[0].dtype, idx.device)
         if where != self.where:
             # a new cache (setup_caches made one for another batch size or length): graphs write into the
-            # cache they were recorded with, so the old ones go, and with them the old cache's memory
+            # cache they were recorded with, so the old ones go
             self.graphs.clear()
             self.where = where
-        key = (idx.shape[0], span)
-        g = self.graphs.get(key)
+        g = self.graphs.get(span)
         if g is None:
-            g = self._capture(idx, input_pos, span, rows, caches)
-            self.graphs[key] = g
-            while len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
+            g = self.graphs[span] = self._capture(idx, input_pos, span, rows)
         g.idx.copy_(idx, non_blocking=True)
         g.pos.copy_(input_pos, non_blocking=True)
         g.graph.replay()
         # a copy: the graph's own output is overwritten by its next replay, and a caller may keep these
         return g.out.clone()
 
-    def _capture(self, idx: torch.Tensor, input_pos: torch.Tensor, span: int, rows: slice | None,
-                 caches: tuple[torch.Tensor, ...]) -> _Graph:
+    def _capture(self, idx: torch.Tensor, input_pos: torch.Tensor, span: int, rows: slice | None) -> _Graph:
         static_idx, static_pos = idx.clone(), input_pos.clone()
         # warm-up runs on a side stream (CUDA graphs need the libraries' handles and workspaces made before
         # recording); they write this step's own keys and values, which the replay writes again
@@ -103,7 +94,7 @@ class GraphStep:
         with torch.cuda.graph(graph):
             out = self.step(static_idx, static_pos, span, rows)  # (B, 1, vocab)
         self.captures += 1
-        return _Graph(graph, static_idx, static_pos, out, caches)
+        return _Graph(graph, static_idx, static_pos, out)
 
 
 def enabled() -> bool:

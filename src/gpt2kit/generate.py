@@ -275,6 +275,14 @@ def run_stream(stream: Generator_[Delta, None, list[Completion]], on_delta: Call
             on_delta(d)
 
 
+def prepare_decoding_(model: GPT, quantize: str | None = None) -> str:
+    """Make `model` decode fast where it lives, with the same numerics: gpt2kit.kernels on a CPU (where
+    quantize="int8" applies), CUDA graphs on a GPU (gpt2kit.cuda_graphs). Returns the path taken ("kernel",
+    "kernel-int8", "column-major", "cuda-graphs" or "none")."""
+    path = prepare_cpu_decoding_(model, quantize)
+    return path if path != "none" else prepare_cuda_decoding_(model)
+
+
 class Generator:
     """A loaded model plus tokenizer with a convenient generation API."""
 
@@ -289,8 +297,7 @@ class Generator:
         gpt2kit.kernels.prepare_cpu_decoding_)."""
         from gpt2kit.checkpoints import load_model
         model, tok = load_model(name_or_path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        prepare_cpu_decoding_(model, quantize)  # faster decoding on CPUs, same numerics; see gpt2kit.kernels
-        prepare_cuda_decoding_(model)  # on GPUs: decoding steps replayed as CUDA graphs (gpt2kit.cuda_graphs)
+        prepare_decoding_(model, quantize)
         return cls(model, tok)
 
     def _prompts(self, prompt: str | Sequence[str] | None, nsamples: int) -> list[str]:

@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from gpt2kit import kernels, runs
 from gpt2kit.data import cache_identity, plural
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.fused_loss import lm_head_cross_entropy
+from gpt2kit.fused_loss import lm_head_cross_entropy, padded_size
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer, find_vocab_files
 
@@ -626,7 +626,8 @@ class Trainer:
         V = head.weight.shape[0]
         self.pad_head = (device.type == "cuda" and type(head) is nn.Linear and head.bias is None
                          and V % 64 != 0)
-        self._pad_bias: torch.Tensor | None = None
+        self._pad_bias = torch.zeros(padded_size(V), device=head.weight.device)  # (P,): 0, then -inf for the padding
+        self._pad_bias[V:] = float("-inf")
         # on CPUs: attention, GELU, the loss's softmax and the gradient norm through gpt2kit's kernels
         # (kernels/cpu_train.cpp says why), where this machine can build them. The kernels are float32; under
         # native autocast (CPUs with AMX/AVX512-BF16) attention and GELU take their bfloat16 input up to
@@ -670,12 +671,7 @@ class Trainer:
         """Logits (B, T, P) over the vocabulary padded to P (a multiple of 64), the padding at -inf."""
         h = self.fwd(x, return_hidden=True)  # (B, T, C)
         w = self.model.lm_head.weight  # (V, C)
-        V = w.shape[0]
-        P = -(-V // 64) * 64
-        if self._pad_bias is None or self._pad_bias.device != w.device:
-            self._pad_bias = torch.zeros(P, device=w.device)
-            self._pad_bias[V:] = float("-inf")
-        return F.linear(h, F.pad(w, (0, 0, 0, P - V)), self._pad_bias)  # (B, T, P)
+        return F.linear(h, F.pad(w, (0, 0, 0, self._pad_bias.shape[0] - w.shape[0])), self._pad_bias)  # (B, T, P)
 
     def forward_backward(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Accumulate gradients of the mean micro-batch loss; returns that mean (detached)."""

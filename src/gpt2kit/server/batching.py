@@ -23,10 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from gpt2kit.cuda_graphs import prepare_cuda_decoding_
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice
-from gpt2kit.kernels import prepare_cpu_decoding_
+from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice, prepare_decoding_
 from gpt2kit.model import GPT
 from gpt2kit.sampling import SamplingParams, filter_logits, sample, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
@@ -194,8 +192,7 @@ class BatchEngine:
             if self._thread is not None:
                 return self
             self.model.eval()
-            prepare_cpu_decoding_(self.model)  # as Generator does: faster decoding, identical numerics
-            prepare_cuda_decoding_(self.model)  # on GPUs, CUDA-graph decoding steps
+            prepare_decoding_(self.model)  # as Generator does: faster decoding, identical numerics
             self.model.setup_caches(self.max_batch, self.max_len)
             self._thread = threading.Thread(target=self._run, name="gpt2kit-engine", daemon=True)
             self._thread.start()
@@ -466,7 +463,7 @@ class BatchEngine:
                 r.pos = len(r.context) - 1
         # with CUDA graphs every step runs all rows (one graph per batch size; a GPU step at these sizes costs
         # about the same for 1 row as for all)
-        hi = self.max_batch if getattr(self.model, "graph_step", None) is not None else active[-1] + 1
+        hi = self.max_batch if self.model.graph_step is not None else active[-1] + 1
         # free rows below `hi` ride along writing slot 0 of their own row; a new request re-prefills it
         toks, pos = [0] * hi, [0] * hi
         for b in active:
