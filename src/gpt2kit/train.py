@@ -47,6 +47,7 @@ from gpt2kit.data import cache_identity, plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy, padded_size
 from gpt2kit.model import GPT
+from gpt2kit.progress import progress_bar
 from gpt2kit.tokenizer import Tokenizer, find_vocab_files
 
 log = logging.getLogger("gpt2kit")
@@ -1527,10 +1528,7 @@ class _Run:
     def _loop(self, interrupt: _Interrupt) -> tuple[str, bool]:
         cfg = self.cfg
         if self.dist.main and self.progress:
-            from tqdm.auto import tqdm
-            # redrawn on a terminal; into a log file or a pipe, where every redraw is kept, every 30 s at most
-            self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                            desc="finetune", mininterval=0.1 if sys.stderr.isatty() else 30.0)
+            self.bar = progress_bar(total=cfg.steps, initial=self.step, unit="step", desc="finetune")
         if self.step == 0:
             if self.val_batcher is not None and cfg.eval_every:
                 self.evaluate(0)

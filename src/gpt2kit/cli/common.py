@@ -25,14 +25,6 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
                         "float32 at batch 1, outputs drift slightly; prompts are still read in float32)")
 
 
-def progress_bar(**kwargs):
-    """A tqdm bar on stderr that suits where stderr goes: redrawn ten times a second on a terminal, but
-    written at most every 30 s into a log file or a pipe, where each redraw would be kept."""
-    from tqdm import tqdm
-
-    return tqdm(file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
-
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (a handler made once per process must follow it when it
     is replaced, as pytest's capture and callers redirecting stderr do)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpt2kit.cli.common import add_model_args, load_generator, progress_bar
+from gpt2kit.cli.common import add_model_args, load_generator
+from gpt2kit.progress import progress_bar
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from gpt2kit.cli.common import add_model_args, add_quantize_arg, load_generator, progress_bar, setup_logging
+from gpt2kit.cli.common import add_model_args, add_quantize_arg, load_generator, setup_logging
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.progress import progress_bar
 
 SEPARATOR = "=" * 40
 

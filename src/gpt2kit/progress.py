@@ -1,0 +1,87 @@
+"""Progress for `finetune`, `eval` and `generate --output`, shown the way its destination wants it:
+
+- a terminal: tqdm's bar, redrawn ten times a second;
+- a Jupyter or Colab notebook: tqdm's widget (`tqdm.auto`), also redrawn ten times a second (a notebook's
+  stderr is not a terminal, and a bar that took that to mean "log file" sat frozen for 30 s at a time);
+- a log file or a pipe (`nohup`, Slurm, CI): `LineProgress`, tqdm's status text as whole lines, one every
+  30 s and one at the end. tqdm itself would write each redraw as a carriage return plus the bar, and clear
+  and redraw the bar around every message: in a file that is one endless line with the messages spliced in,
+  which `tail -f`, `grep` and `less` show badly."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+LOG_INTERVAL_S = 30.0
+
+
+def in_notebook() -> bool:
+    """Whether tqdm.auto would draw a notebook widget here (an IPython kernel with ipywidgets)."""
+    if "ipykernel" not in sys.modules:  # cheap test first: importing tqdm.auto elsewhere is wasted
+        return False
+    import tqdm.auto
+    import tqdm.std
+    return tqdm.auto.tqdm is not tqdm.std.tqdm
+
+
+def progress_bar(*, total: int | None = None, desc: str | None = None, unit: str = "it", initial: int = 0,
+                 disable: bool = False, file: TextIO | None = None) -> Any:
+    """A progress bar with tqdm's interface (update, set_postfix_str, write, close, a context manager)."""
+    file = file if file is not None else sys.stderr
+    isatty = getattr(file, "isatty", None)
+    if disable or (callable(isatty) and isatty()) or in_notebook():
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable, file=file,
+                    dynamic_ncols=True, mininterval=0.1)
+    return LineProgress(total=total, desc=desc, unit=unit, initial=initial, file=file)
+
+
+class LineProgress:
+    """tqdm's status line (`finetune:  50%| 15/30 [00:02<00:02, 7.23step/s, loss 10.97]`) written as whole
+    lines: at most every `interval` seconds while it runs, and once when it closes. `write` prints a message
+    on its own line, with no bar cleared or redrawn around it."""
+
+    def __init__(self, *, total: int | None = None, desc: str | None = None, unit: str = "it", initial: int = 0,
+                 file: TextIO | None = None, interval: float = LOG_INTERVAL_S):
+        self.total = total or None  # 0 (e.g. `generate --nsamples 0`: forever) has no percentage either
+        self.desc, self.unit = desc, unit
+        self.n = self.initial = initial
+        self.file = file if file is not None else sys.stderr
+        self.interval = interval
+        self.postfix = ""
+        self.start = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self._line(now)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def write(self, msg: str, file: TextIO | None = None, end: str = "\n") -> None:
+        print(msg, file=file if file is not None else self.file, end=end, flush=True)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._line(time.monotonic())
+
+    def _line(self, now: float) -> None:
+        from tqdm import tqdm
+        self.last = now
+        fmt = ("{desc}: {percentage:3.0f}%| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+               if self.total else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]")
+        line = tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc or "", unit=self.unit,
+                                 postfix=self.postfix or None, bar_format=fmt, initial=self.initial)
+        self.write(line if self.desc else line.removeprefix(": "))
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
