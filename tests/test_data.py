@@ -423,6 +423,13 @@ def test_encode_out_names_numpy_cannot_load_are_refused(tok, tmp_path, capsys):
     _, f = token_files(tok, tmp_path / "in")
     assert main(["encode", str(f["out.npz"]), "--out", str(tmp_path / "n.tokens"), "--tokenizer", str(VOCAB)]) == 0
     assert capsys.readouterr().out.startswith("encoded 2 documents, 5 tokens")
+    # the inputs are checked before the tokenizer is fetched: with the default --model gpt2, which this
+    # offline machine cannot download, an empty folder or a missing file is still the error named
+    (tmp_path / "empty").mkdir()
+    for bad, msg in ((tmp_path / "empty", "has no .txt, .csv"), (tmp_path / "gone.txt", "does not exist")):
+        assert main(["encode", str(bad), "--out", str(tmp_path / "e.tokens")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err and "download" not in err
 
 def test_a_validation_split_is_two_small_views_not_a_copy_of_the_data(tok, tmp_path, caplog):
     spec = DataSpec(column="Joke")

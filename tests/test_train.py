@@ -343,6 +343,20 @@ def test_progress_into_a_log_is_whole_lines(tmp_path, tiny_dir, capsys):
 
 # ---- CLI -------------------------------------------------------------------------------------------
 
+def test_cli_finetune_checks_its_data_before_the_model(tmp_path, capsys):
+    # --model gpt2 cannot be downloaded here; bad data is still the error named, and no run is left behind
+    (tmp_path / "empty").mkdir()
+    for data, extra, msg in (([tmp_path / "gone.txt"], [], "gone.txt does not exist"),
+                             ([JOKES], ["--val-data", tmp_path / "empty"], "has no .txt, .csv"),
+                             ([JOKES], ["--column", "Joke", "--field", "text"], "--field")):
+        out = tmp_path / "run"
+        argv = ["finetune", "--model", "gpt2", "--data", *data, *extra, "--out", out, "--no-progress"]
+        assert main([str(a) for a in argv]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err and "download" not in err, err
+        assert not out.exists()
+
+
 def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_dir), "--data", str(JOKES), "--column", "Joke", "--out", str(out),

@@ -831,10 +831,12 @@ def _open_for(path: Path, tid: str) -> TokenCache:
     return cache
 
 
-def check_inputs(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None) -> None:
-    """What can be checked of `inputs` without reading them: that they exist, are of kinds that go together,
-    and that --column/--field apply to them (a one-line Gpt2kitError otherwise)."""
-    _check_options([_inputs_arg("inputs", inputs)], _spec_arg(spec))
+def check_inputs(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None,
+                 val_inputs: str | Path | Sequence[str | Path] | None = None) -> None:
+    """What can be checked of `inputs` (and `val_inputs`) without reading them: that they exist, are of kinds
+    that go together, and that --column/--field apply to them (a one-line Gpt2kitError otherwise)."""
+    sets = [_inputs_arg("inputs", inputs)] + ([] if val_inputs is None else [_inputs_arg("val_inputs", val_inputs)])
+    _check_options(sets, _spec_arg(spec))
 
 
 def read_tokens(inputs: str | Path | Sequence[str | Path], tok: Tokenizer, spec: DataSpec | None = None) -> np.ndarray:

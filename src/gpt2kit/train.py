@@ -43,7 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gpt2kit import kernels, runs
-from gpt2kit.data import cache_identity, plural
+from gpt2kit.data import DataSpec, cache_identity, check_inputs, plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy, padded_size
 from gpt2kit.model import GPT
@@ -140,6 +140,10 @@ class TrainConfig:
                 v = [v]
             if isinstance(v, (list, tuple)):
                 setattr(self, name, [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v])
+
+    def data_spec(self) -> DataSpec:
+        """How the text inputs are read: --column, --field, --encoding, --line-by-line."""
+        return DataSpec(column=self.column, field=self.field, encoding=self.encoding, line_by_line=self.line_by_line)
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -1075,7 +1079,7 @@ class _Run:
         return model, tok, base_dir, base_fp
 
     def _prepare_data(self, tok: Tokenizer):
-        from gpt2kit.data import DataSpec, TokenCache, TooLittleData, prepare_data
+        from gpt2kit.data import TokenCache, TooLittleData, prepare_data
         cfg = self.cfg
         info = runs.read_run_json(self.dir) if runs.is_run_dir(self.dir) else {}
         recorded = info.get("train_tokens"), info.get("val_tokens")
@@ -1085,7 +1089,7 @@ class _Run:
             val = TokenCache.open(recorded[1]) if recorded[1] and Path(recorded[1]).is_file() else None
             self._same_data(info.get("data_ids") or {}, train, val)
             return train, val
-        spec = DataSpec(column=cfg.column, field=cfg.field, encoding=cfg.encoding, line_by_line=cfg.line_by_line)
+        spec = cfg.data_spec()
         frac = cfg.val_fraction if cfg.val_fraction is not None else (0.0 if cfg.val_data else 0.05)
         if cfg.eval_every == 0 and not cfg.val_data and cfg.val_fraction is None:
             frac = 0.0
@@ -1632,6 +1636,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
         raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
     cfg.validate()
     _check_inputs(cfg)
+    # the data, before the model (which may mean a long download, or a download error offline)
+    check_inputs(cfg.data, cfg.data_spec(), val_inputs=cfg.val_data or None)
     return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
 
 

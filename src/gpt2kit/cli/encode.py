@@ -28,8 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here so `gpt2kit --help` stays quick
     from gpt2kit.cli.common import setup_logging
-    from gpt2kit.data import DataSpec, encode_files, plural  # imported here so `gpt2kit --help` stays quick
+    from gpt2kit.data import DataSpec, check_inputs, encode_files, plural
     from gpt2kit.errors import Gpt2kitError
     setup_logging()
     from gpt2kit.tokenizer import Tokenizer
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
             raise Gpt2kitError(f"the output is named with --out, not as the last input: gpt2kit encode "
                                f"{' '.join(args.inputs[:-1])} --out {last.with_suffix('.tokens')}")
         raise Gpt2kitError("--out FILE.tokens is required: the token cache to write")
+    spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
+    check_inputs(args.inputs, spec)  # before the tokenizer, which may mean a download
     if args.tokenizer:
         tok = Tokenizer.from_dir(args.tokenizer)
     else:
@@ -49,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         except Gpt2kitError as e:
             raise Gpt2kitError(f"{e} (or pass the vocabulary directory with --tokenizer DIR)") from None
         tok = Tokenizer.from_dir(model_dir)
-    spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
     t0 = time.perf_counter()
     cache = encode_files(args.inputs, args.out, tok, spec)
     print(f"encoded {plural(cache.n_docs, 'document')}, {plural(len(cache), 'token')} -> {cache.path} "
