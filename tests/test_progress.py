@@ -1,6 +1,8 @@
 """Progress output: tqdm's bar on a terminal and in notebooks, whole lines in logs (gpt2kit/progress.py)."""
 
 import io
+import sys
+import types
 
 import pytest
 
@@ -61,6 +63,9 @@ def test_progress_bar_suits_its_destination(monkeypatch):
     from tqdm import tqdm
 
     assert not progress.in_notebook()  # no IPython kernel here
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert progress.in_notebook()
+    monkeypatch.delitem(sys.modules, "ipykernel")
     assert isinstance(progress_bar(total=3, file=io.StringIO()), LineProgress)  # a log file or a pipe
     on_terminal = progress_bar(total=3, file=_Tty())
     assert isinstance(on_terminal, tqdm) and on_terminal.mininterval == 0.1

@@ -18,12 +18,9 @@ LOG_INTERVAL_S = 30.0
 
 
 def in_notebook() -> bool:
-    """Whether tqdm.auto would draw a notebook widget here (an IPython kernel with ipywidgets)."""
-    if "ipykernel" not in sys.modules:  # cheap test first: importing tqdm.auto elsewhere is wasted
-        return False
-    import tqdm.auto
-    import tqdm.std
-    return tqdm.auto.tqdm is not tqdm.std.tqdm
+    """Whether this runs in an IPython kernel (Jupyter, Colab, VS Code, Spyder): tqdm.auto draws its widget
+    there, or without ipywidgets a text bar, which these front ends redraw in place as a terminal does."""
+    return "ipykernel" in sys.modules
 
 
 def progress_bar(*, total: int | None = None, desc: str | None = None, unit: str = "it", initial: int = 0,
