@@ -994,15 +994,8 @@ def test_lora_resume_with_a_moved_base_and_paths_in_the_python_api(tmp_path, tin
 
 
 def test_an_interrupted_lora_run_names_its_newest_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    from gpt2kit import train
     from gpt2kit.lora import open_base
-    enter = train._Interrupt.__enter__
-
-    def ctrl_c_at_once(self):
-        enter(self)
-        self.flag = True
-        return self
-    monkeypatch.setattr(train._Interrupt, "__enter__", ctrl_c_at_once)
+    ctrl_c_in_the_first_step(monkeypatch)
     result = finetune(_cfg(tmp_path, tiny_dir, lora_rank=4, steps=3, eval_every=0), progress=False)
     assert result.status == "interrupted" and result.model_dir == tmp_path / "run/checkpoints/step-1"
     open_base(str(result.model_dir), device="cpu", dtype=torch.float32)  # (what --model RUN loads too)
