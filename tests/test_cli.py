@@ -334,10 +334,21 @@ def test_eval_errors_that_need_the_model_come_before_the_progress_bar(capsys, ti
     data = tmp_path / "d.txt"
     data.write_text("some text to score\n")
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", data, "--stride", 500)
-    assert code == 1 and err == "error: stride must be in 1..128 (the block size), got 500\n"
+    assert code == 1 and err == ("error: --stride must be at most the window of 128 tokens (--block-size, at most "
+                                 "the model's context), got 500\n")
     (tmp_path / "one.txt").write_text("Hello")
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "one.txt")
     assert code == 1 and err.count("\n") == 1 and "fewer than 2 tokens" in err
+
+
+def test_eval_block_longer_than_the_context_says_what_it_scores(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("some text to score, " * 40)
+    code, out, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", data, "--format", "jsonl")
+    code2, out2, err2 = run(capsys, "eval", "-m", tiny_model_dir, "--data", data, "--format", "jsonl",
+                            "--block-size", 500)
+    assert code == code2 == 0 and out == out2 and err == ""  # the same 128-token windows either way
+    assert err2 == "note: --block-size 500 is longer than the model's context; scoring windows of 128 tokens\n"
 
 
 def test_download_offline_hint_fits_the_download_verb(capsys, tmp_path, monkeypatch):

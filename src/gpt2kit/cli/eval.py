@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from gpt2kit.cli.common import add_model_args, load_generator
 from gpt2kit.progress import progress_bar
@@ -51,7 +52,14 @@ def run(args: argparse.Namespace) -> int:
     ids = gen.tokenizer.encode(text) if plain is not None else \
         eval_token_ids(args.data, gen.tokenizer, args.column, args.field, args.encoding)
     # the checks that need the model's context and the token count, before the progress bar starts
-    block, stride = check_window(gen.model.config.n_positions, args.block_size, args.stride, len(ids))
+    n_ctx = gen.model.config.n_positions
+    if args.block_size is not None and args.block_size > n_ctx:
+        print(f"note: --block-size {args.block_size} is longer than the model's context; scoring windows of "
+              f"{n_ctx} tokens", file=sys.stderr)
+    if args.stride is not None and args.stride > min(args.block_size or n_ctx, n_ctx):
+        raise Gpt2kitError(f"--stride must be at most the window of {min(args.block_size or n_ctx, n_ctx)} tokens "
+                           f"(--block-size, at most the model's context), got {args.stride}")
+    block, stride = check_window(n_ctx, args.block_size, args.stride, len(ids))
     with progress_bar(total=len(windows(len(ids), block, stride)), unit="window",
                       disable=args.format == "jsonl") as bar:
         r = perplexity(gen.model, ids, args.block_size, args.stride, args.batch_size, progress=bar.update)
