@@ -739,3 +739,19 @@ def test_one_set_of_text_options_serves_training_and_validation_data_of_other_ki
         prepare_data(val_tokens.path, tok, spec, val_data=val_tokens.path, cache_dir=tmp_path / "c4")
     with pytest.raises(Gpt2kitError, match=r"^--column/--field apply to .csv/.tsv and .jsonl files"):
         prepare_data(val_txt, tok, spec, val_data=val_tokens.path, cache_dir=tmp_path / "c5")
+
+
+def test_empty_or_blank_text_inputs_are_found_before_any_reading(tok, tmp_path, monkeypatch):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_bytes(b"\n  \r\n\t\n")
+    (tmp_path / "text.txt").write_text("a document\n")
+    for inputs, val in (([tmp_path / "empty.txt"], None), ([tmp_path / "empty.txt", tmp_path / "blank.txt"], None),
+                        ([tmp_path / "text.txt"], [tmp_path / "blank.txt"])):
+        with pytest.raises(Gpt2kitError, match="^no documents in .*blank.txt|^no documents in .*empty.txt"):
+            data.check_inputs(inputs, val_inputs=val)
+    data.check_inputs([tmp_path / "empty.txt", tmp_path / "text.txt"])  # one document is enough
+    # past the size limit nothing is read here: reading the documents finds a blank file later, the same way
+    monkeypatch.setattr(data, "_check_not_blank", lambda files, limit=0: None)
+    data.check_inputs([tmp_path / "blank.txt"])
+    with pytest.raises(Gpt2kitError, match="^no documents in .*blank.txt: the input is empty or blank$"):
+        data.read_tokens([tmp_path / "blank.txt"], tok)

@@ -346,9 +346,11 @@ def test_progress_into_a_log_is_whole_lines(tmp_path, tiny_dir, capsys):
 def test_cli_finetune_checks_its_data_before_the_model(tmp_path, capsys):
     # --model gpt2 cannot be downloaded here; bad data is still the error named, and no run is left behind
     (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.txt").write_text("\n\n")
     for data, extra, msg in (([tmp_path / "gone.txt"], [], "gone.txt does not exist"),
                              ([JOKES], ["--val-data", tmp_path / "empty"], "has no .txt, .csv"),
-                             ([JOKES], ["--column", "Joke", "--field", "text"], "--field")):
+                             ([JOKES], ["--column", "Joke", "--field", "text"], "--field"),
+                             ([tmp_path / "blank.txt"], [], "blank.txt: the input is empty or blank")):
         out = tmp_path / "run"
         argv = ["finetune", "--model", "gpt2", "--data", *data, *extra, "--out", out, "--no-progress"]
         assert main([str(a) for a in argv]) == 1

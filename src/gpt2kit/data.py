@@ -275,9 +275,13 @@ def _documents(files: list[Path], spec: DataSpec) -> list[str]:
         elif text.strip():
             docs.append(text)
     if not docs:
-        names = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
-        raise Gpt2kitError(f"no documents in {names}: the input is empty or blank")
+        raise _no_documents(files)
     return docs
+
+
+def _no_documents(files: list[Path]) -> Gpt2kitError:
+    names = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
+    return Gpt2kitError(f"no documents in {names}: the input is empty or blank")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -753,11 +757,22 @@ def _check_options(input_sets: list, spec: DataSpec) -> None:
     for inputs in input_sets:
         cache = _is_cache_input(inputs)
         files = [cache] if cache is not None else expand_inputs(inputs)
+        if cache is None and not _token_inputs(files):
+            _check_not_blank(files)
         (tokens if cache is not None or _token_inputs(files) else text).extend(files)
     if text:
         _check_spec_applies(text, spec)
     else:
         _check_no_text_options(spec, tokens[0])
+
+
+def _check_not_blank(files: list[Path], limit: int = 1 << 20) -> None:
+    """Text inputs that are empty or only whitespace, found from their sizes (and, under `limit` bytes in all,
+    their bytes) before a tokenizer or model is loaded; the same error as reading them would give."""
+    sizes = [f.stat().st_size for f in files]
+    if sum(sizes) > limit or any(f.read_bytes().strip() for f, n in zip(files, sizes, strict=True) if n):
+        return
+    raise _no_documents(files)
 
 
 def _check_no_text_options(spec: DataSpec, path: Path) -> None:
