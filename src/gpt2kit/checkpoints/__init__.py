@@ -1,8 +1,8 @@
 """Find, read and write GPT-2 checkpoints in any supported format.
 
 Readable: HuggingFace directories, OpenAI's TensorFlow checkpoint directories, gpt2kit run directories
-(which hold HuggingFace-format models), and model names (downloaded from the Hub). Written: one format,
-HuggingFace-compatible."""
+(which hold HuggingFace-format models), and model names (downloaded from the Hub). Written: our
+HuggingFace-compatible format, and (by convert) OpenAI's TensorFlow checkpoint layout."""
 
 from __future__ import annotations
 
@@ -180,9 +180,22 @@ def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path
     return out
 
 
+def _write_openai_tf(out: Path, path: Path, config: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
+    from gpt2kit.checkpoints.hf import gpt2kit_to_hf
+    from gpt2kit.checkpoints.openai_tf_write import openai_hparams, write_openai_tf
+    files = find_vocab_files(path)
+    n_vocab = len(json.loads(files[0].read_text("utf-8"))) if files is not None else config.vocab_size
+    hf = gpt2kit_to_hf(sd)
+    if n_vocab < config.vocab_size:  # rows padded past the vocabulary (e.g. 50304): OpenAI's code sizes its
+        hf["transformer.wte.weight"] = hf["transformer.wte.weight"][:n_vocab]  # logits by n_vocab, so drop them
+    write_openai_tf(out, openai_hparams(config, min(n_vocab, config.vocab_size)), hf, files)
+
+
 # What convert writes into its output directory (and removes again if it fails part way).
 _MODEL_FILES = ("model.safetensors", "model.safetensors.tmp", "config.json", "config.json.tmp",
-                  "generation_config.json", "vocab.json", "merges.txt", "gpt2kit.json")
+                  "generation_config.json", "vocab.json", "merges.txt", "gpt2kit.json",
+                  "checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001",
+                  "encoder.json", "vocab.bpe")
 
 
 def make_new_output_dir(out: str | Path) -> list[Path]:
@@ -229,15 +242,27 @@ def new_model_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-def convert(src: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """Any readable checkpoint -> our (HuggingFace-compatible) format, in `out`: a new (or empty) directory."""
+CONVERT_FORMATS = ("hf", "openai-tf")
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str = "hf") -> Path:
+    """Any readable checkpoint -> `out`, a new (or empty) directory: our (HuggingFace-compatible) format, or
+    with to="openai-tf" OpenAI's TensorFlow checkpoint layout (float32), for TF-based GPT-2 tools."""
     src_path, out = Path(src).expanduser(), Path(out).expanduser()
     if src_path.is_dir() and out.resolve() == src_path.resolve():
         raise Gpt2kitError("convert would overwrite its own source; choose another output directory")
+    if to not in CONVERT_FORMATS:
+        raise Gpt2kitError(f"unknown output format {to!r}: use {' or '.join(CONVERT_FORMATS)}")
     dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else None  # bad --dtype: now
+    if to == "openai-tf" and dt not in (None, torch.float32):
+        raise Gpt2kitError(f"--dtype {dtype}: OpenAI's TensorFlow checkpoints hold float32 weights (its code "
+                           "builds float32 variables); leave --dtype out with --to openai-tf")
     with new_model_dir(out):
         path = resolve_model_dir(src)
         config, sd = read_checkpoint(path)
+        if to == "openai-tf":
+            _write_openai_tf(out, path, config, sd)
+            return out
         if dt is not None:
             sd = {k: v.to(dt) for k, v in sd.items()}
         from gpt2kit.checkpoints.hf import write_hf_dir
