@@ -328,3 +328,16 @@ def test_sharded_repo_missing_a_shard_is_one_line(fake_hub, tmp_path):
     with pytest.raises(Gpt2kitError) as e:
         hub.download("someone/broken-shards", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
     assert "model-00002-of-00002.safetensors" in _one_line(e) and "incomplete" in str(e.value)
+
+
+def test_force_with_the_hub_unreachable_fails_instead_of_reusing_the_cache(fake_hub, tmp_path, monkeypatch):
+    d = hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url)
+    fake_hub.stop()
+    with pytest.raises(Gpt2kitError) as e:  # "download again" must not quietly answer with the old copy
+        hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url, force=True)
+    assert "no network connection" in _one_line(e)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(Gpt2kitError) as e:
+        hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url, force=True)
+    assert "HF_HUB_OFFLINE is set" in _one_line(e)
+    assert hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=fake_hub.url) == d  # the cache is intact

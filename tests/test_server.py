@@ -250,6 +250,22 @@ def test_unknown_route_and_method(server):
     assert_error(httpx.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}), 405)
 
 
+def test_chat_endpoint_says_to_use_completions(server, client):
+    # the openai client's chat.completions: GPT-2 has no chat format, and the error says what to use instead
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in e.value.body["message"] and e.value.body["code"] == "unsupported_endpoint"
+
+
+def test_body_that_is_not_a_json_object(server):
+    # curl -d without -H 'Content-Type: application/json' sends a form: the error names the missing header
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x"}',
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert_error(r, 422, "JSON object", "Content-Type: application/json")
+    err = assert_error(post(server, "[1, 2]"), 422, "the request body must be a JSON object")
+    assert "Content-Type" not in err["message"]
+
+
 # ---- load -------------------------------------------------------------------------------------------
 
 def test_concurrent_requests_are_batched_and_exact(client, server, reference):
@@ -347,3 +363,44 @@ def test_request_timeout_ends_with_length(tiny_dir):
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 1000
     finally:
         srv.stop()
+
+
+def test_shutdown_answers_the_requests_in_flight(tiny_dir):
+    """Stopping the server while a stream runs and a request waits: once the grace period is nearly over,
+    both get an answer (503 shutting_down; an error event then [DONE]), not a cut connection."""
+    model, tok = load_model(tiny_dir)
+    forward = model.forward
+
+    def paced(*args, **kwargs):  # 1000 tokens take far longer than the grace period
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    model.forward = paced
+    srv = BackgroundServer(create_app(model, tok, ServerSettings(model_name="tiny", max_batch=1)), grace=1.5)
+    url = srv.start()
+    got: dict = {}
+
+    def streamed():
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"prompt": "a", "max_tokens": 1000, "stream": True}) as r:
+            got["stream"] = [ln for ln in r.iter_lines() if ln]
+
+    def plain():
+        got["plain"] = httpx.post(url + "/v1/completions", json={"prompt": "b", "max_tokens": 1000}, timeout=30)
+
+    threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+    for t, key in zip(threads, ("active", "queued")):
+        t.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").json()[key] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    t0 = time.monotonic()
+    srv.stop()
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - t0 < 10
+    err = assert_error(got["plain"], 503, "shutting down")
+    assert err["code"] == "shutting_down"
+    lines = got["stream"]
+    assert lines[-1] == "data: [DONE]" and len(lines) > 3
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"

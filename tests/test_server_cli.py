@@ -95,3 +95,14 @@ def test_busy_port(tiny_dir, capsys):
         port = s.getsockname()[1]
         assert main(["serve", "--model", str(tiny_dir), "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_default_model_name(tmp_path, monkeypatch):
+    from gpt2kit.cli.serve import default_model_name
+
+    (tmp_path / "runs" / "jokes").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs" / "jokes")
+    assert default_model_name(".") == "jokes" and default_model_name("./") == "jokes"  # not "." or "./"
+    assert default_model_name("..") == "runs"
+    assert default_model_name(str(tmp_path / "runs" / "jokes") + "/") == "jokes"
+    assert default_model_name("gpt2") == "gpt2" and default_model_name("openai-community/gpt2") == "gpt2"

@@ -249,3 +249,19 @@ def test_padded_vocabulary_ids_are_never_picked_or_reported(tokenizer):
         assert all(t < tokenizer.vocab_size for info in stream.prompt_info[0][1:] for t, _ in info.top)
         with pytest.raises(Gpt2kitError, match=r"prompt token ids must be in \[0, 50257\)"):
             eng.submit([50300, 50301], GenerationConfig(max_new_tokens=0), prompt_logprobs=1)  # ids with no text
+
+
+def test_scoring_a_prompt_that_fills_the_context(engine, reference):
+    """max_tokens 0 (echo + logprobs) on a prompt of exactly the context: every token after the first is
+    scored with its full left context, as one forward pass over the prompt gives (nothing slides)."""
+    ctx = engine.max_len
+    ids = [(7 * i + 100) % 50000 for i in range(ctx)]
+    cfg = GenerationConfig(max_new_tokens=0)
+    stream = engine.submit(ids, cfg, prompt_logprobs=0)
+    assert [d.finish_reason for d in stream] == ["length"]
+    info = stream.prompt_info[0]
+    assert len(info) == ctx and info[0] is None and all(x is not None for x in info[1:])
+    with torch.inference_mode():
+        logits = reference.model(torch.tensor([ids]))[0].float()
+    want = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert [x.logprob for x in info[1:]] == pytest.approx(want.tolist(), abs=1e-4)

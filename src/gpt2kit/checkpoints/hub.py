@@ -11,7 +11,7 @@ import importlib
 import re
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.utils import (
     GatedRepoError,
     HfHubHTTPError,
@@ -102,8 +102,15 @@ def download(name: str, revision: str | None = None, cache_dir: str | None = Non
             d = fetch([INDEX[weights], *(glob.escape(n) for n in shard_names(d / INDEX[weights]))])
         return d
 
+    if force and constants.HF_HUB_OFFLINE:
+        raise Gpt2kitError(f"cannot download '{name}' again: HF_HUB_OFFLINE is set; unset it to download "
+                           "(the cached copy, if any, is left as it is)")
     try:
-        if not force:
+        if force:
+            # snapshot_download answers with the cached copy when it cannot reach the Hub, force_download or
+            # not: ask the Hub first, so that "download again" fails rather than quietly doing nothing
+            HfApi(endpoint=endpoint).repo_info(rid, revision=revision or "main")
+        else:
             # Cache first: a model loaded once must load again with no network (and no Hub round-trip).
             try:
                 d = fetch([WEIGHTS[0]], local_only=True)

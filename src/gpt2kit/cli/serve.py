@@ -61,10 +61,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def default_model_name(model: str) -> str:
+    """The id served when --model-name is not given: the model directory's name (also for `.` or `runs/x/`),
+    else the last part of the model name (`gpt2`, `org/name` -> `name`)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Path(os.path.abspath(path)).name or model
+    return Path(model.rstrip("/")).name or model
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise Gpt2kitError(MISSING_EXTRA) from None
     for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body"):
@@ -78,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.server.app import ServerSettings, bind_socket, create_app
+    from gpt2kit.server.app import ServerSettings, bind_socket, create_app, uvicorn_server
 
     settings = ServerSettings(
-        model_name=args.model_name or Path(args.model.rstrip("/")).name or args.model,
+        model_name=args.model_name or default_model_name(args.model),
         api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
         max_n=args.max_n, max_body_bytes=args.max_body, request_timeout=args.request_timeout,
@@ -100,6 +109,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = str(model.dtype).removeprefix("torch.") + (f", {args.quantize} decoding" if args.quantize else "")
     print(f"gpt2kit serve: {settings.model_name} on http://{shown}:{port} (playground at /, API at /v1, "
           f"max batch {settings.max_batch}, {model.device}, {dtype})", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    server = uvicorn_server(app, log_level=args.log_level)
     server.run(sockets=[sock])
     return 0

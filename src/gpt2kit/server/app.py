@@ -39,6 +39,7 @@ from gpt2kit.tokenizer import Tokenizer
 log = logging.getLogger("gpt2kit.server")
 
 UNAUTHENTICATED = ("/health", "/")  # a browser can't send a bearer header when it opens the page
+GRACE_SECONDS = 5.0  # on shutdown, requests in flight get this long to finish
 
 
 @dataclass
@@ -238,6 +239,11 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
             msg = f"unrecognized request argument: {'.'.join(loc)}"
         elif first.get("type") == "missing" and not loc:
             msg = "the request needs a JSON body"
+        elif first.get("type") == "model_attributes_type" and not loc:
+            msg = "the request body must be a JSON object"
+            ctype = request.headers.get("content-type", "")
+            if ctype and "json" not in ctype.lower():
+                msg += f" sent with 'Content-Type: application/json' (this one came as {ctype.split(';')[0]!r})"
         elif len(alts) > 1:
             msg = f"{param} must be one of: {', '.join(dict.fromkeys(alts))}; got {first.get('input')!r}"
         else:
@@ -291,6 +297,12 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
                            "not_found_error", param="model", code="model_not_found")
         return model_card()
 
+    @app.post("/v1/chat/completions", include_in_schema=False)
+    async def chat_completions() -> None:
+        raise APIError(404, "this server has no chat endpoint: GPT-2 is a plain language model, not a chat "
+                            "model; send a prompt to POST /v1/completions (client.completions.create)",
+                       "not_found_error", code="unsupported_endpoint")
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         plan = _plan(req, tok, engine, s, max_prompt)
@@ -313,6 +325,8 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
         try:
             async for d in stream:
                 out.add(d, stream)
+        except EngineClosed as e:
+            raise APIError(503, str(e), "server_error", code="shutting_down") from None
         except Gpt2kitError as e:
             raise APIError(500, str(e), "server_error") from None
         finally:
@@ -532,7 +546,9 @@ async def _sse(out: _Output, stream: Stream, include_usage: bool) -> AsyncIterat
             if include_usage:
                 yield "data: " + json.dumps(out.envelope([], out.usage())) + "\n\n"
         except Gpt2kitError as e:  # headers are sent: report in the stream, as OpenAI does
-            yield "data: " + json.dumps(APIError(500, str(e), "server_error").body()) + "\n\n"
+            err = (APIError(503, str(e), "server_error", code="shutting_down") if isinstance(e, EngineClosed)
+                   else APIError(500, str(e), "server_error"))
+            yield "data: " + json.dumps(err.body()) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
         stream.cancel()  # client went away (the response task is cancelled) or done: free the rows
@@ -544,11 +560,11 @@ class BackgroundServer:
     """Serve an app with uvicorn in a thread on host:port (port 0 picks a free one); for tests, benchmarks
     and notebooks. `with BackgroundServer(app) as url: ...`"""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 grace: float = GRACE_SECONDS):
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.server = uvicorn_server(app, log_level=log_level, grace=grace)
         # not the main thread: leave signals alone
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
@@ -576,6 +592,28 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def uvicorn_server(app: FastAPI, log_level: str = "info", grace: float = GRACE_SECONDS) -> Any:
+    """A uvicorn.Server for `app` whose shutdown lets requests in flight finish for `grace` seconds, then
+    ends what is left through the engine, so that those clients get an answer (503 `shutting_down`, or an
+    error event and [DONE] in a stream) instead of a cut connection, before uvicorn cancels their tasks."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            engine = getattr(app.state, "engine", None)
+            handle = None
+            if engine is not None:
+                handle = asyncio.get_running_loop().call_later(max(grace - 1.0, 0.0), engine.abort,
+                                                               "the server is shutting down")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if handle is not None:
+                    handle.cancel()
+
+    return Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -182,6 +182,7 @@ class BatchEngine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._abort: EngineClosed | None = None  # set by abort(): the engine thread fails every row with it
         self._warned_window = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -211,6 +212,14 @@ class BatchEngine:
             self._slots = [None] * self.max_batch
         for j in jobs:
             j.stream._put(err)
+
+    def abort(self, message: str = "the server is shutting down") -> None:
+        """End every queued and running completion at the engine's next step: their streams raise
+        EngineClosed(message). The engine itself keeps running (a server shutting down uses this so that
+        requests still in flight get an answer rather than a cut connection)."""
+        with self._cv:
+            self._abort = EngineClosed(message)
+            self._cv.notify_all()
 
     @property
     def running(self) -> bool:
@@ -279,10 +288,24 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not any(self._slots):
+                while not self._closed and self._abort is None and not self._pending and not any(self._slots):
                     self._cv.wait()
                 if self._closed:
                     return
+                err, self._abort = self._abort, None
+                jobs = list(self._pending) if err is not None else []
+                if err is not None:
+                    self._pending.clear()
+                    self.stats.queued = 0
+            if err is not None:
+                for b, j in enumerate(self._slots):
+                    if j is not None:
+                        jobs.append(j)
+                        self._free(b)
+                for j in jobs:
+                    if not j.cancelled:
+                        j.stream._put(err)
+                continue
             try:
                 self._admit()
                 self._decode_step()
@@ -348,7 +371,9 @@ class BatchEngine:
             return
         for job in take:
             r = job.row
-            if len(r.context) >= self.max_len:  # as stream_rows: keep the most recent half window
+            # as stream_rows: keep the most recent half window. Scoring only, a prompt that fills the
+            # window exactly needs no room for a next token: it is read whole, every token scored
+            if len(r.context) >= self.max_len + job.score_only:
                 r.context = r.context[-(self.max_len // 2):]
                 self._slide_notice()
             r.pos = len(r.context)
