@@ -368,6 +368,22 @@ def test_download_offline_hint_fits_the_download_verb(capsys, tmp_path, monkeypa
         assert "pass --model a local" not in err and "as --model to generate, eval or serve" in err, err
 
 
+def test_convert_and_download_errors_name_their_own_arguments(capsys, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing cached in tmp_path: an offline error
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "f.txt").write_text("x")
+    for src, msg in (("gpt2", "or pass SRC as a local directory"), (tmp_path / "f.txt", "error: SRC "),
+                     (tmp_path / "gone" / "x", "no such directory: ")):
+        code, out, err = run(capsys, "convert", src, tmp_path / "out")
+        assert code == 1 and err.count("\n") == 1 and msg in err and "--model" not in err, err
+    code, out, err = run(capsys, "download", "./some/dir")  # not a Hub name; a directory is not what it takes
+    assert code == 1 and "not a valid Hub model name" in err and "or a local directory" not in err, err
+    assert "as --model to generate, eval or serve" in err
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, Gpt2kitError])
 def test_output_file_is_replaced_only_when_the_job_ends_or_is_interrupted(capsys, tiny_model_dir, tmp_path,
                                                                           monkeypatch, stop):

@@ -99,17 +99,18 @@ def _is_tf_dir(path: Path) -> bool:
     return is_openai_tf_dir(path)
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
+def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hint: str | None = None) -> Path:
     """A local model directory for `name_or_path`: a directory as it is, a run directory's model,
-    or a model name downloaded (and cached) from the Hugging Face Hub."""
+    or a model name downloaded (and cached) from the Hugging Face Hub. `flag` and `local_hint` word the
+    errors for the caller's argument (default: --model)."""
     s = str(name_or_path)
     path = Path(s).expanduser()
     if path.is_dir():
         return run_model_dir(path) or path
     if path.exists():
-        raise Gpt2kitError(f"--model {s} is a file; pass the directory that holds config.json and the weights")
+        raise Gpt2kitError(f"{flag} {s} is a file; pass the directory that holds config.json and the weights")
     from gpt2kit.checkpoints import hub
-    return hub.resolve(OPENAI_NAMES.get(s, s))
+    return hub.resolve(OPENAI_NAMES.get(s, s), flag=flag, local_hint=local_hint or hub.LOCAL_HINT)
 
 
 def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -258,7 +259,8 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         raise Gpt2kitError(f"--dtype {dtype}: OpenAI's TensorFlow checkpoints hold float32 weights (its code "
                            "builds float32 variables); leave --dtype out with --to openai-tf")
     with new_model_dir(out):
-        path = resolve_model_dir(src)
+        path = resolve_model_dir(src, flag="SRC", local_hint="pass SRC as a local directory (config.json + "
+                                 "model.safetensors, hparams.json + model.ckpt.*, or a gpt2kit run)")
         config, sd = read_checkpoint(path)
         if to == "openai-tf":
             _write_openai_tf(out, path, config, sd)

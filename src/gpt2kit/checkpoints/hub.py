@@ -137,21 +137,23 @@ def download(name: str, revision: str | None = None, cache_dir: str | None = Non
     return d
 
 
-def resolve(name_or_path: str, revision: str | None = None) -> Path:
-    """An existing local directory as it is; else a model name, downloaded (or found in the cache)."""
+def resolve(name_or_path: str, revision: str | None = None, flag: str = "--model",
+            local_hint: str = LOCAL_HINT) -> Path:
+    """An existing local directory as it is; else a model name, downloaded (or found in the cache). `flag`
+    and `local_hint` word the errors for the caller's argument."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise Gpt2kitError(f"--model {name_or_path} is a file; pass the directory that holds config.json "
+        raise Gpt2kitError(f"{flag} {name_or_path} is a file; pass the directory that holds config.json "
                            "and the weights")
     if is_model_name(name_or_path):
-        return download(name_or_path, revision=revision)
+        return download(name_or_path, revision=revision, local_hint=local_hint)
     if re.fullmatch(r"[\w-]+", name_or_path):
         # A bare word like 'gpt3' reads as a name more than as a path, so answer for both.
         raise Gpt2kitError(f"'{name_or_path}' is neither a local directory nor a known model name: use one of "
                            f"{', '.join(KNOWN_MODELS)}, a Hub id like 'org/name', or a local directory")
-    raise Gpt2kitError(f"no such directory: {name_or_path}; {LOCAL_HINT}, or a model name such as gpt2")
+    raise Gpt2kitError(f"no such directory: {name_or_path}; {local_hint}, or a model name such as gpt2")
 
 
 def _chain(e: BaseException | None):
@@ -199,8 +201,8 @@ def _hub_error(e: Exception, name: str, revision: str | None, local_hint: str) -
         return Gpt2kitError(f"cannot download '{name}' from the Hugging Face Hub (no network connection): "
                             f"connect to the internet, or {local_hint}")
     if find(HFValidationError):
-        return Gpt2kitError(f"'{name}' is not a valid Hub model name: use 'org/name', one of "
-                            f"{', '.join(KNOWN_MODELS)}, or a local directory")
+        return Gpt2kitError(f"'{name}' is not a valid Hub model name: use 'org/name' or one of "
+                            f"{', '.join(KNOWN_MODELS)}; or {local_hint}")
     if isinstance(e, OSError):
         return Gpt2kitError(f"cannot save '{name}' in the Hugging Face cache ({e.strerror or e}): free some disk "
                             "space, or set HF_HOME to a writable directory with room")
