@@ -92,3 +92,18 @@ def test_cli_convert_to_openai_tf(tmp_path, capsys):
     assert err.startswith("error: --dtype float16: OpenAI's TensorFlow checkpoints hold float32")
     assert err.count("\n") == 1
     assert not (tmp_path / "tf16").exists()
+
+
+@pytest.mark.parametrize("to, names", [("hf", "vocab.json and merges.txt"),
+                                       ("openai-tf", "encoder.json and vocab.bpe")])
+def test_convert_warns_when_the_source_has_no_vocabulary(tmp_path, capsys, to, names):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+        (src / name).write_bytes((TF_DIR / name).read_bytes())
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", to]) == 0
+    err = capsys.readouterr().err
+    assert err == f"warning: {src} has no vocabulary files: copy the base model's {names} into {tmp_path / 'out'} " \
+                  "before using it\n"
+    assert main(["convert", str(TF_DIR), str(tmp_path / "out2"), "--to", to]) == 0
+    assert capsys.readouterr().err == ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from gpt2kit.config import OPENAI_NAMES, GPTConfig
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer, find_vocab_files
+
+log = logging.getLogger("gpt2kit")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -262,6 +265,10 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         path = resolve_model_dir(src, flag="SRC", local_hint="pass SRC as a local directory (config.json + "
                                  "model.safetensors, hparams.json + model.ckpt.*, or a gpt2kit run)")
         config, sd = read_checkpoint(path)
+        if find_vocab_files(path) is None:
+            names = "encoder.json and vocab.bpe" if to == "openai-tf" else "vocab.json and merges.txt"
+            log.warning("%s has no vocabulary files: copy the base model's %s into %s before using it",
+                        path, names, out)
         if to == "openai-tf":
             _write_openai_tf(out, path, config, sd)
             return out

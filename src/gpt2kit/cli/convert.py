@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.checkpoints import convert
+    from gpt2kit.cli.common import setup_logging
 
+    setup_logging()  # the warning for a source without vocabulary files
     out = convert(args.src, args.out, dtype=args.dtype, to=args.to)
     print(f"wrote {out}")
     return 0
