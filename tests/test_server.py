@@ -203,6 +203,15 @@ def test_schema_errors_are_422(server, client):
     assert_error(post(server, {"prompt": "x", "top_kk": 3}), 422, "unrecognized request argument: top_kk")
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model="tiny", prompt="x", extra_body={"temperature": "hot"})
+    # wrong types are refused, not coerced: numbers in strings, strings and numbers for flags, flags for numbers
+    for field, value in (("max_tokens", "3"), ("stream", "yes"), ("echo", 1), ("logprobs", True), ("n", 2.0),
+                         ("temperature", "0.5")):
+        err = assert_error(post(server, {"prompt": "x", field: value}), 422, field)
+        assert err["param"] == field
+    # JSON's 1e400 is an infinite float: no temperature
+    err = assert_error(post(server, b'{"prompt": "x", "temperature": 1e400}'), 422, "temperature", "finite")
+    r = post(server, {"prompt": "x", "max_tokens": 2, "temperature": 1, "top_p": 1})  # ints serve as floats
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("body, param, words", [

@@ -61,13 +61,19 @@ class ServerSettings:
 
 # ---- request schema (OpenAI's Completions API, plus GPT-2 sampling controls) -------------------------
 
+# strict: a string for a number ("max_tokens": "3"), a number or string for a flag ("stream": "yes") or a flag
+# for a number ("logprobs": true) is a wrong type (422), as OpenAI refuses it, not coerced; allow_inf_nan=False:
+# JSON's 1e400 parses as an infinite temperature, which is no temperature
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
     max_tokens: int | None = Field(16, description="tokens per completion (0 with echo: score the prompt)")
