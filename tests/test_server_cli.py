@@ -105,4 +105,5 @@ def test_default_model_name(tmp_path, monkeypatch):
     assert default_model_name(".") == "jokes" and default_model_name("./") == "jokes"  # not "." or "./"
     assert default_model_name("..") == "runs"
     assert default_model_name(str(tmp_path / "runs" / "jokes") + "/") == "jokes"
-    assert default_model_name("gpt2") == "gpt2" and default_model_name("openai-community/gpt2") == "gpt2"
+    assert default_model_name("gpt2") == "gpt2"
+    assert default_model_name("openai-community/gpt2") == "openai-community/gpt2"  # GET /v1/models/org/name finds it

@@ -63,11 +63,12 @@ def _is_loopback(host: str) -> bool:
 
 def default_model_name(model: str) -> str:
     """The id served when --model-name is not given: the model directory's name (also for `.` or `runs/x/`),
-    else the last part of the model name (`gpt2`, `org/name` -> `name`)."""
+    else the model name as given (`gpt2`, `org/name`), as other OpenAI-compatible servers report it, so that
+    a client sends the id it started the server with."""
     path = Path(model).expanduser()
     if path.is_dir():
         return Path(os.path.abspath(path)).name or model
-    return Path(model.rstrip("/")).name or model
+    return model.rstrip("/") or model
 
 
 def run(args: argparse.Namespace) -> int:
