@@ -258,7 +258,8 @@ class BatchEngine:
         if not rows:
             raise Gpt2kitError("nothing to generate: no prompts")
         if len(rows) > self.max_queue:
-            raise Gpt2kitError(f"a request of {len(rows)} completions exceeds the queue of {self.max_queue}")
+            raise Gpt2kitError(f"a request of {len(rows)} completions (prompts x n) exceeds the server's queue of "
+                               f"{self.max_queue} (its --max-queue): ask for at most {self.max_queue}")
         vocab = self.n_vocab
         for ids, _ in rows:
             if len(ids) == 0:
