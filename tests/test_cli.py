@@ -81,6 +81,59 @@ def test_generate_bad_input_is_one_line_and_exit_1(capsys, tiny_model_dir, argv,
     assert code == 1 and msg in err and err.count("\n") == 1 and err.startswith("error: ")
 
 
+@pytest.mark.parametrize("argv,what", [(("x",), "a PROMPT"), (("--prompt", "x"), "--prompt"),
+                                        (("--unconditional",), "--unconditional"),
+                                        (("--output", "o.jsonl"), "--output")])
+def test_interactive_with_a_prompt_or_output_it_would_ignore_is_an_error(capsys, tmp_path, argv, what):
+    code, _, err = run(capsys, "generate", "-i", *argv, "-m", tmp_path / "no-model")  # before the model loads
+    assert code == 1 and err == (f"error: --interactive reads its prompts from the keyboard and prints the samples; "
+                                 f"drop {what} or --interactive\n")
+
+
+def test_prompt_file_byte_order_mark_and_non_utf8_input(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    import io
+    args = ("-m", tiny_model_dir, "--length", 2, "-t", 0, "--format", "jsonl")
+    (tmp_path / "p.txt").write_bytes("\ufeffHello\r\nthere\r\n".encode())  # as Windows Notepad saves it
+    code, out, _ = run(capsys, "generate", "--prompt-file", tmp_path / "p.txt", *args)
+    assert code == 0 and json.loads(out)["prompt"] == "Hello\nthere"
+    assert run(capsys, "generate", "--prompt", "Hello\nthere", *args)[1] == out
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffHello\r\nthere".encode())))
+    assert run(capsys, "generate", "--prompt-file", "-", *args)[1] == out
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hi \xff")))
+    code, _, err = run(capsys, "generate", "--prompt-file", "-", *args)
+    assert code == 1 and err == "error: --prompt-file - is not UTF-8 text\n"
+    # bytes that are not UTF-8 in the command line reach Python as lone surrogates
+    assert run(capsys, "generate", "Hi \udcff", *args)[:3:2] == (1, "error: the prompt is not UTF-8 text\n")
+
+
+def test_ctrl_c_while_sampling_interactively_goes_back_to_the_prompt(capsys, tiny_model_dir, monkeypatch):
+    import builtins
+
+    from gpt2kit.cli import generate as cli_generate
+    lines = iter(["Hello", "World"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    real_run, calls = cli_generate._Printer.run, []
+
+    def ctrl_c_first(self, gen, prompt, *a):
+        calls.append(prompt)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_run(self, gen, prompt, *a)
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(cli_generate._Printer, "run", ctrl_c_first)
+    code, out, err = run(capsys, "generate", "-i", "-m", tiny_model_dir, "--length", 3, "-t", 0)
+    assert code == 0 and calls == ["Hello", "World"] and "stopped (Ctrl-D ends the session)" in err
+    assert out.strip()  # the second prompt's sample
+    monkeypatch.setattr(builtins, "input", lambda prompt="": (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = run(capsys, "generate", "-i", "-m", tiny_model_dir, "--length", 3)
+    assert code == 130 and err == "interrupted\n"  # Ctrl-C at the prompt ends the session
+
+
 def test_missing_and_corrupt_models(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "x", "-m", tmp_path / "nope")
     assert code == 1 and "no such directory" in err
@@ -406,3 +459,26 @@ def test_output_file_is_replaced_only_when_the_job_ends_or_is_interrupted(capsys
         assert len(dest.read_text().splitlines()) == 2
     else:  # a failure part way: the old file is untouched, the progress sits beside it
         assert code == 1 and dest.read_text() == "precious\n" and len(partial.read_text().splitlines()) == 2
+
+
+def test_interactive_seed_seeds_the_session(capsys, tiny_model_dir, monkeypatch):
+    import builtins
+
+    def session(*prompts: str) -> list[str]:
+        lines = iter(prompts)
+
+        def fake_input(prompt=""):
+            sys.stdout.write(prompt)  # as input() shows it
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+        monkeypatch.setattr(builtins, "input", fake_input)
+        code, out, _ = run(capsys, "generate", "-i", "-m", tiny_model_dir, "--length", 12, "--seed", 5)
+        assert code == 0
+        return [s for s in out.split("Model prompt >>> ") if s.strip()]
+    first, again = session("Hello", "Hello")
+    assert first != again  # asking again gives a new sample, as in OpenAI's interactive script
+    assert session("Hello", "Hello") == [first, again]  # the same session replays exactly
+    code, out, _ = run(capsys, "generate", "Hello", "-m", tiny_model_dir, "--length", 12, "--seed", 5)
+    assert out.strip() == first.strip()  # the first prompt's samples are those of `generate PROMPT --seed S`

@@ -56,6 +56,7 @@ def test_stops_at_endoftext_by_default(gen):
     model = gen.model
     with torch.no_grad():
         saved = model.transformer.wte.weight[50256].clone()
+        saved_bias = model.transformer.ln_f.bias.clone()
         model.transformer.wte.weight[50256] = model.transformer.wte.weight.std() * 0  # neutral first
         model.transformer.ln_f.bias.zero_()
         model.transformer.wte.weight[50256] = model.transformer.ln_f.weight.sign() * 50
@@ -67,6 +68,7 @@ def test_stops_at_endoftext_by_default(gen):
     finally:
         with torch.no_grad():
             model.transformer.wte.weight[50256] = saved
+            model.transformer.ln_f.bias.copy_(saved_bias)  # the module's later tests share this model
 
 
 def test_unconditional_starts_from_endoftext(gen):
@@ -179,3 +181,24 @@ def test_padded_vocabulary_ids_are_never_sampled(padded_gen, tokenizer):
             assert len(o.tokens) == 20 and max(o.tokens) < tokenizer.vocab_size
             assert o.text == tokenizer.decode(o.tokens)
             assert all(t < tokenizer.vocab_size for info in o.token_info for t, _ in info.top)
+
+
+def test_a_stop_given_as_one_string_is_one_stop_string(gen):
+    base = gen.generate("Hello", max_new_tokens=30, temperature=0, stop_at_eot=False)[0].text
+    # a stop string one of whose characters comes sooner than the string itself
+    stop = next(base[i:i + 4] for i in range(len(base) - 4)
+                if min(base.index(c) for c in base[i:i + 4]) < base.index(base[i:i + 4]))
+    as_str = gen.generate("Hello", max_new_tokens=30, temperature=0, stop_at_eot=False, stop=stop)[0]
+    as_list = gen.generate("Hello", max_new_tokens=30, temperature=0, stop_at_eot=False, stop=[stop])[0]
+    assert as_str.text == as_list.text == base[:base.index(stop)]
+    assert GenerationConfig(stop=stop).stop == GenerationConfig(stop=[stop]).stop == (stop,)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_error(tokenizer):
+    from gpt2kit.config import GPTConfig
+    from tests.conftest import random_model
+    small = Generator(random_model(GPTConfig(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, n_positions=64)),
+                      tokenizer)
+    for prompt in ("Hello world", None):  # "Hello" is id 15496; unconditional starts from 50256
+        with pytest.raises(Gpt2kitError, match="outside the model's vocabulary of 1000.*--tokenizer"):
+            small.generate(prompt, max_new_tokens=2)

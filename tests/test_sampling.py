@@ -65,3 +65,17 @@ def test_repetition_penalty_follows_the_ctrl_rule():
 def test_bad_parameters_are_rejected(kw):
     with pytest.raises(Gpt2kitError):
         SamplingParams(**kw).validate()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(temperature=1e-300), dict(temperature=1e-300, top_p=0.9),
+                                dict(temperature=1e-300, top_k=3), dict(temperature=1e-300, min_p=0.1)])
+def test_a_tiny_temperature_that_overflows_float32_is_still_argmax(kw):
+    # LOGITS / 1e-40 is +-inf in float32: softmax of that is NaN, which sampled token 0 whatever the logits
+    assert set(draws(SamplingParams(**kw), 50).tolist()) == {1}
+
+
+def test_a_repetition_penalty_near_zero_samples_a_seen_token_not_token_0():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])  # positive logits of seen tokens / 1e-300 = inf
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(repetition_penalty=1e-300), g, seen=torch.tensor([2, 3])) for _ in range(50)}
+    assert picks <= {2, 3}

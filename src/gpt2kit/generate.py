@@ -40,6 +40,14 @@ class GenerationConfig:
     seed: int | None = None
     logprobs: int | None = None  # also report the top-N alternatives per generated token
 
+    def __post_init__(self) -> None:
+        # stop="END" is one stop string (as in OpenAI's API and transformers' stop_strings), not the three
+        # one-character strings that iterating the str would give
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens <= 0:
             raise Gpt2kitError(f"length must be > 0 tokens, got {self.max_new_tokens}")
@@ -196,6 +204,11 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
     rows = [_Row(first_index + i, p, ids, cfg, tok, device) for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]
     if any(not r.context for r in rows):
         raise Gpt2kitError("empty prompt: give some text, or generate unconditionally (starts from <|endoftext|>)")
+    too_big = max((max(r.context) for r in rows), default=0)
+    if too_big >= model.config.vocab_size:
+        raise Gpt2kitError(f"the prompt has token id {too_big}, outside the model's vocabulary of "
+                           f"{model.config.vocab_size}: the tokenizer ({tok.vocab_size} tokens) does not match "
+                           "this model; give the matching one with --tokenizer DIR")
     B = len(rows)
     # a cache just long enough for this job: less memory and shorter attention
     model.setup_caches(B, min(max(len(r.context) for r in rows) + cfg.max_new_tokens, ctx))

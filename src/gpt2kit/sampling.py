@@ -73,7 +73,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    penalty = params.repetition_penalty
+    if max(penalty, 1 / penalty) <= 1e30 * params.temperature:
+        scaled = logits / params.temperature
+    else:
+        # a tiny temperature (or a repetition penalty near 0 or huge) could take logits past float32's range: inf,
+        # then NaN from softmax, then token 0 whatever the logits. Shifting the top logit to 0 first, in float64
+        # (where the temperature itself does not underflow to 0; on the CPU, as MPS has no float64), keeps the
+        # limit: argmax. Decided from the parameters alone, so the usual path waits for nothing.
+        x = logits.to("cpu", torch.float64).clamp(max=torch.finfo(torch.float32).max)
+        scaled = ((x - x.max()) / params.temperature).to(logits.device, torch.float32)
+    logits = filter_logits(scaled, params.top_k, params.top_p, params.min_p)
     probs = torch.softmax(logits, dim=-1)
     # Exponential-race sampling (argmax of p / E, E ~ Exp(1)) draws exactly from `probs` and uses a fixed
     # number of random numbers per token, so a row's text depends only on its own seed, never on which

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -51,23 +53,42 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
     given = [x for x in (args.prompt_arg, args.prompt, args.prompt_file) if x is not None]
     if len(given) > 1:
         raise Gpt2kitError("give the prompt once: as PROMPT, --prompt or --prompt-file")
+    if args.interactive:
+        # the loop reads every prompt itself: a prompt, --unconditional or --output given too would be ignored
+        other = ("a PROMPT" if args.prompt_arg is not None else "--prompt" if args.prompt is not None
+                 else "--prompt-file" if args.prompt_file is not None else "--unconditional" if args.unconditional
+                 else "--output" if args.output else None)
+        if other:
+            raise Gpt2kitError(f"--interactive reads its prompts from the keyboard and prints the samples; "
+                               f"drop {other} or --interactive")
+        return None
     if args.unconditional:
         if given:
             raise Gpt2kitError("--unconditional takes no prompt; drop one or the other")
         return None
     if args.prompt_file is not None:
         try:
-            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+            if args.prompt_file == "-":  # bytes, so that non-UTF-8 input is an error here as it is for a file
+                stdin = sys.stdin
+                data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
+            else:
+                data = Path(args.prompt_file).read_bytes()
+            text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not prompt text
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
         except OSError as e:
             raise Gpt2kitError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
         except UnicodeDecodeError:
             raise Gpt2kitError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
         given = [text.removesuffix("\n")]
-    if not given and not args.interactive:
+    if not given:
         raise Gpt2kitError("no prompt: give PROMPT, --prompt, --prompt-file, or use --unconditional or --interactive")
-    if given and given[0] == "":
+    if given[0] == "":
         raise Gpt2kitError("empty prompt: give some text, or use --unconditional to start from <|endoftext|>")
-    return given[0] if given else None
+    try:
+        given[0].encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 in the command line arrive as lone surrogates
+        raise Gpt2kitError("the prompt is not UTF-8 text") from None
+    return given[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,16 +166,36 @@ def _record(c, prompt: str | None) -> dict:
 
 def _interactive(gen, cfg, args: argparse.Namespace, out: _Printer) -> int:
     nsamples = args.nsamples or 1
-    while True:
+    for k in itertools.count():
         try:
             text = input("Model prompt >>> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D
             sys.stdout.write("\n")
             return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            raise
         if not text.strip():
             print("Prompt should not be empty!", file=sys.stderr)
             continue
-        out.run(gen, text, cfg, nsamples, args.batch_size)
+        try:
+            out.run(gen, text, _session_seed(cfg, k), nsamples, args.batch_size)
+        except KeyboardInterrupt:  # Ctrl-C while sampling stops this prompt's samples, not the session
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print("stopped (Ctrl-D ends the session)", file=sys.stderr)
+
+
+def _session_seed(cfg, k: int):
+    """--seed seeds the session, as OpenAI's interactive script does: the first prompt's samples are those of
+    `generate PROMPT --seed S`, later prompts get seeds drawn from (S, k), so asking again gives new text while
+    a session replayed with the same seed and prompts gives the same text."""
+    import numpy as np
+
+    if cfg.seed is None or k == 0:
+        return cfg
+    return dataclasses.replace(cfg, seed=int(np.random.SeedSequence([cfg.seed, k]).generate_state(1)[0]))
 
 
 def _check_output(path: Path) -> None:
