@@ -65,6 +65,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
+def scale_logits(logits: torch.Tensor, temperature: float, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """logits (..., V) / temperature. A tiny temperature (or a repetition penalty near 0 or huge) could take
+    logits past float32's range: inf, then NaN from softmax, then token 0 whatever the logits. Then each row's
+    top logit is shifted to 0 first, in float64 (where the temperature itself does not underflow to 0; on the
+    CPU, as MPS has no float64), which keeps the limit: argmax. Decided from the parameters alone, so the
+    usual path waits for nothing."""
+    if max(repetition_penalty, 1 / repetition_penalty) <= 1e30 * temperature:
+        return logits / temperature
+    x = logits.to("cpu", torch.float64).clamp(max=torch.finfo(torch.float32).max)
+    return ((x - x.amax(dim=-1, keepdim=True)) / temperature).to(logits.device, torch.float32)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> int:
     """One row: logits (V,) -> token id. Greedy when temperature == 0 (ties go to the lowest id)."""
@@ -73,17 +85,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
-    penalty = params.repetition_penalty
-    if max(penalty, 1 / penalty) <= 1e30 * params.temperature:
-        scaled = logits / params.temperature
-    else:
-        # a tiny temperature (or a repetition penalty near 0 or huge) could take logits past float32's range: inf,
-        # then NaN from softmax, then token 0 whatever the logits. Shifting the top logit to 0 first, in float64
-        # (where the temperature itself does not underflow to 0; on the CPU, as MPS has no float64), keeps the
-        # limit: argmax. Decided from the parameters alone, so the usual path waits for nothing.
-        x = logits.to("cpu", torch.float64).clamp(max=torch.finfo(torch.float32).max)
-        scaled = ((x - x.max()) / params.temperature).to(logits.device, torch.float32)
-    logits = filter_logits(scaled, params.top_k, params.top_p, params.min_p)
+    logits = filter_logits(scale_logits(logits, params.temperature, params.repetition_penalty),
+                           params.top_k, params.top_p, params.min_p)
     probs = torch.softmax(logits, dim=-1)
     # Exponential-race sampling (argmax of p / E, E ~ Exp(1)) draws exactly from `probs` and uses a fixed
     # number of random numbers per token, so a row's text depends only on its own seed, never on which

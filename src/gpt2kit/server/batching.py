@@ -26,7 +26,7 @@ import torch
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice, prepare_decoding_
 from gpt2kit.model import GPT
-from gpt2kit.sampling import SamplingParams, filter_logits, sample, token_logprobs
+from gpt2kit.sampling import SamplingParams, filter_logits, sample, scale_logits, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit.server")
@@ -512,7 +512,7 @@ def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequen
     the token sample() would give it. One pass instead of k keeps small CPU ops from dominating."""
     if params.greedy:
         return logits.float().argmax(dim=-1).tolist()
-    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
+    scaled = filter_logits(scale_logits(logits.float(), params.temperature), params.top_k, params.top_p, params.min_p)
     probs = torch.softmax(scaled, dim=-1)
     e = torch.empty_like(probs)
     for row, g in zip(e, generators):
