@@ -84,6 +84,32 @@ def test_longer_than_context_slides_the_window_and_says_so_once(gen, caplog):
     assert len([r for r in caplog.records if "sliding the window" in r.message]) == 1
 
 
+def test_start_window_keeps_what_fits_beside_the_output():
+    from gpt2kit.generate import start_window
+    assert start_window(100, 28, 128) == 100  # all fits
+    assert start_window(1000, 100, 1024) == 924  # gpt-2-simple's truncation: no slide while generating
+    assert start_window(200, 20, 128) == 108 and start_window(200, 64, 128) == 64
+    assert start_window(100, 60, 128) == 68  # a prompt shorter than the window, output fits beside half
+    assert start_window(100, 100, 128) == 100 and start_window(200, 100, 128) == 64  # else: slide later / half
+    assert start_window(300, 0, 128) == 128  # scoring only: the last whole window
+
+
+def test_a_prompt_longer_than_the_context_keeps_what_fits_beside_the_output(gen, caplog):
+    # 20 new tokens after a prompt longer than the 128-token context: the prompt's last 108 tokens, and
+    # nothing slides while generating (the same tokens as full forward passes over that window)
+    model, ctx = gen.model, gen.model.config.n_positions
+    ids = gen.tokenizer.encode("the cat sat on a mat and then " * 30)
+    assert len(ids) > ctx
+    with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+        out = gen.generate(gen.tokenizer.decode(ids), max_new_tokens=20, temperature=0, stop_at_eot=False)[0]
+    assert len([r for r in caplog.records if "sliding the window" in r.message]) == 1  # the prompt was cut
+    window = ids[-(ctx - 20):]
+    with torch.inference_mode():
+        for _ in range(20):
+            window.append(int(model(torch.tensor([window[-(ctx - 1):]]))[0, -1].argmax()))
+    assert out.tokens == window[-20:]
+
+
 def test_logprobs_are_reported(gen):
     out = gen.generate("Hello", max_new_tokens=5, temperature=0, stop_at_eot=False, logprobs=3)[0]
     assert len(out.token_info) == 5

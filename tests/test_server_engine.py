@@ -85,6 +85,14 @@ def test_window_slides_like_generate(engine, reference):
     assert got == reference.generate(prompt, cfg)[0].text
 
 
+def test_a_prompt_longer_than_the_window_is_cut_like_generate(engine, reference):
+    # 200 tokens and 20 new ones in 128 positions: both keep the prompt's last 108 tokens
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0.8, seed=4)
+    prompt = " ".join(["word"] * 200)
+    got = collect(engine.submit(engine.tokenizer.encode(prompt), cfg, 0))[0]
+    assert got == reference.generate(prompt, cfg)[0].text
+
+
 def test_logprobs_match_generate(engine, reference):
     cfg = GenerationConfig(max_new_tokens=8, temperature=0, logprobs=3)
     ids = engine.tokenizer.encode("Hello")

@@ -167,6 +167,19 @@ class _Row:
         return d
 
 
+def start_window(n_context: int, max_new: int, window: int) -> int:
+    """How many of a prompt's most recent tokens the first prefill keeps, in a window of `window` positions
+    that must also hold `max_new` new tokens: all, when they fit; else, when the output fits beside at least
+    half a window of prompt, the prompt's last window - max_new tokens, so that the window never slides while
+    generating (gpt-2-simple's truncation); else all of a prompt shorter than the window (the window slides
+    once it fills), or the prompt's last half window."""
+    if n_context + max_new <= window:
+        return n_context
+    if max_new <= window - window // 2:
+        return window - max_new
+    return n_context if n_context < window else window // 2
+
+
 def _window_notice() -> None:
     log.warning("prompt plus output is longer than the model's context; sliding the window "
                 "(the model sees only the most recent tokens)")
@@ -215,8 +228,9 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
     cache_len = model.cache_len
     warned = False
     for r in rows:
-        if len(r.context) >= cache_len:  # leave room to generate: keep the most recent half window
-            r.context = r.context[-(cache_len // 2):]
+        keep = start_window(len(r.context), cfg.max_new_tokens, cache_len)
+        if keep < len(r.context):
+            r.context = r.context[-keep:]
             if not warned and on_window_slide:
                 on_window_slide()
                 warned = True

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.generate import Delta, GenerationConfig, TokenInfo, _prefill, _Row, _window_notice, prepare_decoding_
+from gpt2kit.generate import (
+    Delta,
+    GenerationConfig,
+    TokenInfo,
+    _prefill,
+    _Row,
+    _window_notice,
+    prepare_decoding_,
+    start_window,
+)
 from gpt2kit.model import GPT
 from gpt2kit.sampling import SamplingParams, filter_logits, sample, scale_logits, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
@@ -372,10 +381,11 @@ class BatchEngine:
             return
         for job in take:
             r = job.row
-            # as stream_rows: keep the most recent half window. Scoring only, a prompt that fills the
-            # window exactly needs no room for a next token: it is read whole, every token scored
-            if len(r.context) >= self.max_len + job.score_only:
-                r.context = r.context[-(self.max_len // 2):]
+            # as stream_rows. Scoring only (max_new_tokens 0), a prompt that fills the window needs no room
+            # for a next token: it is read whole, every token scored
+            keep = start_window(len(r.context), r.cfg.max_new_tokens, self.max_len)
+            if keep < len(r.context):
+                r.context = r.context[-keep:]
                 self._slide_notice()
             r.pos = len(r.context)
         take.sort(key=lambda j: len(j.row.context))  # neighbours of similar length: little padding
