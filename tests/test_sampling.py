@@ -79,3 +79,17 @@ def test_a_repetition_penalty_near_zero_samples_a_seen_token_not_token_0():
     g = torch.Generator().manual_seed(0)
     picks = {sample(logits, SamplingParams(repetition_penalty=1e-300), g, seen=torch.tensor([2, 3])) for _ in range(50)}
     assert picks <= {2, 3}
+
+
+def test_filters_together_keep_what_transformers_warpers_keep():
+    # top-k, then top-p, then min-p, as transformers orders its warpers: with min-p first, top-p would count
+    # its mass over fewer tokens and keep another set
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 500, generator=g) * 3
+    for top_k, top_p, min_p in ((0, 0.9, 0.05), (50, 0.8, 0.1), (200, 0.95, 0.02), (0, 0.5, 0.3)):
+        ref = logits
+        for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)]:
+            ref = warper(None, ref)
+        ours = filter_logits(logits, top_k, top_p, min_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p, min_p)

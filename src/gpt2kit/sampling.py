@@ -46,15 +46,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Set excluded logits to -inf. logits (..., V), already divided by temperature. The most likely token
-    always survives, so top_p -> 0 and top_k = 1 both mean argmax."""
+    """Set excluded logits to -inf. logits (..., V), already divided by temperature. Top-k, then top-p, then
+    min-p: the order of transformers' logits warpers, so that together they keep the same tokens. The most
+    likely token always survives, so top_p -> 0 and top_k = 1 both mean argmax."""
     neg_inf = float("-inf")
     if top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, neg_inf)
-    if min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
@@ -62,6 +60,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), neg_inf)
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
     return logits
 
 
