@@ -88,6 +88,8 @@ def test_interactive_with_a_prompt_or_output_it_would_ignore_is_an_error(capsys,
     code, _, err = run(capsys, "generate", "-i", *argv, "-m", tmp_path / "no-model")  # before the model loads
     assert code == 1 and err == (f"error: --interactive reads its prompts from the keyboard and prints the samples; "
                                  f"drop {what} or --interactive\n")
+    code, _, err = run(capsys, "generate", "-i", "--nsamples", 0, "-m", tmp_path / "no-model")
+    assert code == 1 and err.startswith("error: --nsamples 0 (endless) would never ask for the next prompt")
 
 
 def test_prompt_file_byte_order_mark_and_non_utf8_input(capsys, tiny_model_dir, tmp_path, monkeypatch):

@@ -61,6 +61,9 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
         if other:
             raise Gpt2kitError(f"--interactive reads its prompts from the keyboard and prints the samples; "
                                f"drop {other} or --interactive")
+        if args.nsamples == 0:
+            raise Gpt2kitError("--nsamples 0 (endless) would never ask for the next prompt; give --interactive "
+                               "a number of samples per prompt")
         return None
     if args.unconditional:
         if given:
@@ -165,7 +168,7 @@ def _record(c, prompt: str | None) -> dict:
 
 
 def _interactive(gen, cfg, args: argparse.Namespace, out: _Printer) -> int:
-    nsamples = args.nsamples or 1
+    nsamples = args.nsamples
     for k in itertools.count():
         try:
             text = input("Model prompt >>> ")
