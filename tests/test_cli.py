@@ -484,3 +484,14 @@ def test_interactive_seed_seeds_the_session(capsys, tiny_model_dir, monkeypatch)
     assert session("Hello", "Hello") == [first, again]  # the same session replays exactly
     code, out, _ = run(capsys, "generate", "Hello", "-m", tiny_model_dir, "--length", 12, "--seed", 5)
     assert out.strip() == first.strip()  # the first prompt's samples are those of `generate PROMPT --seed S`
+
+
+def test_the_parser_does_not_import_torch():
+    # `gpt2kit --help`, a typo'd flag and Ctrl-C in the first second answer at once, without torch's import
+    code = ("import sys; from gpt2kit.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    from gpt2kit.checkpoints import CONVERT_FORMATS
+    from gpt2kit.cli.convert import FORMATS
+    assert FORMATS == CONVERT_FORMATS

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+FORMATS = ("hf", "openai-tf")  # gpt2kit.checkpoints.CONVERT_FORMATS, written out: importing it imports torch
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gpt2kit.checkpoints import CONVERT_FORMATS
     p = sub.add_parser("convert", help="convert a checkpoint to gpt2kit's (HuggingFace) format or OpenAI's TF layout",
                        description="Read a HuggingFace directory, an OpenAI TensorFlow checkpoint directory, a "
                        "gpt2kit run directory or a model name, and write config.json, model.safetensors, "
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "vocab.bpe) that OpenAI's gpt-2 scripts, nshepperd's train.py and gpt-2-simple restore.")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--to", choices=CONVERT_FORMATS, default="hf",
+    p.add_argument("--to", choices=FORMATS, default="hf",
                    help="hf: HuggingFace format (default); openai-tf: OpenAI's TensorFlow checkpoint, float32")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: keep; --to hf only)")
     p.set_defaults(func=run)
