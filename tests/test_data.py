@@ -418,6 +418,13 @@ def test_encode_out_names_numpy_cannot_load_are_refused(tok, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the output is named with --out")
     assert f"--out {tmp_path / 'out.tokens'}" in err
+    # the corrected command keeps the other options given, so that it can be run as it is
+    csv = write(tmp_path / "my jokes.csv", "ID,Joke\n1,hello\n")
+    assert main(["encode", str(csv), str(tmp_path / "out.npz"), "--column", "Joke", "--tokenizer", str(VOCAB),
+                 "--encoding", "latin-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f" --out {tmp_path / 'out.tokens'} --tokenizer {VOCAB} --column Joke --encoding latin-1\n"), err
+    assert f"'{csv}'" in err  # (quoted for the shell)
     assert main(["encode", str(src), "--tokenizer", str(VOCAB)]) == 1
     assert capsys.readouterr().err == "error: --out FILE.tokens is required: the token cache to write\n"
     _, f = token_files(tok, tmp_path / "in")

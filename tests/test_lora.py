@@ -148,6 +148,13 @@ def test_merge_writes_only_into_a_new_or_empty_directory(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m3"), "--base",
                  str(tmp_path / "gone")]) == 1
     assert "--base" in capsys.readouterr().err and not (tmp_path / "m3").exists()
+    # a --base that is a file, or a relative path that does not exist, is named as --base, not --model
+    (tmp_path / "notes.txt").write_text("x")
+    for base in (str(tmp_path / "notes.txt"), "no-such/base-dir"):
+        assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m3"), "--base", base]) == 1
+        err = capsys.readouterr().err
+        assert f"--base {base}" in err or "pass --base" in err, err
+        assert "--model" not in err, err
 
 
 def test_lora_resume_from_checkpoint_matches(tmp_path):

@@ -142,6 +142,10 @@ def test_not_a_run(tmp_path):
     from gpt2kit.errors import Gpt2kitError
     with pytest.raises(Gpt2kitError, match="not a gpt2kit run"):
         runs.read_run_json(tmp_path)
+    # a file named as the run (`finetune --resume data.txt`) is said so, not as an OS error number
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(Gpt2kitError, match=r"data.txt is not a gpt2kit run directory \(no run.json\)$"):
+        runs.read_run_json(tmp_path / "data.txt")
 
 
 def test_broken_run_json_is_listed_as_unreadable(tmp_path, capsys):
@@ -236,3 +240,19 @@ def test_a_checkpoint_deleted_while_it_is_loaded_is_picked_again(tmp_path, monke
     monkeypatch.setattr(ckpts, "read_checkpoint", rotated_away)
     model, _ = ckpts.load_model(run)
     assert torch.equal(model.transformer.wte.weight, random_model(cfg, seed=1).transformer.wte.weight)
+
+
+def test_an_early_stopped_run_is_listed_as_such(tmp_path, capsys):
+    _fake_run(tmp_path / "a", status="finished", step=40, total_steps=40, best_val_loss=2.5, last_loss=2.4)
+    _fake_run(tmp_path / "b", status="finished", step=12, total_steps=40, best_val_loss=2.6, last_loss=2.7,
+              stopped_early=True)
+    assert main(["runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:3] == ["finished", "40/40"] and lines[2].split()[1:3] == ["early-stopped", "12/40"]
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(r["status"], r["stopped_early"]) for r in rows] == [("finished", False), ("finished", True)]
+    for name, lr in (("a", 1e-4), ("b", 3e-4)):
+        (tmp_path / name / "config.json").write_text(json.dumps({"lr": lr}))
+    assert main(["runs", str(tmp_path / "a"), str(tmp_path / "b"), "--compare"]) == 0
+    assert "early-stopped" in capsys.readouterr().out

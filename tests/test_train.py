@@ -122,6 +122,24 @@ def test_grad_accumulation_equals_one_big_batch():
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-8), n
 
 
+def test_grad_accumulation_of_padded_batches_weights_every_target_token_alike():
+    # --line-by-line pads each micro-batch: two short documents in one micro-batch and two long ones in the
+    # next must count by their target tokens, as in one batch of all four (--batch-size 4 == 2 x --grad-accum 2),
+    # not as two equal halves
+    torch.manual_seed(0)
+    a, b = random_model(TINY, seed=4).train(), random_model(TINY, seed=4).train()
+    cfg = TrainConfig(model="x", data=["x"], lr=1e-3, line_by_line=True)
+    ta, tb = Trainer(a, cfg, torch.device("cpu")), Trainer(b, cfg, torch.device("cpu"))
+    seq = torch.randint(0, TINY.vocab_size, (4, 17))
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    y[:2, 2:] = -100  # padding: the first two documents have 2 targets each, the others 16
+    la = ta.forward_backward([(x[:2], y[:2]), (x[2:], y[2:])])
+    lb = tb.forward_backward([(x, y)])
+    assert torch.allclose(la, lb, rtol=1e-6)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-8), n
+
+
 def test_padded_lm_head_gives_the_same_loss_and_gradients():
     # the GPU path (Trainer.pad_head, on for CUDA devices) forced on the CPU against the plain one
     a, b = random_model(TINY, seed=5).train(), random_model(TINY, seed=5).train()
@@ -417,6 +435,16 @@ def test_early_stop_keeps_best(tmp_path, tiny_dir):
     assert (res.run_dir / "final/model.safetensors").is_file()
     with pytest.raises(Gpt2kitError, match="stopped early"):  # not resumed past its early stop
         resume(res.run_dir, progress=False)
+
+
+def test_early_stop_without_evaluations_is_refused(tmp_path, tiny_dir):
+    # --eval-every 0 turns evaluation off, so --early-stop would never count anything: refused before the run
+    # directory is made, not silently ignored (with --val-data there is no warning either)
+    (tmp_path / "val.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    cfg = _cfg(tmp_path, tiny_dir, val_data=[str(tmp_path / "val.txt")], eval_every=0, early_stop=2)
+    with pytest.raises(Gpt2kitError, match=r"^--early-stop 2 counts evaluations, and --eval-every 0 turns them off"):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_best_must_beat_the_starting_model(tmp_path, tiny_dir, capsys):

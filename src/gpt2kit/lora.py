@@ -321,12 +321,13 @@ def adapter_named(path: str | Path) -> Path | None:
 
 def open_base(base: str | Path, device: str | torch.device | None = "cpu",
               dtype: str | torch.dtype | None = "float32", tokenizer_dir: str | Path | None = None,
-              fingerprint: bool = True, _depth: int = 0):
+              fingerprint: bool = True, _depth: int = 0, flag: str = "--model"):
     """Load the weights `base` names and say exactly which they were: (GPT, Tokenizer, fingerprint or None,
     the directory read). `base` is anything `--model` takes (a model directory or name, a run: its best/,
     final/ or newest checkpoint), or an adapter directory, which is merged onto its own base (in float32, then
     cast). A LoRA run with adapter checkpoints only gives its newest adapter checkpoint merged the same way,
-    and that checkpoint directory is what is returned: see _Run._load_model."""
+    and that checkpoint directory is what is returned: see _Run._load_model. `flag` names the option that
+    gave `base` in errors (`--base` for merge)."""
     from gpt2kit.checkpoints import load_model, pick_device, pick_dtype, resolve_model_dir
     from gpt2kit.tokenizer import Tokenizer
     adapter = adapter_named(base)
@@ -339,7 +340,8 @@ def open_base(base: str | Path, device: str | torch.device | None = "cpu",
         model = model.to(dtype=pick_dtype(dtype, pick_device(device))).eval()
         own = Path(tokenizer_dir) if tokenizer_dir else _run_tokenizer(adapter)
         return model, (Tokenizer.from_dir(own) if own else tok), fp, adapter
-    d = resolve_model_dir(base)
+    d = resolve_model_dir(base, flag=flag, local_hint=None if flag == "--model" else
+                          f"pass {flag} a local directory holding config.json and model.safetensors")
     (model, tok), fp = _read_fingerprinted(lambda: weights_fingerprint(d) if fingerprint else None,
                                            lambda: load_model(d, device=device, dtype=dtype,
                                                               tokenizer_dir=tokenizer_dir), d)
@@ -358,7 +360,8 @@ def _load_adapted(path: Path, base: str | None, device, dtype, fingerprint: bool
                            f"move it back, or merge the adapter onto it where it is now: {merge}")
     recorded = cfg.base_fingerprint
     model, tok, fp, _ = open_base(base or cfg.base_model, device=device, dtype=dtype,
-                                  fingerprint=fingerprint or bool(recorded), _depth=depth)
+                                  fingerprint=fingerprint or bool(recorded), _depth=depth,
+                                  flag="--base" if base else "--model")
     if recorded and fp is not None and fp != recorded:
         if not base:
             raise Gpt2kitError(f"adapter {path} was trained on {cfg.base_model}, whose weights have changed since "

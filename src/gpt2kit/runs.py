@@ -118,7 +118,7 @@ def read_run_json(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_JSON
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file given as the run: --resume data.txt)
         raise Gpt2kitError(f"{run_dir} is not a gpt2kit run directory (no {RUN_JSON})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise Gpt2kitError(f"cannot read {path}: {e}") from None
@@ -244,12 +244,17 @@ class RunInfo:
     lora: bool
     error: str | None = None  # why a run failed, or why its run.json is unreadable
     best_step: int | None = None  # the step of best_val_loss
+    stopped_early: bool = False  # finished by --early-stop before its last step
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora,
-                "error": self.error}
+                "error": self.error, "stopped_early": self.stopped_early}
+
+    @property
+    def shown_status(self) -> str:
+        return "early-stopped" if self.status == "finished" and self.stopped_early else self.status
 
 
 def _pid_alive(pid: int) -> bool:
@@ -280,7 +285,8 @@ def run_info(run_dir: str | Path) -> RunInfo:
     return RunInfo(run_dir, status, info.get("step") or 0, info.get("total_steps"),
                    info.get("best_val_loss"), info.get("last_loss"), info.get("updated"),
                    info.get("model"), bool(info.get("lora")), error if isinstance(error, str) else None,
-                   info.get("best_step") if info.get("best_val_loss") is not None else None)
+                   info.get("best_step") if info.get("best_val_loss") is not None else None,
+                   info.get("stopped_early") is True)
 
 
 def _listed_as_run(d: Path) -> bool:
@@ -333,7 +339,7 @@ def format_runs(runs: list[RunInfo]) -> str:
     rows = [("RUN", "STATUS", "STEP", "BEST VAL", "LOSS", "UPDATED")]
     for r in runs:
         steps = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        rows.append((str(r.path) + (" (lora)" if r.lora else ""), r.status, steps, _fmt(r.best_val_loss),
+        rows.append((str(r.path) + (" (lora)" if r.lora else ""), r.shown_status, steps, _fmt(r.best_val_loss),
                      _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     if any(r.error for r in runs):  # last, cut to what the terminal has left (at least 40 characters)
@@ -403,7 +409,7 @@ def compare_runs(found: list[RunInfo]) -> Comparison:
 
 def format_comparison(c: Comparison) -> str:
     results = {
-        "status": [r.status for r in c.runs],
+        "status": [r.shown_status for r in c.runs],
         "step": [f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step) for r in c.runs],
         "best val loss": [_fmt(r.best_val_loss) + (f" (step {r.best_step})" if r.best_step is not None else "")
                           for r in c.runs],

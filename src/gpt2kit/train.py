@@ -679,8 +679,25 @@ class Trainer:
         return F.linear(h, F.pad(w, (0, 0, 0, self._pad_bias.shape[0] - w.shape[0])), self._pad_bias)  # (B, T, P)
 
     def forward_backward(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Accumulate gradients of the mean micro-batch loss; returns that mean (detached)."""
+        """Accumulate gradients of the mean loss per target token of all the micro-batches (of every process,
+        under DDP); returns that mean (detached). Each micro-batch is weighted by its share of the target
+        tokens, so that accumulation equals one batch of them all even when padding (--line-by-line) leaves
+        the micro-batches with different numbers of targets; with equal numbers, as windows of the stream
+        always have, that is the mean of the micro-batch means."""
         n = len(batches)
+        weights: list[torch.Tensor] | None = None
+        if self.cfg.line_by_line:
+            # counted on the device, without a host sync; float32 counts are exact up to 2**24 targets a step
+            # (and MPS has no float64)
+            counts = [(y != -100).sum().float() for _, y in batches]
+            total_count = torch.stack(counts).sum()
+            world = 1
+            if self.ddp:
+                import torch.distributed as dist
+                dist.all_reduce(total_count)  # (SUM) every process's targets; DDP then averages over the world
+                world = dist.get_world_size()
+            # (a step whose micro-batches hold no target at all has zero gradient, not NaN)
+            weights = [c * world / total_count.clamp(min=1) for c in counts]
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(batches):
             sync = not self.ddp or i == n - 1
@@ -688,12 +705,12 @@ class Trainer:
                      else contextlib.nullcontext())
             with contextlib.nullcontext() if sync else self.ddp_module.no_sync(), self.precision.backward(), watch:
                 loss = self.loss(x, y)
-                scaled = loss / n
+                scaled = loss / n if weights is None else loss * weights[i]
                 if self.precision.scaler is not None:
                     scaled = self.precision.scaler.scale(scaled)
                 scaled.backward()
-            total += loss.detach()
-        return total / n
+            total += loss.detach() if weights is None else loss.detach() * weights[i]
+        return total / n if weights is None else total
 
     def optimizer_step(self, lr: float) -> torch.Tensor | None:
         """Unscale, clip, step, zero the gradients. Returns the gradient norm before clipping (when
@@ -1634,6 +1651,9 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
         raise Gpt2kitError(f"finetune() takes a TrainConfig, not {type(cfg).__name__}")
     if cfg.steps is not None and cfg.epochs is not None:  # (a resolved config.json holds both: resume is fine)
         raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
+    if cfg.early_stop and cfg.eval_every == 0:  # (a resolved config.json may hold both: resume is fine)
+        raise Gpt2kitError(f"--early-stop {cfg.early_stop} counts evaluations, and --eval-every 0 turns them off; "
+                           "give --eval-every N, or drop --early-stop")
     cfg.validate()
     _check_inputs(cfg)
     # the data, before the model (which may mean a long download, or a download error offline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -27,6 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _command(args: argparse.Namespace, inputs: list[str], out: Path) -> str:
+    """The arguments of the corrected command: the inputs, --out and every other option that was given."""
+    words = [*inputs, "--out", str(out)]
+    for opt, value, default in (("--model", args.model, "gpt2"), ("--tokenizer", args.tokenizer, None),
+                                ("--column", args.column, None), ("--field", args.field, None),
+                                ("--encoding", args.encoding, "utf-8")):
+        if value != default:
+            words += [opt, value]
+    if args.line_by_line:
+        words.append("--line-by-line")
+    return shlex.join(words)
+
+
 def run(args: argparse.Namespace) -> int:
     # imported here so `gpt2kit --help` stays quick
     from gpt2kit.cli.common import setup_logging
@@ -39,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         last = Path(args.inputs[-1])
         if len(args.inputs) > 1 and not last.exists() and last.suffix.lower() in (".npz", ".tokens", ".bin", ".npy"):
             raise Gpt2kitError(f"the output is named with --out, not as the last input: gpt2kit encode "
-                               f"{' '.join(args.inputs[:-1])} --out {last.with_suffix('.tokens')}")
+                               f"{_command(args, args.inputs[:-1], last.with_suffix('.tokens'))}")
         raise Gpt2kitError("--out FILE.tokens is required: the token cache to write")
     spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
     check_inputs(args.inputs, spec)  # before the tokenizer, which may mean a download
