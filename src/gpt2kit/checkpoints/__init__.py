@@ -184,10 +184,10 @@ def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path
     return out
 
 
-def _write_openai_tf(out: Path, path: Path, config: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
+def _write_openai_tf(out: Path, files: tuple[Path, Path] | None, config: GPTConfig,
+                     sd: dict[str, torch.Tensor]) -> None:
     from gpt2kit.checkpoints.hf import gpt2kit_to_hf
     from gpt2kit.checkpoints.openai_tf_write import openai_hparams, write_openai_tf
-    files = find_vocab_files(path)
     n_vocab = len(json.loads(files[0].read_text("utf-8"))) if files is not None else config.vocab_size
     hf = gpt2kit_to_hf(sd)
     if n_vocab < config.vocab_size:  # rows padded past the vocabulary (e.g. 50304): OpenAI's code sizes its
@@ -265,18 +265,18 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         path = resolve_model_dir(src, flag="SRC", local_hint="pass SRC as a local directory (config.json + "
                                  "model.safetensors, hparams.json + model.ckpt.*, or a gpt2kit run)")
         config, sd = read_checkpoint(path)
-        if find_vocab_files(path) is None:
+        files = find_vocab_files(path)
+        if files is None:
             names = "encoder.json and vocab.bpe" if to == "openai-tf" else "vocab.json and merges.txt"
             log.warning("%s has no vocabulary files: copy the base model's %s into %s before using it",
                         path, names, out)
         if to == "openai-tf":
-            _write_openai_tf(out, path, config, sd)
+            _write_openai_tf(out, files, config, sd)
             return out
         if dt is not None:
             sd = {k: v.to(dt) for k, v in sd.items()}
         from gpt2kit.checkpoints.hf import write_hf_dir
         write_hf_dir(out, config, sd)
-        files = find_vocab_files(path)
         if files is not None:
             (out / "vocab.json").write_bytes(files[0].read_bytes())
             (out / "merges.txt").write_bytes(files[1].read_bytes())

@@ -56,9 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if args.block_size is not None and args.block_size > n_ctx:
         print(f"note: --block-size {args.block_size} is longer than the model's context; scoring windows of "
               f"{n_ctx} tokens", file=sys.stderr)
-    if args.stride is not None and args.stride > min(args.block_size or n_ctx, n_ctx):
-        raise Gpt2kitError(f"--stride must be at most the window of {min(args.block_size or n_ctx, n_ctx)} tokens "
-                           f"(--block-size, at most the model's context), got {args.stride}")
+    window = min(args.block_size or n_ctx, n_ctx)
+    if args.stride is not None and args.stride > window:  # (check_window's check, worded for the flags)
+        raise Gpt2kitError(f"--stride must be at most the window of {window} tokens (--block-size, at most the "
+                           f"model's context), got {args.stride}")
     block, stride = check_window(n_ctx, args.block_size, args.stride, len(ids))
     with progress_bar(total=len(windows(len(ids), block, stride)), unit="window",
                       disable=args.format == "jsonl") as bar:

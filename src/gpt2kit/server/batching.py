@@ -214,13 +214,21 @@ class BatchEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        err = EngineClosed("the server is shutting down")
+        self._fail_all(EngineClosed("the server is shutting down"))
+
+    def _fail_all(self, err: EngineClosed) -> None:
+        """End every queued and running completion with `err` (called by the engine thread, or once it
+        has stopped)."""
         with self._cv:
-            jobs = list(self._pending) + [j for j in self._slots if j is not None]
+            pending = list(self._pending)
             self._pending.clear()
-            self._slots = [None] * self.max_batch
-        for j in jobs:
-            j.stream._put(err)
+            self.stats.queued = 0
+        for j in pending:
+            if not j.cancelled:
+                j.stream._put(err)
+        for b, j in enumerate(self._slots):
+            if j is not None:
+                self._fail(b, err)
 
     def abort(self, message: str = "the server is shutting down") -> None:
         """End every queued and running completion at the engine's next step: their streams raise
@@ -303,18 +311,8 @@ class BatchEngine:
                 if self._closed:
                     return
                 err, self._abort = self._abort, None
-                jobs = list(self._pending) if err is not None else []
-                if err is not None:
-                    self._pending.clear()
-                    self.stats.queued = 0
             if err is not None:
-                for b, j in enumerate(self._slots):
-                    if j is not None:
-                        jobs.append(j)
-                        self._free(b)
-                for j in jobs:
-                    if not j.cancelled:
-                        j.stream._put(err)
+                self._fail_all(err)
                 continue
             try:
                 self._admit()
