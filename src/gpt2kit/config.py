@@ -23,6 +23,9 @@ class GPTConfig:
     dropout: float = 0.0  # one rate for embeddings, attention and residuals (HF's three pdrops)
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    # the MLP's GELU, by HF's activation_function names: "gelu_new" is GPT-2's tanh approximation, "gelu" the
+    # exact erf form that nanoGPT's nn.GELU() computes
+    activation: str = "gelu_new"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
@@ -37,6 +40,8 @@ class GPTConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
                 raise Gpt2kitError(f"{name} must be a number in [0, 1), not {v!r}")
+        if self.activation not in ACTIVATIONS:
+            raise Gpt2kitError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
         if self.n_embd % self.n_head != 0:
@@ -65,7 +70,7 @@ class GPTConfig:
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
-            "activation_function": "gelu_new",
+            "activation_function": self.activation,
             "vocab_size": self.vocab_size,
             "n_positions": self.n_positions,
             "n_ctx": self.n_positions,
@@ -104,8 +109,9 @@ class GPTConfig:
             if near and key not in _KNOWN_KEYS:
                 raise Gpt2kitError(f"{source}: unknown key {key!r} (did you mean {near[0]!r}?)")
         act = d.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise Gpt2kitError(f"{source}: unsupported activation_function {act!r} (GPT-2 uses gelu_new)")
+        if act not in _HF_ACTIVATIONS:
+            raise Gpt2kitError(f"{source}: unsupported activation_function {act!r} (GPT-2 uses gelu_new; "
+                               "nanoGPT's exact GELU is gelu)")
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if d.get(flag):
                 raise Gpt2kitError(f"{source} sets {flag}, which gpt2kit does not support")
@@ -120,6 +126,7 @@ class GPTConfig:
                 layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
                 bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 50256,
                 eos_token_id=d.get("eos_token_id") if d.get("eos_token_id") is not None else 50256,
+                activation=_HF_ACTIVATIONS[act],
             )
         except Gpt2kitError as e:
             raise Gpt2kitError(f"{source}: {e}; {fix}") from None
@@ -151,6 +158,11 @@ class GPTConfig:
                                 fix="fix the file or re-download the model" if in_model else "fix the file")
 
 
+ACTIVATIONS = ("gelu_new", "gelu")
+# HF's activation_function values that are one of ours (gelu_pytorch_tanh computes gelu_new's formula)
+_HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -166,7 +178,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The keys of a config.json that gpt2kit reads, and those it writes: a near miss of one of the first that is
 # neither is taken for a typo. (No key of HF's GPT2Config is such a near miss: tests/test_checkpoints.py.)
-_SETTING_NAMES = sorted({f.name for f in fields(GPTConfig)} - {"dropout"} | {"n_ctx"})  # what from_hf_dict reads
+_SETTING_NAMES = sorted({f.name for f in fields(GPTConfig)} - {"dropout", "activation"}
+                        | {"n_ctx", "activation_function"})  # what from_hf_dict reads
 _KNOWN_KEYS = set(_SETTING_NAMES) | set(GPTConfig().to_hf_dict())
 
 # OpenAI's original release names map onto the HF names.

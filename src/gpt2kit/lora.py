@@ -264,8 +264,10 @@ def weights_fingerprint(model_dir: str | Path) -> str | None:
     the directory holds no weight files of a known kind."""
     from gpt2kit.checkpoints.hf import shard_names, weights_source
     d = Path(model_dir)
-    src = weights_source(d)
-    if src is not None:
+    src = weights_source(d) if d.is_dir() else None
+    if d.is_file():  # a single-file checkpoint: nanoGPT's ckpt.pt, llm.c's .bin
+        files = [d]
+    elif src is not None:
         files = [d / n for n in shard_names(src)] if src.name.endswith(".index.json") else [src]
     else:  # OpenAI TF: model.ckpt.index + model.ckpt.data-*
         files = sorted(f for f in d.iterdir() if f.is_file() and (f.suffix == ".index" or ".data-" in f.name))

@@ -67,14 +67,19 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")  # GPT-2's "gelu_new" is the tanh approximation
 
 
+def gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)  # the erf form (HF's "gelu"), which nanoGPT's nn.GELU() computes
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        # the activation; gpt2kit.train swaps in gpt2kit.kernels.gelu_tanh (same values, faster) on CPUs
-        self.act: Callable[[torch.Tensor], torch.Tensor] = gelu_tanh
+        # the activation; for gelu_tanh, gpt2kit.train swaps in gpt2kit.kernels.gelu_tanh (same values, faster)
+        # on CPUs
+        self.act: Callable[[torch.Tensor], torch.Tensor] = gelu_tanh if config.activation == "gelu_new" else gelu_exact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_proj(self.act(self.c_fc(x)))

@@ -19,6 +19,9 @@ EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 VOCAB_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+# GPT-2's own vocabulary, shipped with gpt2kit for checkpoints that hold none (nanoGPT's ckpt.pt, llm.c's
+# model files): OpenAI's encoder.json + vocab.bpe (MIT), read offline like any other vocabulary
+GPT2_VOCAB_DIR = Path(__file__).resolve().parent / "gpt2_vocab"
 
 
 @functools.lru_cache(maxsize=1)

@@ -644,7 +644,8 @@ class Trainer:
         if self.cpu_kernels:
             mode = self.precision.mode
             for block in model.transformer.h:
-                block.mlp.act = kernels.gelu_tanh_float32 if mode == "autocast" else kernels.gelu_tanh
+                if model.config.activation == "gelu_new":  # the kernel computes the tanh form only
+                    block.mlp.act = kernels.gelu_tanh_float32 if mode == "autocast" else kernels.gelu_tanh
                 block.attn.attend = (kernels.causal_attention_float32 if mode == "autocast" else
                                      _rounded(kernels.causal_attention, self.precision.dtype) if mode == "emulated"
                                      else kernels.causal_attention)
@@ -1035,7 +1036,7 @@ class _Run:
         """fp32 master weights on the device: from the checkpoint, the pretrained model, or random. Also the
         directory the base weights came from and their fingerprint (LoRA runs record both in their adapters)."""
         from gpt2kit import lora
-        from gpt2kit.checkpoints import load_model, resolve_model_dir
+        from gpt2kit.checkpoints import load_model, read_checkpoint, resolve_model_dir, vocab_dir
         from gpt2kit.config import GPTConfig
         cfg = self.cfg
         # the run keeps its own copy of the vocabulary (checkpoints come and go; the base may move)
@@ -1070,7 +1071,8 @@ class _Run:
             base_dir = str(src_dir.resolve())
         else:
             base_dir = str(resolve_model_dir(cfg.model).resolve()) if needs_base else None
-            tok_dir = str(own) if own_tok else cfg.tokenizer or base_dir
+            # a single-file base (nanoGPT ckpt.pt, llm.c .bin) has its vocabulary beside it or uses GPT-2's
+            tok_dir = str(own) if own_tok else cfg.tokenizer or (str(vocab_dir(Path(base_dir))) if base_dir else None)
             if tok_dir is None:
                 raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
                                    "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
@@ -1081,6 +1083,8 @@ class _Run:
                     gcfg = GPTConfig.from_json_file(cfg.config)
                 elif cfg.config:
                     gcfg = GPTConfig.from_name(cfg.config)
+                elif Path(base_dir).is_file():
+                    gcfg = read_checkpoint(Path(base_dir))[0]
                 else:
                     gcfg = GPTConfig.from_json_file(Path(base_dir) / "config.json")
                 tok = Tokenizer.from_dir(tok_dir)

@@ -1,8 +1,9 @@
 """Find, read and write GPT-2 checkpoints in any supported format.
 
 Readable: HuggingFace directories, OpenAI's TensorFlow checkpoint directories, gpt2kit run directories
-(which hold HuggingFace-format models), and model names (downloaded from the Hub). Written: our
-HuggingFace-compatible format, and (by convert) OpenAI's TensorFlow checkpoint layout."""
+(which hold HuggingFace-format models), nanoGPT's ckpt.pt and llm.c's model files, and model names
+(downloaded from the Hub). Written: our HuggingFace-compatible format, and (by convert) OpenAI's TensorFlow
+checkpoint layout, llm.c model files, GGUF (llama.cpp) and CTranslate2 directories."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from gpt2kit.config import OPENAI_NAMES, GPTConfig
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
-from gpt2kit.tokenizer import Tokenizer, find_vocab_files
+from gpt2kit.tokenizer import GPT2_VOCAB_DIR, Tokenizer, find_vocab_files
 
 log = logging.getLogger("gpt2kit")
 
@@ -102,23 +103,41 @@ def _is_tf_dir(path: Path) -> bool:
     return is_openai_tf_dir(path)
 
 
+def is_model_file(path: Path) -> bool:
+    """A single-file checkpoint of another trainer: nanoGPT's ckpt.pt (a torch.save archive) or llm.c's .bin
+    (read_checkpoint says which, or why it is neither)."""
+    from gpt2kit.checkpoints.llmc import is_llmc_file
+    from gpt2kit.checkpoints.nanogpt import could_be_nanogpt
+    return path.is_file() and (is_llmc_file(path) or could_be_nanogpt(path))
+
+
 def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hint: str | None = None) -> Path:
-    """A local model directory for `name_or_path`: a directory as it is, a run directory's model,
-    or a model name downloaded (and cached) from the Hugging Face Hub. `flag` and `local_hint` word the
-    errors for the caller's argument (default: --model)."""
+    """A local model for `name_or_path`: a directory as it is, a run directory's model, a nanoGPT ckpt.pt or
+    llm.c model file as it is, or a model name downloaded (and cached) from the Hugging Face Hub. `flag` and
+    `local_hint` word the errors for the caller's argument (default: --model)."""
     s = str(name_or_path)
     path = Path(s).expanduser()
     if path.is_dir():
         return run_model_dir(path) or path
+    if is_model_file(path):
+        return path
     if path.exists():
-        raise Gpt2kitError(f"{flag} {s} is a file; pass the directory that holds config.json and the weights")
+        raise Gpt2kitError(f"{flag} {s} is a file gpt2kit does not read as a model; pass the directory that holds "
+                           "config.json and the weights, a nanoGPT ckpt.pt or an llm.c model .bin")
     from gpt2kit.checkpoints import hub
     return hub.resolve(OPENAI_NAMES.get(s, s), flag=flag, local_hint=local_hint or hub.LOCAL_HINT)
 
 
 def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Config and state dict (our layout) from an HF or OpenAI-TF directory."""
+    """Config and state dict (our layout) from an HF or OpenAI-TF directory, a nanoGPT ckpt.pt or an llm.c
+    model file."""
     from gpt2kit.checkpoints import hf
+    if path.is_file():
+        from gpt2kit.checkpoints.llmc import is_llmc_file, read_llmc
+        if is_llmc_file(path):
+            return read_llmc(path)
+        from gpt2kit.checkpoints.nanogpt import read_nanogpt
+        return read_nanogpt(path)
     if hf.is_hf_dir(path):
         config = GPTConfig.from_json_file(path / "config.json")
         return config, hf.hf_to_gpt2kit(hf.read_hf_state_dict(path), config)
@@ -160,6 +179,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
 def _load_model_dir(path: Path, dev: torch.device, dt: torch.dtype,
                     tokenizer_dir: str | Path | None) -> tuple[GPT, Tokenizer]:
     config, sd = read_checkpoint(path)
+    if tokenizer_dir is None:
+        tokenizer_dir = vocab_dir(path, config)
     with torch.device("meta"):
         model = GPT(config)  # no time spent on random init: every tensor comes from the file
     sd = {k: v.to(device=dev, dtype=dt) for k, v in sd.items()}
@@ -172,6 +193,23 @@ def _load_model_dir(path: Path, dev: torch.device, dt: torch.dtype,
         raise Gpt2kitError(f"{tok_src} has no tokenizer files (vocab.json + merges.txt or encoder.json + "
                            "vocab.bpe); copy them from the base model's directory")
     return model, Tokenizer.from_dir(tok_src)
+
+
+def vocab_dir(path: Path, config: GPTConfig | None = None) -> Path:
+    """The directory of the vocabulary that goes with the checkpoint at `path`: a model directory's own; for
+    a single-file checkpoint (ckpt.pt, llm.c .bin: they hold none), vocabulary files beside it, else GPT-2's
+    own (shipped with gpt2kit), with a note. A model with fewer rows than GPT-2's vocabulary (nanoGPT's
+    character-level models) has a vocabulary of its own, which gpt2kit cannot read: that is an error."""
+    if not path.is_file():
+        return path
+    if find_vocab_files(path.parent) is not None:
+        return path.parent
+    if config is not None and config.vocab_size < 50257:
+        raise Gpt2kitError(f"{path} has {config.vocab_size} tokens, fewer than GPT-2's 50257: it was trained with "
+                           "a vocabulary of its own (nanoGPT's character-level meta.pkl?), which gpt2kit cannot "
+                           "use; put a GPT-2 style vocab.json + merges.txt for it beside the file")
+    log.info("%s holds no vocabulary: using GPT-2's own (bundled with gpt2kit)", path)
+    return GPT2_VOCAB_DIR
 
 
 def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path:
@@ -188,6 +226,9 @@ def _write_openai_tf(out: Path, files: tuple[Path, Path] | None, config: GPTConf
                      sd: dict[str, torch.Tensor]) -> None:
     from gpt2kit.checkpoints.hf import gpt2kit_to_hf
     from gpt2kit.checkpoints.openai_tf_write import openai_hparams, write_openai_tf
+    if config.activation != "gelu_new":
+        raise Gpt2kitError("OpenAI's GPT-2 code computes the tanh GELU; this model uses the exact GELU (a nanoGPT "
+                           "model) and would compute differently there: convert it to --to hf instead")
     n_vocab = len(json.loads(files[0].read_text("utf-8"))) if files is not None else config.vocab_size
     hf = gpt2kit_to_hf(sd)
     if n_vocab < config.vocab_size:  # rows padded past the vocabulary (e.g. 50304): OpenAI's code sizes its
@@ -199,7 +240,7 @@ def _write_openai_tf(out: Path, files: tuple[Path, Path] | None, config: GPTConf
 _MODEL_FILES = ("model.safetensors", "model.safetensors.tmp", "config.json", "config.json.tmp",
                   "generation_config.json", "vocab.json", "merges.txt", "gpt2kit.json",
                   "checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001",
-                  "encoder.json", "vocab.bpe")
+                  "encoder.json", "vocab.bpe", "model.bin", "vocabulary.json", "vocabulary.txt")
 
 
 def make_new_output_dir(out: str | Path) -> list[Path]:
@@ -246,26 +287,94 @@ def new_model_dir(out: str | Path) -> Iterator[Path]:
         raise
 
 
-CONVERT_FORMATS = ("hf", "openai-tf")
+CONVERT_FORMATS = ("hf", "openai-tf", "llmc", "gguf", "ctranslate2")
+_FILE_FORMATS = ("llmc", "gguf")  # written as one file; the others as a directory
 
 
-def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str = "hf") -> Path:
-    """Any readable checkpoint -> `out`, a new (or empty) directory: our (HuggingFace-compatible) format, or
-    with to="openai-tf" OpenAI's TensorFlow checkpoint layout (float32), for TF-based GPT-2 tools."""
+def _new_output_file(out: Path) -> None:
+    """Refuse, before any loading, an output file that exists or cannot be created."""
+    if out.exists() or out.is_symlink():
+        raise Gpt2kitError(f"output {out} already exists: choose a new file name (nothing is overwritten)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Gpt2kitError(f"cannot create {out.parent} ({e.strerror or e}): choose a writable location") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise Gpt2kitError(f"{out.parent} is not writable: check its permissions or choose another location")
+
+
+def _source_vocab(path: Path, config: GPTConfig, needed: bool) -> tuple[Path, Path] | None:
+    """The vocabulary files for the checkpoint at `path` (vocab_dir's choice for a single file); None, or an
+    error when the output format must hold them (`needed`), where there are none."""
+    try:
+        files = find_vocab_files(vocab_dir(path, config))
+    except Gpt2kitError:
+        if needed:
+            raise
+        files = None
+    if files is None and needed:
+        raise Gpt2kitError(f"{path} has no vocabulary files (vocab.json + merges.txt or encoder.json + vocab.bpe), "
+                           "which the output holds: copy the base model's into it")
+    return files
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str = "hf", outtype: str = "f16",
+            quantization: str | None = None) -> Path:
+    """Any readable checkpoint -> `out`. to="hf": our (HuggingFace-compatible) format; "openai-tf": OpenAI's
+    TensorFlow checkpoint layout (float32), for TF-based GPT-2 tools; "ctranslate2": a CTranslate2 model
+    (`quantization` int8, float16, ...; default float32). Each into a new (or empty) directory. "llmc": an
+    llm.c model file (dtype float32 or bfloat16); "gguf": a GGUF file for llama.cpp (`outtype` f32, f16 or
+    q8_0). Each a new file."""
     src_path, out = Path(src).expanduser(), Path(out).expanduser()
     if src_path.is_dir() and out.resolve() == src_path.resolve():
         raise Gpt2kitError("convert would overwrite its own source; choose another output directory")
     if to not in CONVERT_FORMATS:
-        raise Gpt2kitError(f"unknown output format {to!r}: use {' or '.join(CONVERT_FORMATS)}")
+        raise Gpt2kitError(f"unknown output format {to!r}: use {', '.join(CONVERT_FORMATS)}")
     dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else None  # bad --dtype: now
     if to == "openai-tf" and dt not in (None, torch.float32):
         raise Gpt2kitError(f"--dtype {dtype}: OpenAI's TensorFlow checkpoints hold float32 weights (its code "
                            "builds float32 variables); leave --dtype out with --to openai-tf")
-    with new_model_dir(out):
-        path = resolve_model_dir(src, flag="SRC", local_hint="pass SRC as a local directory (config.json + "
-                                 "model.safetensors, hparams.json + model.ckpt.*, or a gpt2kit run)")
+    if to == "llmc" and dt not in (None, torch.float32, torch.bfloat16):
+        raise Gpt2kitError(f"--dtype {dtype}: llm.c model files hold float32 or bfloat16 weights")
+    if to in ("gguf", "ctranslate2") and dt is not None:
+        option = "--outtype f32|f16|q8_0" if to == "gguf" else "--quantization"
+        raise Gpt2kitError(f"--dtype is not used with --to {to}: choose the stored type with {option}")
+    if to == "gguf":
+        from gpt2kit.checkpoints.gguf_write import OUTTYPES, import_gguf
+        if outtype not in OUTTYPES:
+            raise Gpt2kitError(f"unknown --outtype {outtype!r}: use {', '.join(OUTTYPES)}")
+        import_gguf()  # missing extra: before any loading
+    if to == "ctranslate2":
+        from gpt2kit.checkpoints.ctranslate2 import QUANTIZATIONS
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise Gpt2kitError(f"unknown --quantization {quantization!r}: use {', '.join(QUANTIZATIONS)}")
+        import importlib.util
+        if importlib.util.find_spec("ctranslate2") is None or importlib.util.find_spec("transformers") is None:
+            raise Gpt2kitError("--to ctranslate2 needs ctranslate2 and transformers: "
+                               "pip install 'gpt2kit[ctranslate2]'")
+    hint = ("pass SRC as a local directory (config.json + model.safetensors, hparams.json + model.ckpt.*, or a "
+            "gpt2kit run), a nanoGPT ckpt.pt or an llm.c model .bin")
+    if to in _FILE_FORMATS:
+        _new_output_file(out)
+        path = resolve_model_dir(src, flag="SRC", local_hint=hint)
         config, sd = read_checkpoint(path)
-        files = find_vocab_files(path)
+        files = _source_vocab(path, config, needed=to == "gguf")
+        if to == "gguf":
+            from gpt2kit.checkpoints.gguf_write import write_gguf
+            write_gguf(out, config, sd, files, outtype=outtype, name=path.stem if path.is_file() else path.name)
+        else:
+            from gpt2kit.checkpoints.llmc import write_llmc
+            n_vocab = len(json.loads(files[0].read_text("utf-8"))) if files is not None else None
+            write_llmc(out, config, sd, n_vocab=n_vocab, dtype=dt or torch.float32)
+        return out
+    with new_model_dir(out):
+        path = resolve_model_dir(src, flag="SRC", local_hint=hint)
+        config, sd = read_checkpoint(path)
+        if to == "ctranslate2":
+            from gpt2kit.checkpoints.ctranslate2 import write_ctranslate2
+            write_ctranslate2(out, config, sd, _source_vocab(path, config, needed=True), quantization)
+            return out
+        files = _source_vocab(path, config, needed=False)
         if files is None:
             names = "encoder.json and vocab.bpe" if to == "openai-tf" else "vocab.json and merges.txt"
             log.warning("%s has no vocabulary files: copy the base model's %s into %s before using it",

@@ -104,6 +104,12 @@ def hf_to_gpt2kit(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
         if k.endswith(CONV1D_SUFFIXES):
             v = v.t()
         out["transformer." + k] = v
+    check_state_dict(out, config)
+    return out
+
+
+def check_state_dict(out: dict[str, torch.Tensor], config: GPTConfig, implied_by: str = "config.json") -> None:
+    """Every tensor of our layout present with the shape `config` implies, and nothing else."""
     expected = _expected_shapes(config)
     missing = sorted(set(expected) - set(out))
     if missing:
@@ -111,11 +117,10 @@ def hf_to_gpt2kit(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
                            "it is not a complete GPT-2 checkpoint")
     for k, shape in expected.items():
         if tuple(out[k].shape) != shape:
-            raise Gpt2kitError(f"tensor {k} has shape {tuple(out[k].shape)} but config.json implies {shape}")
+            raise Gpt2kitError(f"tensor {k} has shape {tuple(out[k].shape)} but {implied_by} implies {shape}")
     unexpected = sorted(set(out) - set(expected))
     if unexpected:
         raise Gpt2kitError(f"checkpoint has unexpected tensor {unexpected[0]}; it is not a plain GPT-2 model")
-    return out
 
 
 def gpt2kit_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

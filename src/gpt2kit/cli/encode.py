@@ -60,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tok = Tokenizer.from_dir(args.tokenizer)
     else:
-        from gpt2kit.checkpoints import resolve_model_dir  # imports torch and the model: only when needed
+        from gpt2kit.checkpoints import resolve_model_dir, vocab_dir  # import torch and the model: only when needed
         try:
             model_dir = resolve_model_dir(args.model)
         except Gpt2kitError as e:
             raise Gpt2kitError(f"{e} (or pass the vocabulary directory with --tokenizer DIR)") from None
-        tok = Tokenizer.from_dir(model_dir)
+        tok = Tokenizer.from_dir(vocab_dir(model_dir))
     t0 = time.perf_counter()
     cache = encode_files(args.inputs, args.out, tok, spec)
     print(f"encoded {plural(cache.n_docs, 'document')}, {plural(len(cache), 'token')} -> {cache.path} "

@@ -262,6 +262,8 @@ class DecodeStep:
         cfg = model.config
         if cfg.n_embd % 8 or cfg.head_dim % 8 or cfg.n_inner % 8 or model.lm_head.bias is not None:
             return False
+        if getattr(cfg, "activation", "gelu_new") != "gelu_new":  # the kernel's GELU is the tanh form only
+            return False
         layers = [model.transformer.ln_f] + [m for b in model.transformer.h
                                              for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
                                                        b.mlp.c_proj)]
