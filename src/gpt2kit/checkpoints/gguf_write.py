@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from gpt2kit.config import GPTConfig

@@ -48,7 +48,8 @@ def read_nanogpt(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     from gpt2kit.checkpoints.hf import check_state_dict
 
     ckpt = _load(path)
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("model_args"), dict)):
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("model_args"), dict)):
         raise Gpt2kitError(f"{path} is a PyTorch file but not a nanoGPT checkpoint (no 'model' and 'model_args'); "
                            "gpt2kit reads nanoGPT's ckpt.pt, llm.c's .bin, or a model directory")
     args = ckpt["model_args"]
