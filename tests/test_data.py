@@ -427,6 +427,11 @@ def test_encode_out_names_numpy_cannot_load_are_refused(tok, tmp_path, capsys):
     assert f"'{csv}'" in err  # (quoted for the shell)
     assert main(["encode", str(src), "--tokenizer", str(VOCAB)]) == 1
     assert capsys.readouterr().err == "error: --out FILE.tokens is required: the token cache to write\n"
+    # the output name is checked before the tokenizer: with the default --model gpt2, which this offline
+    # machine cannot download, the name is still the error named
+    assert main(["encode", str(src), "--out", str(tmp_path / "out.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpt2kit writes its own token cache format" in err and "download" not in err
     _, f = token_files(tok, tmp_path / "in")
     assert main(["encode", str(f["out.npz"]), "--out", str(tmp_path / "n.tokens"), "--tokenizer", str(VOCAB)]) == 0
     assert capsys.readouterr().out.startswith("encoded 2 documents, 5 tokens")

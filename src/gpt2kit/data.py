@@ -614,12 +614,11 @@ def is_token_cache(path: str | Path) -> bool:
         return False
 
 
-def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path, tok: Tokenizer,
-                 spec: DataSpec | None = None) -> TokenCache:
-    """Read, encode and cache: what `gpt2kit encode` does. `out_path` may replace an earlier token
-    cache, never an input or any other file."""
+def check_encode_output(inputs: str | Path | Sequence[str | Path], out_path: str | Path) -> list[Path]:
+    """That `out_path` may be written as encode_files' token cache for `inputs` (a one-line Gpt2kitError
+    otherwise): checked by `gpt2kit encode` before the tokenizer, which may mean a download. Returns the
+    input files."""
     out = _path_arg("out_path", out_path).expanduser()
-    tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
     if out.is_dir() or str(out_path).endswith(("/", os.sep)):  # a trailing slash means a folder, even a new one
         raise Gpt2kitError(f"--out {out_path} is a folder; give a file name, e.g. {out / 'data.tokens'}")
     if out.suffix.lower() in (".npz", ".npy"):  # numpy could not load what is written
@@ -632,6 +631,15 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     if out.exists() and not is_token_cache(out):
         raise Gpt2kitError(f"--out {out_path} exists and is not a token cache; choose another name (the file "
                            "is left as it is)")
+    return files
+
+
+def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path, tok: Tokenizer,
+                 spec: DataSpec | None = None) -> TokenCache:
+    """Read, encode and cache: what `gpt2kit encode` does. `out_path` may replace an earlier token
+    cache, never an input or any other file."""
+    tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
+    files = check_encode_output(inputs, out_path)
     _check_options([files], spec)
     if _token_inputs(files):
         tokens, offsets = _read_token_files(files, tok)

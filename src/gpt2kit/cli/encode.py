@@ -44,7 +44,7 @@ def _command(args: argparse.Namespace, inputs: list[str], out: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     # imported here so `gpt2kit --help` stays quick
     from gpt2kit.cli.common import setup_logging
-    from gpt2kit.data import DataSpec, check_inputs, encode_files, plural
+    from gpt2kit.data import DataSpec, check_encode_output, check_inputs, encode_files, plural
     from gpt2kit.errors import Gpt2kitError
     setup_logging()
     from gpt2kit.tokenizer import Tokenizer
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise Gpt2kitError("--out FILE.tokens is required: the token cache to write")
     spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
     check_inputs(args.inputs, spec)  # before the tokenizer, which may mean a download
+    check_encode_output(args.inputs, args.out)
     if args.tokenizer:
         tok = Tokenizer.from_dir(args.tokenizer)
     else:
