@@ -767,3 +767,35 @@ def test_empty_or_blank_text_inputs_are_found_before_any_reading(tok, tmp_path, 
     data.check_inputs([tmp_path / "blank.txt"])
     with pytest.raises(Gpt2kitError, match="^no documents in .*blank.txt: the input is empty or blank$"):
         data.read_tokens([tmp_path / "blank.txt"], tok)
+
+
+def test_a_fifo_as_data_is_refused_everywhere_not_waited_on(tmp_path, capsys):
+    import os
+    import signal
+
+    from gpt2kit.cli import main
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    tokens_fifo = tmp_path / "pipe.tokens"
+    os.mkfifo(tokens_fifo)
+
+    def hang(*_):
+        raise TimeoutError("waited on the FIFO")
+    old = signal.signal(signal.SIGALRM, hang)
+    try:
+        for argv in (["encode", fifo, "--out", tmp_path / "o.tokens", "--tokenizer", VOCAB],
+                     ["eval", "--data", fifo, "--tokenizer", VOCAB],
+                     ["eval", "--data", tokens_fifo, "--tokenizer", VOCAB],
+                     ["finetune", "--model", "gpt2", "--data", fifo, "--out", tmp_path / "run"],
+                     ["finetune", "--model", "gpt2", "--data", tokens_fifo, "--out", tmp_path / "run"],
+                     ["finetune", "--model", "gpt2", "--data", SHAKESPEARE, "--val-data", fifo,
+                      "--out", tmp_path / "run"]):
+            signal.alarm(20)
+            assert main(list(map(str, argv))) == 1, argv
+            signal.alarm(0)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is not a regular file or folder; save the data to a file first" in err, err
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not (tmp_path / "run").exists()

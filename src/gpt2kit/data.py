@@ -164,12 +164,18 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise Gpt2kitError(f"no files match {item}")
             files += expand_inputs(matches)
-        elif p.exists():  # /dev/null, a pipe, a socket: nothing a cache could be keyed on
-            raise Gpt2kitError(f"input {item} is not a regular file or folder; save the data to a file first")
+        elif p.exists():
+            raise not_regular_error(item)
         else:
             raise Gpt2kitError(f"input {item} does not exist")
     seen: set[Path] = set()
     return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
+def not_regular_error(item: str | Path) -> Gpt2kitError:
+    """/dev/null, a FIFO, a socket: nothing a cache could be keyed on, and reading a FIFO would wait forever
+    for a writer."""
+    return Gpt2kitError(f"input {item} is not a regular file or folder; save the data to a file first")
 
 
 def _binary_error(path: Path, why: str = "") -> Gpt2kitError:
@@ -607,6 +613,8 @@ def _open_view(path: Path) -> TokenCache:
 
 def is_token_cache(path: str | Path) -> bool:
     """Whether `path` is a file that starts like a token cache (whatever its name)."""
+    if not Path(path).is_file():  # (opening a FIFO would wait for a writer)
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
@@ -838,6 +846,9 @@ def _is_cache_input(data: str | Path | Sequence[str | Path]) -> Path | None:
         matches = sorted(glob.glob(os.path.expanduser(str(x)), recursive=True)) \
             if glob.has_magic(str(x)) and not Path(x).exists() else []
         items += matches or [x]
+    for x in items:
+        if Path(x).exists() and not (Path(x).is_file() or Path(x).is_dir()):  # (before opening it: a FIFO blocks)
+            raise not_regular_error(x)
     caches = [Path(x) for x in items if str(x).endswith(".tokens") or is_token_cache(x)]
     if caches and len(items) > 1:
         raise Gpt2kitError("pass either one .tokens file or raw text inputs, not both or several caches")

@@ -96,6 +96,9 @@ def perplexity(model: GPT, ids: list[int] | torch.Tensor, block_size: int | None
 
 def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():  # a FIFO would wait forever for a writer
+        from gpt2kit.data import not_regular_error
+        raise not_regular_error(p)
     if not p.is_file():
         raise Gpt2kitError(f"evaluation data {p} does not exist or is not a file")
     from gpt2kit.data import read_text
