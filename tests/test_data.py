@@ -362,8 +362,10 @@ def test_token_files_refused_when_not_token_ids(tok, tmp_path):
         "big.npz": rf"big.npz holds token id {tok.vocab_size + 7}, outside this tokenizer's 0-{tok.vocab_size - 1}",
         "neg.npy": r"neg.npy holds token id -3, outside",
         "float.npz": r"float.npz holds a float64 array of shape \(2,\), not token ids",
-        "ids.bin": r"ids.bin " + binary.replace("text.*", r"text \(as uint16 token ids it would hold id 60000.*"),
-        "odd.bin": r"odd.bin " + binary.replace("text.*", r"text \(its size, 3 bytes, is odd.*"),
+        "ids.bin": r"ids.bin " + binary.replace("text.*", r"text \(it has no llm.c token shard header, and as "
+                                                          r"nanoGPT's raw uint16 token ids it would hold id 60000.*"),
+        "odd.bin": r"odd.bin " + binary.replace("text.*", r"text \(it has no llm.c token shard header, and its "
+                                                          r"size, 3 bytes, is odd.*"),
         "text.npz": r"text.npz is not a numpy .npz/.npy file",
         "evil.npy": r"^cannot read .*evil.npy as token ids: it would load builtins.print, which is not a numpy array",
     }
@@ -376,6 +378,51 @@ def test_token_files_refused_when_not_token_ids(tok, tmp_path):
         prepare_data([text, f["out.npz"]], tok, cache_dir=tmp_path / "cache")
     with pytest.raises(Gpt2kitError, match="already tokenized"):
         read_documents([text, f["train.bin"]])
+    assert not (tmp_path / "x.tokens").exists()
+
+
+def llmc_shard(path: Path, tokens, magic=20240520, version=1, count=None) -> Path:
+    """A token shard in llm.c's documented layout (dev/data/data_common.py): 256 little-endian int32s (magic,
+    version, token count, the rest zero), then the tokens as uint16."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+    return path
+
+
+def test_llmc_token_shards_are_read_after_their_checked_header(tok, tmp_path, monkeypatch):
+    from gpt2kit.data import read_tokens
+    docs = encode_documents(["Hello world.", "A second document, a little longer."], tok)
+    stream = [tok.eot_token] + docs[0] + docs[1]  # llm.c puts <|endoftext|> before each document
+    shard = llmc_shard(tmp_path / "tiny_val.bin", stream)
+    monkeypatch.setattr(data, "_encode_to_arrays", lambda *a, **k: pytest.fail("re-encoded"))
+    tokens = read_tokens(shard, tok)
+    assert tokens.tolist() == stream and isinstance(tokens, np.memmap) and tokens.offset == 1024
+    train, _ = prepare_data(shard, tok, cache_dir=tmp_path / "cache")
+    assert train.tokens.tolist() == stream and train.n_docs == 1
+    assert encode_files(shard, tmp_path / "s.tokens", tok).tokens.tolist() == stream
+    # several shards, as llm.c writes them (fineweb_train_000001.bin, ...), are one document each
+    two = llmc_shard(tmp_path / "tiny_train_000002.bin", docs[1])
+    train, _ = prepare_data([shard, two], tok, cache_dir=tmp_path / "cache")
+    assert [train.doc(i).tolist() for i in range(train.n_docs)] == [stream, docs[1]]
+    bad = {
+        "truncated.bin": (dict(count=len(stream) + 5), r"truncated.bin is a truncated or corrupt llm.c token shard: "
+                          rf"its header says {len(stream) + 5} tokens \({1024 + 2 * (len(stream) + 5):,} bytes\), the "
+                          rf"file has {1024 + 2 * len(stream):,} bytes"),
+        "magic.bin": (dict(magic=20240519), r"magic.bin has an llm.c token shard header with the wrong magic number "
+                      r"20240519 \(expected 20240520\)"),
+        "v2.bin": (dict(version=2), r"v2.bin is an llm.c token shard of version 2; gpt2kit reads version 1"),
+        "llama.bin": (dict(magic=20240801, version=7), r"llama.bin is an llm.c Llama 3 token shard"),
+        "model.bin": (dict(magic=20240326, version=3), r"model.bin is an llm.c model file, not token ids \(pass it "
+                      r"as --model"),
+    }
+    for name, (kw, match) in bad.items():
+        path = llmc_shard(tmp_path / name, stream, **kw)
+        for call in (lambda: prepare_data(path, tok, cache_dir=tmp_path / "cache"),
+                     lambda: encode_files(path, tmp_path / "x.tokens", tok), lambda: read_tokens(path, tok)):
+            with pytest.raises(Gpt2kitError, match=match):
+                call()
     assert not (tmp_path / "x.tokens").exists()
 
 

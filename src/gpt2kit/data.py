@@ -3,10 +3,11 @@
 Raw inputs are .txt files (one document per file, or per line with line_by_line), folders (searched
 recursively), globs, .csv/.tsv (one document per row of one column) and .jsonl (one document per line,
 one field). Pre-encoded token files are read as they are, without re-encoding: .npz (gpt-2-simple /
-nshepperd encode.py: each array one document), .npy (an integer array, or an object array of them) and
-nanoGPT's .bin (raw uint16 ids). Documents are encoded with the model's tokenizer, each followed by
-<|endoftext|>, and stored in a `.tokens` file (format below) that is read back with np.memmap, so a
-corpus larger than memory trains without loading it.
+nshepperd encode.py: each array one document), .npy (an integer array, or an object array of them) and .bin:
+llm.c's token shards (a 256-int32 header, magic 20240520, then uint16 ids) or nanoGPT's raw uint16 ids.
+Documents are encoded with the model's tokenizer, each followed by <|endoftext|>, and stored in a `.tokens`
+file (format below) that is read back with np.memmap, so a corpus larger than memory trains without loading
+it.
 
 Undecodable bytes are an error, not a warning: replacing them with U+FFFD would silently train the model
 on garbage, and the fix (`--encoding latin-1`, or the file's real encoding) is one flag away.
@@ -803,22 +804,63 @@ def _check_no_text_options(spec: DataSpec, path: Path) -> None:
             raise Gpt2kitError(f"{opt} applies to text inputs, but {path} is already token ids; drop {opt}")
 
 
+# llm.c's token shards (dev/data/data_common.py write_datafile): a header of 256 little-endian int32s (magic,
+# version, token count, the rest zero), then the tokens. Its other .bin files share the header's layout.
+LLMC_HEADER_INTS = 256
+LLMC_SHARD_MAGIC, LLMC_SHARD_VERSION = 20240520, 1  # GPT-2: uint16 tokens
+_LLMC_OTHER = {20240801: "an llm.c Llama 3 token shard (uint32 ids of Llama 3's vocabulary, not GPT-2's)",
+               20240522: "an llm.c evaluation file (HellaSwag/MMLU examples), not a token shard",
+               20240326: "an llm.c model file, not token ids (pass it as --model, not --data)"}
+
+
+def _read_bin(f: Path) -> tuple[np.ndarray, bool]:
+    """The token ids of a .bin file, memory-mapped, and whether it is an llm.c token shard (checked against
+    its header) rather than nanoGPT's raw uint16 ids (no header: checked by size here and ids by the caller)."""
+    size = f.stat().st_size
+    head = np.fromfile(f, dtype="<i4", count=LLMC_HEADER_INTS) if size >= 4 * LLMC_HEADER_INTS else None
+    if head is not None:
+        magic, version, count = (int(v) for v in head[:3])
+        fix = "re-create it with llm.c's dev/data scripts (or `gpt2kit encode` from the text)"
+        if magic in _LLMC_OTHER:
+            raise Gpt2kitError(f"{f} is {_LLMC_OTHER[magic]}; --data takes llm.c GPT-2 token shards (magic "
+                               f"{LLMC_SHARD_MAGIC})")
+        # an llm.c header whose magic is damaged: its reserved ints are zero and its version or count fits
+        looks_llmc = not head[3:].any() and (version == LLMC_SHARD_VERSION or 4 * LLMC_HEADER_INTS + 2 * count == size)
+        if magic == LLMC_SHARD_MAGIC or looks_llmc:
+            if magic != LLMC_SHARD_MAGIC:
+                raise Gpt2kitError(f"{f} has an llm.c token shard header with the wrong magic number {magic} "
+                                   f"(expected {LLMC_SHARD_MAGIC}); it is damaged or not a GPT-2 shard; {fix}")
+            if version != LLMC_SHARD_VERSION:
+                raise Gpt2kitError(f"{f} is an llm.c token shard of version {version}; gpt2kit reads version "
+                                   f"{LLMC_SHARD_VERSION} (GPT-2, uint16 tokens)")
+            expected = 4 * LLMC_HEADER_INTS + 2 * count
+            if count < 0 or size != expected:
+                raise Gpt2kitError(f"{f} is a truncated or corrupt llm.c token shard: its header says {count:,} "
+                                   f"tokens ({expected:,} bytes), the file has {size:,} bytes; {fix}")
+            tokens = (np.memmap(f, dtype="<u2", mode="r", offset=4 * LLMC_HEADER_INTS, shape=(count,)) if count
+                      else np.zeros(0, "<u2"))
+            return tokens, True
+    if size % 2:
+        raise _binary_error(f, f" (it has no llm.c token shard header, and its size, {size} bytes, is odd for "
+                               "nanoGPT's raw uint16 token ids)")
+    return (np.memmap(f, dtype="<u2", mode="r") if size else np.zeros(0, "<u2")), False
+
+
 def _read_token_files(files: list[Path], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Token files -> (tokens, doc offsets), ids as stored (no <|endoftext|> is added)."""
     docs: list[np.ndarray] = []
     for f in files:
-        if f.suffix.lower() == ".bin":  # nanoGPT: raw little-endian uint16 ids, no header: checked by size and ids
-            size = f.stat().st_size
-            if size % 2:
-                raise _binary_error(f, f" (its size, {size} bytes, is odd for uint16 token ids)")
-            part = [np.memmap(f, dtype="<u2", mode="r")] if size else []
+        shard = False
+        if f.suffix.lower() == ".bin":
+            tokens, shard = _read_bin(f)
+            part = [tokens] if len(tokens) else []
         else:
             part = [d for a in _numpy_arrays(f) for d in _token_docs(a, f)]
         part = [d for d in part if len(d)]
         hi = max((int(d.max()) for d in part), default=0)
-        if f.suffix.lower() == ".bin" and hi >= tok.vocab_size:
-            raise _binary_error(f, f" (as uint16 token ids it would hold id {hi}, past this tokenizer's "
-                                   f"{tok.vocab_size} tokens)")
+        if f.suffix.lower() == ".bin" and not shard and hi >= tok.vocab_size:
+            raise _binary_error(f, f" (it has no llm.c token shard header, and as nanoGPT's raw uint16 token ids it "
+                                   f"would hold id {hi}, past this tokenizer's {tok.vocab_size} tokens)")
         if hi >= tok.vocab_size or min((int(d.min()) for d in part), default=0) < 0:
             lo = min(int(d.min()) for d in part)
             raise Gpt2kitError(f"{f} holds token id {hi if hi >= tok.vocab_size else lo}, outside this tokenizer's "
