@@ -67,6 +67,52 @@ def test_csv_missing_column_lists_columns(tmp_path):
     assert read_documents(write(tmp_path / "one.csv", "text\na\n\nb\n"), DataSpec()) == ["a", "b"]
 
 
+# rows 2 (line 4: an unquoted comma), 4 (line 6: an unclosed quote that swallows lines 7-8 until a quote
+# closes it mid-field) and 5 (line 9: one field) have the wrong number of fields; line 10 is blank
+BAD_CSV = 'id,text\n1,"a cell over\ntwo lines"\n2,hello, world\n3,fine\n4,"an unclosed quote\n5,swallowed\n' \
+          '6,"ends here",x\n7\n\n8,last\n'
+
+
+def test_csv_rows_with_the_wrong_number_of_fields_are_an_error_or_skipped_with_a_warning(tok, tmp_path, caplog):
+    f = write(tmp_path / "bad.csv", BAD_CSV)
+    said = (r"3 of 6 rows in \S*bad.csv have a different number of fields than the header's 2 \(the first bad row "
+            r"starts at line 4 and has 3: an unquoted comma or an unclosed quote\)")
+    with pytest.raises(Gpt2kitError, match=rf"^{said}; fix the file's quoting, or pass --skip-bad-rows to leave them "
+                                           "out$"):
+        read_documents(f, DataSpec(column="text"))
+    with pytest.raises(Gpt2kitError, match="pass --skip-bad-rows"):
+        prepare_data(f, tok, DataSpec(column="text"), cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+        docs = read_documents(f, DataSpec(column="text", skip_bad_rows=True))
+    assert docs == ["a cell over\ntwo lines", "fine", "last"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        caplog.records[-1].getMessage()]
+    assert re_match(rf"{said}; skipped \(--skip-bad-rows\), 3 rows kept$", caplog.records[-1].getMessage())
+    # a tab-separated file names the tab; one bad row is "1 of"
+    t = write(tmp_path / "bad.tsv", "id\ttext\n1\thello\tworld\n2\tfine\n")
+    with pytest.raises(Gpt2kitError, match=r"^1 of 2 rows in \S*bad.tsv has .*line 2 and has 3: an unquoted tab"):
+        read_documents(t, DataSpec(column="text"))
+    # the flag applies to tables only, like --column
+    with pytest.raises(Gpt2kitError, match=r"^--skip-bad-rows applies to .csv/.tsv files, not to files like"):
+        read_documents(SHAKESPEARE, DataSpec(skip_bad_rows=True))
+    # encode and finetune take the flag (finetune as TrainConfig.skip_bad_rows)
+    from gpt2kit.cli import main
+    from gpt2kit.train import TrainConfig
+    assert TrainConfig(data=[str(f)], skip_bad_rows=True).data_spec().skip_bad_rows
+    out = tmp_path / "o.tokens"
+    assert main(["encode", str(f), "--column", "text", "--out", str(out), "--tokenizer", str(VOCAB)]) == 1
+    assert not out.exists()
+    assert main(["encode", str(f), "--column", "text", "--out", str(out), "--tokenizer", str(VOCAB),
+                 "--skip-bad-rows"]) == 0
+    assert TokenCache.open(out).n_docs == 3
+
+
+def re_match(pattern: str, text: str) -> bool:
+    import re
+    assert re.match(pattern, text), (pattern, text)
+    return True
+
+
 def test_txt_folder_and_glob(tmp_path):
     write(tmp_path / "d" / "b.txt", "bee")
     write(tmp_path / "d" / "a.txt", "ay\n\nstill ay")
@@ -419,8 +465,8 @@ def test_llmc_token_shards_are_read_after_their_checked_header(tok, tmp_path, mo
     }
     for name, (kw, match) in bad.items():
         path = llmc_shard(tmp_path / name, stream, **kw)
-        for call in (lambda: prepare_data(path, tok, cache_dir=tmp_path / "cache"),
-                     lambda: encode_files(path, tmp_path / "x.tokens", tok), lambda: read_tokens(path, tok)):
+        for call in (lambda p=path: prepare_data(p, tok, cache_dir=tmp_path / "cache"),
+                     lambda p=path: encode_files(p, tmp_path / "x.tokens", tok), lambda p=path: read_tokens(p, tok)):
             with pytest.raises(Gpt2kitError, match=match):
                 call()
     assert not (tmp_path / "x.tokens").exists()

@@ -57,6 +57,7 @@ class DataSpec:
     field: str | None = None  # .jsonl: the field holding the text (None means "text")
     encoding: str = "utf-8"  # a leading BOM is dropped; CRLF and CR become LF
     line_by_line: bool = False  # .txt: each non-empty line is a document (and, in Batcher, a sample)
+    skip_bad_rows: bool = False  # .csv/.tsv: skip rows whose field count differs from the header's (else an error)
 
     def __post_init__(self) -> None:
         # checked here, where the mistake is made: a non-str encoding fails only once a file is read, and a
@@ -67,8 +68,9 @@ class DataSpec:
                 raise Gpt2kitError(f"DataSpec.{name} must be a str or None, not {v!r}")
         if not isinstance(self.encoding, str):
             raise Gpt2kitError(f"DataSpec.encoding must be a str (e.g. 'utf-8'), not {self.encoding!r}")
-        if not isinstance(self.line_by_line, bool):
-            raise Gpt2kitError(f"DataSpec.line_by_line must be True or False, not {self.line_by_line!r}")
+        for name in ("line_by_line", "skip_bad_rows"):
+            if not isinstance(getattr(self, name), bool):
+                raise Gpt2kitError(f"DataSpec.{name} must be True or False, not {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +220,35 @@ def _read_table(path: Path, text: str, spec: DataSpec) -> list[str]:
         raise Gpt2kitError(f"{path} {what}; its columns are: {', '.join(header)} "
                            "(pick one with --column NAME)")
     i = header.index(column)
-    return [row[i] for row in reader if len(row) > i and row[i].strip()]
+    # A row whose field count differs from the header's is damage: an unescaped quote that swallowed the
+    # lines after it, or a comma inside an unquoted cell ("1,hello, world"). Taking its column anyway would
+    # train on the wrong text, and dropping it quietly loses data; so it is counted, and an error unless
+    # skip_bad_rows. Line numbers are the file's own: a record may span lines, so it starts on the line after
+    # the one the previous record ended on.
+    docs: list[str] = []
+    n_rows = n_bad = 0
+    first_bad: tuple[int, int] | None = None  # (line, fields)
+    end = reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if not row:  # a blank line
+            continue
+        n_rows += 1
+        if len(row) != len(header):
+            n_bad += 1
+            if first_bad is None:
+                first_bad = (start, len(row))
+            continue
+        if row[i].strip():
+            docs.append(row[i])
+    if first_bad is not None:
+        bad = (f"{n_bad:,} of {plural(n_rows, 'row')} in {path} {'has' if n_bad == 1 else 'have'} a different "
+               f"number of fields than the header's {len(header)} (the first bad row starts at line {first_bad[0]} "
+               f"and has {first_bad[1]}: an unquoted {'tab' if delimiter == chr(9) else 'comma'} or an unclosed quote)")
+        if not spec.skip_bad_rows:
+            raise Gpt2kitError(f"{bad}; fix the file's quoting, or pass --skip-bad-rows to leave them out")
+        log.warning("%s; skipped (--skip-bad-rows), %s kept", bad, plural(n_rows - n_bad, "row"))
+    return docs
 
 
 def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
@@ -254,6 +284,8 @@ def _check_spec_applies(files: list[Path], spec: DataSpec) -> None:
             raise Gpt2kitError("--field applies to .jsonl files; for .csv/.tsv use --column")
     elif spec.column is not None or spec.field is not None:
         raise Gpt2kitError(f"--column/--field apply to .csv/.tsv and .jsonl files, not to text files like {files[0]}")
+    if spec.skip_bad_rows and not has_table:
+        raise Gpt2kitError(f"--skip-bad-rows applies to .csv/.tsv files, not to files like {files[0]}; drop it")
 
 
 def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None) -> list[str]:
@@ -799,7 +831,7 @@ def _check_no_text_options(spec: DataSpec, path: Path) -> None:
     except LookupError:
         utf8 = False
     for opt, given in (("--column", spec.column is not None), ("--field", spec.field is not None),
-                       ("--encoding", not utf8)):
+                       ("--encoding", not utf8), ("--skip-bad-rows", spec.skip_bad_rows)):
         if given:
             raise Gpt2kitError(f"{opt} applies to text inputs, but {path} is already token ids; drop {opt}")
 
@@ -918,16 +950,27 @@ def check_inputs(inputs: str | Path | Sequence[str | Path], spec: DataSpec | Non
 def read_tokens(inputs: str | Path | Sequence[str | Path], tok: Tokenizer, spec: DataSpec | None = None) -> np.ndarray:
     """The token stream of `inputs` as finetune trains on it, read without caching anything: one .tokens
     cache's tokens (encoded with `tok`), token files' ids, or text documents each followed by <|endoftext|>."""
+    tokens = read_token_docs(inputs, tok, spec).tokens
+    return tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)  # (a memmap stays one)
+
+
+def read_token_docs(inputs: str | Path | Sequence[str | Path], tok: Tokenizer,
+                    spec: DataSpec | None = None) -> TokenCache:
+    """`inputs` as finetune reads them, documents and all, without writing anything: a TokenCache held in
+    memory (or the .tokens file named, opened), whose `path` names the first input."""
     tok, spec = _tok_arg(tok), _spec_arg(spec)
     inputs = _inputs_arg("inputs", inputs)
     _check_options([inputs], spec)
+    tid = tokenizer_id(tok)
     path = _is_cache_input(inputs)
     if path is not None:
-        return np.asarray(_open_for(path, tokenizer_id(tok)).tokens)
+        return _open_for(path, tid)
     files = expand_inputs(inputs)
     if _token_inputs(files):
-        return _read_token_files(files, tok)[0]
-    return _encode_to_arrays(_documents(files, spec), tok)[0]
+        tokens, offsets = _read_token_files(files, tok)
+    else:
+        tokens, offsets = _encode_to_arrays(_documents(files, spec), tok)
+    return TokenCache(files[0], tokens, np.asarray(offsets, dtype=np.int64), tid)
 
 
 def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tuple[TokenCache, str]:
@@ -939,7 +982,10 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
         return cache, key
     files = expand_inputs(data)
     pre_encoded = _token_inputs(files)
-    key = hashlib.sha256(json.dumps([_stamp(files), asdict(spec), tid, VERSION]).encode()).hexdigest()[:20]
+    # (skip_bad_rows is not part of the key: without it, bad rows are an error, so either way a cache holds
+    # the same documents; and caches made before it existed stay valid)
+    how = {k: v for k, v in asdict(spec).items() if k != "skip_bad_rows"}
+    key = hashlib.sha256(json.dumps([_stamp(files), how, tid, VERSION]).encode()).hexdigest()[:20]
     out = cache_dir / f"{key}.tokens"
     if out.is_file():
         try:
@@ -1153,17 +1199,36 @@ class Batcher:
             t = [a.to(self.device) for a in t]
         return t[0], t[1]
 
+    def _eval_windows(self, max_batches: int | None) -> np.ndarray:
+        """The windows (line-by-line: documents) eval_batches scores, of every rank together."""
+        B, W = self.batch_size, self.world_size
+        n_win = self.cache.n_docs if self.line_by_line else math.ceil((len(self.tokens) - 1) / self.block_size)
+        wins = np.arange(n_win)
+        if max_batches is not None and max_batches * B * W < n_win:
+            wins = np.unique(np.linspace(0, n_win - 1, max_batches * B * W).round().astype(np.int64))
+        return wins
+
+    def eval_coverage(self, max_batches: int | None = None) -> tuple[int, int, int, int]:
+        """What eval_batches(max_batches) scores, of every rank together: (windows or documents scored, of how
+        many, target tokens scored, of how many)."""
+        T = self.block_size
+        if self.line_by_line:
+            targets = np.minimum(np.diff(self.cache.doc_offsets), T + 1) - 1  # (n_docs,) a document cut to T + 1
+            targets = np.maximum(targets, 0)
+        else:
+            n = len(self.tokens) - 1  # targets of the stream; window k scores those in [k*T, (k+1)*T)
+            starts = np.arange(0, n, T)
+            targets = np.minimum(starts + T, n) - starts
+        wins = self._eval_windows(max_batches)
+        return len(wins), len(targets), int(targets[wins].sum()), int(targets.sum())
+
     def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Deterministic batches in which every target token counts once (stream mode: consecutive windows,
         the last one aligned to the end with its already-counted targets set to -100; line-by-line: each
         document once). Rank r gets windows r, r + W, ...: summing loss and target counts over ranks
         covers the set. With max_batches, windows are picked evenly spread over the set."""
         T, B, W = self.block_size, self.batch_size, self.world_size
-        n_win = self.cache.n_docs if self.line_by_line else math.ceil((len(self.tokens) - 1) / T)
-        wins = np.arange(n_win)
-        if max_batches is not None and max_batches * B * W < n_win:
-            wins = np.unique(np.linspace(0, n_win - 1, max_batches * B * W).round().astype(np.int64))
-        wins = wins[self.rank::W]
+        wins = self._eval_windows(max_batches)[self.rank::W]
         for i in range(0, len(wins), B):
             if self.line_by_line:
                 yield self._docs_batch(wins[i:i + B])
