@@ -879,6 +879,7 @@ def test_a_fifo_as_data_is_refused_everywhere_not_waited_on(tmp_path, capsys):
         for argv in (["encode", fifo, "--out", tmp_path / "o.tokens", "--tokenizer", VOCAB],
                      ["eval", "--data", fifo, "--tokenizer", VOCAB],
                      ["eval", "--data", tokens_fifo, "--tokenizer", VOCAB],
+                     ["eval", "--data", fifo, "--line-by-line", "--tokenizer", VOCAB],
                      ["finetune", "--model", "gpt2", "--data", fifo, "--out", tmp_path / "run"],
                      ["finetune", "--model", "gpt2", "--data", tokens_fifo, "--out", tmp_path / "run"],
                      ["finetune", "--model", "gpt2", "--data", SHAKESPEARE, "--val-data", fifo,
