@@ -67,6 +67,52 @@ def test_csv_missing_column_lists_columns(tmp_path):
     assert read_documents(write(tmp_path / "one.csv", "text\na\n\nb\n"), DataSpec()) == ["a", "b"]
 
 
+# rows 2 (line 4: an unquoted comma), 4 (line 6: an unclosed quote that swallows lines 7-8 until a quote
+# closes it mid-field) and 5 (line 9: one field) have the wrong number of fields; line 10 is blank
+BAD_CSV = 'id,text\n1,"a cell over\ntwo lines"\n2,hello, world\n3,fine\n4,"an unclosed quote\n5,swallowed\n' \
+          '6,"ends here",x\n7\n\n8,last\n'
+
+
+def test_csv_rows_with_the_wrong_number_of_fields_are_an_error_or_skipped_with_a_warning(tok, tmp_path, caplog):
+    f = write(tmp_path / "bad.csv", BAD_CSV)
+    said = (r"3 of 6 rows in \S*bad.csv have a different number of fields than the header's 2 \(the first bad row "
+            r"starts at line 4 and has 3: an unquoted comma or an unclosed quote\)")
+    with pytest.raises(Gpt2kitError, match=rf"^{said}; fix the file's quoting, or pass --skip-bad-rows to leave them "
+                                           "out$"):
+        read_documents(f, DataSpec(column="text"))
+    with pytest.raises(Gpt2kitError, match="pass --skip-bad-rows"):
+        prepare_data(f, tok, DataSpec(column="text"), cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+        docs = read_documents(f, DataSpec(column="text", skip_bad_rows=True))
+    assert docs == ["a cell over\ntwo lines", "fine", "last"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        caplog.records[-1].getMessage()]
+    assert re_match(rf"{said}; skipped \(--skip-bad-rows\), 3 rows kept$", caplog.records[-1].getMessage())
+    # a tab-separated file names the tab; one bad row is "1 of"
+    t = write(tmp_path / "bad.tsv", "id\ttext\n1\thello\tworld\n2\tfine\n")
+    with pytest.raises(Gpt2kitError, match=r"^1 of 2 rows in \S*bad.tsv has .*line 2 and has 3: an unquoted tab"):
+        read_documents(t, DataSpec(column="text"))
+    # the flag applies to tables only, like --column
+    with pytest.raises(Gpt2kitError, match=r"^--skip-bad-rows applies to .csv/.tsv files, not to files like"):
+        read_documents(SHAKESPEARE, DataSpec(skip_bad_rows=True))
+    # encode and finetune take the flag (finetune as TrainConfig.skip_bad_rows)
+    from gpt2kit.cli import main
+    from gpt2kit.train import TrainConfig
+    assert TrainConfig(data=[str(f)], skip_bad_rows=True).data_spec().skip_bad_rows
+    out = tmp_path / "o.tokens"
+    assert main(["encode", str(f), "--column", "text", "--out", str(out), "--tokenizer", str(VOCAB)]) == 1
+    assert not out.exists()
+    assert main(["encode", str(f), "--column", "text", "--out", str(out), "--tokenizer", str(VOCAB),
+                 "--skip-bad-rows"]) == 0
+    assert TokenCache.open(out).n_docs == 3
+
+
+def re_match(pattern: str, text: str) -> bool:
+    import re
+    assert re.match(pattern, text), (pattern, text)
+    return True
+
+
 def test_txt_folder_and_glob(tmp_path):
     write(tmp_path / "d" / "b.txt", "bee")
     write(tmp_path / "d" / "a.txt", "ay\n\nstill ay")
@@ -362,8 +408,10 @@ def test_token_files_refused_when_not_token_ids(tok, tmp_path):
         "big.npz": rf"big.npz holds token id {tok.vocab_size + 7}, outside this tokenizer's 0-{tok.vocab_size - 1}",
         "neg.npy": r"neg.npy holds token id -3, outside",
         "float.npz": r"float.npz holds a float64 array of shape \(2,\), not token ids",
-        "ids.bin": r"ids.bin " + binary.replace("text.*", r"text \(as uint16 token ids it would hold id 60000.*"),
-        "odd.bin": r"odd.bin " + binary.replace("text.*", r"text \(its size, 3 bytes, is odd.*"),
+        "ids.bin": r"ids.bin " + binary.replace("text.*", r"text \(it has no llm.c token shard header, and as "
+                                                          r"nanoGPT's raw uint16 token ids it would hold id 60000.*"),
+        "odd.bin": r"odd.bin " + binary.replace("text.*", r"text \(it has no llm.c token shard header, and its "
+                                                          r"size, 3 bytes, is odd.*"),
         "text.npz": r"text.npz is not a numpy .npz/.npy file",
         "evil.npy": r"^cannot read .*evil.npy as token ids: it would load builtins.print, which is not a numpy array",
     }
@@ -376,6 +424,51 @@ def test_token_files_refused_when_not_token_ids(tok, tmp_path):
         prepare_data([text, f["out.npz"]], tok, cache_dir=tmp_path / "cache")
     with pytest.raises(Gpt2kitError, match="already tokenized"):
         read_documents([text, f["train.bin"]])
+    assert not (tmp_path / "x.tokens").exists()
+
+
+def llmc_shard(path: Path, tokens, magic=20240520, version=1, count=None) -> Path:
+    """A token shard in llm.c's documented layout (dev/data/data_common.py): 256 little-endian int32s (magic,
+    version, token count, the rest zero), then the tokens as uint16."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+    return path
+
+
+def test_llmc_token_shards_are_read_after_their_checked_header(tok, tmp_path, monkeypatch):
+    from gpt2kit.data import read_tokens
+    docs = encode_documents(["Hello world.", "A second document, a little longer."], tok)
+    stream = [tok.eot_token] + docs[0] + docs[1]  # llm.c puts <|endoftext|> before each document
+    shard = llmc_shard(tmp_path / "tiny_val.bin", stream)
+    monkeypatch.setattr(data, "_encode_to_arrays", lambda *a, **k: pytest.fail("re-encoded"))
+    tokens = read_tokens(shard, tok)
+    assert tokens.tolist() == stream and isinstance(tokens, np.memmap) and tokens.offset == 1024
+    train, _ = prepare_data(shard, tok, cache_dir=tmp_path / "cache")
+    assert train.tokens.tolist() == stream and train.n_docs == 1
+    assert encode_files(shard, tmp_path / "s.tokens", tok).tokens.tolist() == stream
+    # several shards, as llm.c writes them (fineweb_train_000001.bin, ...), are one document each
+    two = llmc_shard(tmp_path / "tiny_train_000002.bin", docs[1])
+    train, _ = prepare_data([shard, two], tok, cache_dir=tmp_path / "cache")
+    assert [train.doc(i).tolist() for i in range(train.n_docs)] == [stream, docs[1]]
+    bad = {
+        "truncated.bin": (dict(count=len(stream) + 5), r"truncated.bin is a truncated or corrupt llm.c token shard: "
+                          rf"its header says {len(stream) + 5} tokens \({1024 + 2 * (len(stream) + 5):,} bytes\), the "
+                          rf"file has {1024 + 2 * len(stream):,} bytes"),
+        "magic.bin": (dict(magic=20240519), r"magic.bin has an llm.c token shard header with the wrong magic number "
+                      r"20240519 \(expected 20240520\)"),
+        "v2.bin": (dict(version=2), r"v2.bin is an llm.c token shard of version 2; gpt2kit reads version 1"),
+        "llama.bin": (dict(magic=20240801, version=7), r"llama.bin is an llm.c Llama 3 token shard"),
+        "model.bin": (dict(magic=20240326, version=3), r"model.bin is an llm.c model file, not token ids \(pass it "
+                      r"as --model"),
+    }
+    for name, (kw, match) in bad.items():
+        path = llmc_shard(tmp_path / name, stream, **kw)
+        for call in (lambda p=path: prepare_data(p, tok, cache_dir=tmp_path / "cache"),
+                     lambda p=path: encode_files(p, tmp_path / "x.tokens", tok), lambda p=path: read_tokens(p, tok)):
+            with pytest.raises(Gpt2kitError, match=match):
+                call()
     assert not (tmp_path / "x.tokens").exists()
 
 
@@ -427,6 +520,11 @@ def test_encode_out_names_numpy_cannot_load_are_refused(tok, tmp_path, capsys):
     assert f"'{csv}'" in err  # (quoted for the shell)
     assert main(["encode", str(src), "--tokenizer", str(VOCAB)]) == 1
     assert capsys.readouterr().err == "error: --out FILE.tokens is required: the token cache to write\n"
+    # the output name is checked before the tokenizer: with the default --model gpt2, which this offline
+    # machine cannot download, the name is still the error named
+    assert main(["encode", str(src), "--out", str(tmp_path / "out.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpt2kit writes its own token cache format" in err and "download" not in err
     _, f = token_files(tok, tmp_path / "in")
     assert main(["encode", str(f["out.npz"]), "--out", str(tmp_path / "n.tokens"), "--tokenizer", str(VOCAB)]) == 0
     assert capsys.readouterr().out.startswith("encoded 2 documents, 5 tokens")
@@ -762,3 +860,36 @@ def test_empty_or_blank_text_inputs_are_found_before_any_reading(tok, tmp_path, 
     data.check_inputs([tmp_path / "blank.txt"])
     with pytest.raises(Gpt2kitError, match="^no documents in .*blank.txt: the input is empty or blank$"):
         data.read_tokens([tmp_path / "blank.txt"], tok)
+
+
+def test_a_fifo_as_data_is_refused_everywhere_not_waited_on(tmp_path, capsys):
+    import os
+    import signal
+
+    from gpt2kit.cli import main
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    tokens_fifo = tmp_path / "pipe.tokens"
+    os.mkfifo(tokens_fifo)
+
+    def hang(*_):
+        raise TimeoutError("waited on the FIFO")
+    old = signal.signal(signal.SIGALRM, hang)
+    try:
+        for argv in (["encode", fifo, "--out", tmp_path / "o.tokens", "--tokenizer", VOCAB],
+                     ["eval", "--data", fifo, "--tokenizer", VOCAB],
+                     ["eval", "--data", tokens_fifo, "--tokenizer", VOCAB],
+                     ["eval", "--data", fifo, "--line-by-line", "--tokenizer", VOCAB],
+                     ["finetune", "--model", "gpt2", "--data", fifo, "--out", tmp_path / "run"],
+                     ["finetune", "--model", "gpt2", "--data", tokens_fifo, "--out", tmp_path / "run"],
+                     ["finetune", "--model", "gpt2", "--data", SHAKESPEARE, "--val-data", fifo,
+                      "--out", tmp_path / "run"]):
+            signal.alarm(20)
+            assert main(list(map(str, argv))) == 1, argv
+            signal.alarm(0)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is not a regular file or folder; save the data to a file first" in err, err
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -96,3 +97,69 @@ def test_eval_data_that_is_binary_is_refused_not_decoded(tmp_path):
     with pytest.raises(Gpt2kitError, match=r"w.txt: byte 4 .*--encoding latin-1"):
         read_eval_text(tmp_path / "w.txt")
     assert read_eval_text(tmp_path / "w.txt", "latin-1") == "a\nb\u00e9"
+
+
+def test_eval_line_by_line_gives_the_line_by_line_runs_validation_loss(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from gpt2kit.cli import main
+    lines = SHAKESPEARE.read_text().split("\n")
+    lines = [ln for ln in lines if ln.strip()]
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("\n".join(lines[:60]) + "\n")
+    # 300 short lines: the default cap on validation (~32K tokens, counted as padded windows of the block) used
+    # to score 256 of them
+    val.write_text("\n".join(lines[60:360]) + "\n")
+    common = ["--block-size", "128", "--batch-size", "16"]
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", str(tiny_model_dir), "--data", str(train), "--val-data", str(val),
+                 "--line-by-line", "--steps", "2", "--eval-every", "2", "--sample-every", "0", "--no-progress",
+                 "--no-tensorboard", "--out", str(run), *common]) == 0
+    err = capsys.readouterr().err
+    # validation covers what the run says it has: every one of the 300 lines, at every evaluation
+    assert "validation: each evaluation scores all 300 documents (" in err, err
+    val_losses = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").open()) if "val_loss" in r}
+    assert set(val_losses) == {0, 2}
+    # eval --line-by-line scores the same data the same way: the run's validation loss, for the model it
+    # started from (step 0) and for its final model (step 2)
+    for model, step in ((tiny_model_dir, 0), (run / "final", 2)):
+        assert main(["eval", "--model", str(model), "--data", str(val), "--line-by-line", "--format", "jsonl",
+                     *common]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["tokens"] == val_losses[step]["val_tokens"]
+        assert got["loss"] == pytest.approx(val_losses[step]["val_loss"], rel=1e-6, abs=1e-6)
+    # a cap on validation says exactly how much it covers
+    assert main(["finetune", "--model", str(tiny_model_dir), "--data", str(train), "--val-data", str(val),
+                 "--line-by-line", "--steps", "1", "--eval-batches", "2", "--sample-every", "0", "--no-progress",
+                 "--no-tensorboard", "--out", str(tmp_path / "capped"), *common]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"validation: each evaluation scores 32 of 300 documents \([\d,]+ of [\d,]+ target tokens\), "
+                     r"spread evenly, to keep evaluation quick; --eval-batches 19 scores them all", err), err
+    # --stride has no meaning for whole documents
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(val), "--line-by-line", "--stride", "4"]) == 1
+    assert "--stride moves a window" in capsys.readouterr().err
+
+
+def test_eval_batch_size_too_large_for_memory_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from gpt2kit import memory
+    from gpt2kit.cli import main
+    for extra in ([], ["--line-by-line"]):
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(SHAKESPEARE), "--batch-size", "100000000",
+                     *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: scoring ") and "lower --batch-size" in err, err
+    # an allocation that fails all the same (the estimate passed) is one line naming --batch-size too
+    monkeypatch.setattr(memory, "device_memory", lambda device: None)
+    import gpt2kit.model
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 135862763520 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(gpt2kit.model.GPT, "forward", oom)
+    short = tmp_path / "short.txt"
+    short.write_text("Some text to score.\nAnother line.\n")
+    for extra in ([], ["--line-by-line"]):
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(short), "--format", "jsonl", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: out of memory on cpu scoring ") and \
+            "lower --batch-size" in err, err

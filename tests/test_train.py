@@ -866,6 +866,7 @@ def test_short_data_warnings_and_resume_before_the_first_checkpoint(tmp_path, ti
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried "
                  "to allocate 9663676416 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError("Unable to allocate 1.2 TiB for an array"),  # numpy's, building a batch
 ])
 def test_out_of_memory_is_one_line_with_the_fix(tmp_path, tiny_dir, capsys, monkeypatch, error):
     def oom(self, batches):
@@ -875,6 +876,16 @@ def test_out_of_memory_is_one_line_with_the_fix(tmp_path, tiny_dir, capsys, monk
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the start-up lines: one error, no traceback
     assert last.startswith("error: out of memory on cpu at batch 2 x 16 tokens; lower --batch-size"), last
     assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "failed"
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, tiny_dir, capsys):
+    args = _tiny_args(tiny_dir, tmp_path / "run", "--column", "Joke")
+    args[args.index("--batch-size") + 1] = "100000000"
+    assert main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # one error, no traceback
+    assert re.match(r"error: --batch-size 100000000 x --block-size 16 needs roughly [\d,.]+ GiB, more than the "
+                    r"[\d,.]+ GiB of memory on cpu; lower --batch-size", last), last
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
 
 
 def test_a_diverged_loss_says_to_start_again_not_resume(tmp_path, tiny_dir, capsys):

@@ -3,10 +3,11 @@
 Raw inputs are .txt files (one document per file, or per line with line_by_line), folders (searched
 recursively), globs, .csv/.tsv (one document per row of one column) and .jsonl (one document per line,
 one field). Pre-encoded token files are read as they are, without re-encoding: .npz (gpt-2-simple /
-nshepperd encode.py: each array one document), .npy (an integer array, or an object array of them) and
-nanoGPT's .bin (raw uint16 ids). Documents are encoded with the model's tokenizer, each followed by
-<|endoftext|>, and stored in a `.tokens` file (format below) that is read back with np.memmap, so a
-corpus larger than memory trains without loading it.
+nshepperd encode.py: each array one document), .npy (an integer array, or an object array of them) and .bin:
+llm.c's token shards (a 256-int32 header, magic 20240520, then uint16 ids) or nanoGPT's raw uint16 ids.
+Documents are encoded with the model's tokenizer, each followed by <|endoftext|>, and stored in a `.tokens`
+file (format below) that is read back with np.memmap, so a corpus larger than memory trains without loading
+it.
 
 Undecodable bytes are an error, not a warning: replacing them with U+FFFD would silently train the model
 on garbage, and the fix (`--encoding latin-1`, or the file's real encoding) is one flag away.
@@ -56,6 +57,7 @@ class DataSpec:
     field: str | None = None  # .jsonl: the field holding the text (None means "text")
     encoding: str = "utf-8"  # a leading BOM is dropped; CRLF and CR become LF
     line_by_line: bool = False  # .txt: each non-empty line is a document (and, in Batcher, a sample)
+    skip_bad_rows: bool = False  # .csv/.tsv: skip rows whose field count differs from the header's (else an error)
 
     def __post_init__(self) -> None:
         # checked here, where the mistake is made: a non-str encoding fails only once a file is read, and a
@@ -66,8 +68,9 @@ class DataSpec:
                 raise Gpt2kitError(f"DataSpec.{name} must be a str or None, not {v!r}")
         if not isinstance(self.encoding, str):
             raise Gpt2kitError(f"DataSpec.encoding must be a str (e.g. 'utf-8'), not {self.encoding!r}")
-        if not isinstance(self.line_by_line, bool):
-            raise Gpt2kitError(f"DataSpec.line_by_line must be True or False, not {self.line_by_line!r}")
+        for name in ("line_by_line", "skip_bad_rows"):
+            if not isinstance(getattr(self, name), bool):
+                raise Gpt2kitError(f"DataSpec.{name} must be True or False, not {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,12 +167,18 @@ def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise Gpt2kitError(f"no files match {item}")
             files += expand_inputs(matches)
-        elif p.exists():  # /dev/null, a pipe, a socket: nothing a cache could be keyed on
-            raise Gpt2kitError(f"input {item} is not a regular file or folder; save the data to a file first")
+        elif p.exists():
+            raise not_regular_error(item)
         else:
             raise Gpt2kitError(f"input {item} does not exist")
     seen: set[Path] = set()
     return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
+def not_regular_error(item: str | Path) -> Gpt2kitError:
+    """/dev/null, a FIFO, a socket: nothing a cache could be keyed on, and reading a FIFO would wait forever
+    for a writer."""
+    return Gpt2kitError(f"input {item} is not a regular file or folder; save the data to a file first")
 
 
 def _binary_error(path: Path, why: str = "") -> Gpt2kitError:
@@ -211,7 +220,35 @@ def _read_table(path: Path, text: str, spec: DataSpec) -> list[str]:
         raise Gpt2kitError(f"{path} {what}; its columns are: {', '.join(header)} "
                            "(pick one with --column NAME)")
     i = header.index(column)
-    return [row[i] for row in reader if len(row) > i and row[i].strip()]
+    # A row whose field count differs from the header's is damage: an unescaped quote that swallowed the
+    # lines after it, or a comma inside an unquoted cell ("1,hello, world"). Taking its column anyway would
+    # train on the wrong text, and dropping it quietly loses data; so it is counted, and an error unless
+    # skip_bad_rows. Line numbers are the file's own: a record may span lines, so it starts on the line after
+    # the one the previous record ended on.
+    docs: list[str] = []
+    n_rows = n_bad = 0
+    first_bad: tuple[int, int] | None = None  # (line, fields)
+    end = reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if not row:  # a blank line
+            continue
+        n_rows += 1
+        if len(row) != len(header):
+            n_bad += 1
+            if first_bad is None:
+                first_bad = (start, len(row))
+            continue
+        if row[i].strip():
+            docs.append(row[i])
+    if first_bad is not None:
+        bad = (f"{n_bad:,} of {plural(n_rows, 'row')} in {path} {'has' if n_bad == 1 else 'have'} a different "
+               f"number of fields than the header's {len(header)} (the first bad row starts at line {first_bad[0]} "
+               f"and has {first_bad[1]}: an unquoted {'tab' if delimiter == chr(9) else 'comma'} or an unclosed quote)")
+        if not spec.skip_bad_rows:
+            raise Gpt2kitError(f"{bad}; fix the file's quoting, or pass --skip-bad-rows to leave them out")
+        log.warning("%s; skipped (--skip-bad-rows), %s kept", bad, plural(n_rows - n_bad, "row"))
+    return docs
 
 
 def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
@@ -247,6 +284,8 @@ def _check_spec_applies(files: list[Path], spec: DataSpec) -> None:
             raise Gpt2kitError("--field applies to .jsonl files; for .csv/.tsv use --column")
     elif spec.column is not None or spec.field is not None:
         raise Gpt2kitError(f"--column/--field apply to .csv/.tsv and .jsonl files, not to text files like {files[0]}")
+    if spec.skip_bad_rows and not has_table:
+        raise Gpt2kitError(f"--skip-bad-rows applies to .csv/.tsv files, not to files like {files[0]}; drop it")
 
 
 def read_documents(inputs: str | Path | Sequence[str | Path], spec: DataSpec | None = None) -> list[str]:
@@ -607,6 +646,8 @@ def _open_view(path: Path) -> TokenCache:
 
 def is_token_cache(path: str | Path) -> bool:
     """Whether `path` is a file that starts like a token cache (whatever its name)."""
+    if not Path(path).is_file():  # (opening a FIFO would wait for a writer)
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
@@ -614,12 +655,11 @@ def is_token_cache(path: str | Path) -> bool:
         return False
 
 
-def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path, tok: Tokenizer,
-                 spec: DataSpec | None = None) -> TokenCache:
-    """Read, encode and cache: what `gpt2kit encode` does. `out_path` may replace an earlier token
-    cache, never an input or any other file."""
+def check_encode_output(inputs: str | Path | Sequence[str | Path], out_path: str | Path) -> list[Path]:
+    """That `out_path` may be written as encode_files' token cache for `inputs` (a one-line Gpt2kitError
+    otherwise): checked by `gpt2kit encode` before the tokenizer, which may mean a download. Returns the
+    input files."""
     out = _path_arg("out_path", out_path).expanduser()
-    tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
     if out.is_dir() or str(out_path).endswith(("/", os.sep)):  # a trailing slash means a folder, even a new one
         raise Gpt2kitError(f"--out {out_path} is a folder; give a file name, e.g. {out / 'data.tokens'}")
     if out.suffix.lower() in (".npz", ".npy"):  # numpy could not load what is written
@@ -632,6 +672,15 @@ def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path
     if out.exists() and not is_token_cache(out):
         raise Gpt2kitError(f"--out {out_path} exists and is not a token cache; choose another name (the file "
                            "is left as it is)")
+    return files
+
+
+def encode_files(inputs: str | Path | Sequence[str | Path], out_path: str | Path, tok: Tokenizer,
+                 spec: DataSpec | None = None) -> TokenCache:
+    """Read, encode and cache: what `gpt2kit encode` does. `out_path` may replace an earlier token
+    cache, never an input or any other file."""
+    tok, spec = _tok_arg(tok), _spec_arg(spec)  # all three checked before the (possibly long) reading
+    files = check_encode_output(inputs, out_path)
     _check_options([files], spec)
     if _token_inputs(files):
         tokens, offsets = _read_token_files(files, tok)
@@ -782,27 +831,68 @@ def _check_no_text_options(spec: DataSpec, path: Path) -> None:
     except LookupError:
         utf8 = False
     for opt, given in (("--column", spec.column is not None), ("--field", spec.field is not None),
-                       ("--encoding", not utf8)):
+                       ("--encoding", not utf8), ("--skip-bad-rows", spec.skip_bad_rows)):
         if given:
             raise Gpt2kitError(f"{opt} applies to text inputs, but {path} is already token ids; drop {opt}")
+
+
+# llm.c's token shards (dev/data/data_common.py write_datafile): a header of 256 little-endian int32s (magic,
+# version, token count, the rest zero), then the tokens. Its other .bin files share the header's layout.
+LLMC_HEADER_INTS = 256
+LLMC_SHARD_MAGIC, LLMC_SHARD_VERSION = 20240520, 1  # GPT-2: uint16 tokens
+_LLMC_OTHER = {20240801: "an llm.c Llama 3 token shard (uint32 ids of Llama 3's vocabulary, not GPT-2's)",
+               20240522: "an llm.c evaluation file (HellaSwag/MMLU examples), not a token shard",
+               20240326: "an llm.c model file, not token ids (pass it as --model, not --data)"}
+
+
+def _read_bin(f: Path) -> tuple[np.ndarray, bool]:
+    """The token ids of a .bin file, memory-mapped, and whether it is an llm.c token shard (checked against
+    its header) rather than nanoGPT's raw uint16 ids (no header: checked by size here and ids by the caller)."""
+    size = f.stat().st_size
+    head = np.fromfile(f, dtype="<i4", count=LLMC_HEADER_INTS) if size >= 4 * LLMC_HEADER_INTS else None
+    if head is not None:
+        magic, version, count = (int(v) for v in head[:3])
+        fix = "re-create it with llm.c's dev/data scripts (or `gpt2kit encode` from the text)"
+        if magic in _LLMC_OTHER:
+            raise Gpt2kitError(f"{f} is {_LLMC_OTHER[magic]}; --data takes llm.c GPT-2 token shards (magic "
+                               f"{LLMC_SHARD_MAGIC})")
+        # an llm.c header whose magic is damaged: its reserved ints are zero and its version or count fits
+        looks_llmc = not head[3:].any() and (version == LLMC_SHARD_VERSION or 4 * LLMC_HEADER_INTS + 2 * count == size)
+        if magic == LLMC_SHARD_MAGIC or looks_llmc:
+            if magic != LLMC_SHARD_MAGIC:
+                raise Gpt2kitError(f"{f} has an llm.c token shard header with the wrong magic number {magic} "
+                                   f"(expected {LLMC_SHARD_MAGIC}); it is damaged or not a GPT-2 shard; {fix}")
+            if version != LLMC_SHARD_VERSION:
+                raise Gpt2kitError(f"{f} is an llm.c token shard of version {version}; gpt2kit reads version "
+                                   f"{LLMC_SHARD_VERSION} (GPT-2, uint16 tokens)")
+            expected = 4 * LLMC_HEADER_INTS + 2 * count
+            if count < 0 or size != expected:
+                raise Gpt2kitError(f"{f} is a truncated or corrupt llm.c token shard: its header says {count:,} "
+                                   f"tokens ({expected:,} bytes), the file has {size:,} bytes; {fix}")
+            tokens = (np.memmap(f, dtype="<u2", mode="r", offset=4 * LLMC_HEADER_INTS, shape=(count,)) if count
+                      else np.zeros(0, "<u2"))
+            return tokens, True
+    if size % 2:
+        raise _binary_error(f, f" (it has no llm.c token shard header, and its size, {size} bytes, is odd for "
+                               "nanoGPT's raw uint16 token ids)")
+    return (np.memmap(f, dtype="<u2", mode="r") if size else np.zeros(0, "<u2")), False
 
 
 def _read_token_files(files: list[Path], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Token files -> (tokens, doc offsets), ids as stored (no <|endoftext|> is added)."""
     docs: list[np.ndarray] = []
     for f in files:
-        if f.suffix.lower() == ".bin":  # nanoGPT: raw little-endian uint16 ids, no header: checked by size and ids
-            size = f.stat().st_size
-            if size % 2:
-                raise _binary_error(f, f" (its size, {size} bytes, is odd for uint16 token ids)")
-            part = [np.memmap(f, dtype="<u2", mode="r")] if size else []
+        shard = False
+        if f.suffix.lower() == ".bin":
+            tokens, shard = _read_bin(f)
+            part = [tokens] if len(tokens) else []
         else:
             part = [d for a in _numpy_arrays(f) for d in _token_docs(a, f)]
         part = [d for d in part if len(d)]
         hi = max((int(d.max()) for d in part), default=0)
-        if f.suffix.lower() == ".bin" and hi >= tok.vocab_size:
-            raise _binary_error(f, f" (as uint16 token ids it would hold id {hi}, past this tokenizer's "
-                                   f"{tok.vocab_size} tokens)")
+        if f.suffix.lower() == ".bin" and not shard and hi >= tok.vocab_size:
+            raise _binary_error(f, f" (it has no llm.c token shard header, and as nanoGPT's raw uint16 token ids it "
+                                   f"would hold id {hi}, past this tokenizer's {tok.vocab_size} tokens)")
         if hi >= tok.vocab_size or min((int(d.min()) for d in part), default=0) < 0:
             lo = min(int(d.min()) for d in part)
             raise Gpt2kitError(f"{f} holds token id {hi if hi >= tok.vocab_size else lo}, outside this tokenizer's "
@@ -830,6 +920,9 @@ def _is_cache_input(data: str | Path | Sequence[str | Path]) -> Path | None:
         matches = sorted(glob.glob(os.path.expanduser(str(x)), recursive=True)) \
             if glob.has_magic(str(x)) and not Path(x).exists() else []
         items += matches or [x]
+    for x in items:
+        if Path(x).exists() and not (Path(x).is_file() or Path(x).is_dir()):  # (before opening it: a FIFO blocks)
+            raise not_regular_error(x)
     caches = [Path(x) for x in items if str(x).endswith(".tokens") or is_token_cache(x)]
     if caches and len(items) > 1:
         raise Gpt2kitError("pass either one .tokens file or raw text inputs, not both or several caches")
@@ -857,16 +950,27 @@ def check_inputs(inputs: str | Path | Sequence[str | Path], spec: DataSpec | Non
 def read_tokens(inputs: str | Path | Sequence[str | Path], tok: Tokenizer, spec: DataSpec | None = None) -> np.ndarray:
     """The token stream of `inputs` as finetune trains on it, read without caching anything: one .tokens
     cache's tokens (encoded with `tok`), token files' ids, or text documents each followed by <|endoftext|>."""
+    tokens = read_token_docs(inputs, tok, spec).tokens
+    return tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)  # (a memmap stays one)
+
+
+def read_token_docs(inputs: str | Path | Sequence[str | Path], tok: Tokenizer,
+                    spec: DataSpec | None = None) -> TokenCache:
+    """`inputs` as finetune reads them, documents and all, without writing anything: a TokenCache held in
+    memory (or the .tokens file named, opened), whose `path` names the first input."""
     tok, spec = _tok_arg(tok), _spec_arg(spec)
     inputs = _inputs_arg("inputs", inputs)
     _check_options([inputs], spec)
+    tid = tokenizer_id(tok)
     path = _is_cache_input(inputs)
     if path is not None:
-        return np.asarray(_open_for(path, tokenizer_id(tok)).tokens)
+        return _open_for(path, tid)
     files = expand_inputs(inputs)
     if _token_inputs(files):
-        return _read_token_files(files, tok)[0]
-    return _encode_to_arrays(_documents(files, spec), tok)[0]
+        tokens, offsets = _read_token_files(files, tok)
+    else:
+        tokens, offsets = _encode_to_arrays(_documents(files, spec), tok)
+    return TokenCache(files[0], tokens, np.asarray(offsets, dtype=np.int64), tid)
 
 
 def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tuple[TokenCache, str]:
@@ -878,7 +982,10 @@ def _load(data, tok: Tokenizer, spec: DataSpec, cache_dir: Path, tid: str) -> tu
         return cache, key
     files = expand_inputs(data)
     pre_encoded = _token_inputs(files)
-    key = hashlib.sha256(json.dumps([_stamp(files), asdict(spec), tid, VERSION]).encode()).hexdigest()[:20]
+    # (skip_bad_rows is not part of the key: without it, bad rows are an error, so either way a cache holds
+    # the same documents; and caches made before it existed stay valid)
+    how = {k: v for k, v in asdict(spec).items() if k != "skip_bad_rows"}
+    key = hashlib.sha256(json.dumps([_stamp(files), how, tid, VERSION]).encode()).hexdigest()[:20]
     out = cache_dir / f"{key}.tokens"
     if out.is_file():
         try:
@@ -1092,17 +1199,36 @@ class Batcher:
             t = [a.to(self.device) for a in t]
         return t[0], t[1]
 
+    def _eval_windows(self, max_batches: int | None) -> np.ndarray:
+        """The windows (line-by-line: documents) eval_batches scores, of every rank together."""
+        B, W = self.batch_size, self.world_size
+        n_win = self.cache.n_docs if self.line_by_line else math.ceil((len(self.tokens) - 1) / self.block_size)
+        wins = np.arange(n_win)
+        if max_batches is not None and max_batches * B * W < n_win:
+            wins = np.unique(np.linspace(0, n_win - 1, max_batches * B * W).round().astype(np.int64))
+        return wins
+
+    def eval_coverage(self, max_batches: int | None = None) -> tuple[int, int, int, int]:
+        """What eval_batches(max_batches) scores, of every rank together: (windows or documents scored, of how
+        many, target tokens scored, of how many)."""
+        T = self.block_size
+        if self.line_by_line:
+            targets = np.minimum(np.diff(self.cache.doc_offsets), T + 1) - 1  # (n_docs,) a document cut to T + 1
+            targets = np.maximum(targets, 0)
+        else:
+            n = len(self.tokens) - 1  # targets of the stream; window k scores those in [k*T, (k+1)*T)
+            starts = np.arange(0, n, T)
+            targets = np.minimum(starts + T, n) - starts
+        wins = self._eval_windows(max_batches)
+        return len(wins), len(targets), int(targets[wins].sum()), int(targets.sum())
+
     def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Deterministic batches in which every target token counts once (stream mode: consecutive windows,
         the last one aligned to the end with its already-counted targets set to -100; line-by-line: each
         document once). Rank r gets windows r, r + W, ...: summing loss and target counts over ranks
         covers the set. With max_batches, windows are picked evenly spread over the set."""
         T, B, W = self.block_size, self.batch_size, self.world_size
-        n_win = self.cache.n_docs if self.line_by_line else math.ceil((len(self.tokens) - 1) / T)
-        wins = np.arange(n_win)
-        if max_batches is not None and max_batches * B * W < n_win:
-            wins = np.unique(np.linspace(0, n_win - 1, max_batches * B * W).round().astype(np.int64))
-        wins = wins[self.rank::W]
+        wins = self._eval_windows(max_batches)[self.rank::W]
         for i in range(0, len(wins), B):
             if self.line_by_line:
                 yield self._docs_batch(wins[i:i + B])

@@ -3,11 +3,13 @@ token-exactly (every token after the first is scored once, with up to `block_siz
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2kit.data import TokenCache
 
 
 @dataclass
@@ -70,6 +75,14 @@ def perplexity(model: GPT, ids: list[int] | torch.Tensor, block_size: int | None
     block_size, stride = check_window(model.config.n_positions, block_size, stride, ids.numel())
     model.eval()
     spans = windows(ids.numel(), block_size, stride)
+    with _memory_errors(model, min(batch_size, len(spans)), block_size):
+        nll, count = _score_windows(model, ids, spans, batch_size, progress)
+    loss = nll / count
+    return EvalResult(perplexity=math.exp(loss), loss=loss, tokens=count)
+
+
+def _score_windows(model: GPT, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch_size: int,
+                   progress: Callable[[int], None] | None) -> tuple[float, int]:
     nll, count = 0.0, 0
     # windows of equal length run together as one batch
     i = 0
@@ -90,12 +103,72 @@ def perplexity(model: GPT, ids: list[int] | torch.Tensor, block_size: int | None
         i += len(group)
         if progress:
             progress(len(group))
-    loss = nll / count
-    return EvalResult(perplexity=math.exp(loss), loss=loss, tokens=count)
+    return nll, count
+
+
+@torch.inference_mode()
+def score_documents(model: GPT, cache: TokenCache, block_size: int | None = None, batch_size: int = 4,
+                    progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Loss per target token of each document of `cache` scored as its own sequence, as a --line-by-line run
+    validates (data.Batcher's eval batches: each document cut to block_size + 1 tokens, batch_size of them
+    padded together, every target token weighted alike), so the same model, data, block and batch size give
+    the run's validation loss."""
+    from gpt2kit.data import Batcher
+    if batch_size <= 0:
+        raise Gpt2kitError(f"batch size must be > 0, got {batch_size}")
+    block = min(block_size or model.config.n_positions, model.config.n_positions)
+    if block < 1:
+        raise Gpt2kitError(f"block size must be >= 1 token, got {block_size}")
+    batcher = Batcher(cache, block, batch_size, line_by_line=True, device=model.device)
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=model.device)
+    count = 0
+    with _memory_errors(model, min(batch_size, cache.n_docs), block):
+        for x, y in batcher.eval_batches():
+            logits = model(x)  # (B, T, V)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
+                                     reduction="sum").double()
+            count += int((y != -100).sum())
+            if progress:
+                progress(1)
+    if count == 0:
+        raise Gpt2kitError(f"{cache.path} has no document of 2 or more tokens to score")
+    loss = float(total) / count
+    return EvalResult(perplexity=math.exp(loss) if loss < 700 else math.inf, loss=loss, tokens=count)
+
+
+def check_memory(model: GPT, batch: int, block: int) -> None:
+    """Refuse, before it is tried, a batch of `batch` sequences of `block` tokens whose logits and activations
+    cannot fit in the memory `model`'s device has free (a one-line Gpt2kitError naming --batch-size)."""
+    from gpt2kit.memory import device_memory, gib
+    c = model.config
+    # float32 logits (and their float copy and softmax in the loss) dominate; a few layers' activations besides
+    need = batch * block * (3 * c.vocab_size + 16 * c.n_embd) * 4
+    mem = device_memory(model.device)
+    if mem is not None and need > mem[0]:
+        raise Gpt2kitError(f"scoring {batch:,} sequences of {block} tokens at once needs roughly {gib(need)}, more "
+                           f"than the {gib(mem[0])} free on {model.device.type}; lower --batch-size (e.g. 4)")
+
+
+@contextlib.contextmanager
+def _memory_errors(model: GPT, batch: int, block: int) -> Iterator[None]:
+    """check_memory, and a batch that runs out all the same reported as a one-line error naming --batch-size."""
+    from gpt2kit.memory import is_out_of_memory
+    check_memory(model, batch, block)
+    try:
+        yield
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise Gpt2kitError(f"out of memory on {model.device.type} scoring {batch:,} sequences of {block} tokens "
+                               "at once; lower --batch-size (e.g. 4)") from None
+        raise
 
 
 def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():  # a FIFO would wait forever for a writer
+        from gpt2kit.data import not_regular_error
+        raise not_regular_error(p)
     if not p.is_file():
         raise Gpt2kitError(f"evaluation data {p} does not exist or is not a file")
     from gpt2kit.data import read_text
@@ -110,12 +183,13 @@ def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
 
 
 
-def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, field: str | None = None) -> Path | None:
+def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, field: str | None = None,
+                     line_by_line: bool = False) -> Path | None:
     """The single text file `inputs` names, to be scored as it is (nothing added between its lines, as in
     the transformers perplexity guide); None for anything read as finetune reads --data (several files,
     folders, globs, tables, JSON Lines, token files), scored as that stream: each document followed by
     <|endoftext|>."""
-    if len(inputs) != 1 or column is not None or field is not None:
+    if len(inputs) != 1 or column is not None or field is not None or line_by_line:
         return None
     from gpt2kit.data import TOKEN_SUFFIXES, is_token_cache
     p = Path(inputs[0])
@@ -126,14 +200,15 @@ def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, fi
 
 
 def eval_token_ids(inputs: str | Path | Sequence[str | Path], tokenizer: Tokenizer, column: str | None = None,
-                   field: str | None = None, encoding: str = "utf-8") -> np.ndarray:
+                   field: str | None = None, encoding: str = "utf-8", skip_bad_rows: bool = False) -> np.ndarray:
     """The tokens `perplexity` scores for `inputs` (see plain_text_input)."""
     from gpt2kit.data import DataSpec, read_tokens
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     plain = plain_text_input(items, column, field)
     if plain is not None:
         return np.asarray(tokenizer.encode(read_eval_text(plain, encoding)), dtype=np.int64)
-    return read_tokens(items, tokenizer, DataSpec(column=column, field=field, encoding=encoding)).astype(np.int64)
+    spec = DataSpec(column=column, field=field, encoding=encoding, skip_bad_rows=skip_bad_rows)
+    return read_tokens(items, tokenizer, spec).astype(np.int64)
 
 
 def evaluate_file(model: GPT, tokenizer: Tokenizer, path: str | Path, block_size: int | None = None,

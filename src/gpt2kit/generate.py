@@ -327,14 +327,15 @@ class Generator:
         prepare_decoding_(model, quantize)
         return cls(model, tok)
 
-    def _prompts(self, prompt: str | Sequence[str] | None, nsamples: int) -> list[str]:
+    def _prompts(self, prompt: str | Sequence[str] | None) -> list[str]:
+        """The distinct prompts (each is then sampled nsamples times)."""
         if prompt is None:  # unconditional: start from <|endoftext|>
-            return ["<|endoftext|>"] * nsamples
+            return ["<|endoftext|>"]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         for p in prompts:
             if p == "":
                 raise Gpt2kitError("empty prompt: give some text, or use --unconditional to start from <|endoftext|>")
-        return [p for p in prompts for _ in range(nsamples)]
+        return prompts
 
     def _batches(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int,
                  batch_size: int | None, on_window_slide: Callable[[], None] | None = _window_notice,
@@ -347,7 +348,7 @@ class Generator:
         notice = once(on_window_slide)  # one notice for the whole call, however many batches
         if nsamples == 0:
             # endless: sample i is exactly sample i of a finite run (same index, so the same seed stream)
-            prompts = self._prompts(prompt, 1)
+            prompts = self._prompts(prompt)
             if len(prompts) != 1:
                 raise Gpt2kitError(f"endless sampling (nsamples=0) takes one prompt, got {len(prompts)}; "
                                    "give a finite nsamples for several prompts")
@@ -355,13 +356,16 @@ class Generator:
             for start in itertools.count(0, bs):
                 yield stream_rows(self.model, self.tokenizer, prompts * bs, cfg, first_index=start,
                                   on_window_slide=notice)
-        prompts = self._prompts(prompt, nsamples)
+        prompts = self._prompts(prompt)
         if not prompts:
             raise Gpt2kitError("no prompts given: pass a prompt, a list of prompts, or None for unconditional")
-        bs = batch_size or min(len(prompts), 32)
-        for start in range(0, len(prompts), bs):
-            yield stream_rows(self.model, self.tokenizer, prompts[start:start + bs], cfg, first_index=start,
-                              on_window_slide=notice)
+        # sample k is prompt k // nsamples; each batch's prompts are made when it starts, so memory stays that of
+        # one batch however large nsamples is, and the first samples come at once
+        total = len(prompts) * nsamples
+        bs = batch_size or min(total, 32)
+        for start in range(0, total, bs):
+            batch = [prompts[k // nsamples] for k in range(start, min(start + bs, total))]
+            yield stream_rows(self.model, self.tokenizer, batch, cfg, first_index=start, on_window_slide=notice)
 
     def stream(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int = 1,
                batch_size: int | None = None,

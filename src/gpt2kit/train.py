@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gpt2kit import kernels, runs
+from gpt2kit import kernels, memory, runs
 from gpt2kit.data import DataSpec, cache_identity, check_inputs, plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy, padded_size
@@ -84,6 +84,7 @@ class TrainConfig:
     field: str | None = None
     encoding: str = "utf-8"
     line_by_line: bool = False
+    skip_bad_rows: bool = False  # .csv/.tsv rows with the wrong number of fields: skipped with a warning, not an error
     # output
     out: str = "runs/finetune"
     # length of training
@@ -118,7 +119,8 @@ class TrainConfig:
     lora_targets: list[str] = _field(default_factory=lambda: ["all"])
     # evaluation, samples, checkpoints
     eval_every: int | None = None  # steps; default: 10 times per run (0: never)
-    eval_batches: int | None = None  # validation batches per evaluation; default: ~32K tokens, at most 50
+    eval_batches: int | None = None  # validation batches per evaluation; default: ~32K target tokens (windows: at
+    # most 50 batches; line_by_line: every validation document while they hold fewer)
     early_stop: int = 0  # stop after this many evaluations without a new best (0: never)
     sample_every: int | None = None  # steps; default: with every evaluation (0: never)
     sample_tokens: int = 64
@@ -142,8 +144,9 @@ class TrainConfig:
                 setattr(self, name, [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v])
 
     def data_spec(self) -> DataSpec:
-        """How the text inputs are read: --column, --field, --encoding, --line-by-line."""
-        return DataSpec(column=self.column, field=self.field, encoding=self.encoding, line_by_line=self.line_by_line)
+        """How the text inputs are read: --column, --field, --encoding, --line-by-line, --skip-bad-rows."""
+        return DataSpec(column=self.column, field=self.field, encoding=self.encoding, line_by_line=self.line_by_line,
+                        skip_bad_rows=self.skip_bad_rows)
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -499,9 +502,8 @@ def _peer_failed(e: BaseException) -> bool:
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
-                                                     and "DefaultCPUAllocator: can't allocate" in str(e))
+    """A GPU's out-of-memory error, the CPU allocator's (a plain RuntimeError), or numpy's MemoryError."""
+    return memory.is_out_of_memory(e)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -869,6 +871,9 @@ def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device, str]:
     return _Dist(rank, world, local, True), dev, reason
 
 
+_EVAL_TOKENS = 32768  # validation targets an evaluation scores by default
+
+
 def _device_reason(asked: str | None, dev: torch.device) -> str:
     if asked not in (None, "auto"):
         return f"{dev} (as asked)"
@@ -878,7 +883,8 @@ def _device_reason(asked: str | None, dev: torch.device) -> str:
 
 
 def _memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.device, trainable: int) -> str | None:
-    """A rough peak-memory estimate, to warn before the OS kills the process (CPU) or CUDA runs out."""
+    """A rough peak-memory estimate, to warn before the OS kills the process (CPU) or CUDA runs out; a run
+    that needs more than the device's whole memory is refused (a Gpt2kitError) before it starts."""
     c = model.config
     n = sum(p.numel() for p in model.parameters())
     state = 4 * n + 12 * trainable  # weights + grads + Adam moments, float32
@@ -887,13 +893,17 @@ def _memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.devi
     acts = tokens * (c.n_layer * per_layer + 3 * c.vocab_size * 4)
     need = state + acts
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
     elif device.type == "cpu":
-        free = _available_ram()
+        free, total = _available_ram(), memory.meminfo("MemTotal")
         if free is None:
             return None
     else:
         return None
+    if total is not None and need > total:  # cannot fit even with everything else freed
+        raise Gpt2kitError(f"--batch-size {cfg.batch_size} x --block-size {block} needs roughly {memory.gib(need)}, "
+                           f"more than the {memory.gib(total)} of memory on {device.type}; lower --batch-size (raise "
+                           "--grad-accum to keep the batch), add --grad-checkpointing, or use --lora-rank 8")
     if need > 0.9 * free:
         return (f"this run needs roughly {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free on "
                 f"{device.type}; if it runs out, lower --batch-size (raise --grad-accum to keep the batch), "
@@ -902,14 +912,7 @@ def _memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.devi
 
 
 def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return memory.meminfo("MemAvailable")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1185,7 +1188,14 @@ class _Run:
         def absolute(p: str | None) -> str | None:  # so that --resume works from any directory
             return str(Path(p).resolve()) if p and Path(p).exists() else p
         # enough validation tokens for a steady estimate, few enough that a CPU evaluates in under a minute
-        eval_batches = cfg.eval_batches or max(1, min(50, 32768 // (cfg.batch_size * block)))
+        eval_batches = cfg.eval_batches or max(1, min(50, _EVAL_TOKENS // (cfg.batch_size * block)))
+        if cfg.eval_batches is None and cfg.line_by_line and val is not None:
+            # the same budget in target tokens, which short documents fill with many more (padded) batches
+            # than windows of the stream: every document while they fit, else an even spread of them
+            targets = np.maximum(np.minimum(np.diff(val.doc_offsets), block + 1) - 1, 0)
+            docs = min(val.n_docs, math.ceil(val.n_docs * _EVAL_TOKENS / max(1, int(targets.sum()))))
+            per_batch = cfg.batch_size * self.dist.world
+            eval_batches = self.dist.world * max(1, math.ceil(docs / per_batch))  # (divisible by the world)
         from gpt2kit.checkpoints import pick_dtype
         dtype = str(pick_dtype(cfg.dtype, self.device)).removeprefix("torch.")  # "auto" as chosen on this device
         return replace(cfg, dtype=dtype, eval_batches=eval_batches, model=absolute(cfg.model),
@@ -1336,11 +1346,25 @@ class _Run:
         self.last_loss = state.get("last_loss")
 
     # ---- evaluation, samples, plots ----
-    def evaluate(self, step: int) -> float:
+    def _eval_batches_per_rank(self) -> int | None:
         # eval_batches counts global batches: each of W processes scores 1/W of them (the same windows as
         # one process when W divides eval_batches)
-        per_rank = None if self.cfg.eval_batches is None else max(1, self.cfg.eval_batches // self.dist.world)
-        total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(per_rank))
+        return None if self.cfg.eval_batches is None else max(1, self.cfg.eval_batches // self.dist.world)
+
+    def _eval_coverage(self) -> str:
+        """What each evaluation scores, exactly, for the start-up notes."""
+        cfg = self.cfg
+        scored, of, t_scored, t_all = self.val_batcher.eval_coverage(self._eval_batches_per_rank())
+        unit = "document" if cfg.line_by_line else "window"
+        if scored == of:
+            return f"validation: each evaluation scores all {plural(of, unit)} ({t_all:,} target tokens)"
+        per_batch = cfg.batch_size * self.dist.world
+        return (f"validation: each evaluation scores {scored:,} of {plural(of, unit)} ({t_scored:,} of {t_all:,} "
+                f"target tokens), spread evenly, to keep evaluation quick; --eval-batches "
+                f"{self.dist.world * math.ceil(of / per_batch)} scores them all")
+
+    def evaluate(self, step: int) -> float:
+        total, count = self.trainer.eval_loss(self.val_batcher.eval_batches(self._eval_batches_per_rank()))
         loss = total / max(1, count)
         ppl = math.exp(loss) if loss < 700 else math.inf  # (exp overflows a float64 past ~709)
         # the starting model's loss (step 0) is the baseline: only a step that beats it becomes best/
@@ -1533,6 +1557,8 @@ class _Run:
         self.say(f"model: {n_params / 1e6:.1f}M parameters, {trained} trained ({what}); data: "
                  f"{plural(len(train), 'token')} in {plural(train.n_docs, 'document')}"
                  + (f", validation {len(val):,} tokens" if val is not None else ", no validation"))
+        if self.val_batcher is not None and cfg.eval_every:
+            self.say(self._eval_coverage())
         glob_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.say(f"steps: {cfg.steps} of {plural(glob_batch, 'sequence')} x {cfg.block_size} tokens, lr {cfg.lr:g} "
                  f"({cfg.schedule}, {cfg.warmup_steps} warmup); run directory {self.dir}"

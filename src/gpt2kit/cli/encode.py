@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "encoder.json+vocab.bpe (instead of --model)")
     p.add_argument("--column", help=".csv/.tsv: the column holding one document per row")
     p.add_argument("--field", help=".jsonl: the field holding the text (default: text)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help=".csv/.tsv: skip rows whose number of fields differs from the header's, with a warning "
+                   "(default: such rows are an error)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the inputs (default: utf-8)")
     p.add_argument("--line-by-line", action="store_true", help=".txt: each non-empty line is a document")
     p.set_defaults(func=run)
@@ -38,13 +41,15 @@ def _command(args: argparse.Namespace, inputs: list[str], out: Path) -> str:
             words += [opt, value]
     if args.line_by_line:
         words.append("--line-by-line")
+    if args.skip_bad_rows:
+        words.append("--skip-bad-rows")
     return shlex.join(words)
 
 
 def run(args: argparse.Namespace) -> int:
     # imported here so `gpt2kit --help` stays quick
     from gpt2kit.cli.common import setup_logging
-    from gpt2kit.data import DataSpec, check_inputs, encode_files, plural
+    from gpt2kit.data import DataSpec, check_encode_output, check_inputs, encode_files, plural
     from gpt2kit.errors import Gpt2kitError
     setup_logging()
     from gpt2kit.tokenizer import Tokenizer
@@ -55,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
             raise Gpt2kitError(f"the output is named with --out, not as the last input: gpt2kit encode "
                                f"{_command(args, args.inputs[:-1], last.with_suffix('.tokens'))}")
         raise Gpt2kitError("--out FILE.tokens is required: the token cache to write")
-    spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line)
+    spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line,
+                    skip_bad_rows=args.skip_bad_rows)
     check_inputs(args.inputs, spec)  # before the tokenizer, which may mean a download
+    check_encode_output(args.inputs, args.out)
     if args.tokenizer:
         tok = Tokenizer.from_dir(args.tokenizer)
     else:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gpt2kit.cli.common import add_model_args, load_generator
+from gpt2kit.cli.common import add_model_args, load_generator, setup_logging
 from gpt2kit.progress import progress_bar
 
 
@@ -21,7 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "scored as its training stream: each document followed by <|endoftext|>")
     p.add_argument("--column", help="CSV/TSV column holding the text")
     p.add_argument("--field", help="JSONL field holding the text (default: text)")
-    p.add_argument("--block-size", type=int, help="window length in tokens (default: the model's context)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help=".csv/.tsv: skip rows whose number of fields differs from the header's, with a warning "
+                   "(default: such rows are an error)")
+    p.add_argument("--line-by-line", action="store_true",
+                   help="score each line of a .txt file (each row or record of .csv/.jsonl, each document of token "
+                        "files) as its own sequence, padded, as finetune --line-by-line validates: the same data, "
+                        "--block-size and --batch-size give that run's validation loss")
+    p.add_argument("--block-size", type=int, help="window length in tokens (default: the model's context); with "
+                   "--line-by-line, longer documents are cut to it, as finetune does")
     p.add_argument("--stride", type=int, help="tokens the window moves each step (default: half the block)")
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
@@ -32,8 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.data import DataSpec, check_inputs
     from gpt2kit.errors import Gpt2kitError
-    from gpt2kit.evaluate import check_window, eval_token_ids, perplexity, plain_text_input, read_eval_text, windows
+    from gpt2kit.evaluate import (
+        check_memory,
+        check_window,
+        eval_token_ids,
+        perplexity,
+        plain_text_input,
+        read_eval_text,
+        windows,
+    )
 
+    setup_logging()  # the data's notes (e.g. --skip-bad-rows' count)
     # bad flags and bad data fail before the model loads
     if args.batch_size <= 0:
         raise Gpt2kitError(f"--batch-size must be > 0, got {args.batch_size}")
@@ -43,14 +60,23 @@ def run(args: argparse.Namespace) -> int:
         raise Gpt2kitError(f"--stride must be >= 1 token (leave it out for half the block), got {args.stride}")
     if args.stride is not None and args.block_size is not None and args.stride > args.block_size:
         raise Gpt2kitError(f"--stride must be at most --block-size ({args.block_size}), got {args.stride}")
-    plain = plain_text_input(args.data, args.column, args.field)
+    if args.line_by_line and args.stride is not None:
+        raise Gpt2kitError("--stride moves a window over the text; --line-by-line scores each document whole "
+                           "(cut to --block-size): drop one of them")
+    spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line,
+                    skip_bad_rows=args.skip_bad_rows)
+    plain = plain_text_input(args.data, args.column, args.field, args.line_by_line)
     if plain is not None:
         text = read_eval_text(plain, args.encoding)  # read (and its errors found) before the model loads
+        if args.skip_bad_rows:
+            raise Gpt2kitError(f"--skip-bad-rows applies to .csv/.tsv files, not to files like {plain}; drop it")
     else:
-        check_inputs(args.data, DataSpec(column=args.column, field=args.field, encoding=args.encoding))
+        check_inputs(args.data, spec)
     gen = load_generator(args)
+    if args.line_by_line:
+        return _line_by_line(args, gen, spec)
     ids = gen.tokenizer.encode(text) if plain is not None else \
-        eval_token_ids(args.data, gen.tokenizer, args.column, args.field, args.encoding)
+        eval_token_ids(args.data, gen.tokenizer, args.column, args.field, args.encoding, args.skip_bad_rows)
     # the checks that need the model's context and the token count, before the progress bar starts
     n_ctx = gen.model.config.n_positions
     if args.block_size is not None and args.block_size > n_ctx:
@@ -61,9 +87,32 @@ def run(args: argparse.Namespace) -> int:
         raise Gpt2kitError(f"--stride must be at most the window of {window} tokens (--block-size, at most the "
                            f"model's context), got {args.stride}")
     block, stride = check_window(n_ctx, args.block_size, args.stride, len(ids))
+    check_memory(gen.model, min(args.batch_size, len(windows(len(ids), block, stride))), block)
     with progress_bar(total=len(windows(len(ids), block, stride)), unit="window",
                       disable=args.format == "jsonl") as bar:
         r = perplexity(gen.model, ids, args.block_size, args.stride, args.batch_size, progress=bar.update)
+    return _report(args, r)
+
+
+def _line_by_line(args: argparse.Namespace, gen, spec) -> int:
+    import math
+
+    from gpt2kit.data import read_token_docs
+    from gpt2kit.evaluate import check_memory, score_documents
+
+    cache = read_token_docs(args.data, gen.tokenizer, spec)
+    n_ctx = gen.model.config.n_positions
+    if args.block_size is not None and args.block_size > n_ctx:
+        print(f"note: --block-size {args.block_size} is longer than the model's context; cutting documents to "
+              f"{n_ctx} + 1 tokens", file=sys.stderr)
+    check_memory(gen.model, min(args.batch_size, cache.n_docs), min(args.block_size or n_ctx, n_ctx))
+    with progress_bar(total=math.ceil(cache.n_docs / args.batch_size), unit="batch",
+                      disable=args.format == "jsonl") as bar:
+        r = score_documents(gen.model, cache, args.block_size, args.batch_size, progress=bar.update)
+    return _report(args, r)
+
+
+def _report(args: argparse.Namespace, r) -> int:
     if args.format == "jsonl":
         print(json.dumps(r.to_dict()))
     else:

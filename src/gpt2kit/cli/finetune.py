@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default 0.05 without --val-data; 0 disables validation)")
     g.add_argument("--column", help="CSV/TSV column holding the text")
     g.add_argument("--field", help="JSONL field holding the text (default: text)")
+    g.add_argument("--skip-bad-rows", action="store_true",
+                   help=".csv/.tsv: skip rows whose number of fields differs from the header's, with a warning "
+                   "(default: such rows are an error)")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the input files (default utf-8)")
     g.add_argument("--line-by-line", action="store_true", help="each line of a .txt file is one document, "
                    "and each training sample is one document (padded), not a window of the stream")
@@ -98,8 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("evaluation, samples, checkpoints")
     g.add_argument("--eval-every", type=int, help="steps between validations (default: 10 per run; 0: never)")
-    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: about 32K tokens, "
-                   "at most 50 batches)")
+    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: about 32K target "
+                   "tokens, at most 50 batches of windows; with --line-by-line, as many documents as hold 32K, so "
+                   "all of a smaller set); the run's notes say how much each evaluation scores")
     g.add_argument("--early-stop", type=int, default=0, metavar="N", help="stop after N evaluations without "
                    "improvement (default: never)")
     g.add_argument("--sample-every", type=int, help="steps between samples (default: with each evaluation; "
@@ -158,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, init=args.init, config=args.config, tokenizer=args.tokenizer,
             data=args.data, val_data=args.val_data, val_fraction=args.val_fraction, column=args.column,
             field=args.field, encoding=args.encoding, line_by_line=args.line_by_line, out=args.out,
+            skip_bad_rows=args.skip_bad_rows,
             steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
             block_size=args.block_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio, schedule=args.schedule,
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
