@@ -166,7 +166,9 @@ def _command(cfg: dict[str, Any]) -> str:
     """The finetune command that reproduces the run's resolved config (paths by name, defaults left out)."""
     from gpt2kit.train import TrainConfig
     default = TrainConfig().to_dict()
-    skip = {"out", "push_to_hub", "push_private", "wandb", "wandb_project", "wandb_run_name", "tensorboard"}
+    # where it ran and what it reported to say nothing about the model; eps and the sampling settings have no flag
+    skip = {"out", "push_to_hub", "push_private", "wandb", "wandb_project", "wandb_run_name", "tensorboard", "eps",
+            "sample_temperature", "sample_top_k"}
     parts = ["gpt2kit", "finetune"]
     for key, value in cfg.items():
         if key in skip or value == default.get(key) or value is None:
