@@ -4,10 +4,16 @@ The stand-in answers the three endpoints snapshot_download uses: GET /api/models
 (repo_info: sha + siblings), GET /api/models/{repo}/tree/{rev} (file listing) and HEAD/GET
 /{repo}/resolve/{rev}/{file} (X-Repo-Commit, ETag, Content-Length, body); errors carry X-Error-Code
 like the real Hub's, since that is how huggingface_hub tells a missing repo from a gated one.
+
+For uploads (tests/test_push.py) it answers the POSTs create_repo and create_commit make: /api/repos/create,
+/api/validate-yaml, /api/models/{repo}/preupload/{rev} (every file "regular", so the commit carries it inline,
+base64, and no LFS or Xet transfer is needed) and /api/models/{repo}/commit/{rev} (ndjson). A request without
+a bearer token, or with the token "bad", is refused with 401; the namespace "not-mine" with 403.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -78,6 +84,8 @@ class FakeHub:
                       "someone/sharded-gpt2": _sharded(),
                       "someone/broken-shards": _sharded(missing_shard=True)}
         self.gated = {"meta/gated-gpt2"}
+        self.private: dict[str, bool] = {}  # repositories created by create_repo -> private?
+        self.commits: list[dict] = []  # each commit's header (summary, description)
         self.requests: list[tuple[str, str]] = []
         hub_ = self
 
@@ -90,6 +98,9 @@ class FakeHub:
 
             def do_HEAD(self):
                 hub_.handle(self, body=False)
+
+            def do_POST(self):
+                hub_.handle_post(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -132,6 +143,44 @@ class FakeHub:
             return self.send(req, 404, b"{}", body, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": SHA})
         data = files[fname]
         return self.send(req, 200, data, body, {"X-Repo-Commit": SHA, "ETag": f'"{_etag(fname, data)}"'})
+
+    def handle_post(self, req: BaseHTTPRequestHandler):
+        path = unquote(urlsplit(req.path).path)
+        self.requests.append((req.command, path))
+        data = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        auth = req.headers.get("Authorization") or ""
+        if not auth.startswith("Bearer ") or auth == "Bearer bad":
+            return self.send(req, 401, b'{"error": "Invalid credentials in Authorization header"}', True)
+        reply = lambda obj, status=200: self.send(req, status, json.dumps(obj).encode(), True)  # noqa: E731
+        if path == "/api/validate-yaml":
+            return reply({"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            payload = json.loads(data)
+            repo = f"{payload['organization']}/{payload['name']}"
+            if payload["organization"] == "not-mine":
+                return reply({"error": "You don't have the rights to create a model under this namespace"}, 403)
+            if repo in self.repos:
+                return reply({"error": "You already created this model repo", "url": f"{self.url}/{repo}"}, 409)
+            self.repos[repo] = {}
+            self.private[repo] = payload.get("visibility") == "private" or payload.get("private") is True
+            return reply({"url": f"{self.url}/{repo}"})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
+        if not m or m.group(1) not in self.repos:
+            return self.send(req, 404, b"{}", True, {"X-Error-Code": "RepoNotFound"})
+        repo, kind, _ = m.groups()
+        if kind == "preupload":
+            files = json.loads(data)["files"]
+            return reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                    for f in files]})
+        for line in data.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                self.commits.append(item["value"])
+            elif item["key"] == "file":
+                self.repos[repo][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            else:  # (LFS, copies and deletions are never asked for: preupload answers "regular")
+                return reply({"error": f"the stand-in cannot {item['key']}"}, 400)
+        return reply({"success": True, "commitOid": SHA, "commitUrl": f"{self.url}/{repo}/commit/{SHA}"})
 
     @staticmethod
     def send(req, status, data, body, headers=None):

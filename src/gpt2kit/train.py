@@ -130,6 +130,12 @@ class TrainConfig:
     save_every: int | None = None  # steps; default: 10 times per run, at most every 1000 steps
     keep: int = 2  # checkpoints kept besides best/ and final/
     tensorboard: bool | None = None  # None: log to RUN/tensorboard when tensorboard is installed
+    # sharing: Weights & Biases (gpt2kit.tracking), a push to the Hub at the end (gpt2kit.push)
+    wandb: bool = False
+    wandb_project: str | None = None  # default "gpt2kit"
+    wandb_run_name: str | None = None  # default: the run directory's name
+    push_to_hub: str | None = None  # ORG/NAME
+    push_private: bool = False
 
     def __post_init__(self) -> None:
         # paths as str, so that config.json stays JSON; a single data path is a list of one
@@ -209,6 +215,10 @@ class TrainConfig:
         need(self.early_stop >= 0, "--early-stop must be >= 0")
         need(self.keep >= 1, f"--keep must be >= 1, got {self.keep}")
         need(self.sample_tokens >= 1, "--sample-tokens must be >= 1")
+        need(bool(self.push_to_hub) or not self.push_private, "--push-private makes the --push-to-hub repository "
+             "private: add --push-to-hub ORG/NAME")
+        need(self.wandb or (self.wandb_project is None and self.wandb_run_name is None),
+             "--wandb-project and --wandb-run-name name the Weights & Biases run: add --wandb")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +270,8 @@ class RunResult:
     model_dir: Path | None  # best/ if validation chose one, else final/ (or the newest checkpoint)
     tokens_per_sec: float
     stopped_early: bool = False
+    pushed: str | None = None  # the Hub repository's URL after --push-to-hub
+    push_error: str | None = None  # why --push-to-hub failed (the run itself finished)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -975,6 +987,8 @@ class _Run:
         self.dir = Path(cfg.out)
         self.bar = None
         self.tb = None
+        from gpt2kit.tracking import Trackers
+        self.trackers = Trackers()  # W&B etc.; the main process's only
         self._plotted = -1e9
         self._write_warned: set[str] = set()
         self.dist, self.device, self.device_reason = _init_distributed(cfg)
@@ -1373,6 +1387,7 @@ class _Run:
             self._keep_going(runs.METRICS, lambda: runs.append_metrics(
                 self.dir, [{"step": step, "val_loss": loss, "val_ppl": ppl if ppl < math.inf else None,
                             "val_tokens": count}]))
+            self.trackers.log_metrics(step, {"val_loss": loss, "val_ppl": ppl if ppl < math.inf else None})
             if self.tb is not None:
                 self.tb.add_scalar("val/loss", loss, step)
                 self.tb.add_scalar("val/perplexity", ppl, step)
@@ -1410,6 +1425,7 @@ class _Run:
         self._keep_going("samples", lambda: (out.mkdir(exist_ok=True),
                                              runs.atomic_write_text(out / f"step-{step}.txt", sep.join(texts) + "\n")))
         shown = "\n".join(f"  | {line}" for t in texts for line in (t.strip() or "(empty)").splitlines()[:6])
+        self.trackers.log_samples(step, self.cfg.prompts, texts)
         self.say(f"step {step}: samples (samples/step-{step}.txt)\n{shown}")
 
     def _keep_going(self, what: str, write: Callable[[], Any]) -> None:
@@ -1466,6 +1482,7 @@ class _Run:
                 self.bar = None
             if self.tb is not None:
                 self.tb.close()
+            self.trackers.finish(status)
 
         model_dir = None
         if self.dist.main:
@@ -1575,6 +1592,10 @@ class _Run:
                 self.tb = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
                 self.say("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
+        if cfg.wandb and self.dist.main:
+            from gpt2kit.tracking import open_trackers
+            self.trackers = open_trackers(cfg.to_dict(), self.dir, use_wandb=True, wandb_project=cfg.wandb_project,
+                                          wandb_run_name=cfg.wandb_run_name)
 
     def _loop(self, interrupt: _Interrupt) -> tuple[str, bool]:
         cfg = self.cfg
@@ -1616,6 +1637,8 @@ class _Run:
             if norm is not None:
                 rec["grad_norm"] = float(norm)
             pending.append(rec)
+            if self.dist.main:
+                self.trackers.log_metrics(self.step, rec)
             if self.bar is not None:
                 self.bar.set_postfix_str(f"loss {loss:.4f}, {n_tok / dt:,.0f} tok/s, lr {lr:.2e}", refresh=False)
                 self.bar.update(1)
@@ -1688,7 +1711,19 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
     _check_inputs(cfg)
     # the data, before the model (which may mean a long download, or a download error offline)
     check_inputs(cfg.data, cfg.data_spec(), val_inputs=cfg.val_data or None)
+    _check_sharing(cfg)
     return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
+
+
+def _check_sharing(cfg: TrainConfig) -> None:
+    """Before training, not after it: --wandb's package is installed, --push-to-hub names a repository and a
+    token is there to push with."""
+    if cfg.wandb:
+        from gpt2kit.tracking import check_available
+        check_available(True)
+    if cfg.push_to_hub:
+        from gpt2kit.push import check_ready
+        check_ready(cfg.push_to_hub)
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
@@ -1753,12 +1788,29 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
                                f"{runs.model_dir(run_dir)}. Start a new run from it with --model "
                                f"{shlex.quote(str(run_dir))}")
     cfg.validate()
+    _check_sharing(cfg)
     return _finish(_Run(cfg, resume=True, progress=progress, moved_base=model is not None))
+
+
+def _push(run: _Run, result: RunResult) -> None:
+    """--push-to-hub, after a finished run: a failure is recorded in result.push_error with how to retry (the
+    run itself stays finished)."""
+    from gpt2kit.push import push
+    repo = run.cfg.push_to_hub
+    retry = shlex.join(["gpt2kit", "push", str(result.run_dir), "--repo", repo]
+                       + (["--private"] if run.cfg.push_private else []))
+    try:
+        result.pushed = push(result.run_dir, repo, private=run.cfg.push_private)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the run is safe on disk and can be pushed again
+        why = str(e) if isinstance(e, Gpt2kitError) else f"{type(e).__name__}: {e}"
+        result.push_error = f"the run finished, but pushing it to {repo} failed: {why}; retry with `{retry}`"
+        return
+    run.say(f"pushed to {result.pushed}")
 
 
 def _finish(run: _Run) -> RunResult:
     try:
-        return run.run()
+        result = run.run()
     finally:
         if run.dist.initialized:
             import gc
@@ -1772,3 +1824,6 @@ def _finish(run: _Run) -> RunResult:
                 trainer.fwd = trainer.ddp_module = None
             gc.collect()
             dist.destroy_process_group()
+    if result.status == "finished" and run.cfg.push_to_hub and run.dist.main:
+        _push(run, result)
+    return result

@@ -14,7 +14,7 @@ import sys
 from gpt2kit.errors import Gpt2kitError
 
 # verb modules, in the order `gpt2kit --help` lists them
-VERBS = ("generate", "eval", "download", "convert", "encode", "finetune", "merge", "runs", "serve")
+VERBS = ("generate", "eval", "download", "convert", "encode", "finetune", "merge", "push", "runs", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

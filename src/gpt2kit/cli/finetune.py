@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from gpt2kit.cli.common import setup_logging
@@ -117,6 +118,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="log to RUN/tensorboard (default: when tensorboard is installed)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("sharing")
+    g.add_argument("--wandb", action="store_true", help="log metrics, samples and the config to Weights & Biases "
+                   "(pip install 'gpt2kit[wandb]'; WANDB_MODE=offline logs locally)")
+    g.add_argument("--wandb-project", metavar="P", help="W&B project (default gpt2kit)")
+    g.add_argument("--wandb-run-name", metavar="N", help="W&B run name (default: the run directory's name)")
+    g.add_argument("--push-to-hub", metavar="ORG/NAME", help="at the end of the run, upload its model (best, else "
+                   "final) with a model card to this Hugging Face Hub repository, as `gpt2kit push` does")
+    g.add_argument("--push-private", action="store_true", help="create the --push-to-hub repository private")
     p.set_defaults(func=run)
     _DEFAULTS.update(vars(p.parse_args([])))
 
@@ -172,10 +182,15 @@ def run(args: argparse.Namespace) -> int:
             lora_dropout=args.lora_dropout, lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
             eval_every=args.eval_every, eval_batches=args.eval_batches, early_stop=args.early_stop,
             sample_every=args.sample_every, sample_tokens=args.sample_tokens, prompts=_prompts(args),
-            save_every=args.save_every, keep=args.keep, tensorboard=args.tensorboard)
+            save_every=args.save_every, keep=args.keep, tensorboard=args.tensorboard, wandb=args.wandb,
+            wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, push_to_hub=args.push_to_hub,
+            push_private=args.push_private)
         result = train.finetune(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     if result.status == "interrupted":
         return 130
     if result.model_dir is not None:
         print(result.model_dir)
+    if result.push_error:  # the run finished; only its upload did not
+        print(f"error: {result.push_error}", file=sys.stderr)
+        return 1
     return 0
