@@ -1,5 +1,5 @@
 """gpt2kit.tasks and `eval --task`: lm-evaluation-harness's definitions, checked against lm-eval itself
-where it is installed (`pip install lm_eval`, in the [dev] extra; the parity tests skip without it)."""
+where it is installed (`pip install -e .[lmeval]`; the parity tests skip without it)."""
 
 import importlib.util
 import json
@@ -13,8 +13,19 @@ import torch
 from gpt2kit.checkpoints import load_model
 from gpt2kit.cli import main
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.tasks import (ChoiceItem, choice, count_words, encode_pair, lambada, lambada_request, loglikelihoods,
-                           rolling, rolling_requests, stream_counts, wikitext_detokenize)
+from gpt2kit.tasks import (
+    ChoiceItem,
+    choice,
+    count_words,
+    encode_pair,
+    lambada,
+    lambada_request,
+    loglikelihoods,
+    rolling,
+    rolling_requests,
+    stream_counts,
+    wikitext_detokenize,
+)
 from tests.conftest import SHAKESPEARE
 
 # WikiText-style documents (as in EleutherAI/wikitext_document_level's "page"): " @-@ " separators, spaced
@@ -57,7 +68,8 @@ def test_wikitext_detokenizer():
     s = wikitext_detokenize(WIKI_DOCS[0])
     assert "role-playing" in s and "1,200,000 copies" in s and "8.5 out" in s and "( Japanese" not in s
     assert "(Japanese: 戦場の道, lit. Road of the Battlefield)" in s and "game's story" in s
-    assert '"Nameless"' in s and "members' names" in s and "== Plot ==" in s and "40°north" in s  # (sic: lm-eval joins " ° " both sides)
+    # "40°north" (sic): lm-eval joins " ° " on both sides
+    assert '"Nameless"' in s and "members' names" in s and "== Plot ==" in s and "40°north" in s
     assert "[citation needed]" in s and "{note}" in s and "Who wins? Nobody!" in s
 
 
@@ -183,6 +195,7 @@ def test_eval_perplexity_reports_word_and_byte_figures(capsys, tiny_model_dir, t
 
 def _lm_eval(tmp_path: Path, model_dir: Path, yaml_text: str, task: str, max_length: int | None = None) -> dict:
     lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it (lm_eval[hf])
     from lm_eval.tasks import TaskManager
     (tmp_path / f"{task}.yaml").write_text(yaml_text)
     args = f"pretrained={model_dir},dtype=float32" + (f",max_length={max_length}" if max_length else "")
