@@ -150,7 +150,8 @@ def test_eval_jsonl_and_errors(capsys, tiny_model_dir, tmp_path):
     data.write_text(SHAKESPEARE.read_text()[:3000])
     code, out, _ = run(capsys, "eval", "-m", tiny_model_dir, "--data", data, "--stride", 64, "--format", "jsonl")
     rec = json.loads(out)
-    assert code == 0 and set(rec) == {"perplexity", "loss", "tokens"} and rec["perplexity"] > 1
+    assert code == 0 and set(rec) == {"perplexity", "loss", "tokens", "word_perplexity", "byte_perplexity",
+                                  "bits_per_byte"} and rec["perplexity"] > 1
     (tmp_path / "empty.txt").write_text("  \n")
     assert run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "empty.txt")[2].startswith("error: ")
     code, _, err = run(capsys, "eval", "-m", tiny_model_dir, "--data", tmp_path / "missing.txt")

@@ -28,9 +28,15 @@ class EvalResult:
     perplexity: float
     loss: float  # mean negative log-likelihood per scored token (nats)
     tokens: int  # tokens scored
+    # lm-eval's figures per word and per byte of the text (gpt2kit.tasks.text_metrics), where there is text
+    word_perplexity: float | None = None
+    byte_perplexity: float | None = None
+    bits_per_byte: float | None = None
 
     def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens}
+        d = {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens}
+        return d | {k: v for k in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+                    if (v := getattr(self, k)) is not None}
 
 
 def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -34,6 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows scored together (default 4)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    p.add_argument("--task", choices=("perplexity", "rolling", "lambada", "choice"), default="perplexity",
+                   help="perplexity (default): the sliding window; rolling: each document scored on its own after "
+                        "<|endoftext|> in lm-eval's disjoint windows; lambada: last-word accuracy and perplexity "
+                        "of a .jsonl of {\"text\"}; choice: accuracy of a .jsonl of {\"context\", \"choices\", "
+                        "\"label\"} (see docs)")
+    p.add_argument("--detokenize", choices=("wikitext",),
+                   help="undo WikiText's tokenization (' @-@ ' and the like) before scoring, as lm-eval's wikitext "
+                        "task does; words and bytes are counted on the text as given")
     p.set_defaults(func=run)
 
 
@@ -49,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
         read_eval_text,
         windows,
     )
+    from gpt2kit.tasks import count_bytes, count_words, detokenizer, stream_counts, text_metrics
+
+    if args.task != "perplexity":
+        if args.line_by_line:
+            raise Gpt2kitError(f"--line-by-line applies to the default perplexity task, not --task {args.task}; "
+                               "drop one of them")
+        from gpt2kit.cli.eval_tasks import run_task
+        return run_task(args)
 
     setup_logging()  # the data's notes (e.g. --skip-bad-rows' count)
     # bad flags and bad data fail before the model loads
@@ -66,10 +83,15 @@ def run(args: argparse.Namespace) -> int:
     spec = DataSpec(column=args.column, field=args.field, encoding=args.encoding, line_by_line=args.line_by_line,
                     skip_bad_rows=args.skip_bad_rows)
     plain = plain_text_input(args.data, args.column, args.field, args.line_by_line)
+    detok = detokenizer(args.detokenize)
+    if detok is not None and plain is None:
+        raise Gpt2kitError("--detokenize applies to one text file, or to documents with --task rolling")
     if plain is not None:
         text = read_eval_text(plain, args.encoding)  # read (and its errors found) before the model loads
         if args.skip_bad_rows:
             raise Gpt2kitError(f"--skip-bad-rows applies to .csv/.tsv files, not to files like {plain}; drop it")
+        counts = (count_words(text), count_bytes(text))  # of the text as given, as lm-eval's wikitext task
+        text = detok(text) if detok else text
     else:
         check_inputs(args.data, spec)
     gen = load_generator(args)
@@ -91,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(total=len(windows(len(ids), block, stride)), unit="window",
                       disable=args.format == "jsonl") as bar:
         r = perplexity(gen.model, ids, args.block_size, args.stride, args.batch_size, progress=bar.update)
-    return _report(args, r)
+    if plain is None:
+        counts = stream_counts(ids, gen.tokenizer)
+    return _report(args, dataclasses.replace(r, **text_metrics(r.loss * r.tokens, *counts)))
 
 
 def _line_by_line(args: argparse.Namespace, gen, spec) -> int:
@@ -116,5 +140,6 @@ def _report(args: argparse.Namespace, r) -> int:
     if args.format == "jsonl":
         print(json.dumps(r.to_dict()))
     else:
-        print(f"perplexity {r.perplexity:.4f}  loss {r.loss:.4f}  tokens {r.tokens}")
+        from gpt2kit.cli.eval_tasks import format_text
+        print(format_text(r.to_dict()))
     return 0
