@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2kit import runs
 from gpt2kit.checkpoints import load_model, save_model
 from gpt2kit.checkpoints.hf import CONV1D_SUFFIXES
 from gpt2kit.cli import main
@@ -396,8 +398,8 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
            "--batch-size", "2", "--block-size", "16", "--eval-batches", "1", "--no-progress"]
     assert main(bad + ["--column", "Nope"]) == 1
     assert "column" in capsys.readouterr().err
-    assert json.loads((tmp_path / "y/run.json").read_text())["status"] == "failed"
-    assert main(bad + ["--column", "Joke"]) == 0  # a start that failed before training is simply replaced
+    assert not (tmp_path / "y").exists()  # a start that failed before training leaves no run behind
+    assert main(bad + ["--column", "Joke"]) == 0
 
     assert main(["runs", str(tmp_path)]) == 0
     table = capsys.readouterr().out
@@ -553,7 +555,10 @@ def test_out_folder_with_user_files_is_refused_and_kept(tmp_path, tiny_dir, caps
 def test_failed_start_is_replaced_but_files_beside_the_run_stay(tmp_path, tiny_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # --out . : the current directory must survive
     assert main(_tiny_args(tiny_dir, Path("."), "--column", "Nope")) == 1
-    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    assert list(tmp_path.iterdir()) == []  # nothing of the failed start is left, and the folder stays
+    # a failed start recorded by an earlier gpt2kit (or one killed between its run.json and config.json)
+    (tmp_path / "run.json").write_text(json.dumps({"format": "gpt2kit-run", "version": 1, "status": "running",
+                                                  "step": 0}))
     (tmp_path / "notes.txt").write_text("mine")  # put beside the failed run afterwards
     assert main(_tiny_args(tiny_dir, Path("."), "--column", "Joke")) == 0
     assert (tmp_path / "notes.txt").read_text() == "mine"
@@ -566,13 +571,16 @@ def test_overwrite_replaces_only_a_stopped_run(tmp_path, tiny_dir, capsys):
     (out / "notes.txt").write_text("mine")
     (out / "tokenizer" / "old.txt").write_text("old")
     info = json.loads((out / "run.json").read_text())
-    # a live run (this very process) is never deleted
-    (out / "run.json").write_text(json.dumps({**info, "status": "running", "pid": os.getpid()}))
+    # a live run (one whose lock is held, here by this very process) is never deleted
     capsys.readouterr()
-    assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 1
-    assert "still training" in capsys.readouterr().err
+    with runs.RunLock.acquire(out):
+        assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 1
+    assert capsys.readouterr().err == f"error: run {out} is in use by another process (pid {os.getpid()} on " \
+        f"{socket.gethostname()}): wait for it to end, or stop it first\n"
     assert (out / "final/model.safetensors").is_file()
-    (out / "run.json").write_text(json.dumps(info))
+    # a run recorded as running by a process that is gone (killed in another container, or as PID 1 here: the
+    # PID is alive) is replaced
+    (out / "run.json").write_text(json.dumps({**info, "status": "running", "pid": 1}))
     assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 0
     assert (out / "notes.txt").read_text() == "mine" and not (out / "tokenizer" / "old.txt").exists()
     capsys.readouterr()
@@ -639,8 +647,8 @@ def test_messages_name_the_python_api_too_and_quote_paths(tmp_path, tiny_dir, mo
     err = capsys.readouterr().err
     assert "steps: 3 of 4 sequences x 32 tokens" in err and "done: 3 steps," in err
     assert main(["finetune", "--resume", str(out)]) == 1
-    assert f"already finished (3 steps); its model is in {out}/final. Start a new run from it with --model '{out}'" \
-        in capsys.readouterr().err
+    assert f"already finished (3 steps); its model is in {out}/final. Continue it for longer with --resume '{out}' " \
+        f"--steps N (the new total), or start a new run from it with --model '{out}'" in capsys.readouterr().err
 
 
 def test_one_step_one_sequence_and_a_prompts_file_with_a_byte_order_mark(tmp_path, tiny_dir, capsys):
