@@ -968,9 +968,12 @@ def test_resume_refuses_a_replaced_tokens_cache(tmp_path, tiny_dir, capsys):
                   out=str(run)), progress=False)
     _extend(run, 3)
     encode(other)
+    recorded = json.loads((run / "run.json").read_text())
     with pytest.raises(Gpt2kitError, match=f"cannot resume {run}: its training data {cache} has changed since the "
                                            r"run started \(\d[\d,]* tokens then, [\d,]+ now\); put the original back"):
         resume(run, progress=False)
+    assert json.loads((run / "run.json").read_text()) == recorded  # a failed resume keeps the run's progress
+    assert recorded["step"] == 2 and not (run / ".lock").exists()
     encode(JOKES, "--column", "Joke")  # the original back
     assert resume(run, progress=False).status == "finished"
 
@@ -1032,3 +1035,104 @@ def test_the_resume_hint_names_torchrun_for_a_run_of_several_processes():
     assert _resume_hint("my run") == "`gpt2kit finetune --resume 'my run'` (Python: resume('my run'))"
     # a run of 2 processes is refused by a 1-process resume, so the hint must not offer one
     assert _resume_hint("my run", 2) == "`torchrun --nproc_per_node 2 -m gpt2kit finetune --resume 'my run'`"
+
+
+# ---- durability: --overwrite deletes last; failed starts leave nothing; numbered runs; longer runs --------
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_checks_everything_before_it_deletes_the_old_run(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_dir, out, "--column", "Joke", "--save-every", "1")
+    assert main(args) == 0
+    before = _snapshot(out)
+    assert {"best/model.safetensors", "final/model.safetensors", "checkpoints/step-1/trainer.pt"} <= set(before)
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait, ".encode("latin-1") * 50)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    capsys.readouterr()
+    for data, extra in ((tmp_path / "bin.dat", []),  # a binary file
+                        (JOKES, []),  # a CSV without --column
+                        (tmp_path / "latin.txt", []),  # not UTF-8
+                        (JOKES, ["--column", "Joke", "--model", str(corrupt)]),
+                        (JOKES, ["--column", "Joke", "--block-size", "1000"])):  # the model's context is 64
+        bad = _tiny_args(tiny_dir, out, "--overwrite", *extra)
+        bad[bad.index(str(JOKES))] = str(data)
+        assert main(bad) == 1, (data, extra)
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+        assert _snapshot(out) == before, (data, extra)  # the old run is whole, and nothing was added
+        assert sorted(p.name for p in out.iterdir()) == sorted({k.split("/")[0] for k in before})
+    assert main(args + ["--overwrite"]) == 0  # the checks pass: now it is replaced
+
+
+def test_numbered_runs_and_naming_them_by_number(tmp_path, tiny_dir, capsys, monkeypatch):
+    from gpt2kit.checkpoints import resolve_model_dir
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_args(tiny_dir, Path("x"), "--column", "Joke")
+    i = args.index("--out")
+    numbered = args[:i] + args[i + 2:]
+    assert main(numbered + ["--runs-dir", "runs", "--name", "jokes"]) == 0
+    assert capsys.readouterr().out.strip() == "runs/0001-jokes/best"
+    assert main(numbered) == 0  # without --out: the next number in runs/
+    assert capsys.readouterr().out.strip() == "runs/0002/best"
+    # a start that fails before training leaves no numbered folder (its number is used again)
+    assert main(numbered + ["--column", "Nope"]) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0001-jokes", "0002"]
+    (tmp_path / "runs" / "0041-mine").mkdir()  # the next number follows the highest there is
+    assert main(numbered + ["--name", "x", "--runs-dir", "runs"]) == 0
+    assert capsys.readouterr().out.strip() == "runs/0042-x/best"
+    (tmp_path / "runs" / "0041-mine").rmdir()
+    # runs/N, or N alone for runs/, names the run wherever --model (or --resume, or `runs DIR`) is taken
+    assert resolve_model_dir("runs/1") == Path("runs/0001-jokes/best")
+    assert resolve_model_dir("2") == Path("runs/0002/best")
+    Path("few.txt").write_text("A few words to score. " * 10)
+    assert main(["eval", "--model", "1", "--data", "few.txt"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "runs"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["#", "RUN"] and [ln.split()[:2] for ln in table[1:]] == [
+        ["1", "runs/0001-jokes"], ["2", "runs/0002"], ["42", "runs/0042-x"]]
+    assert main(["runs", "42", "--json"]) == 0 and json.loads(capsys.readouterr().out)["number"] == 42
+    # a new run started from run 1 records its real path
+    start = _tiny_args(Path("1"), Path("from-one"), "--column", "Joke")
+    assert main(start) == 0
+    assert json.loads(Path("from-one/config.json").read_text())["model"] == str(tmp_path / "runs/0001-jokes")
+    (tmp_path / "runs" / "0002-copy").mkdir()
+    with pytest.raises(Gpt2kitError, match="2 is ambiguous: runs/0002, runs/0002-copy have the number 2"):
+        resolve_model_dir("2")
+    capsys.readouterr()
+    assert main(numbered + ["--out", "y", "--name", "z"]) == 1
+    assert "give one or the other" in capsys.readouterr().err
+
+
+def test_resume_with_steps_continues_a_finished_run_with_its_optimizer(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_dir, out, "--column", "Joke", "--lr", "1e-3", "--eval-every", "0")
+    args[args.index("--steps") + 1] = "4"
+    assert main(args) == 0
+    assert main(["finetune", "--resume", str(out), "--steps", "6", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming at step 4" in err and "steps: 6 of" in err
+    info, cfg = json.loads((out / "run.json").read_text()), json.loads((out / "config.json").read_text())
+    assert info["status"] == "finished" and info["step"] == 6 and info["total_steps"] == 6 and cfg["steps"] == 6
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "lr" in r}
+    # the schedule is the one of a 6-step run from where it stood (step 5 is optimizer step 4, 0-based)
+    assert sorted(lrs) == [1, 2, 3, 4, 5, 6]
+    assert lrs[5] == pytest.approx(lr_at(4, TrainConfig(**cfg), 6)) and lrs[6] == pytest.approx(1e-4)
+    # continued, not restarted: the AdamW state holds every step's moments (its step count is 6)
+    state = torch.load(out / "checkpoints/step-6/trainer.pt", weights_only=True)
+    assert int(next(iter(state["optimizer"]["state"].values()))["step"]) == 6
+    assert main(["finetune", "--resume", str(out), "--steps", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "already finished (6 steps)" in err and "--steps 6 is no more than that" in err
+    assert main(["finetune", "--resume", str(out), "--epochs", "0.0001"]) == 1
+    assert "it has done 6 already" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text()) == info  # refused: the run is as it was
+    assert main(["finetune", "--resume", str(out), "--steps", "7", "--epochs", "2"]) == 1
+    assert "not both" in capsys.readouterr().err

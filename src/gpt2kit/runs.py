@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.run_numbers import run_number
 
 try:
     import fcntl
@@ -364,7 +365,12 @@ class RunInfo:
         return {"path": str(self.path), "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora,
-                "error": self.error, "stopped_early": self.stopped_early}
+                "error": self.error, "stopped_early": self.stopped_early, "number": self.number}
+
+    @property
+    def number(self) -> int | None:
+        """A numbered run's number (`runs/0007-jokes`: 7, which `--model runs/7` names), else None."""
+        return run_number(self.path)
 
     @property
     def shown_status(self) -> str:
@@ -446,11 +452,13 @@ def _short_error(error: str | None, width: int) -> str:
 def format_runs(runs: list[RunInfo]) -> str:
     if not runs:
         return "no runs found"
-    rows = [("RUN", "STATUS", "STEP", "BEST VAL", "LOSS", "UPDATED")]
+    numbered = any(r.number is not None for r in runs)  # a first column with the numbers, when there are any
+    rows = [("#",) * numbered + ("RUN", "STATUS", "STEP", "BEST VAL", "LOSS", "UPDATED")]
     for r in runs:
         steps = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        rows.append((str(r.path) + (" (lora)" if r.lora else ""), r.shown_status, steps, _fmt(r.best_val_loss),
-                     _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
+        rows.append((("" if r.number is None else str(r.number)),) * numbered
+                    + (str(r.path) + (" (lora)" if r.lora else ""), r.shown_status, steps, _fmt(r.best_val_loss),
+                       _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     if any(r.error for r in runs):  # last, cut to what the terminal has left (at least 40 characters)
         room = max(40, shutil.get_terminal_size().columns - 1 - sum(w + 2 for w in widths))
