@@ -1077,6 +1077,10 @@ def test_numbered_runs_and_naming_them_by_number(tmp_path, tiny_dir, capsys, mon
     args = _tiny_args(tiny_dir, Path("x"), "--column", "Joke")
     i = args.index("--out")
     numbered = args[:i] + args[i + 2:]
+    # a start that fails before training (a model that cannot be downloaded offline) leaves no folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(numbered[:1] + ["--model", "gpt2"] + numbered[3:]) == 1
+    assert "cannot download 'gpt2'" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
     assert main(numbered + ["--runs-dir", "runs", "--name", "jokes"]) == 0
     assert capsys.readouterr().out.strip() == "runs/0001-jokes/best"
     assert main(numbered) == 0  # without --out: the next number in runs/

@@ -980,6 +980,7 @@ class _Run:
         self.lock = lock  # held by the main process (resume() takes it before reading the run)
         self.extending = extending  # resuming with a new --steps/--epochs total
         self.committed = False  # run.json and config.json now describe this process's run
+        self._replaced = False  # _commit has removed what --out held
         self.created: list[Path] = []  # folders this start made, outermost first (removed if it fails before training)
         self._record: dict[str, Any] = {}  # run.json fields found during setup, written by _commit
         self.moved_base = moved_base  # resuming a LoRA run with its base model at a new cfg.model
@@ -1049,6 +1050,7 @@ class _Run:
         d = self.dir
         if not self.resuming:
             runs.remove_run(d, keep=(_STAGING,))
+            self._replaced = True  # (from here on, a failure before training removes this run's entries too)
             if (d / _STAGING).exists():
                 os.replace(d / _STAGING, d / "data")
             self.tok.save(d / "tokenizer")  # the run keeps its own vocabulary (checkpoints come and go)
@@ -1063,9 +1065,12 @@ class _Run:
         self.committed = True
 
     def _abandon(self) -> None:
-        """A new run that failed before _commit: remove what it wrote (its staged data); the lock file and the
-        folders it made go when the lock is released (run's finally)."""
+        """A new run that failed before _commit ended: remove what it wrote (its staged data, or if _commit had
+        begun, its run entries); the lock file and the folders it made go when the lock is released (run's
+        finally)."""
         shutil.rmtree(self.dir / _STAGING, ignore_errors=True)
+        if self._replaced:
+            runs.remove_run(self.dir)
 
     def _aborted_start(self, info: runs.RunInfo) -> bool:
         return (info.status in ("failed", "dead", "interrupted") and info.step == 0
@@ -1487,7 +1492,7 @@ class _Run:
                 self.tb.close()
             if self.lock is not None:  # the last thing: run.json says how it ended before another may start
                 self.lock.release()
-            if not self.committed:
+            if self.dist.main and not self.committed:
                 for d in reversed(self.created):  # a new run that never trained leaves no folder it made
                     try:
                         d.rmdir()
@@ -1720,7 +1725,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
     check_inputs(cfg.data, cfg.data_spec(), val_inputs=cfg.val_data or None)
     run = _Run(cfg, resume=False, progress=progress, overwrite=overwrite)
     if runs_dir is not None:
-        number = None
+        number, made = None, not Path(runs_dir).expanduser().exists()
         if run.dist.main:  # the main process picks the number; under torchrun the others learn it
             cfg.out = run.cfg.out = str(new_run_dir(runs_dir, name))
             number = cfg.out
@@ -1730,7 +1735,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
             dist.broadcast_object_list(got, src=0)
             cfg.out = run.cfg.out = got[0]
         run.dir = Path(cfg.out)
-        run.created = [run.dir]  # (made empty by new_run_dir: removed again if the start fails)
+        # (made empty by new_run_dir, as was runs_dir if it was new: removed again if the start fails)
+        run.created = [run.dir.parent] * made + [run.dir]
     return _finish(run)
 
 
