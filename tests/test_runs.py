@@ -7,8 +7,6 @@ import builtins
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -23,11 +21,11 @@ def _fake_run(path, **fields):
 
 def test_list_runs_status_and_table(tmp_path, capsys):
     _fake_run(tmp_path / "a", status="finished", step=100, total_steps=100, best_val_loss=2.5, last_loss=2.4)
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # a pid that no longer runs
+    # running means "its lock is held", whatever run.json's pid and host say: b's process is gone, though its
+    # recorded pid (this very process's) is alive; c's lock is held
     _fake_run(tmp_path / "group/b", status="running", step=7, total_steps=50, lora=True, **runs.process_stamp())
-    runs.update_run_json(tmp_path / "group/b", pid=proc.pid)
-    _fake_run(tmp_path / "group/c", status="running", step=3, **runs.process_stamp())  # this very process
+    _fake_run(tmp_path / "group/c", status="running", step=3, pid=1, host="elsewhere")
+    lock = runs.RunLock.acquire(tmp_path / "group/c")
     (tmp_path / "not-a-run").mkdir()
     found = {r.path.name: r for r in runs.list_runs(tmp_path)}
     assert set(found) == {"a", "b", "c"}
@@ -44,6 +42,11 @@ def test_list_runs_status_and_table(tmp_path, capsys):
     assert {r["status"] for r in rows} == {"finished", "dead", "running"}
     assert main(["runs", str(tmp_path / "not-a-run")]) == 0
     assert "no runs found" in capsys.readouterr().out
+    # looking does not take the lock from its holder, and a released lock leaves no file
+    with pytest.raises(runs.RunInUse, match=f"in use by another process \\(pid {os.getpid()} on "):
+        runs.RunLock.acquire(tmp_path / "group/c", wait=0)
+    lock.release()
+    assert not (tmp_path / "group/c/.lock").exists() and runs.run_info(tmp_path / "group/c").status == "dead"
 
 
 def test_compare_runs_shows_the_settings_that_differ_and_the_results(tmp_path, capsys):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2kit import runs
 from gpt2kit.checkpoints import load_model, save_model
 from gpt2kit.checkpoints.hf import CONV1D_SUFFIXES
 from gpt2kit.cli import main
@@ -396,8 +398,8 @@ def test_cli_finetune_runs_resume_errors(tmp_path, tiny_dir, capsys):
            "--batch-size", "2", "--block-size", "16", "--eval-batches", "1", "--no-progress"]
     assert main(bad + ["--column", "Nope"]) == 1
     assert "column" in capsys.readouterr().err
-    assert json.loads((tmp_path / "y/run.json").read_text())["status"] == "failed"
-    assert main(bad + ["--column", "Joke"]) == 0  # a start that failed before training is simply replaced
+    assert not (tmp_path / "y").exists()  # a start that failed before training leaves no run behind
+    assert main(bad + ["--column", "Joke"]) == 0
 
     assert main(["runs", str(tmp_path)]) == 0
     table = capsys.readouterr().out
@@ -553,7 +555,10 @@ def test_out_folder_with_user_files_is_refused_and_kept(tmp_path, tiny_dir, caps
 def test_failed_start_is_replaced_but_files_beside_the_run_stay(tmp_path, tiny_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # --out . : the current directory must survive
     assert main(_tiny_args(tiny_dir, Path("."), "--column", "Nope")) == 1
-    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    assert list(tmp_path.iterdir()) == []  # nothing of the failed start is left, and the folder stays
+    # a failed start recorded by an earlier gpt2kit (or one killed between its run.json and config.json)
+    (tmp_path / "run.json").write_text(json.dumps({"format": "gpt2kit-run", "version": 1, "status": "running",
+                                                  "step": 0}))
     (tmp_path / "notes.txt").write_text("mine")  # put beside the failed run afterwards
     assert main(_tiny_args(tiny_dir, Path("."), "--column", "Joke")) == 0
     assert (tmp_path / "notes.txt").read_text() == "mine"
@@ -566,13 +571,16 @@ def test_overwrite_replaces_only_a_stopped_run(tmp_path, tiny_dir, capsys):
     (out / "notes.txt").write_text("mine")
     (out / "tokenizer" / "old.txt").write_text("old")
     info = json.loads((out / "run.json").read_text())
-    # a live run (this very process) is never deleted
-    (out / "run.json").write_text(json.dumps({**info, "status": "running", "pid": os.getpid()}))
+    # a live run (one whose lock is held, here by this very process) is never deleted
     capsys.readouterr()
-    assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 1
-    assert "still training" in capsys.readouterr().err
+    with runs.RunLock.acquire(out):
+        assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 1
+    assert capsys.readouterr().err == f"error: run {out} is in use by another process (pid {os.getpid()} on " \
+        f"{socket.gethostname()}): wait for it to end, or stop it first\n"
     assert (out / "final/model.safetensors").is_file()
-    (out / "run.json").write_text(json.dumps(info))
+    # a run recorded as running by a process that is gone (killed in another container, or as PID 1 here: the
+    # PID is alive) is replaced
+    (out / "run.json").write_text(json.dumps({**info, "status": "running", "pid": 1}))
     assert main(_tiny_args(tiny_dir, out, "--column", "Joke", "--overwrite")) == 0
     assert (out / "notes.txt").read_text() == "mine" and not (out / "tokenizer" / "old.txt").exists()
     capsys.readouterr()
@@ -639,8 +647,8 @@ def test_messages_name_the_python_api_too_and_quote_paths(tmp_path, tiny_dir, mo
     err = capsys.readouterr().err
     assert "steps: 3 of 4 sequences x 32 tokens" in err and "done: 3 steps," in err
     assert main(["finetune", "--resume", str(out)]) == 1
-    assert f"already finished (3 steps); its model is in {out}/final. Start a new run from it with --model '{out}'" \
-        in capsys.readouterr().err
+    assert f"already finished (3 steps); its model is in {out}/final. Continue it for longer with --resume '{out}' " \
+        f"--steps N (the new total), or start a new run from it with --model '{out}'" in capsys.readouterr().err
 
 
 def test_one_step_one_sequence_and_a_prompts_file_with_a_byte_order_mark(tmp_path, tiny_dir, capsys):
@@ -885,7 +893,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, 
     last = capsys.readouterr().err.strip().splitlines()[-1]  # one error, no traceback
     assert re.match(r"error: --batch-size 100000000 x --block-size 16 needs roughly [\d,.]+ GiB, more than the "
                     r"[\d,.]+ GiB of memory on cpu; lower --batch-size", last), last
-    assert not list((tmp_path / "run").glob("checkpoints/*"))
+    assert not (tmp_path / "run").exists()  # refused before the run was recorded: nothing to clean up
 
 
 def test_a_diverged_loss_says_to_start_again_not_resume(tmp_path, tiny_dir, capsys):
@@ -971,9 +979,12 @@ def test_resume_refuses_a_replaced_tokens_cache(tmp_path, tiny_dir, capsys):
                   out=str(run)), progress=False)
     _extend(run, 3)
     encode(other)
+    recorded = json.loads((run / "run.json").read_text())
     with pytest.raises(Gpt2kitError, match=f"cannot resume {run}: its training data {cache} has changed since the "
                                            r"run started \(\d[\d,]* tokens then, [\d,]+ now\); put the original back"):
         resume(run, progress=False)
+    assert json.loads((run / "run.json").read_text()) == recorded  # a failed resume keeps the run's progress
+    assert recorded["step"] == 2 and not (run / ".lock").exists()
     encode(JOKES, "--column", "Joke")  # the original back
     assert resume(run, progress=False).status == "finished"
 
@@ -1035,3 +1046,108 @@ def test_the_resume_hint_names_torchrun_for_a_run_of_several_processes():
     assert _resume_hint("my run") == "`gpt2kit finetune --resume 'my run'` (Python: resume('my run'))"
     # a run of 2 processes is refused by a 1-process resume, so the hint must not offer one
     assert _resume_hint("my run", 2) == "`torchrun --nproc_per_node 2 -m gpt2kit finetune --resume 'my run'`"
+
+
+# ---- durability: --overwrite deletes last; failed starts leave nothing; numbered runs; longer runs --------
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_checks_everything_before_it_deletes_the_old_run(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_dir, out, "--column", "Joke", "--save-every", "1")
+    assert main(args) == 0
+    before = _snapshot(out)
+    assert {"best/model.safetensors", "final/model.safetensors", "checkpoints/step-1/trainer.pt"} <= set(before)
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait, ".encode("latin-1") * 50)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    capsys.readouterr()
+    for data, extra in ((tmp_path / "bin.dat", []),  # a binary file
+                        (JOKES, []),  # a CSV without --column
+                        (tmp_path / "latin.txt", []),  # not UTF-8
+                        (JOKES, ["--column", "Joke", "--model", str(corrupt)]),
+                        (JOKES, ["--column", "Joke", "--block-size", "1000"])):  # the model's context is 64
+        bad = _tiny_args(tiny_dir, out, "--overwrite", *extra)
+        bad[bad.index(str(JOKES))] = str(data)
+        assert main(bad) == 1, (data, extra)
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+        assert _snapshot(out) == before, (data, extra)  # the old run is whole, and nothing was added
+        assert sorted(p.name for p in out.iterdir()) == sorted({k.split("/")[0] for k in before})
+    assert main(args + ["--overwrite"]) == 0  # the checks pass: now it is replaced
+
+
+def test_numbered_runs_and_naming_them_by_number(tmp_path, tiny_dir, capsys, monkeypatch):
+    from gpt2kit.checkpoints import resolve_model_dir
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_args(tiny_dir, Path("x"), "--column", "Joke")
+    i = args.index("--out")
+    numbered = args[:i] + args[i + 2:]
+    # a start that fails before training (a model that cannot be downloaded offline) leaves no folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(numbered[:1] + ["--model", "gpt2"] + numbered[3:]) == 1
+    assert "cannot download 'gpt2'" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    assert main(numbered + ["--runs-dir", "runs", "--name", "jokes"]) == 0
+    assert capsys.readouterr().out.strip() == "runs/0001-jokes/best"
+    assert main(numbered) == 0  # without --out: the next number in runs/
+    assert capsys.readouterr().out.strip() == "runs/0002/best"
+    # a start that fails before training leaves no numbered folder (its number is used again)
+    assert main(numbered + ["--column", "Nope"]) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0001-jokes", "0002"]
+    (tmp_path / "runs" / "0041-mine").mkdir()  # the next number follows the highest there is
+    assert main(numbered + ["--name", "x", "--runs-dir", "runs"]) == 0
+    assert capsys.readouterr().out.strip() == "runs/0042-x/best"
+    (tmp_path / "runs" / "0041-mine").rmdir()
+    # runs/N, or N alone for runs/, names the run wherever --model (or --resume, or `runs DIR`) is taken
+    assert resolve_model_dir("runs/1") == Path("runs/0001-jokes/best")
+    assert resolve_model_dir("2") == Path("runs/0002/best")
+    Path("few.txt").write_text("A few words to score. " * 10)
+    assert main(["eval", "--model", "1", "--data", "few.txt"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "runs"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["#", "RUN"] and [ln.split()[:2] for ln in table[1:]] == [
+        ["1", "runs/0001-jokes"], ["2", "runs/0002"], ["42", "runs/0042-x"]]
+    assert main(["runs", "42", "--json"]) == 0 and json.loads(capsys.readouterr().out)["number"] == 42
+    # a new run started from run 1 records its real path
+    start = _tiny_args(Path("1"), Path("from-one"), "--column", "Joke")
+    assert main(start) == 0
+    assert json.loads(Path("from-one/config.json").read_text())["model"] == str(tmp_path / "runs/0001-jokes")
+    (tmp_path / "runs" / "0002-copy").mkdir()
+    with pytest.raises(Gpt2kitError, match="2 is ambiguous: runs/0002, runs/0002-copy have the number 2"):
+        resolve_model_dir("2")
+    capsys.readouterr()
+    assert main(numbered + ["--out", "y", "--name", "z"]) == 1
+    assert "give one or the other" in capsys.readouterr().err
+
+
+def test_resume_with_steps_continues_a_finished_run_with_its_optimizer(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    args = _tiny_args(tiny_dir, out, "--column", "Joke", "--lr", "1e-3", "--eval-every", "0")
+    args[args.index("--steps") + 1] = "4"
+    assert main(args) == 0
+    assert main(["finetune", "--resume", str(out), "--steps", "6", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming at step 4" in err and "steps: 6 of" in err
+    info, cfg = json.loads((out / "run.json").read_text()), json.loads((out / "config.json").read_text())
+    assert info["status"] == "finished" and info["step"] == 6 and info["total_steps"] == 6 and cfg["steps"] == 6
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "lr" in r}
+    # the schedule is the one of a 6-step run from where it stood (step 5 is optimizer step 4, 0-based)
+    assert sorted(lrs) == [1, 2, 3, 4, 5, 6]
+    assert lrs[5] == pytest.approx(lr_at(4, TrainConfig(**cfg), 6)) and lrs[6] == pytest.approx(1e-4)
+    # continued, not restarted: the AdamW state holds every step's moments (its step count is 6)
+    state = torch.load(out / "checkpoints/step-6/trainer.pt", weights_only=True)
+    assert int(next(iter(state["optimizer"]["state"].values()))["step"]) == 6
+    assert main(["finetune", "--resume", str(out), "--steps", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "already finished (6 steps)" in err and "--steps 6 is no more than that" in err
+    assert main(["finetune", "--resume", str(out), "--epochs", "0.0001"]) == 1
+    assert "it has done 6 already" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text()) == info  # refused: the run is as it was
+    assert main(["finetune", "--resume", str(out), "--steps", "7", "--epochs", "2"]) == 1
+    assert "not both" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,3 +114,51 @@ def test_kill_9_and_ctrl_c_then_resume_match_an_uninterrupted_run(tmp_path, mode
         _assert_same(tmp_path / "ref", tmp_path / run)
     # nothing half-written is left behind
     assert not [p for p in (tmp_path / "killed").rglob(".tmp-*")]
+
+
+def test_two_resumes_of_one_run_one_is_refused_at_once(tmp_path, model_dir):
+    run = tmp_path / "run"
+    first = _start(model_dir, run)
+    _wait_for_checkpoint(first, run, 4)
+    first.kill()
+    first.wait()
+    # killed in "another container": its recorded host is elsewhere and its PID is one that is alive here
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "pid": 1, "host": "another-container"}))
+    assert run_info(run).status == "dead"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gpt2kit", "finetune", "--resume", str(run), "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    refused = [err for rc, err in results if rc == 1]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    assert refused[0] == f"error: run {run} is in use by another process (pid " \
+        f"{procs[[rc for rc, _ in results].index(0)].pid} on {socket.gethostname()}): wait for it to end, or stop " \
+        "it first\n"
+    assert run_info(run).status == "finished" and run_info(run).step == STEPS
+    assert not (run / ".lock").exists()
+
+
+def test_ctrl_c_on_a_piped_finetune_saves_and_exits_130(tmp_path, model_dir):
+    # `gpt2kit finetune ... 2>&1 | head -1`: the reader takes a line and goes; then Ctrl-C
+    run = tmp_path / "run"
+    proc = _start(model_dir, run, "--steps", "100000")
+    proc.stderr.readline()
+    proc.stderr.close()
+    proc.stdout.close()
+    _wait_for_checkpoint(proc, run, 8)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    info = run_info(run)
+    assert info.status == "interrupted" and info.error is None and info.step >= 8
+    assert checkpoint_dirs(run)[-1][0] == info.step  # saved where it stopped
+
+
+def test_a_closed_stdout_and_stderr_do_not_fail_a_run(tmp_path, model_dir):
+    proc = _start(model_dir, tmp_path / "run", "--steps", "4")
+    proc.stdout.close()  # the model path printed at the end meets EPIPE
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 0
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    assert info["status"] == "finished" and info["step"] == 4 and "error" not in info or info["error"] is None

@@ -32,6 +32,7 @@ from torch import nn
 from gpt2kit import runs
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
+from gpt2kit.run_numbers import resolve_run_ref
 
 log = logging.getLogger("gpt2kit")
 
@@ -317,7 +318,7 @@ def adapter_named(path: str | Path) -> Path | None:
     LoRA run), or a LoRA run with adapter checkpoints only (its newest). None for anything else."""
     from gpt2kit.checkpoints import is_model_dir
     from gpt2kit.runs import adapter_only_checkpoint
-    p = Path(str(path)).expanduser()
+    p = Path(str(resolve_run_ref(path))).expanduser()
     return p if is_adapter_dir(p) and not is_model_dir(p) else adapter_only_checkpoint(p)
 
 

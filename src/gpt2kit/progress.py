@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 LOG_INTERVAL_S = 30.0
@@ -82,3 +86,57 @@ class LineProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _SafeStream:
+    """A text stream whose writes never raise: once the reader has gone (`| head`, a closed `tee`: EPIPE) or
+    the stream is closed, its descriptor is pointed at /dev/null and the text is dropped. Progress and
+    messages are for the user; losing them must not stop the work they describe."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._drop()
+
+    def _drop(self) -> None:
+        self.broken = True
+        # what is still buffered, and whatever else writes to the descriptor later (the interpreter's flush at
+        # exit, C code), goes to /dev/null instead of failing again
+        try:
+            fd = self._stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def safe_stderr() -> Iterator[None]:
+    """sys.stderr, for the duration, as a stream whose writes never raise (see _SafeStream)."""
+    old = sys.stderr
+    if old is None or isinstance(old, _SafeStream):
+        yield
+        return
+    sys.stderr = _SafeStream(old)
+    try:
+        yield
+    finally:
+        sys.stderr = old

@@ -10,12 +10,14 @@
       checkpoints/step-N/    model (HF format; LoRA runs: the adapter) + trainer.pt
       best/                  the model with the lowest validation loss
       final/                 the model at the end of training
+      .lock                  held (flock) by the process training the run, for as long as it lives
 
 Every file is written to a temporary name and renamed, so a crash never leaves half a file; a checkpoint
 directory is assembled under a temporary name and renamed last."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.run_numbers import run_number
+
+try:
+    import fcntl
+except ImportError:  # (Windows)
+    fcntl = None  # type: ignore[assignment]
 
 RUN_JSON = "run.json"
 CONFIG_JSON = "config.json"
@@ -98,13 +106,20 @@ def _is_run_entry(name: str) -> bool:
     return name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and parts[0] in RUN_ENTRIES
 
 
-def remove_run(run_dir: str | Path) -> list[str]:
-    """Delete what a run wrote into `run_dir` (the entries named in RUN_ENTRIES and their temporaries) and
-    nothing else: files a user put beside them stay, and so does the directory. Returns what was removed."""
+def is_leftover(name: str) -> bool:
+    """Whether a hidden entry is one gpt2kit leaves in a run directory that never became a run (a start
+    killed before it trained): its lock file, or a temporary of a run entry (.tmp-data)."""
+    return name == LOCK or (name.startswith(".") and _is_run_entry(name))
+
+
+def remove_run(run_dir: str | Path, keep: Iterable[str] = ()) -> list[str]:
+    """Delete what a run wrote into `run_dir` (the entries named in RUN_ENTRIES and their temporaries, except
+    those named in `keep`) and nothing else: files a user put beside them stay, and so does the directory.
+    Returns what was removed."""
     run_dir = Path(run_dir)
     removed = []
     for p in sorted(run_dir.iterdir()):
-        if not _is_run_entry(p.name):
+        if not _is_run_entry(p.name) or p.name in keep:
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -142,7 +157,107 @@ def now() -> str:
 
 
 def process_stamp() -> dict[str, Any]:
+    """Who trains the run, for information only: liveness is the run's lock (RunLock), not these."""
     return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+# ---- the run's lock ------------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class RunInUse(Gpt2kitError):
+    """Another process holds the run's lock."""
+
+
+class RunLock:
+    """An exclusive flock on RUN/.lock, held by the process that trains the run for its whole life. The OS
+    drops it when that process ends in any way (kill -9 included), on any host or container and whatever its
+    PID, so "is the run being trained?" is "is its lock held?", never a guess from a recorded host and PID.
+    flock (not fcntl's POSIX locks, which a process shares among all its descriptors) so that a second
+    lock from the same process conflicts too. The file holds the holder's PID and host, for messages only.
+    `release` deletes the file; a process that locked a file that was deleted meanwhile locks it again."""
+
+    def __init__(self, run_dir: str | Path, fd: int):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, run_dir: str | Path, wait: float = 1.0) -> RunLock:
+        """Lock `run_dir` (an existing directory), or raise RunInUse naming the holder. `wait`: how long to
+        retry a held lock, so that a momentary probe (is_locked) is not taken for a trainer."""
+        path = Path(run_dir) / LOCK
+        end = time.monotonic() + wait
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:  # (no flock on this system: the lock file is written, nothing is locked)
+                return cls(run_dir, fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() < end:
+                    time.sleep(0.05)
+                    continue
+                holder = _lock_holder(path)
+                raise RunInUse(f"run {run_dir} is in use by another process{holder}: wait for it to end, or stop "
+                               "it first") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder released and deleted it between our open and flock: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            return cls(run_dir, fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid, host = path.read_text(encoding="utf-8").split()[:2]
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid} on {host})"
+
+
+def is_locked(run_dir: str | Path) -> bool | None:
+    """Whether a process holds the run's lock: a non-blocking lock is tried and dropped at once. None when it
+    cannot be told (the lock file is unreadable, or this system has no flock)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # (closing drops a lock taken)
+    return False
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -250,29 +365,30 @@ class RunInfo:
         return {"path": str(self.path), "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "last_loss": self.last_loss, "updated": self.updated, "model": self.model, "lora": self.lora,
-                "error": self.error, "stopped_early": self.stopped_early}
+                "error": self.error, "stopped_early": self.stopped_early, "number": self.number}
+
+    @property
+    def number(self) -> int | None:
+        """A numbered run's number (`runs/0007-jokes`: 7, which `--model runs/7` names), else None."""
+        return run_number(self.path)
 
     @property
     def shown_status(self) -> str:
         return "early-stopped" if self.status == "finished" and self.stopped_early else self.status
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def run_info(run_dir: str | Path) -> RunInfo:
+def run_info(run_dir: str | Path, locked: bool | None = None) -> RunInfo:
+    """The run's status as recorded, except that a run whose lock is held is `running` and a run recorded as
+    running whose lock is free is `dead`. `locked`: whether the lock is held by another process, when the
+    caller knows (it holds the lock itself); None: try it."""
     run_dir = Path(run_dir)
     info = read_run_json(run_dir)
     status = str(info.get("status", "unknown"))
-    if status == "running" and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
-            and not _pid_alive(info["pid"]):
+    if locked is None:
+        locked = is_locked(run_dir)
+    if locked:
+        status = "running"  # (also while a resume or --overwrite prepares, before it records it)
+    elif status == "running" and locked is False:
         status = "dead"  # the process was killed without a chance to record it; `--resume` continues
     kinds = {"step": (int, "an integer"), "total_steps": (int, "an integer"), "best_step": (int, "an integer"),
              "best_val_loss": ((int, float), "a number"), "last_loss": ((int, float), "a number"),
@@ -336,11 +452,13 @@ def _short_error(error: str | None, width: int) -> str:
 def format_runs(runs: list[RunInfo]) -> str:
     if not runs:
         return "no runs found"
-    rows = [("RUN", "STATUS", "STEP", "BEST VAL", "LOSS", "UPDATED")]
+    numbered = any(r.number is not None for r in runs)  # a first column with the numbers, when there are any
+    rows = [("#",) * numbered + ("RUN", "STATUS", "STEP", "BEST VAL", "LOSS", "UPDATED")]
     for r in runs:
         steps = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        rows.append((str(r.path) + (" (lora)" if r.lora else ""), r.shown_status, steps, _fmt(r.best_val_loss),
-                     _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
+        rows.append((("" if r.number is None else str(r.number)),) * numbered
+                    + (str(r.path) + (" (lora)" if r.lora else ""), r.shown_status, steps, _fmt(r.best_val_loss),
+                       _fmt(r.last_loss), (r.updated or "")[:19].replace("T", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     if any(r.error for r in runs):  # last, cut to what the terminal has left (at least 40 characters)
         room = max(40, shutil.get_terminal_size().columns - 1 - sum(w + 2 for w in widths))

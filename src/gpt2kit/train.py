@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -47,7 +48,8 @@ from gpt2kit.data import DataSpec, cache_identity, check_inputs, plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.fused_loss import lm_head_cross_entropy, padded_size
 from gpt2kit.model import GPT
-from gpt2kit.progress import progress_bar
+from gpt2kit.progress import progress_bar, safe_stderr
+from gpt2kit.run_numbers import new_run_dir, resolve_run_ref
 from gpt2kit.tokenizer import Tokenizer, find_vocab_files
 
 log = logging.getLogger("gpt2kit")
@@ -976,11 +978,27 @@ class _Interrupt:
             signal.signal(sig, handler)
 
 
+_STAGING = ".tmp-data"  # a new run's data caches, until it replaces what --out held (see _Run._commit)
+
+
 class _Run:
+    """One training process's run. Order matters for what a failure leaves behind: the run's lock is taken
+    before anything else touches the directory; then everything that can fail is checked (model, data, block
+    size, optimizer, the checkpoint's state) while the directory stays as it was; then `_commit` replaces what
+    --out held (--overwrite) and records the run; then it trains. A new run that fails before `_commit` leaves
+    nothing behind (not even the directory, if it made it); a resume that fails before it leaves the run as
+    it was."""
+
     def __init__(self, cfg: TrainConfig, *, resume: bool, progress: bool, overwrite: bool = False,
-                 moved_base: bool = False):
+                 moved_base: bool = False, lock: runs.RunLock | None = None, extending: bool = False):
         self.cfg = cfg
         self.resuming = resume
+        self.lock = lock  # held by the main process (resume() takes it before reading the run)
+        self.extending = extending  # resuming with a new --steps/--epochs total
+        self.committed = False  # run.json and config.json now describe this process's run
+        self._replaced = False  # _commit has removed what --out held
+        self.created: list[Path] = []  # folders this start made, outermost first (removed if it fails before training)
+        self._record: dict[str, Any] = {}  # run.json fields found during setup, written by _commit
         self.moved_base = moved_base  # resuming a LoRA run with its base model at a new cfg.model
         self.overwrite = overwrite
         self.progress = progress
@@ -1007,10 +1025,8 @@ class _Run:
         if not self.dist.main:
             return
         if self.resuming:
-            info = runs.run_info(self.dir)
-            if info.status == "running":
-                raise Gpt2kitError(f"run {self.dir} is still running (pid {runs.read_run_json(self.dir).get('pid')}); "
-                                   "stop it before resuming")
+            if self.lock is None:  # (resume() takes it; a caller of _Run without one)
+                self.lock = runs.RunLock.acquire(self.dir)
             try:  # a read-only run would fail at its first write, after loading the model and data
                 tempfile.TemporaryFile(dir=self.dir).close()
             except OSError as e:
@@ -1019,31 +1035,60 @@ class _Run:
                                    "and resume the copy") from None
             runs.recover_dirs(self.dir)
             return
-        # gpt2kit deletes only what it wrote: --out is a new path, an empty folder, or a run of ours
+        # gpt2kit deletes only what it wrote: --out is a new path, an empty folder, or a run of ours. The lock
+        # first (so the folder is made first), then the checks; nothing is deleted here (see _commit)
         d = self.dir
         if d.exists() and not d.is_dir():
             raise Gpt2kitError(f"--out {d} is a file; give a directory for the run")
+        if self.lock is None:
+            self.created += [p for p in (d, *d.absolute().parents) if not p.exists()][::-1]
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise Gpt2kitError(f"cannot create --out {d} ({e.strerror or e}); choose a writable place") from None
+            self.lock = runs.RunLock.acquire(d)
         if runs.is_run_dir(d):
-            info = runs.run_info(d)  # an unreadable run.json is a one-line error here, and nothing is deleted
-            if info.status == "running":
-                raise Gpt2kitError(f"{d} holds a run that is still training (pid {runs.read_run_json(d).get('pid')}"
-                                   f"); stop it first or choose another --out")
+            # an unreadable run.json is a one-line error here; the lock is ours, so "running" means killed
+            info = runs.run_info(d, locked=False)
             if not (self.overwrite or self._aborted_start(info)):
                 go_on = (f"start a new run from its model with --model {shlex.quote(str(d))}"
                          if info.status == "finished" else f"continue it with {_resume_hint(d)}")
                 raise Gpt2kitError(f"{d} already holds a run ({info.status} at step {info.step}); {go_on}, "
                                    "replace it with --overwrite (Python: finetune(..., overwrite=True)), or choose "
                                    "another --out")
-            # an earlier start that failed before training, or --overwrite: remove the run's own files only
-            runs.remove_run(d)
-        elif d.is_dir() and any(d.iterdir()):
+        elif any(not runs.is_leftover(p.name) for p in d.iterdir()):
             raise Gpt2kitError(f"--out {d} is a folder with other files in it, not a gpt2kit run"
                                + (" (--overwrite only replaces runs)" if self.overwrite else "")
                                + "; choose another --out or an empty folder")
-        d.mkdir(parents=True, exist_ok=True)
-        runs.update_run_json(self.dir, status="running", step=0, started=runs.now(), model=self.cfg.model,
-                             lora=bool(self.cfg.lora_rank), **runs.process_stamp())
-        runs.write_json(self.dir / runs.CONFIG_JSON, self.cfg.to_dict())
+        shutil.rmtree(d / _STAGING, ignore_errors=True)  # an earlier start's, killed before it trained
+
+    def _commit(self) -> None:
+        """Everything has been checked: replace what --out held (an earlier run: its own entries only) with this
+        run, and record it. A resume records that it runs again."""
+        d = self.dir
+        if not self.resuming:
+            runs.remove_run(d, keep=(_STAGING,))
+            self._replaced = True  # (from here on, a failure before training removes this run's entries too)
+            if (d / _STAGING).exists():
+                os.replace(d / _STAGING, d / "data")
+            self.tok.save(d / "tokenizer")  # the run keeps its own vocabulary (checkpoints come and go)
+            self._record.update(step=0, started=runs.now(), model=self.cfg.model, lora=bool(self.cfg.lora_rank))
+        # run.json before config.json: a run killed between the two is a run (dead at step 0, replaced by the
+        # next start), not a folder of unknown files
+        runs.update_run_json(d, status="running", total_steps=self.cfg.steps, error=None,  # (a failed start's)
+                             **self._record, **runs.process_stamp())
+        runs.write_json(d / runs.CONFIG_JSON, self.cfg.to_dict())
+        # from step 0 the loop evaluates step 0 again: keep none of the earlier start's records
+        runs.truncate_metrics(d, self.step if self.step else -1)
+        self.committed = True
+
+    def _abandon(self) -> None:
+        """A new run that failed before _commit ended: remove what it wrote (its staged data, or if _commit had
+        begun, its run entries); the lock file and the folders it made go when the lock is released (run's
+        finally)."""
+        shutil.rmtree(self.dir / _STAGING, ignore_errors=True)
+        if self._replaced:
+            runs.remove_run(self.dir)
 
     def _aborted_start(self, info: runs.RunInfo) -> bool:
         return (info.status in ("failed", "dead", "interrupted") and info.step == 0
@@ -1107,8 +1152,6 @@ class _Run:
                 tok = Tokenizer.from_dir(tok_dir)
                 torch.manual_seed(cfg.seed)
                 model = GPT(gcfg).to(self.device)
-        if self.dist.main and not self.resuming:
-            tok.save(own)
         if tok.vocab_size > model.config.vocab_size:
             raise Gpt2kitError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
                                f"{model.config.vocab_size}; pass the model's own --tokenizer")
@@ -1132,16 +1175,19 @@ class _Run:
         if cfg.eval_every == 0 and not cfg.val_data and cfg.val_fraction is None:
             frac = 0.0
 
+        # a new run stages its caches, so that the run it replaces stays whole until every check has passed
+        cache_dir = self.dir / ("data" if self.resuming else _STAGING)
+
         def prep():
             try:
                 return prepare_data(cfg.data, tok, spec, val_data=cfg.val_data or None, val_fraction=frac,
-                                    seed=cfg.seed, cache_dir=self.dir / "data")
+                                    seed=cfg.seed, cache_dir=cache_dir)
             except TooLittleData as e:
                 if not (frac and cfg.val_fraction is None):  # the user asked for this split
                     raise TooLittleData(e.n_tokens, "pass --val-data FILE, or --val-fraction 0") from None
                 self.say(f"warning: the data has only {e.n_tokens} tokens, too few to hold out validation data; "
                          "training without validation (add --val-data FILE to validate)")
-                return prepare_data(cfg.data, tok, spec, cache_dir=self.dir / "data")
+                return prepare_data(cfg.data, tok, spec, cache_dir=cache_dir)
         # the main process writes the caches (the others wait for its outcome, a data error included), then
         # the others open them
         first = self.dist.agree(prep if self.dist.main else None)
@@ -1151,13 +1197,16 @@ class _Run:
         if checked:
             self._same_data(info["data_ids"], train, val)
         if self.dist.main:  # (a resume that prepared the data again records where its caches now are)
-            paths = dict(train_tokens=str(train.path.resolve()),
-                         val_tokens=str(val.path.resolve()) if val is not None else None)
+            own, data = cache_dir.resolve(), (self.dir / "data").resolve()
+
+            def where(c) -> str:  # where the cache is once _commit has moved the staged ones into RUN/data
+                p = c.path.resolve()
+                return str(data / p.relative_to(own)) if own in p.parents else str(p)
+            paths = dict(train_tokens=where(train), val_tokens=where(val) if val is not None else None)
             # caches read in place (not the run's own copies in RUN/data) may be replaced under the same name
-            own = (self.dir / "data").resolve()
             ids = {k: cache_identity(c) for k, c in (("train", train), ("val", val))
                    if c is not None and own not in c.path.resolve().parents}
-            runs.update_run_json(self.dir, **paths, **({} if checked else {"data_ids": ids}))
+            self._record.update(paths, **({} if checked else {"data_ids": ids}))
         return train, val
 
     def _same_data(self, recorded: dict[str, Any], train, val) -> None:
@@ -1453,21 +1502,24 @@ class _Run:
 
     # ---- main ----
     def run(self) -> RunResult:
-        self.dist.agree(self._prepare_dir)
         status, stopped_early = "running", False
         try:
-            self._setup()
-            with _Interrupt(self.say) as interrupt:
-                status, stopped_early = self._loop(interrupt)
+            with safe_stderr():  # a closed or broken stderr (`| head`, a killed `tee`) never stops training
+                self.dist.agree(self._prepare_dir)
+                self._setup()
+                with _Interrupt(self.say) as interrupt:
+                    status, stopped_early = self._loop(interrupt)
         except BaseException as e:
             peer = self.dist.initialized and _peer_failed(e)
-            if self.dist.main and runs.is_run_dir(self.dir):
+            if self.dist.main and self.committed:
                 st = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 why = ("another process of the torchrun job failed (its error is in the job's output)" if peer else
                        f"{type(e).__name__}: {e}"[:500])
+                got = {"step": self.step} if hasattr(self, "step") else {}  # how far it got
                 with contextlib.suppress(OSError, Gpt2kitError):  # e.g. the disk is full: report `e`, not this
-                    runs.update_run_json(self.dir, status=st, step=getattr(self, "step", 0),  # how far it got
-                                         error=None if st == "interrupted" else why)
+                    runs.update_run_json(self.dir, status=st, error=None if st == "interrupted" else why, **got)
+            elif self.dist.main and not self.resuming and self.lock is not None:
+                self._abandon()
             if peer:  # the process that failed has said why; a transport traceback here would only hide it
                 raise Gpt2kitError(f"process {self.dist.rank}: stopping, because another process of this torchrun "
                                    "job failed (its error is printed above, or in its node's output)") from None
@@ -1483,6 +1535,14 @@ class _Run:
             if self.tb is not None:
                 self.tb.close()
             self.trackers.finish(status)
+            if self.lock is not None:  # the last thing: run.json says how it ended before another may start
+                self.lock.release()
+            if self.dist.main and not self.committed:
+                for d in reversed(self.created):  # a new run that never trained leaves no folder it made
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
 
         model_dir = None
         if self.dist.main:
@@ -1523,10 +1583,6 @@ class _Run:
         train, val = self._prepare_data(self.tok)
         asked_eval = cfg.eval_every
         self.cfg = cfg = self._resolve(self.model, train, val)
-        if self.dist.main:
-            runs.write_json(self.dir / runs.CONFIG_JSON, cfg.to_dict())
-            runs.update_run_json(self.dir, status="running", total_steps=cfg.steps, error=None,  # (a failed start's)
-                                  **runs.process_stamp())
 
         from gpt2kit.data import Batcher
         kw = dict(seed=cfg.seed, line_by_line=cfg.line_by_line, rank=self.dist.rank, world_size=self.dist.world,
@@ -1560,9 +1616,15 @@ class _Run:
         self.tokens_seen, self.train_time, self.last_loss = 0, 0.0, None
         if ckpt is not None:
             self._load_checkpoint_state(ckpt)
-        if self.dist.main:
-            # from step 0 the loop evaluates step 0 again: keep none of the earlier start's records
-            runs.truncate_metrics(self.dir, self.step if self.step else -1)
+        if self.step >= cfg.steps and self.extending:
+            raise Gpt2kitError(f"cannot continue {self.dir} to {plural(cfg.steps, 'step')}: it has done "
+                               f"{self.step} already (--steps and --epochs with --resume give the new total)")
+        # a batch that cannot fit is refused before the commit, so it leaves no run (and --overwrite deletes nothing)
+        warn = _memory_warning(self.model, cfg, cfg.block_size, self.device,
+                               sum(p.numel() for p in self.trainer.params))
+        self.dist.agree(self._commit if self.dist.main else None)
+        if warn:
+            self.say(f"warning: {warn}")
 
         n_params = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trainer.params)
@@ -1583,9 +1645,6 @@ class _Run:
         if cfg.compile and self.device.type == "cpu":
             self.say("warning: --compile made CPU training slower in our measurements (4.1 vs 2.9 s a step for "
                      "124M, after a long compile); it is meant for GPUs")
-        warn = _memory_warning(self.model, cfg, cfg.block_size, self.device, n_train)
-        if warn:
-            self.say(f"warning: {warn}")
         if cfg.tensorboard and self.dist.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -1696,23 +1755,45 @@ class _Run:
         return "finished", stopped_early
 
 
-def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> RunResult:
+def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False,
+             runs_dir: str | os.PathLike | None = None, name: str | None = None) -> RunResult:
     """Train a new run into cfg.out: a new path, an empty folder, or (with `overwrite`, or after a start
-    that failed before training) an earlier run that is not running, whose own files are replaced; a
-    folder holding anything else is refused. Under torchrun, every process calls this."""
+    that failed before training) an earlier run that is not running, whose own files are replaced only once
+    everything has been checked; a folder holding anything else is refused. `runs_dir`: train into the next
+    numbered run there instead (`runs/0007`, with `name`: `runs/0007-name`; cfg.out is set to it). A start
+    that fails before training leaves no run behind. Under torchrun, every process calls this."""
     if not isinstance(cfg, TrainConfig):
         raise Gpt2kitError(f"finetune() takes a TrainConfig, not {type(cfg).__name__}")
+    if name is not None and runs_dir is None:
+        raise Gpt2kitError("--name names a numbered run: give it with --runs-dir DIR (not with --out)")
+    if cfg.model:
+        cfg.model = os.fspath(resolve_run_ref(cfg.model))  # (`--model runs/7`: recorded as the run's real path)
     if cfg.steps is not None and cfg.epochs is not None:  # (a resolved config.json holds both: resume is fine)
         raise Gpt2kitError(f"give --steps ({cfg.steps}) or --epochs ({cfg.epochs:g}), not both")
     if cfg.early_stop and cfg.eval_every == 0:  # (a resolved config.json may hold both: resume is fine)
         raise Gpt2kitError(f"--early-stop {cfg.early_stop} counts evaluations, and --eval-every 0 turns them off; "
                            "give --eval-every N, or drop --early-stop")
     cfg.validate()
-    _check_inputs(cfg)
+    # (a numbered run is a new folder in runs_dir: what matters is whether a data folder holds runs_dir)
+    _check_inputs(cfg if runs_dir is None else replace(cfg, out=os.fspath(Path(runs_dir) / "0")))
     # the data, before the model (which may mean a long download, or a download error offline)
     check_inputs(cfg.data, cfg.data_spec(), val_inputs=cfg.val_data or None)
     _check_sharing(cfg)
-    return _finish(_Run(cfg, resume=False, progress=progress, overwrite=overwrite))
+    run = _Run(cfg, resume=False, progress=progress, overwrite=overwrite)
+    if runs_dir is not None:
+        number, made = None, not Path(runs_dir).expanduser().exists()
+        if run.dist.main:  # the main process picks the number; under torchrun the others learn it
+            cfg.out = run.cfg.out = str(new_run_dir(runs_dir, name))
+            number = cfg.out
+        if run.dist.initialized:
+            import torch.distributed as dist
+            got = [number]
+            dist.broadcast_object_list(got, src=0)
+            cfg.out = run.cfg.out = got[0]
+        run.dir = Path(cfg.out)
+        # (made empty by new_run_dir, as was runs_dir if it was new: removed again if the start fails)
+        run.created = [run.dir.parent] * made + [run.dir]
+    return _finish(run)
 
 
 def _check_sharing(cfg: TrainConfig) -> None:
@@ -1751,12 +1832,40 @@ def _check_inputs(cfg: TrainConfig) -> None:
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = None,
-           model: str | os.PathLike | None = None) -> RunResult:
+           model: str | os.PathLike | None = None, steps: int | None = None, epochs: float | None = None
+           ) -> RunResult:
     """Continue a run from its newest checkpoint, with the configuration it was started with. A run that
     had not reached its first checkpoint starts over (with the same result, since every step is
     deterministic). `model`: where a LoRA run's base model is now, if it moved (its weights must be the
-    ones the run trained on)."""
-    run_dir = Path(run_dir)
+    ones the run trained on). `steps` or `epochs`: a new total length, to continue a finished run for longer
+    (or change an unfinished one's), with its optimizer state; the learning-rate schedule becomes the one of
+    a run of the new length. The run's lock is taken before anything is read: a run another process trains
+    is refused at once."""
+    run_dir = Path(resolve_run_ref(run_dir))
+    lock = None
+    if os.environ.get("RANK", "0") == "0" and run_dir.is_dir():
+        lock = _lock_for_resume(run_dir)
+    try:
+        run = _resume_run(run_dir, lock, progress=progress, device=device, model=model, steps=steps,
+                          epochs=epochs)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return _finish(run)
+
+
+def _lock_for_resume(run_dir: Path) -> runs.RunLock:
+    try:
+        return runs.RunLock.acquire(run_dir)
+    except OSError as e:
+        raise Gpt2kitError(f"cannot resume {run_dir}: cannot write in it ({e.strerror or e}); a run directory "
+                           "must be writable to resume: make it writable, or copy it elsewhere and resume the copy"
+                           ) from None
+
+
+def _resume_run(run_dir: Path, lock: runs.RunLock | None, *, progress: bool, device: str | None,
+                model: str | os.PathLike | None, steps: int | None, epochs: float | None) -> _Run:
     info = runs.read_run_json(run_dir)
     try:
         d = json.loads((run_dir / runs.CONFIG_JSON).read_text())
@@ -1773,6 +1882,11 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
             raise Gpt2kitError(f"run {run_dir} trains all weights and resumes from its own checkpoints; drop "
                                "--model (it can only point a LoRA run at its moved base model)")
         cfg.model = os.fspath(model)
+    if steps is not None and epochs is not None:
+        raise Gpt2kitError(f"give --steps ({steps}) or --epochs ({epochs:g}), not both")
+    extending = steps is not None or epochs is not None
+    if extending:  # the new total; _Run._resolve turns epochs into steps, and _setup checks it is more
+        cfg.steps, cfg.epochs = steps, epochs
     if info.get("status") == "finished" and info.get("stopped_early"):
         raise Gpt2kitError(f"run {run_dir} already finished: it stopped early at step {info.get('step')} (no "
                            f"better validation loss); its model is in {runs.model_dir(run_dir)}. Start a new run "
@@ -1782,14 +1896,19 @@ def resume(run_dir: str | Path, *, progress: bool = True, device: str | None = N
         step = ckpts[-1][0] if ckpts else info.get("step")
         # the target: --steps when the config names it (raising it extends a finished run), else the total
         # this run computed and recorded (so an edited or epoch-based config can't restart a finished run)
-        target = cfg.steps if cfg.steps is not None else info.get("total_steps")
+        target = cfg.steps if cfg.steps is not None else None if epochs is not None else info.get("total_steps")
         if isinstance(target, int) and isinstance(step, int) and step >= target:
+            more = (f"--steps {target} is no more than that (it is the new total)" if extending else
+                    f"continue it for longer with --resume {shlex.quote(str(run_dir))} --steps N (the new total), "
+                    f"or start a new run from it with --model {shlex.quote(str(run_dir))}")
             raise Gpt2kitError(f"run {run_dir} already finished ({plural(step, 'step')}); its model is in "
-                               f"{runs.model_dir(run_dir)}. Start a new run from it with --model "
-                               f"{shlex.quote(str(run_dir))}")
+                               f"{runs.model_dir(run_dir)}. {more[0].upper()}{more[1:]}")
+        if extending and not ckpts:
+            raise Gpt2kitError(f"run {run_dir} has no checkpoint left to continue from (checkpoints/ is empty); "
+                               f"start a new run from its model with --model {shlex.quote(str(run_dir))}")
     cfg.validate()
     _check_sharing(cfg)
-    return _finish(_Run(cfg, resume=True, progress=progress, moved_base=model is not None))
+    return _Run(cfg, resume=True, progress=progress, moved_base=model is not None, lock=lock, extending=extending)
 
 
 def _push(run: _Run, result: RunResult) -> None:

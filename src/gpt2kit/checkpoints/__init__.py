@@ -19,6 +19,7 @@ import torch
 from gpt2kit.config import OPENAI_NAMES, GPTConfig
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
+from gpt2kit.run_numbers import resolve_run_ref
 from gpt2kit.tokenizer import GPT2_VOCAB_DIR, Tokenizer, find_vocab_files
 
 log = logging.getLogger("gpt2kit")
@@ -114,8 +115,9 @@ def is_model_file(path: Path) -> bool:
 def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hint: str | None = None) -> Path:
     """A local model for `name_or_path`: a directory as it is, a run directory's model, a nanoGPT ckpt.pt or
     llm.c model file as it is, or a model name downloaded (and cached) from the Hugging Face Hub. `flag` and
-    `local_hint` word the errors for the caller's argument (default: --model)."""
-    s = str(name_or_path)
+    `local_hint` word the errors for the caller's argument (default: --model). A numbered run may be named by
+    its number (`runs/7`, or `7` for runs/; see run_numbers)."""
+    s = str(resolve_run_ref(name_or_path))
     path = Path(s).expanduser()
     if path.is_dir():
         return run_model_dir(path) or path

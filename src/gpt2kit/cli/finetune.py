@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gpt2kit.cli.common import setup_logging
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.run_numbers import DEFAULT_RUNS_DIR
 
 EXAMPLES = """examples:
   gpt2kit finetune --model gpt2 --data jokes.csv --column Joke --out runs/jokes --epochs 10
@@ -17,6 +18,8 @@ EXAMPLES = """examples:
   gpt2kit finetune --model gpt2-medium --data notes/ --out runs/lora --lora-rank 8
   gpt2kit finetune --init scratch --config tiny --tokenizer gpt2-dir --data shakespeare.txt --out runs/s
   gpt2kit finetune --resume runs/jokes
+  gpt2kit finetune --model gpt2 --data jokes.csv --column Joke --runs-dir runs --name jokes   # runs/0007-jokes
+  gpt2kit finetune --resume runs/7 --steps 2000          # continue run 7 (finished or not) to 2000 steps
   torchrun --nproc_per_node 2 -m gpt2kit finetune --model gpt2 --data d.txt --out runs/ddp
 """
 
@@ -29,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--model RUN_DIR then works everywhere a model is accepted.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint, with its own "
-                   "settings (nothing else needed)")
+                   "settings (nothing else needed; --steps or --epochs set a new total, to continue a finished run "
+                   "for longer). A numbered run may be named runs/7, or 7 for runs/")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", help="model name (gpt2, gpt2-medium, ...), model directory or run directory")
@@ -58,7 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "and each training sample is one document (padded), not a window of the stream")
 
     g = p.add_argument_group("training")
-    g.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
+    g.add_argument("--out", metavar="RUN_DIR", help="run directory to create (default: the next numbered run in "
+                   "--runs-dir)")
+    g.add_argument("--runs-dir", metavar="DIR", help="without --out: train into the next numbered run in DIR, "
+                   f"DIR/0007 (default {DEFAULT_RUNS_DIR}/)")
+    g.add_argument("--name", help="with --runs-dir: add a name to the numbered run's folder (DIR/0007-NAME)")
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its own files "
                    "only; refused for a folder that is not a run, or a run still training)")
     g.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
@@ -134,7 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # every option's default; with --resume the run's own settings are used, so any other value is refused
 _DEFAULTS: dict[str, object] = {}
 # what may differ when resuming: where it runs and how it shows progress (and where a LoRA run's base moved)
-_RESUME_OPTIONS = ("resume", "device", "no_progress", "func", "model")
+# (and its length: --steps/--epochs give a new total)
+_RESUME_OPTIONS = ("resume", "device", "no_progress", "func", "model", "steps", "epochs")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -164,14 +173,17 @@ def run(args: argparse.Namespace) -> int:
             raise Gpt2kitError(f"--resume continues a run with its own settings; drop {', '.join(given)} "
                                "(to change them, start a new run with --model RUN_DIR)")
         device = None if args.device == "auto" else args.device  # e.g. resume a GPU run on a CPU
-        result = train.resume(args.resume, progress=not args.no_progress, device=device, model=args.model)
+        result = train.resume(args.resume, progress=not args.no_progress, device=device, model=args.model,
+                              steps=args.steps, epochs=args.epochs)
     else:
-        if not args.out:
-            raise Gpt2kitError("no run directory: pass --out RUN_DIR (or --resume RUN_DIR to continue a run)")
+        if args.out and (args.runs_dir or args.name):
+            raise Gpt2kitError(f"--out names the run's folder; --{'runs-dir' if args.runs_dir else 'name'} is for "
+                               "numbered runs: give one or the other")
+        runs_dir = None if args.out else args.runs_dir or DEFAULT_RUNS_DIR
         cfg = train.TrainConfig(
             model=args.model, init=args.init, config=args.config, tokenizer=args.tokenizer,
             data=args.data, val_data=args.val_data, val_fraction=args.val_fraction, column=args.column,
-            field=args.field, encoding=args.encoding, line_by_line=args.line_by_line, out=args.out,
+            field=args.field, encoding=args.encoding, line_by_line=args.line_by_line, out=args.out or "",
             skip_bad_rows=args.skip_bad_rows,
             steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
             block_size=args.block_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio, schedule=args.schedule,
@@ -185,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
             save_every=args.save_every, keep=args.keep, tensorboard=args.tensorboard, wandb=args.wandb,
             wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, push_to_hub=args.push_to_hub,
             push_private=args.push_private)
-        result = train.finetune(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        result = train.finetune(cfg, progress=not args.no_progress, overwrite=args.overwrite, runs_dir=runs_dir,
+                                name=args.name)
     if result.status == "interrupted":
         return 130
     if result.model_dir is not None:

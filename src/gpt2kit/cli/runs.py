@@ -13,8 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List the gpt2kit run directories at or below DIR (default: the current directory) with "
                     "their status, step, best validation loss, last training loss and, for a failed run, its error. "
                     "Hidden and symlinked folders are not searched. A run marked 'dead' was "
-                    "killed without recording it; `gpt2kit finetune --resume RUN` continues it. With --compare, "
-                    "the runs found side by side instead: the settings on which they differ, then their results.")
+                    "killed without recording it (a run is running while its trainer holds RUN/.lock); "
+                    "`gpt2kit finetune --resume RUN` continues it. Numbered runs (runs/0007-jokes, from "
+                    "`finetune --runs-dir`) show their number first; runs/7 (or 7, for runs/) names one. With "
+                    "--compare, the runs found side by side instead: the settings on which they differ, then their "
+                    "results.")
     p.add_argument("dirs", nargs="*", default=["."], metavar="DIR", help="run directories or folders holding runs")
     p.add_argument("--compare", action="store_true",
                    help="show the runs side by side: the settings that differ between them, then their status, "
@@ -24,10 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2kit.run_numbers import resolve_run_ref
     from gpt2kit.runs import compare_runs, format_comparison, format_runs, list_runs
     found, seen = [], set()
     for d in args.dirs:
-        for r in list_runs(d):
+        for r in list_runs(resolve_run_ref(d)):
             if r.path.resolve() not in seen:
                 seen.add(r.path.resolve())
                 found.append(r)
