@@ -74,8 +74,16 @@ def test_compare_runs_shows_the_settings_that_differ_and_the_results(tmp_path, c
     runs.write_json(tmp_path / "b" / runs.CONFIG_JSON, base)
     runs.write_json(tmp_path / "a" / runs.CONFIG_JSON, base)
     assert main(["runs", str(tmp_path), "--compare"]) == 0 and "(same settings)" in capsys.readouterr().out
-    assert main(["runs", str(tmp_path / "a"), "--compare"]) == 1
-    assert "needs at least two runs, found 1" in capsys.readouterr().err
+    # one run is a comparison of one: its results, no setting to differ on
+    assert main(["runs", str(tmp_path / "a"), "--compare"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "(one run)" and lines[3].split() == ["status", "finished"]
+    assert lines[-1].split() == ["tokens/s", "200"]
+    one = runs.compare_runs(runs.list_runs(tmp_path / "a"))
+    assert one.settings == {} and one.tokens_per_sec == [200.0] and len(one.runs) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["runs", str(tmp_path / "empty"), "--compare"]) == 1
+    assert capsys.readouterr().err == "error: no runs to compare: name run directories, or a folder that holds runs\n"
     (tmp_path / "b" / runs.CONFIG_JSON).write_text("{torn")
     assert main(["runs", str(tmp_path), "--compare"]) == 1
     err = capsys.readouterr().err
