@@ -7,8 +7,13 @@ GPT-2 and the Hub switched off. Blocks that need a running server (the `openai` 
 from __future__ import annotations
 
 import csv
+import json
+import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +83,24 @@ def test_a_readme_python_block_runs_offline(index, sandbox, tmp_path, monkeypatc
         assert "runs/jokes finished" in out  # list_runs, then a comparison of that one run
 
 
+
+def test_the_readmes_first_generate_command_works_offline_as_written():
+    # the command the README opens with, between the set-up and the test commands
+    head = README.read_text(encoding="utf-8").split("\n\n")[1].splitlines()
+    assert head[0].split()[:2] == ["bash", "scripts/setup.sh"]
+    assert head[-1].split()[:4] == [".venv/bin/python", "-m", "pytest", "#"]
+    argv = shlex.split(head[1].split("#")[0])
+    assert argv[:2] == [".venv/bin/gpt2kit", "generate"] and argv[argv.index("--model") + 1] == "examples/shakespeare"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "gpt2kit", *argv[1:]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # (.venv/bin/gpt2kit is this interpreter's gpt2kit)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ROMEO:") and len(done.stdout.split()) > 20 and "\n" in done.stdout.strip()
+
+
+def test_the_demo_model_is_small():
+    demo = ROOT / "examples" / "shakespeare"
+    assert sum(f.stat().st_size for f in demo.iterdir()) < 10 * 2**20  # it is committed to git
+    config = json.loads((demo / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (4, 64, 50257)
+    assert config["dtype"] == "float16"
