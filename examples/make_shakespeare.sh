@@ -24,7 +24,7 @@ cat > "$work/config.json" <<'JSON'
 JSON
 
 # The tokenizer is GPT-2's, from the demo model's own directory (vocab.json + merges.txt never change).
-# No validation split (one document); fixed seed, so a rerun on the same machine gives the same weights.
+# No validation split (one document); a fixed seed (a rerun gives the same model up to float rounding).
 $GPT2KIT finetune --init scratch --config "$work/config.json" --tokenizer examples/shakespeare \
   --data examples/data/tinyshakespeare.txt --out "$work/run" \
   --steps 400 --batch-size 4 --block-size 256 --lr 6e-3 --warmup-steps 20 --seed 0 \
