@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import math
 import os
 
 import pytest
@@ -76,8 +77,16 @@ def test_compare_runs_shows_the_settings_that_differ_and_the_results(tmp_path, c
     runs.write_json(tmp_path / "b" / runs.CONFIG_JSON, base)
     runs.write_json(tmp_path / "a" / runs.CONFIG_JSON, base)
     assert main(["runs", str(tmp_path), "--compare"]) == 0 and "(same settings)" in capsys.readouterr().out
-    assert main(["runs", str(tmp_path / "a"), "--compare"]) == 1
-    assert "needs at least two runs, found 1" in capsys.readouterr().err
+    # one run is a comparison of one: its results, no setting to differ on
+    assert main(["runs", str(tmp_path / "a"), "--compare"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "(one run)" and lines[3].split() == ["status", "finished"]
+    assert lines[-1].split() == ["tokens/s", "200"]
+    one = runs.compare_runs(runs.list_runs(tmp_path / "a"))
+    assert one.settings == {} and one.tokens_per_sec == [200.0] and len(one.runs) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["runs", str(tmp_path / "empty"), "--compare"]) == 1
+    assert capsys.readouterr().err == "error: no runs to compare: name run directories, or a folder that holds runs\n"
     (tmp_path / "b" / runs.CONFIG_JSON).write_text("{torn")
     assert main(["runs", str(tmp_path), "--compare"]) == 1
     err = capsys.readouterr().err
@@ -116,6 +125,22 @@ def test_replace_dir_and_recovery(tmp_path):
     (tmp_path / "checkpoints/step-2").mkdir()
     (tmp_path / "checkpoints/step-2/trainer.pt").write_bytes(b"x")
     assert [s for s, _ in runs.checkpoint_dirs(tmp_path)] == [2]
+
+
+def test_smoothing_is_debiased_and_does_not_lag_above_the_loss():
+    assert plot.smooth([3.0] * 20, 0.9) == pytest.approx([3.0] * 20)  # a constant from its first point
+    falling = [2 + 8 * math.exp(-s / 15) + 0.3 * math.sin(s) for s in range(200)]
+    smoothed = plot.smooth(falling, 0.96)
+    assert smoothed[0] == pytest.approx(falling[0])
+    for t, v in enumerate(smoothed):  # a weighted mean of the values so far, weights beta**age
+        assert min(falling[:t + 1]) - 1e-9 <= v <= max(falling[:t + 1]) + 1e-9
+        w = [0.96 ** (t - i) for i in range(t + 1)]
+        assert v == pytest.approx(sum(wi * x for wi, x in zip(w, falling)) / sum(w))
+    # after a drop, the first (high) loss weighs as one of the points so far, not as 0.96**t of the curve
+    drop = plot.smooth([10.0] + [2.0] * 30, 0.96)
+    assert drop[20] < 2.5 and drop[30] < 2.3
+    with pytest.raises(ValueError):
+        plot.smooth([1.0], 1.0)
 
 
 def test_plot_and_missing_matplotlib(tmp_path, monkeypatch, caplog):

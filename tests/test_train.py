@@ -28,6 +28,7 @@ from gpt2kit.train import (
     EmulatedAutocast,
     TrainConfig,
     Trainer,
+    default_cadence,
     finetune,
     freeze,
     lr_at,
@@ -204,6 +205,49 @@ def test_lr_schedule():
     assert [round(lr_at(s, lin, 5), 6) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     const = TrainConfig(model="x", data=["x"], lr=2.0, warmup_steps=0, schedule="constant")
     assert lr_at(3, const, 5) == 2.0
+
+
+def _points(every: int, total: int) -> list[int]:
+    """The steps that evaluate (or sample): step 0, every `every` steps and the last (the loop's rule)."""
+    return [0, *sorted({s for s in range(every, total + 1, every)} | {total})] if every else []
+
+
+@pytest.mark.parametrize("total", [1, 2, 10, 37, 100, 199, 200, 1000, 12345, 10**6])
+def test_default_cadence_is_a_small_share_of_any_run(total):
+    c = default_cadence(total, has_val=True, batch_size=4, block_size=128)
+    evals, samples = _points(c.eval_every, total), _points(c.sample_every, total)
+    assert 2 <= len(evals) <= 11 and len(evals) - 1 <= max(2, total // 20)  # 10 per run at most, fewer if short
+    assert len(samples) <= len(evals) and set(samples) <= set(evals) | {total}  # less often, with an evaluation
+    assert 1 <= c.save_every <= 1000 and total // c.save_every <= max(10, total // 1000)  # (+ always the end)
+    # all evaluations together score at most 0.3x the training tokens (a forward is ~1/3 of a training step)
+    assert 1 <= c.eval_batches <= 50 and (c.eval_batches * len(evals) <= 0.3 * total or c.eval_batches == 1)
+    assert c.eval_batches * 4 * 128 <= 32768
+
+
+def test_default_cadence_examples_and_given_values_win():
+    c = default_cadence(10, has_val=True, batch_size=4, block_size=128)
+    assert (c.eval_every, c.sample_every, c.save_every, c.eval_batches) == (5, 10, 5, 1)
+    c = default_cadence(5000, has_val=True, batch_size=4, block_size=1024, grad_accum=2, world=2)
+    assert (c.eval_every, c.sample_every, c.save_every, c.eval_batches) == (500, 1000, 500, 8)
+    c = default_cadence(30000, has_val=False, batch_size=8, block_size=128)
+    assert (c.eval_every, c.sample_every, c.save_every) == (0, 6000, 1000)  # no validation: samples still
+    given = default_cadence(10, has_val=True, batch_size=4, block_size=128, eval_every=1, sample_every=0,
+                            save_every=3, eval_batches=7)
+    assert (given.eval_every, given.sample_every, given.save_every, given.eval_batches) == (1, 0, 3, 7)
+    assert default_cadence(10, has_val=True, batch_size=4, block_size=128, eval_every=2).sample_every == 4
+    assert default_cadence(10, has_val=False, batch_size=4, block_size=128, eval_every=2).eval_every == 0
+
+
+def test_a_ten_step_run_evaluates_samples_and_saves_a_few_times(tmp_path, tiny_dir):
+    res = finetune(_cfg(tmp_path, tiny_dir, steps=10, eval_batches=None, sample_every=None, sample_tokens=4),
+                   progress=False)
+    run = tmp_path / "run"
+    assert res.status == "finished"
+    evals = [r["step"] for r in runs.read_metrics(run) if "val_loss" in r]
+    assert evals == [0, 5, 10]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0.txt", "step-10.txt"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["eval_every"], cfg["sample_every"], cfg["save_every"], cfg["eval_batches"]) == (5, 10, 5, 1)
 
 
 def test_weight_decay_groups_and_freeze():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,17 @@ def _pyplot():
     return plt
 
 
-def _ema(values: list[float], alpha: float) -> list[float]:
-    out, m = [], None
-    for v in values:
-        m = v if m is None else alpha * v + (1 - alpha) * m
-        out.append(m)
+def smooth(values: Sequence[float], beta: float) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing): the t-th value is the average of
+    the first t values weighted beta**age, so the curve starts at the first value without being held
+    there (an average started from the first value keeps weight beta**t on it, and lags above a falling
+    loss for long). A constant series stays that constant; every value lies within the values so far."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"smoothing beta must be in [0, 1), got {beta}")
+    out, m = [], 0.0
+    for t, v in enumerate(values, 1):
+        m = beta * m + (1 - beta) * v  # (starts from 0: biased towards 0 by beta**t, which the division removes)
+        out.append(m / (1 - beta**t))
     return out
 
 
@@ -53,7 +60,8 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path, title: str | No
             steps, losses = zip(*train)
             ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
             if len(train) > 10:
-                ax.plot(steps, _ema(list(losses), 2 / (1 + min(50, len(train) // 5))), color="tab:blue",
+                # an EMA spanning a fifth of the points (at most 50): beta = 1 - 2 / (span + 1)
+                ax.plot(steps, smooth(losses, 1 - 2 / (1 + min(50, len(train) // 5))), color="tab:blue",
                         linewidth=1.5, label="train loss (smoothed)")
         if val:
             steps, losses = zip(*val)

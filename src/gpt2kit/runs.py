@@ -503,11 +503,10 @@ class Comparison:
 
 
 def compare_runs(found: list[RunInfo]) -> Comparison:
-    """Compare two or more runs (as list_runs gives them); a run whose config.json cannot be read is an
-    error naming it."""
-    if len(found) < 2:
-        raise Gpt2kitError(f"--compare needs at least two runs, found {len(found)}; name two run directories, "
-                           "or a folder that holds several")
+    """Compare runs (as list_runs gives them): one run compares to nothing, so it is its own results with
+    no differing settings; none is an error, as is a run whose config.json cannot be read."""
+    if not found:
+        raise Gpt2kitError("no runs to compare: name run directories, or a folder that holds runs")
     configs = []
     for r in found:
         path = r.path / CONFIG_JSON
@@ -534,7 +533,8 @@ def format_comparison(c: Comparison) -> str:
         "last loss": [_fmt(r.last_loss) for r in c.runs],
         "tokens/s": [f"{t:,.0f}" if t is not None else "-" for t in c.tokens_per_sec]}
     head = [""] + [str(r.path) for r in c.runs]
-    body = [[k, *map(_setting, v)] for k, v in c.settings.items()] or [["(same settings)"] + [""] * len(c.runs)]
+    alike = "(same settings)" if len(c.runs) > 1 else "(one run)"
+    body = [[k, *map(_setting, v)] for k, v in c.settings.items()] or [[alike] + [""] * len(c.runs)]
     rows = [head, *body, None, *([k, *v] for k, v in results.items())]
     widths = [max(len(row[i]) for row in rows if row is not None) for i in range(len(head))]
     return "\n".join("" if row is None else "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()

@@ -120,16 +120,17 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = _field(default_factory=lambda: ["all"])
     # evaluation, samples, checkpoints
-    eval_every: int | None = None  # steps; default: 10 times per run (0: never)
-    eval_batches: int | None = None  # validation batches per evaluation; default: ~32K target tokens (windows: at
-    # most 50 batches; line_by_line: every validation document while they hold fewer)
+    # (defaults for these four: default_cadence, a small share of the training whatever its length)
+    eval_every: int | None = None  # steps; default: 10 times per run, less often in runs under 200 steps (0: never)
+    eval_batches: int | None = None  # validation batches per evaluation; default: ~32K tokens, at most 50
+    # (line_by_line: every validation document while they hold fewer than ~32K target tokens)
     early_stop: int = 0  # stop after this many evaluations without a new best (0: never)
-    sample_every: int | None = None  # steps; default: with every evaluation (0: never)
+    sample_every: int | None = None  # steps; default: with every second evaluation (0: never)
     sample_tokens: int = 64
     prompts: list[str] = _field(default_factory=list)
     sample_temperature: float = 0.8
     sample_top_k: int = 40
-    save_every: int | None = None  # steps; default: 10 times per run, at most every 1000 steps
+    save_every: int | None = None  # steps; default: with every evaluation, at most every 1000 steps
     keep: int = 2  # checkpoints kept besides best/ and final/
     tensorboard: bool | None = None  # None: log to RUN/tensorboard when tensorboard is installed
     # sharing: Weights & Biases (gpt2kit.tracking), a push to the Hub at the end (gpt2kit.push)
@@ -406,6 +407,39 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     else:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     return base * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a run evaluates, samples and saves (steps between; 0: never) and how many validation batches
+    one evaluation scores."""
+    eval_every: int
+    sample_every: int
+    save_every: int
+    eval_batches: int
+
+
+def default_cadence(total_steps: int, *, has_val: bool, batch_size: int, block_size: int, grad_accum: int = 1,
+                    world: int = 1, eval_every: int | None = None, sample_every: int | None = None,
+                    save_every: int | None = None, eval_batches: int | None = None) -> Cadence:
+    """The evaluation, sample and checkpoint cadence of a run of `total_steps`, for the values not given
+    (given ones win), chosen so that they cost a small share of the training whatever its length:
+    - 10 report points per run, or one per 20 steps in a run under 200 steps (at least 2): evaluation
+      there (and at step 0);
+    - samples at every second point (and at step 0 and the end), as decoding one token at a time is slow;
+    - a checkpoint at every point, the interval at most 1000 steps (and always at the end);
+    - an evaluation scores about 32K tokens (at most 50 batches), fewer when the run is short: all
+      evaluations together score at most 0.3x the tokens trained on, about 10% of the training's compute
+      (a forward pass alone costs about a third of a training step)."""
+    interval = math.ceil(total_steps / min(10, max(2, total_steps // 20)))
+    ev = (interval if eval_every is None else eval_every) if has_val else 0
+    sample = 2 * (ev or interval) if sample_every is None else sample_every
+    save = min(1000, interval) if save_every is None else save_every
+    if eval_batches is None:
+        n_evals = 1 + (math.ceil(total_steps / ev) if ev else 0)  # step 0, every ev steps, and the last step
+        budget = int(0.3 * total_steps * grad_accum * world / n_evals)  # in batches of batch_size sequences
+        eval_batches = max(1, min(50, 32768 // (batch_size * block_size), budget))
+    return Cadence(eval_every=ev, sample_every=sample, save_every=save, eval_batches=eval_batches)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -1239,22 +1273,21 @@ class _Run:
         lr = cfg.lr or (1e-3 if cfg.lora_rank else 6e-4 if cfg.init == "scratch" else 1e-4)
         warm = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
         has_val = val is not None
-        ev = cfg.eval_every if cfg.eval_every is not None else (max(1, total // 10) if has_val else 0)
-        if not has_val:
-            ev = 0
-        sample = cfg.sample_every if cfg.sample_every is not None else (ev or max(1, total // 10))
-        save = cfg.save_every if cfg.save_every is not None else max(1, min(1000, total // 10))
+        cadence = default_cadence(total, has_val=has_val, batch_size=cfg.batch_size, block_size=block,
+                                  grad_accum=cfg.grad_accum, world=self.dist.world, eval_every=cfg.eval_every,
+                                  sample_every=cfg.sample_every, save_every=cfg.save_every,
+                                  eval_batches=cfg.eval_batches)
         tb = cfg.tensorboard
         if tb is None:
             import importlib.util
             tb = importlib.util.find_spec("tensorboard") is not None
         def absolute(p: str | None) -> str | None:  # so that --resume works from any directory
             return str(Path(p).resolve()) if p and Path(p).exists() else p
-        # enough validation tokens for a steady estimate, few enough that a CPU evaluates in under a minute
-        eval_batches = cfg.eval_batches or max(1, min(50, _EVAL_TOKENS // (cfg.batch_size * block)))
+        eval_batches = cadence.eval_batches
         if cfg.eval_batches is None and cfg.line_by_line and val is not None:
-            # the same budget in target tokens, which short documents fill with many more (padded) batches
-            # than windows of the stream: every document while they fit, else an even spread of them
+            # validation covers what the run says it has: every document while they hold ~32K target tokens
+            # (which short documents spread over many more padded batches than windows of the stream), else an
+            # even spread of them; the run's notes say how much each evaluation scores
             targets = np.maximum(np.minimum(np.diff(val.doc_offsets), block + 1) - 1, 0)
             docs = min(val.n_docs, math.ceil(val.n_docs * _EVAL_TOKENS / max(1, int(targets.sum()))))
             per_batch = cfg.batch_size * self.dist.world
@@ -1265,8 +1298,8 @@ class _Run:
                        tokenizer=absolute(cfg.tokenizer),
                        config=absolute(cfg.config), data=[absolute(d) for d in cfg.data],
                        val_data=[absolute(d) for d in cfg.val_data], block_size=block, steps=total, lr=lr,
-                       warmup_steps=warm, eval_every=ev,
-                       sample_every=sample, save_every=save, tensorboard=tb,
+                       warmup_steps=warm, eval_every=cadence.eval_every,
+                       sample_every=cadence.sample_every, save_every=cadence.save_every, tensorboard=tb,
                        prompts=list(cfg.prompts) or list(DEFAULT_PROMPTS),
                        val_fraction=cfg.val_fraction if cfg.val_fraction is not None else
                        (0.0 if cfg.val_data or not has_val else 0.05),

@@ -109,18 +109,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; helps on GPUs)")
 
     g = p.add_argument_group("evaluation, samples, checkpoints")
-    g.add_argument("--eval-every", type=int, help="steps between validations (default: 10 per run; 0: never)")
+    g.add_argument("--eval-every", type=int, help="steps between validations (default: 10 per run, every 20 "
+                   "steps in runs under 200 steps, at least 2; 0: never)")
     g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: about 32K target "
-                   "tokens, at most 50 batches of windows; with --line-by-line, as many documents as hold 32K, so "
-                   "all of a smaller set); the run's notes say how much each evaluation scores")
+                   "tokens, at most 50 batches of windows, fewer in short runs; with --line-by-line, as many "
+                   "documents as hold 32K, so all of a smaller set); the run's notes say how much each evaluation "
+                   "scores")
     g.add_argument("--early-stop", type=int, default=0, metavar="N", help="stop after N evaluations without "
                    "improvement (default: never)")
-    g.add_argument("--sample-every", type=int, help="steps between samples (default: with each evaluation; "
+    g.add_argument("--sample-every", type=int, help="steps between samples (default: every second evaluation; "
                    "0: never)")
     g.add_argument("--prompt", action="append", default=[], help="a sample prompt (repeatable)")
     g.add_argument("--prompts", metavar="FILE", help="file with one sample prompt per line")
     g.add_argument("--sample-tokens", type=int, default=64, help="tokens per sample (default 64)")
-    g.add_argument("--save-every", type=int, help="steps between checkpoints (default: 10 per run, at most "
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (default: with each evaluation, at most "
                    "every 1000 steps)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept besides best/ and final/ (default 2)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
