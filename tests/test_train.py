@@ -1024,3 +1024,16 @@ def test_the_resume_hint_names_torchrun_for_a_run_of_several_processes():
     assert _resume_hint("my run") == "`gpt2kit finetune --resume 'my run'` (Python: resume('my run'))"
     # a run of 2 processes is refused by a 1-process resume, so the hint must not offer one
     assert _resume_hint("my run", 2) == "`torchrun --nproc_per_node 2 -m gpt2kit finetune --resume 'my run'`"
+
+
+def test_every_file_of_a_run_follows_the_umask(tmp_path, tiny_dir):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        res = finetune(_cfg(tmp_path, tiny_dir, steps=2, save_every=1, eval_every=1, eval_batches=1), progress=False)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(res.run_dir)): stat.S_IMODE(p.stat().st_mode) for p in res.run_dir.rglob("*")}
+    assert "best/model.safetensors" in modes and "checkpoints/step-2/trainer.pt" in modes
+    assert {p: oct(m) for p, m in modes.items() if m not in (0o644, 0o755)} == {}  # weights were 0600

@@ -8,6 +8,7 @@ for key after dropping the optional "transformer." prefix."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -147,13 +148,36 @@ def _expected_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only be read by
+    setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file to `path` through `path`.tmp, renamed when complete. safetensors writes through
+    a temporary file of its own, created owner-only (0600): the file is given the mode every other file
+    gets (0666 less the umask), so the weights are as readable as the config beside them."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
+    tmp.replace(path)
+
+
 def write_hf_dir(out: Path, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> None:
     """config.json + model.safetensors (float weights kept in their dtype), loadable by
     transformers.GPT2LMHeadModel.from_pretrained. Written to temporary names, then renamed."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(gpt2kit_to_hf(state_dict), str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    save_safetensors(gpt2kit_to_hf(state_dict), out / "model.safetensors", metadata={"format": "pt"})
     cfg = config.to_hf_dict()
     cfg["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
     (out / "config.json.tmp").write_text(json.dumps(cfg, indent=2) + "\n")
