@@ -203,6 +203,16 @@ def test_legacy_non_zip_pytorch_model_bin_loads_without_unpickling_code(tmp_path
     with pytest.raises(Gpt2kitError, match="not loaded") as e:
         load_model(d)
     _one_line(e)
+    import pickle
+    import warnings
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Path("x")}))  # raw pickle, protocol 4+: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Gpt2kitError, match="or a raw pickle rather than what torch.save writes "
+                                               r"\(Unsupported operand 149\); re-download") as e:
+            load_model(d)
+    _one_line(e)
+    assert [str(w.message) for w in caught] == []
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
     with pytest.raises(Gpt2kitError, match="corrupt or truncated") as e:
         load_model(d)
@@ -434,3 +444,27 @@ def test_weights_holding_nan_or_inf_are_refused_on_load(tiny_model_dir, tmp_path
     assert main(["generate", "Hello", "-m", str(d), "--length", "3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "NaN or infinite" in err and err.count("\n") == 1
+
+
+def test_a_symlink_loop_or_dangling_link_as_model_is_named_not_downloaded(tmp_path, monkeypatch, capsys):
+    from gpt2kit.checkpoints import hub
+    from gpt2kit.cli import main
+
+    def no_download(*a, **k):
+        raise AssertionError("a local link was sent to the Hub")
+    monkeypatch.setattr(hub, "download", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    os.symlink("gpt2", "models/gpt2")  # "models/gpt2" reads as a Hub id (org/name)
+    os.symlink("b", "a")
+    os.symlink("a", "b")
+    os.symlink("missing-dir", "dangling")
+    for name in ("models/gpt2", "models/gpt2/sub", "a", str(tmp_path / "a")):
+        with pytest.raises(Gpt2kitError) as e:
+            resolve_model_dir(name)
+        assert _one_line(e).startswith(f"--model {name}: its symbolic links form a loop")
+    with pytest.raises(Gpt2kitError) as e:
+        resolve_model_dir("dangling")
+    assert _one_line(e).startswith("--model dangling is a symbolic link to missing-dir, which does not exist")
+    assert main(["convert", "a", "out"]) == 1
+    assert capsys.readouterr().err.startswith("error: SRC a: its symbolic links form a loop")

@@ -797,6 +797,15 @@ def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_pat
     (run / "checkpoints/step-2/trainer.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Gpt2kitError, match=r"cannot read .*step-2.*trainer\.pt.*delete"):
         resume(run, progress=False)
+    # a raw pickle (not torch.save's format): our error alone, without torch's "Detected pickle protocol" warning
+    import pickle
+    import warnings
+    (run / "checkpoints/step-2/trainer.pt").write_bytes(pickle.dumps({"version": 1, "step": Path("x")}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Gpt2kitError, match=r"cannot read .*step-2.*trainer\.pt \(UnpicklingError\); delete"):
+            resume(run, progress=False)
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.mark.parametrize("bad, expect", [

@@ -7,6 +7,7 @@ HuggingFace-compatible format, and (by convert) OpenAI's TensorFlow checkpoint l
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -103,6 +104,20 @@ def _is_tf_dir(path: Path) -> bool:
     return is_openai_tf_dir(path)
 
 
+def _check_links(path: Path, what: str) -> None:
+    """A one-line error when `path` is a symbolic link loop or a link to nothing (both read as "does not
+    exist" to Path.exists, which would send the name to the Hub)."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Gpt2kitError(f"{what}: its symbolic links form a loop (a link that leads back to itself); "
+                               "point the link at the model directory, or pass that directory") from None
+        if path.is_symlink():
+            raise Gpt2kitError(f"{what} is a symbolic link to {os.readlink(path)}, which does not exist; fix the "
+                               "link, or pass the model directory") from None
+
+
 def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hint: str | None = None) -> Path:
     """A local model directory for `name_or_path`: a directory as it is, a run directory's model,
     or a model name downloaded (and cached) from the Hugging Face Hub. `flag` and `local_hint` word the
@@ -113,6 +128,7 @@ def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hin
         return run_model_dir(path) or path
     if path.exists():
         raise Gpt2kitError(f"{flag} {s} is a file; pass the directory that holds config.json and the weights")
+    _check_links(path, f"{flag} {s}")  # a broken link is a local path gone wrong, not a model name to download
     from gpt2kit.checkpoints import hub
     return hub.resolve(OPENAI_NAMES.get(s, s), flag=flag, local_hint=local_hint or hub.LOCAL_HINT)
 

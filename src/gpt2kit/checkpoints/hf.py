@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -74,13 +76,21 @@ def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def load_pickle(f: Path, map_location: str | torch.device = "cpu", mmap: bool = False):
+    """torch.load with weights_only (never run arbitrary pickled code from a file) and without torch's
+    warnings about the file's pickle (such as "Detected pickle protocol 4"): a file it cannot read fails,
+    and the caller turns that into its own one-line error, which the warning would only precede."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(f), map_location=map_location, weights_only=True, mmap=mmap)
+
+
 def _read_weights_file(f: Path) -> dict[str, torch.Tensor]:
     try:
         if f.name.endswith(".safetensors"):
             return load_file(str(f))
-        # weights_only: never run arbitrary pickled code from a downloaded file. mmap needs the zip format
-        # torch >= 1.6 writes; older (legacy) pickles are read whole.
-        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+        # mmap needs the zip format torch >= 1.6 writes; older (legacy) pickles are read whole.
+        sd = load_pickle(f, mmap=zipfile.is_zipfile(f))
     # a damaged pickle fails in many ways: an unknown opcode (UnpicklingError), a bad memo key (KeyError), ...
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError,
             IndexError, TypeError, AttributeError, MemoryError) as e:
@@ -88,6 +98,11 @@ def _read_weights_file(f: Path) -> dict[str, torch.Tensor]:
             raise Gpt2kitError(f"{f} holds objects other than tensors and was not loaded (that would run "
                                "arbitrary code); convert it to model.safetensors where you trust it") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raw = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # a pickle opcode torch's format never uses
+        if raw:
+            raise Gpt2kitError(f"cannot read weights {f}: the file is corrupt or truncated, or a raw pickle "
+                               f"rather than what torch.save writes ({raw.group(1).strip()}); re-download or "
+                               "re-save it") from None
         raise Gpt2kitError(f"cannot read weights {f}: the file is corrupt or truncated ({first}); "
                            "re-download or re-save it") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
