@@ -203,6 +203,16 @@ def test_legacy_non_zip_pytorch_model_bin_loads_without_unpickling_code(tmp_path
     with pytest.raises(Gpt2kitError, match="not loaded") as e:
         load_model(d)
     _one_line(e)
+    import pickle
+    import warnings
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Path("x")}))  # raw pickle, protocol 4+: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Gpt2kitError, match="or a raw pickle rather than what torch.save writes "
+                                               r"\(Unsupported operand 149\); re-download") as e:
+            load_model(d)
+    _one_line(e)
+    assert [str(w.message) for w in caught] == []
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
     with pytest.raises(Gpt2kitError, match="corrupt or truncated") as e:
         load_model(d)
@@ -349,3 +359,112 @@ def test_config_vocab_padded_beyond_the_tokenizer_still_loads(tokenizer, tmp_pat
     with torch.inference_mode():
         assert model(torch.tensor([tok.encode("Hello")])).shape[-1] == 50304
     assert load_model(convert(d, tmp_path / "conv"))[0].config.vocab_size == 50304
+
+
+def test_a_convert_killed_mid_write_does_not_block_the_rerun(tiny_model_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from gpt2kit.checkpoints import PARTIAL
+    from gpt2kit.cli import main
+
+    out = tmp_path / "out"
+    # kill -9 while safetensors writes its temporary file (.tmpXXXXXX), as the field report did
+    script = ("import os, signal, sys\n"
+              "from pathlib import Path\n"
+              "import gpt2kit.checkpoints.hf as hf\n"
+              "def killed(tensors, path, metadata):\n"
+              "    (Path(path).parent / '.tmpAbC123').write_bytes(b'half')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "hf.save_file = killed\n"
+              "from gpt2kit.checkpoints import convert\n"
+              "convert(sys.argv[1], sys.argv[2])\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(out)], env=env)
+    assert r.returncode == -9
+    assert [p.name for p in out.iterdir()] == [PARTIAL]  # nothing half written in OUT itself
+    assert (out / PARTIAL / ".tmpAbC123").is_file()
+    assert main(["convert", str(tiny_model_dir), str(out)]) == 0
+    assert capsys.readouterr().err == f"note: removing {out / PARTIAL}, left by an interrupted write\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "gpt2kit.json",
+                                                     "merges.txt", "model.safetensors", "vocab.json"]
+    load_model(out)
+    # killed while the finished files were moved in: say so instead of mixing two writes
+    (out / PARTIAL).mkdir()
+    assert main(["convert", str(tiny_model_dir), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "was interrupted" in err and f"remove {out}" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("to", ["hf", "openai-tf"])
+def test_written_weights_follow_the_umask_like_the_files_beside_them(tiny_model_dir, tmp_path, to):
+    import stat
+
+    from gpt2kit import lora
+
+    old = os.umask(0o022)
+    try:
+        out = convert(tiny_model_dir, tmp_path / "out", to=to)
+        model, _ = load_model(tiny_model_dir)
+        cfg = lora.LoraConfig(rank=2)
+        lora.apply_lora(model, cfg)
+        lora.save_adapter(model, cfg, tmp_path / "adapter")
+        written = [*out.iterdir(), *(tmp_path / "adapter").iterdir()]
+        assert {p.name for p in written} >= {"model.safetensors" if to == "hf" else "model.ckpt.index",
+                                             lora.ADAPTER_WEIGHTS}
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == \
+               {p.name: "0o644" for p in written}
+        os.umask(0o077)  # a private umask is kept too
+        private = save_model(model, None, tmp_path / "private") if to == "hf" else None
+        if private is not None:
+            assert stat.S_IMODE((private / "model.safetensors").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused_on_load(tiny_model_dir, tmp_path, capsys, bad):
+    from safetensors.torch import save_file
+
+    from gpt2kit.cli import main
+
+    d = tmp_path / "diverged"
+    shutil.copytree(tiny_model_dir, d)
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["transformer.h.1.mlp.c_fc.weight"][3, 5] = bad
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(Gpt2kitError) as e:
+        load_model(d)
+    assert _one_line(e) == (f"{d / 'model.safetensors'} holds NaN or infinite weights (transformer.h.1.mlp.c_fc"
+                            ".weight), so the model cannot give meaningful output; use an earlier checkpoint of "
+                            "the run that wrote it")
+    with pytest.raises(Gpt2kitError, match="NaN or infinite"):
+        convert(d, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert main(["generate", "Hello", "-m", str(d), "--length", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "NaN or infinite" in err and err.count("\n") == 1
+
+
+def test_a_symlink_loop_or_dangling_link_as_model_is_named_not_downloaded(tmp_path, monkeypatch, capsys):
+    from gpt2kit.checkpoints import hub
+    from gpt2kit.cli import main
+
+    def no_download(*a, **k):
+        raise AssertionError("a local link was sent to the Hub")
+    monkeypatch.setattr(hub, "download", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    os.symlink("gpt2", "models/gpt2")  # "models/gpt2" reads as a Hub id (org/name)
+    os.symlink("b", "a")
+    os.symlink("a", "b")
+    os.symlink("missing-dir", "dangling")
+    for name in ("models/gpt2", "models/gpt2/sub", "a", str(tmp_path / "a")):
+        with pytest.raises(Gpt2kitError) as e:
+            resolve_model_dir(name)
+        assert _one_line(e).startswith(f"--model {name}: its symbolic links form a loop")
+    with pytest.raises(Gpt2kitError) as e:
+        resolve_model_dir("dangling")
+    assert _one_line(e).startswith("--model dangling is a symbolic link to missing-dir, which does not exist")
+    assert main(["convert", "a", "out"]) == 1
+    assert capsys.readouterr().err.startswith("error: SRC a: its symbolic links form a loop")

@@ -527,3 +527,52 @@ def test_the_parser_does_not_import_torch():
     from gpt2kit.checkpoints import CONVERT_FORMATS
     from gpt2kit.cli.convert import FORMATS
     assert FORMATS == CONVERT_FORMATS
+
+
+def test_underscore_spellings_of_every_verbs_flags_are_accepted():
+    from gpt2kit.cli import _verb_parsers, build_parser
+    from gpt2kit.cli.flags import translate
+
+    verbs = _verb_parsers(build_parser())
+    checked = 0
+    for verb, parser in verbs.items():
+        for flag in {s for a in parser._actions for s in a.option_strings if s.startswith("--") and "-" in s[2:]}:
+            underscored = "--" + flag[2:].replace("-", "_")
+            assert translate(verb, parser, [underscored, "1"]) == [flag, "1"]
+            assert translate(verb, parser, [f"{underscored}=1"]) == [f"{flag}=1"]
+            checked += 1
+    assert checked > 40
+    gen = verbs["generate"]
+    # values are left alone, and so is everything after --
+    assert translate("generate", gen, ["--stop", "--top_k", "--", "--top_k"]) == ["--stop", "--top_k", "--", "--top_k"]
+
+
+def test_underscore_flags_generate_what_the_hyphenated_ones_do(capsys, tiny_model_dir):
+    args = ["generate", "Hello", "-m", tiny_model_dir, "--length", 8, "--seed", 3]
+    code, want, _ = run(capsys, *args, "--top-k", 5, "--top-p", 0.9, "--batch-size", 2, "--nsamples", 2)
+    assert code == 0
+    code, got, _ = run(capsys, *args, "--top_k", 5, "--top_p=0.9", "--batch_size", 2, "--nsamples", 2)
+    assert code == 0 and got == want
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--model_name", "124M"],
+     "--model_name is a flag of OpenAI's gpt-2 scripts and gpt-2-simple; gpt2kit generate uses --model"),
+    (["generate", "--text", "Hello"], "--text is a flag of graykode's gpt-2-Pytorch; gpt2kit generate uses PROMPT "
+                                      "(or --prompt)"),
+    (["generate", "x", "--num_samples", "3"], "--num_samples is a flag of Hugging Face's run_generation.py; gpt2kit "
+                                              "generate uses --nsamples"),
+    (["generate", "x", "--num_return_sequences=3"], "gpt2kit generate uses --nsamples"),
+    (["generate", "x", "--model_name_or_path", "gpt2"], "gpt2kit generate uses --model"),
+    (["eval", "--model_name", "gpt2", "--data", "d.txt"], "gpt2kit eval uses --model"),
+    (["finetune", "--run_name", "run1"], "--run_name is a flag of gpt-2-simple and nshepperd's train.py; gpt2kit "
+                                         "finetune uses --out RUN_DIR"),
+    (["finetune", "--dataset", "d.txt"], "gpt2kit finetune uses --data"),
+    (["finetune", "--learning_rate", "1e-4"], "gpt2kit finetune uses --lr"),
+])
+def test_other_tools_flags_name_the_gpt2kit_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --") and err.count("\n") == 1
+    assert err.endswith(f"{message} (see 'gpt2kit {argv[0]} --help')\n")

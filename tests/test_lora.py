@@ -384,3 +384,41 @@ def test_weights_fingerprint_leaves_a_missing_shard_to_the_loader(tmp_path):
     assert lora.weights_fingerprint(d) is None  # not an OSError: loading then names the missing shard
     (d / names[1]).write_bytes(b"\1" * 64)
     assert lora.weights_fingerprint(d).startswith("v1:")
+
+
+def test_an_adapter_of_a_newer_format_is_refused_not_merged(tmp_path, capsys):
+    save_model(random_model(TINY, seed=3), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    model = random_model(TINY, seed=3)
+    cfg = lora.LoraConfig(rank=2, base_model=str(tmp_path / "base"))
+    lora.apply_lora(model, cfg)
+    lora.save_adapter(model, cfg, tmp_path / "adapter")
+    conf = tmp_path / "adapter" / lora.ADAPTER_CONFIG
+    written = json.loads(conf.read_text())
+    assert written["version"] == lora.FORMAT_VERSION == 1
+    for change, complaint in [({"version": 99}, "adapter format version 99, and this gpt2kit reads version 1"),
+                              ({"version": "2"}, "adapter format version '2'"),
+                              ({"format": "peft"}, "not a gpt2kit LoRA adapter")]:
+        conf.write_text(json.dumps({**written, **change}))
+        assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read {conf}: ") and complaint in err and err.count("\n") == 1
+        assert not (tmp_path / "merged").exists()
+    del written["version"]  # none recorded: read as version 1
+    conf.write_text(json.dumps(written))
+    assert lora.read_adapter_config(tmp_path / "adapter").rank == 2
+
+
+def test_adapter_weights_holding_nan_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(random_model(TINY, seed=3), Tokenizer.from_dir(VOCAB_DIR), tmp_path / "base")
+    model = random_model(TINY, seed=3)
+    cfg = lora.LoraConfig(rank=2, base_model=str(tmp_path / "base"))
+    lora.apply_lora(model, cfg)
+    lora.save_adapter(model, cfg, tmp_path / "adapter")
+    f = tmp_path / "adapter" / lora.ADAPTER_WEIGHTS
+    tensors = load_file(str(f))
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(Gpt2kitError, match=f"{f} holds NaN or infinite weights"):
+        lora.load_lora_model(tmp_path / "adapter")

@@ -107,3 +107,21 @@ def test_convert_warns_when_the_source_has_no_vocabulary(tmp_path, capsys, to, n
                   "before using it\n"
     assert main(["convert", str(TF_DIR), str(tmp_path / "out2"), "--to", to]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("to", ["openai-tf", "hf"])
+def test_a_corrupt_vocabulary_is_one_line_naming_the_file(tmp_path, capsys, to):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "merges.txt"):
+        (src / name).write_bytes((DATA / "hf" / name).read_bytes())
+    (src / "vocab.json").write_text('{"!": 0, "\\"": 1')  # cut short
+    code = main(["convert", str(src), str(tmp_path / "out"), "--to", to])
+    err = capsys.readouterr().err
+    if to == "hf":  # copied as it is (convert does not read it); loading the result names it
+        assert code == 0
+        assert main(["generate", "x", "-m", str(tmp_path / "out"), "--length", "1"]) == 1
+        err = capsys.readouterr().err
+        src = tmp_path / "out"
+    assert err.startswith(f"error: cannot read vocabulary {src / 'vocab.json'} (") and err.count("\n") == 1
+    assert "copy them from the base model's directory" in err

@@ -374,6 +374,67 @@ def test_request_timeout_ends_with_length(tiny_dir):
         srv.stop()
 
 
+def test_a_request_that_times_out_in_the_queue_is_503(tiny_dir):
+    model, tok = load_model(tiny_dir)
+    app = create_app(model, tok, ServerSettings(model_name="tiny", max_batch=1, request_timeout=0.3))
+    srv = BackgroundServer(app)
+    srv.start()
+    hog = app.state.engine.submit(tok.encode("x"), GenerationConfig(max_new_tokens=100_000))  # the only row
+    try:
+        next(hog)
+        # waits in the queue for its whole timeout: an error, not an empty 200 "length" completion
+        r = post(srv, {"prompt": "y", "max_tokens": 5}, key=None)
+        err = assert_error(r, 503, "waited its whole timeout of 0.3 s (--request-timeout)", "--max-batch")
+        assert err["code"] == "queue_timeout" and err["type"] == "server_error"
+        assert r.headers["retry-after"] == "1"
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=30,
+                          json={"prompt": "z", "max_tokens": 5, "n": 2, "stream": True}) as resp:
+            lines = [ln for ln in resp.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]" and len(lines) == 2  # no empty "length" choices before the error
+        assert json.loads(lines[0].removeprefix("data: "))["error"]["code"] == "queue_timeout"
+        assert httpx.get(srv.url + "/health").json()["queued"] == 0
+    finally:
+        hog.cancel()
+        srv.stop()
+
+
+def test_a_model_the_server_does_not_serve_is_404(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
+    assert "`gpt-4` does not exist" in e.value.body["message"] and "`tiny`" in e.value.body["message"]
+    err = assert_error(httpx.get(server.url + "/v1/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"}), 404)
+    assert err["code"] == "model_not_found"
+    # the served id, and no "model" at all (the playground and curl examples leave it out), are served
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=1).model == "tiny"
+    assert post(server, {"prompt": "x", "max_tokens": 1}).json()["model"] == "tiny"
+
+
+def test_aliases_of_the_served_model_are_accepted(tiny_dir):
+    srv = start(tiny_dir, model_aliases=["runs/tiny", "org/tiny"])
+    try:
+        for name in ("tiny", "runs/tiny", "org/tiny"):
+            r = post(srv, {"model": name, "prompt": "x", "max_tokens": 1}, key=None)
+            assert r.status_code == 200 and r.json()["model"] == "tiny"
+            assert httpx.get(f"{srv.url}/v1/models/{name}").json()["id"] == "tiny"
+        assert_error(post(srv, {"model": "runs/other", "prompt": "x", "max_tokens": 1}, key=None), 404)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(api_key=""), "the API key is empty"),
+    (dict(request_timeout=float("nan")), "the request timeout must be a finite number of seconds > 0, got nan"),
+    (dict(request_timeout=float("inf")), "got inf"),
+])
+def test_settings_that_would_weaken_the_server_are_refused(tiny_dir, settings, words):
+    from gpt2kit.errors import Gpt2kitError
+
+    model, tok = load_model(tiny_dir)
+    with pytest.raises(Gpt2kitError, match=words):
+        create_app(model, tok, ServerSettings(**settings))
+
+
 def test_shutdown_answers_the_requests_in_flight(tiny_dir):
     """Stopping the server while a stream runs and a request waits: once the grace period is nearly over,
     both get an answer (503 shutting_down; an error event then [DONE]), not a cut connection."""

@@ -77,14 +77,30 @@ def test_missing_extra_is_one_line(tiny_dir, monkeypatch, capsys):
 @pytest.mark.parametrize("flags, words", [
     (["--max-batch", "0"], "--max-batch must be >= 1"),
     (["--max-body", "0"], "--max-body must be >= 1"),
-    (["--request-timeout", "0"], "--request-timeout must be > 0"),
+    (["--request-timeout", "0"], "--request-timeout must be a finite number of seconds > 0, got 0.0"),
+    (["--request-timeout", "nan"], "--request-timeout must be a finite number of seconds > 0, got nan"),
+    (["--request-timeout", "inf"], "--request-timeout must be a finite number of seconds > 0, got inf"),
+    (["--request-timeout", "-5"], "--request-timeout must be a finite number of seconds > 0"),
+    (["--api-key", ""], "--api-key is empty, which would let anyone in"),
+    (["--api-key", "  "], "--api-key is empty"),
+    (["--api-key", "key "], "--api-key begins or ends with whitespace"),
     (["--max-len", "1"], "--max-len must be >= 2"),
     (["--port", "99999"], "--port 99999 is out of range"),
 ])
 def test_bad_flags(tiny_dir, capsys, flags, words):
     pytest.importorskip("uvicorn")
     assert main(["serve", "--model", str(tiny_dir), *flags]) == 1
-    assert words in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert words in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_an_empty_api_key_from_the_environment_is_refused(tiny_dir, capsys, monkeypatch):
+    pytest.importorskip("uvicorn")
+    monkeypatch.setenv("GPT2KIT_API_KEY", "")
+    assert main(["serve", "--model", str(tiny_dir)]) == 1
+    assert capsys.readouterr().err == ("error: GPT2KIT_API_KEY is empty, which would let anyone in: give a key (for "
+                                       "example `openssl rand -hex 16`), or unset GPT2KIT_API_KEY to serve without "
+                                       "authentication\n")
 
 
 def test_busy_port(tiny_dir, capsys):
@@ -107,3 +123,15 @@ def test_default_model_name(tmp_path, monkeypatch):
     assert default_model_name(str(tmp_path / "runs" / "jokes") + "/") == "jokes"
     assert default_model_name("gpt2") == "gpt2"
     assert default_model_name("openai-community/gpt2") == "openai-community/gpt2"  # GET /v1/models/org/name finds it
+
+
+def test_model_aliases(tmp_path):
+    from gpt2kit.cli.serve import model_aliases
+
+    (tmp_path / "runs" / "jokes").mkdir(parents=True)
+    run = str(tmp_path / "runs" / "jokes")
+    assert model_aliases(run + "/", "jokes") == [run]
+    assert model_aliases(run, "my-model") == [run, "jokes"]
+    assert model_aliases("gpt2", "gpt2") == ["openai-community/gpt2"]
+    assert model_aliases("124M", "124M") == ["gpt2", "openai-community/gpt2"]
+    assert model_aliases("org/name", "org/name") == []

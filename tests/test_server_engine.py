@@ -15,7 +15,7 @@ from gpt2kit.checkpoints import load_model
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import GenerationConfig, Generator
 from gpt2kit.model import GPT
-from gpt2kit.server.batching import BatchEngine, QueueFull
+from gpt2kit.server.batching import BatchEngine, QueueFull, QueueTimeout
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-vocab"  # ../shared/data from the root
 
@@ -168,6 +168,22 @@ def test_deadline_ends_with_length(engine):
     deltas = list(engine.submit(ids, cfg, timeout=0.2))
     assert deltas[-1].finish_reason == "length"
     assert sum(len(d.tokens) for d in deltas) < 1000
+
+
+def test_a_row_that_times_out_in_the_queue_raises_queue_timeout(tiny_dir):
+    model, tok = load_model(tiny_dir)
+    with BatchEngine(model, tok, max_batch=1) as eng:
+        hog = eng.submit([1, 2], GenerationConfig(max_new_tokens=100_000))  # holds the only row, no deadline
+        next(hog)
+        waiting = eng.submit_many([([3], 0), ([4], 1)], GenerationConfig(max_new_tokens=4), timeout=0.2)
+        with pytest.raises(QueueTimeout, match=r"waited its whole timeout of 0\.2 s \(--request-timeout\) for "
+                                               r"one of the 1 rows \(--max-batch\)"):
+            list(waiting)
+        hog.cancel()
+        assert eng.stats.queued == 0
+        for bad in (float("nan"), float("inf"), 0, -1):
+            with pytest.raises(Gpt2kitError, match="timeout must be a finite number of seconds > 0"):
+                eng.submit([1], GenerationConfig(max_new_tokens=1), timeout=bad)
 
 
 def test_async_iteration(engine, reference):

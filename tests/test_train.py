@@ -849,6 +849,15 @@ def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_pat
     (run / "checkpoints/step-2/trainer.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Gpt2kitError, match=r"cannot read .*step-2.*trainer\.pt.*delete"):
         resume(run, progress=False)
+    # a raw pickle (not torch.save's format): our error alone, without torch's "Detected pickle protocol" warning
+    import pickle
+    import warnings
+    (run / "checkpoints/step-2/trainer.pt").write_bytes(pickle.dumps({"version": 1, "step": Path("x")}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Gpt2kitError, match=r"cannot read .*step-2.*trainer\.pt \(UnpicklingError\); delete"):
+            resume(run, progress=False)
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.mark.parametrize("bad, expect", [
@@ -1195,3 +1204,16 @@ def test_resume_with_steps_continues_a_finished_run_with_its_optimizer(tmp_path,
     assert json.loads((out / "run.json").read_text()) == info  # refused: the run is as it was
     assert main(["finetune", "--resume", str(out), "--steps", "7", "--epochs", "2"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+def test_every_file_of_a_run_follows_the_umask(tmp_path, tiny_dir):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        res = finetune(_cfg(tmp_path, tiny_dir, steps=2, save_every=1, eval_every=1, eval_batches=1), progress=False)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(res.run_dir)): stat.S_IMODE(p.stat().st_mode) for p in res.run_dir.rglob("*")}
+    assert "best/model.safetensors" in modes and "checkpoints/step-2/trainer.pt" in modes
+    assert {p: oct(m) for p, m in modes.items() if m not in (0o644, 0o755)} == {}  # weights were 0600

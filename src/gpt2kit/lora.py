@@ -38,6 +38,7 @@ log = logging.getLogger("gpt2kit")
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1  # adapter_config.json's "version": raise it when the meaning of the files changes
 # the four projections of every block; a target matches modules whose name ends with it
 ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 TARGET_ALIASES = {"all": ALL_TARGETS, "attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj"),
@@ -69,10 +70,17 @@ class LoraConfig:
         return float(self.alpha) / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "gpt2kit-lora", "version": 1, **asdict(self)}
+        return {"format": "gpt2kit-lora", "version": FORMAT_VERSION, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        version = d.get("version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            # a newer layout may mean something these fields do not say (other scaling, other targets)
+            raise ValueError(f"it is adapter format version {version!r}, and this gpt2kit reads version "
+                             f"{FORMAT_VERSION} (and older): upgrade gpt2kit to use this adapter")
+        if d.get("format", "gpt2kit-lora") != "gpt2kit-lora":
+            raise ValueError(f"its format is {d['format']!r}, not a gpt2kit LoRA adapter (\"gpt2kit-lora\")")
         return cls(rank=int(d["rank"]), alpha=d.get("alpha"), dropout=float(d.get("dropout", 0.0)),
                    targets=list(d.get("targets") or ALL_TARGETS), base_model=d.get("base_model"),
                    base_fingerprint=d.get("base_fingerprint"))
@@ -192,13 +200,11 @@ def merge_lora(model: GPT) -> GPT:
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path) -> Path:
-    from safetensors.torch import save_file
+    from gpt2kit.checkpoints.hf import save_safetensors
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    tmp = out / f"{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "gpt2kit": "lora"})
-    tmp.replace(out / ADAPTER_WEIGHTS)
+    save_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt", "gpt2kit": "lora"})
     (out / f"{ADAPTER_CONFIG}.tmp").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / f"{ADAPTER_CONFIG}.tmp").replace(out / ADAPTER_CONFIG)
     return out
@@ -224,6 +230,8 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
         tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise Gpt2kitError(f"cannot read {Path(path) / ADAPTER_WEIGHTS}: {e}") from None
+    from gpt2kit.checkpoints import require_finite
+    require_finite(tensors, Path(path) / ADAPTER_WEIGHTS)
     mods = lora_modules(model)
     expected = {f"{n}.{ab}" for n in mods for ab in ("lora_A", "lora_B")}
     if set(tensors) != expected:
@@ -397,9 +405,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     find_adapter(adapter)  # a missing adapter is named before --out is created
     if base and base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
         raise Gpt2kitError(f"--base {base} does not exist; pass the base model's directory (or its name)")
-    with new_model_dir(out) as out:  # a new or empty directory: never over a model or a run
+    with new_model_dir(out) as stage:  # a new or empty directory: never over a model or a run
         model, tok = load_lora_model(adapter, base)
         sd = {k: v.to(dt) for k, v in merged_state_dict(model).items()}
-        write_hf_dir(out, model.config, sd)
-        tok.save(out)
-    return out
+        write_hf_dir(stage, model.config, sd)
+        tok.save(stage)
+    return Path(out).expanduser()

@@ -47,15 +47,24 @@ def find_vocab_files(directory: str | Path) -> tuple[Path, Path] | None:
     return None
 
 
+_FIX = "the vocabulary files are damaged or not GPT-2's; copy them from the base model's directory"
+
+
+def read_encoder(path: str | Path) -> dict:
+    """vocab.json / encoder.json (token -> id), or a one-line error naming the file."""
+    try:
+        encoder = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Gpt2kitError(f"cannot read vocabulary {path} ({e}): {_FIX}") from None
+    if not isinstance(encoder, dict):
+        raise Gpt2kitError(f"{path} is not a JSON object of token -> id: {_FIX}")
+    return encoder
+
+
 @functools.lru_cache(maxsize=4)
 def _load_encoding(encoder_path: str, merges_path: str) -> tiktoken.Encoding:
-    try:
-        encoder = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Gpt2kitError(f"cannot read vocabulary {encoder_path}: {e}") from None
-    fix = "the vocabulary files are damaged or not GPT-2's; copy them from the base model's directory"
-    if not isinstance(encoder, dict):
-        raise Gpt2kitError(f"{encoder_path} is not a JSON object of token -> id: {fix}")
+    encoder = read_encoder(encoder_path)
+    fix = _FIX
     dec = _byte_decoder()
     ranks: dict[bytes, int] = {}
     special: dict[str, int] = {}

@@ -1411,7 +1411,8 @@ class _Run:
 
     def _load_checkpoint_state(self, ckpt: Path) -> None:
         try:
-            state = torch.load(ckpt / TRAINER_STATE, map_location=self.device, weights_only=True)
+            from gpt2kit.checkpoints.hf import load_pickle
+            state = load_pickle(ckpt / TRAINER_STATE, map_location=self.device)
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
             raise Gpt2kitError(f"cannot read {ckpt / TRAINER_STATE} ({type(e).__name__}); delete {ckpt} to "
                                "resume from the checkpoint before it") from None

@@ -8,9 +8,11 @@ checkpoint layout, llm.c model files, GGUF (llama.cpp) and CTranslate2 directori
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from gpt2kit.config import OPENAI_NAMES, GPTConfig
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.run_numbers import resolve_run_ref
-from gpt2kit.tokenizer import GPT2_VOCAB_DIR, Tokenizer, find_vocab_files
+from gpt2kit.tokenizer import GPT2_VOCAB_DIR, Tokenizer, find_vocab_files, read_encoder
 
 log = logging.getLogger("gpt2kit")
 
@@ -112,6 +114,20 @@ def is_model_file(path: Path) -> bool:
     return path.is_file() and (is_llmc_file(path) or could_be_nanogpt(path))
 
 
+def _check_links(path: Path, what: str) -> None:
+    """A one-line error when `path` is a symbolic link loop or a link to nothing (both read as "does not
+    exist" to Path.exists, which would send the name to the Hub)."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Gpt2kitError(f"{what}: its symbolic links form a loop (a link that leads back to itself); "
+                               "point the link at the model directory, or pass that directory") from None
+        if path.is_symlink():
+            raise Gpt2kitError(f"{what} is a symbolic link to {os.readlink(path)}, which does not exist; fix the "
+                               "link, or pass the model directory") from None
+
+
 def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hint: str | None = None) -> Path:
     """A local model for `name_or_path`: a directory as it is, a run directory's model, a nanoGPT ckpt.pt or
     llm.c model file as it is, or a model name downloaded (and cached) from the Hugging Face Hub. `flag` and
@@ -126,26 +142,39 @@ def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hin
     if path.exists():
         raise Gpt2kitError(f"{flag} {s} is a file gpt2kit does not read as a model; pass the directory that holds "
                            "config.json and the weights, a nanoGPT ckpt.pt or an llm.c model .bin")
+    _check_links(path, f"{flag} {s}")  # a broken link is a local path gone wrong, not a model name to download
     from gpt2kit.checkpoints import hub
     return hub.resolve(OPENAI_NAMES.get(s, s), flag=flag, local_hint=local_hint or hub.LOCAL_HINT)
 
 
+def require_finite(sd: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights holding NaN or infinity (a run that diverged, a damaged file): such a model only
+    produces garbage ("!!!!!", since every logit is NaN), so it is named here, where it is read."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise Gpt2kitError(f"{source} holds NaN or infinite weights ({k}), so the model cannot give "
+                               "meaningful output; use an earlier checkpoint of the run that wrote it")
+
+
 def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Config and state dict (our layout) from an HF or OpenAI-TF directory, a nanoGPT ckpt.pt or an llm.c
-    model file."""
+    model file; weights that are not all finite are refused."""
     from gpt2kit.checkpoints import hf
     if path.is_file():
         from gpt2kit.checkpoints.llmc import is_llmc_file, read_llmc
-        if is_llmc_file(path):
-            return read_llmc(path)
         from gpt2kit.checkpoints.nanogpt import read_nanogpt
-        return read_nanogpt(path)
+        config, sd = read_llmc(path) if is_llmc_file(path) else read_nanogpt(path)
+        require_finite(sd, path)
+        return config, sd
     if hf.is_hf_dir(path):
         config = GPTConfig.from_json_file(path / "config.json")
-        return config, hf.hf_to_gpt2kit(hf.read_hf_state_dict(path), config)
+        sd = hf.read_hf_state_dict(path)
+        require_finite(sd, hf.weights_source(path) or path)
+        return config, hf.hf_to_gpt2kit(sd, config)
     if _is_tf_dir(path):
         from gpt2kit.checkpoints.openai_tf import read_openai_tf
         hparams, sd = read_openai_tf(path)
+        require_finite(sd, path)
         config = GPTConfig.from_openai_hparams(hparams)
         return config, hf.hf_to_gpt2kit(sd, config)
     if (path / "config.json").is_file():
@@ -231,27 +260,35 @@ def _write_openai_tf(out: Path, files: tuple[Path, Path] | None, config: GPTConf
     if config.activation != "gelu_new":
         raise Gpt2kitError("OpenAI's GPT-2 code computes the tanh GELU; this model uses the exact GELU (a nanoGPT "
                            "model) and would compute differently there: convert it to --to hf instead")
-    n_vocab = len(json.loads(files[0].read_text("utf-8"))) if files is not None else config.vocab_size
+    n_vocab = len(read_encoder(files[0])) if files is not None else config.vocab_size
     hf = gpt2kit_to_hf(sd)
     if n_vocab < config.vocab_size:  # rows padded past the vocabulary (e.g. 50304): OpenAI's code sizes its
         hf["transformer.wte.weight"] = hf["transformer.wte.weight"][:n_vocab]  # logits by n_vocab, so drop them
     write_openai_tf(out, openai_hparams(config, min(n_vocab, config.vocab_size)), hf, files)
 
 
-# What convert writes into its output directory (and removes again if it fails part way).
-_MODEL_FILES = ("model.safetensors", "model.safetensors.tmp", "config.json", "config.json.tmp",
-                  "generation_config.json", "vocab.json", "merges.txt", "gpt2kit.json",
-                  "checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001",
-                  "encoder.json", "vocab.bpe", "model.bin", "vocabulary.json", "vocabulary.txt")
+# The folder inside an output directory that a model is written into before its files are moved into place:
+# a write that is killed leaves only this, which the next write into the same directory removes.
+PARTIAL = ".gpt2kit-partial"
 
 
 def make_new_output_dir(out: str | Path) -> list[Path]:
     """Create `out` to write a model into, refusing up front (before any loading) anything that would
     clobber something or fail later: an existing file, a non-empty directory, an unwritable place.
-    Returns the directories it created, outermost first."""
+    A directory holding only the leftover of a killed write (PARTIAL) counts as empty; the leftover is
+    removed. Returns the directories it created, outermost first."""
     out = Path(out).expanduser()
     if out.is_dir():
-        if any(out.iterdir()):
+        entries = {p.name for p in out.iterdir()}
+        if PARTIAL in entries:
+            if entries != {PARTIAL}:
+                raise Gpt2kitError(f"output directory {out} holds a model write that was interrupted while its "
+                                   f"files were moved into place ({PARTIAL} is left in it): remove {out} and "
+                                   "run again")
+            log.info("removing %s, left by an interrupted write", out / PARTIAL)
+            shutil.rmtree(out / PARTIAL)
+            entries = set()
+        if entries:
             raise Gpt2kitError(f"output directory {out} already exists and is not empty: choose a new directory "
                                "(nothing in it is overwritten)")
         if not os.access(out, os.W_OK | os.X_OK):
@@ -272,15 +309,24 @@ def make_new_output_dir(out: str | Path) -> list[Path]:
 @contextlib.contextmanager
 def new_model_dir(out: str | Path) -> Iterator[Path]:
     """Write a model into `out`, a new (or empty) directory (make_new_output_dir's checks, before any
-    loading); when the writing fails, `out` is left as it was found, not half written."""
+    loading). Yields the folder to write into, `out`/PARTIAL; its files are moved into `out` when the block
+    ends. A failed write leaves `out` as it was found, a killed one only PARTIAL (removed by the next)."""
     out = Path(out).expanduser()
     created = make_new_output_dir(out)
+    stage = out / PARTIAL
+    moved: list[Path] = []
     try:
-        yield out
+        stage.mkdir()
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+            moved.append(out / f.name)
+        stage.rmdir()
     except BaseException:
-        for name in _MODEL_FILES:
+        shutil.rmtree(stage, ignore_errors=True)
+        for f in moved:
             with contextlib.suppress(OSError):
-                (out / name).unlink(missing_ok=True)
+                f.unlink()
         for d in reversed(created):
             try:
                 d.rmdir()
@@ -366,15 +412,15 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
             write_gguf(out, config, sd, files, outtype=outtype, name=path.stem if path.is_file() else path.name)
         else:
             from gpt2kit.checkpoints.llmc import write_llmc
-            n_vocab = len(json.loads(files[0].read_text("utf-8"))) if files is not None else None
+            n_vocab = len(read_encoder(files[0])) if files is not None else None
             write_llmc(out, config, sd, n_vocab=n_vocab, dtype=dt or torch.float32)
         return out
-    with new_model_dir(out):
+    with new_model_dir(out) as stage:
         path = resolve_model_dir(src, flag="SRC", local_hint=hint)
         config, sd = read_checkpoint(path)
         if to == "ctranslate2":
             from gpt2kit.checkpoints.ctranslate2 import write_ctranslate2
-            write_ctranslate2(out, config, sd, _source_vocab(path, config, needed=True), quantization)
+            write_ctranslate2(stage, config, sd, _source_vocab(path, config, needed=True), quantization)
             return out
         files = _source_vocab(path, config, needed=False)
         if files is None:
@@ -382,14 +428,14 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
             log.warning("%s has no vocabulary files: copy the base model's %s into %s before using it",
                         path, names, out)
         if to == "openai-tf":
-            _write_openai_tf(out, files, config, sd)
-            return out
-        if dt is not None:
-            sd = {k: v.to(dt) for k, v in sd.items()}
-        from gpt2kit.checkpoints.hf import write_hf_dir
-        write_hf_dir(out, config, sd)
-        if files is not None:
-            (out / "vocab.json").write_bytes(files[0].read_bytes())
-            (out / "merges.txt").write_bytes(files[1].read_bytes())
-        (out / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
+            _write_openai_tf(stage, files, config, sd)
+        else:
+            if dt is not None:
+                sd = {k: v.to(dt) for k, v in sd.items()}
+            from gpt2kit.checkpoints.hf import write_hf_dir
+            write_hf_dir(stage, config, sd)
+            if files is not None:
+                (stage / "vocab.json").write_bytes(files[0].read_bytes())
+                (stage / "merges.txt").write_bytes(files[1].read_bytes())
+            (stage / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
     return out

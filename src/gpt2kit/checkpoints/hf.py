@@ -8,7 +8,10 @@ for key after dropping the optional "transformer." prefix."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -73,13 +76,21 @@ def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def load_pickle(f: Path, map_location: str | torch.device = "cpu", mmap: bool = False):
+    """torch.load with weights_only (never run arbitrary pickled code from a file) and without torch's
+    warnings about the file's pickle (such as "Detected pickle protocol 4"): a file it cannot read fails,
+    and the caller turns that into its own one-line error, which the warning would only precede."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(f), map_location=map_location, weights_only=True, mmap=mmap)
+
+
 def _read_weights_file(f: Path) -> dict[str, torch.Tensor]:
     try:
         if f.name.endswith(".safetensors"):
             return load_file(str(f))
-        # weights_only: never run arbitrary pickled code from a downloaded file. mmap needs the zip format
-        # torch >= 1.6 writes; older (legacy) pickles are read whole.
-        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+        # mmap needs the zip format torch >= 1.6 writes; older (legacy) pickles are read whole.
+        sd = load_pickle(f, mmap=zipfile.is_zipfile(f))
     # a damaged pickle fails in many ways: an unknown opcode (UnpicklingError), a bad memo key (KeyError), ...
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError,
             IndexError, TypeError, AttributeError, MemoryError) as e:
@@ -87,6 +98,11 @@ def _read_weights_file(f: Path) -> dict[str, torch.Tensor]:
             raise Gpt2kitError(f"{f} holds objects other than tensors and was not loaded (that would run "
                                "arbitrary code); convert it to model.safetensors where you trust it") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raw = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # a pickle opcode torch's format never uses
+        if raw:
+            raise Gpt2kitError(f"cannot read weights {f}: the file is corrupt or truncated, or a raw pickle "
+                               f"rather than what torch.save writes ({raw.group(1).strip()}); re-download or "
+                               "re-save it") from None
         raise Gpt2kitError(f"cannot read weights {f}: the file is corrupt or truncated ({first}); "
                            "re-download or re-save it") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -152,13 +168,36 @@ def _expected_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only be read by
+    setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file to `path` through `path`.tmp, renamed when complete. safetensors writes through
+    a temporary file of its own, created owner-only (0600): the file is given the mode every other file
+    gets (0666 less the umask), so the weights are as readable as the config beside them."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
+    tmp.replace(path)
+
+
 def write_hf_dir(out: Path, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> None:
     """config.json + model.safetensors (float weights kept in their dtype), loadable by
     transformers.GPT2LMHeadModel.from_pretrained. Written to temporary names, then renamed."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(gpt2kit_to_hf(state_dict), str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    save_safetensors(gpt2kit_to_hf(state_dict), out / "model.safetensors", metadata={"format": "pt"})
     cfg = config.to_hf_dict()
     cfg["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
     (out / "config.json.tmp").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from gpt2kit.cli.flags import translate
 from gpt2kit.errors import Gpt2kitError
 
 # verb modules, in the order `gpt2kit --help` lists them
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb_parser = _verb_parsers(parser).get(argv[0]) if argv else None
+    if verb_parser is not None:  # --top_k for --top-k; another tool's flag named with ours
+        argv = argv[:1] + translate(argv[0], verb_parser, argv[1:])
     args, extras = parser.parse_known_args(argv)
     if extras:
         # report unknown flags from the verb's own parser, so the hint is `gpt2kit VERB --help`

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,10 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=os.environ.get("GPT2KIT_API_KEY"),
+    p.add_argument("--api-key",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
-                        "(default: $GPT2KIT_API_KEY)")
-    p.add_argument("--model-name", help="the model id that /v1/models reports (default: the --model name)")
+                        "(default: $GPT2KIT_API_KEY); an empty key is refused")
+    p.add_argument("--model-name", help="the model id that /v1/models reports (default: the --model name); "
+                                        "requests may also name the model as --model gives it")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, default=8,
                    help="completions decoded together; each holds a KV-cache row (default 8)")
@@ -45,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-body", type=int, default=1 << 20,
                    help="largest request body in bytes (default 1 MiB)")
     g.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds a request may run; then it ends with finish_reason 'length' (default 300)")
+                   help="seconds a request may run; then it ends with finish_reason 'length', or with 503 if "
+                        "it is still waiting for a row (default 300)")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser pages from this origin to call the API (repeatable)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -71,6 +74,31 @@ def default_model_name(model: str) -> str:
     return model.rstrip("/") or model
 
 
+def model_aliases(model: str, served: str) -> list[str]:
+    """The other ids a request may name the served model by: --model as given, the id it is served under
+    without --model-name, and for a model name its other spellings (124M -> gpt2 -> openai-community/gpt2)."""
+    names = [model.rstrip("/") or model, default_model_name(model)]
+    if not Path(model).expanduser().is_dir():
+        from gpt2kit.checkpoints.hub import repo_id
+        from gpt2kit.config import OPENAI_NAMES
+        names += [OPENAI_NAMES.get(model, model), repo_id(OPENAI_NAMES.get(model, model))]
+    return [n for n in dict.fromkeys(names) if n != served]
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $GPT2KIT_API_KEY; an empty one is refused (it would serve without authentication)."""
+    key, where = args.api_key, "--api-key"
+    if key is None:
+        key, where = os.environ.get("GPT2KIT_API_KEY"), "GPT2KIT_API_KEY"
+    if key is not None and not key.strip():
+        fix = "or unset GPT2KIT_API_KEY" if where == "GPT2KIT_API_KEY" else "or leave --api-key out"
+        raise Gpt2kitError(f"{where} is empty, which would let anyone in: give a key (for example "
+                           f"`openssl rand -hex 16`), {fix} to serve without authentication")
+    if key is not None and key != key.strip():
+        raise Gpt2kitError(f"{where} begins or ends with whitespace, which no client's header keeps: remove it")
+    return key
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -83,16 +111,19 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_len", "max_prompt_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise Gpt2kitError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
-    if args.request_timeout <= 0:
-        raise Gpt2kitError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):  # nan and inf never time out
+        raise Gpt2kitError(f"--request-timeout must be a finite number of seconds > 0, got {args.request_timeout} "
+                           "(use a large one, such as 86400, for long requests)")
+    api_key = _api_key(args)
 
     setup_logging()
     from gpt2kit.checkpoints import load_model
     from gpt2kit.server.app import ServerSettings, bind_socket, create_app, uvicorn_server
 
+    model_name = args.model_name or default_model_name(args.model)
     settings = ServerSettings(
-        model_name=args.model_name or default_model_name(args.model),
-        api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
+        model_name=model_name, model_aliases=model_aliases(args.model, model_name),
+        api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
         max_len=args.max_len, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
         max_n=args.max_n, max_body_bytes=args.max_body, request_timeout=args.request_timeout,
         cors_origins=args.cors_origin)

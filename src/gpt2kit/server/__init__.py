@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt2kit.server.batching import BatchEngine, EngineStats, QueueFull, Stream
+from gpt2kit.server.batching import BatchEngine, EngineStats, QueueFull, QueueTimeout, Stream
 
-__all__ = ["BackgroundServer", "BatchEngine", "EngineStats", "QueueFull", "ServerSettings", "Stream",
-           "create_app"]
+__all__ = ["BackgroundServer", "BatchEngine", "EngineStats", "QueueFull", "QueueTimeout", "ServerSettings",
+           "Stream", "create_app"]
 
 _FROM_APP = ("BackgroundServer", "ServerSettings", "create_app")
 

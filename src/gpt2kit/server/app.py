@@ -4,8 +4,10 @@ Endpoints: POST /v1/completions (plain and SSE streaming), GET /v1/models, GET /
 GET /health, GET /openapi.json, GET / (playground). Every error is an OpenAI-style object
 `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON and invalid or unsupported
 values (OpenAI's own choice; the openai client raises BadRequestError), 422 for fields of the wrong type,
-missing or unknown (UnprocessableEntityError), 401 for a missing or wrong API key, 404, 413 for a body
-over the limit, 429 with Retry-After when the queue is full, 500 only for a failure inside the model."""
+missing or unknown (UnprocessableEntityError), 401 for a missing or wrong API key, 404 (an unknown path, or
+a model id this server does not serve), 413 for a body over the limit, 429 with Retry-After when the queue is
+full, 503 when a request timed out waiting for a row or the server is shutting down, 500 only for a failure
+inside the model."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -33,7 +36,7 @@ from gpt2kit import __version__
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.generate import Delta, GenerationConfig, TokenInfo
 from gpt2kit.model import GPT
-from gpt2kit.server.batching import BatchEngine, EngineClosed, QueueFull, Stream
+from gpt2kit.server.batching import BatchEngine, EngineClosed, QueueFull, QueueTimeout, Stream
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit.server")
@@ -45,6 +48,7 @@ GRACE_SECONDS = 5.0  # on shutdown, requests in flight get this long to finish
 @dataclass
 class ServerSettings:
     model_name: str = "gpt2"  # the id /v1/models reports and responses carry
+    model_aliases: list[str] = field(default_factory=list)  # other ids a request may name it by
     api_key: str | None = None  # when set, every endpoint but /health and / needs `Bearer KEY`
     max_batch: int = 8  # cache rows decoded together (used when create_app builds the engine)
     max_queue: int = 64  # completions waiting for a row before requests get 429
@@ -53,7 +57,8 @@ class ServerSettings:
     max_tokens: int = 1024  # most tokens one completion may generate
     max_n: int = 16  # most completions per request (prompts x n)
     max_body_bytes: int = 1 << 20
-    request_timeout: float = 300.0  # seconds; then unfinished completions end with finish_reason "length"
+    request_timeout: float = 300.0  # seconds; then running completions end with finish_reason "length",
+    # and a request still waiting for a row gets 503
     max_logprobs: int = 20
     max_stop: int = 16
     cors_origins: list[str] = field(default_factory=list)
@@ -130,6 +135,31 @@ def _library_error(e: Gpt2kitError) -> APIError:
     return _bad(msg, param)
 
 
+def _engine_error(e: Gpt2kitError) -> APIError:
+    """An error that ends a request the engine had accepted: 503 for the server's state (shutting down,
+    busy past the request's timeout), which a client may retry; 500 for a failure inside the model."""
+    if isinstance(e, EngineClosed):
+        return APIError(503, str(e), "server_error", code="shutting_down")
+    if isinstance(e, QueueTimeout):
+        return APIError(503, str(e), "server_error", code="queue_timeout", headers={"Retry-After": "1"})
+    return APIError(500, str(e), "server_error")
+
+
+def check_settings(s: ServerSettings) -> None:
+    """Refuse settings that would quietly weaken the server: an empty API key (no authentication at all),
+    a request timeout that is not a positive number of seconds (NaN or infinity never times out)."""
+    if s.api_key is not None and not s.api_key.strip():
+        raise Gpt2kitError("the API key is empty, which would let anyone in: give a key (for example "
+                           "`openssl rand -hex 16`), or none at all to serve without authentication")
+    if s.api_key is not None and s.api_key != s.api_key.strip():
+        raise Gpt2kitError("the API key begins or ends with whitespace, which no client's header keeps: "
+                           "remove it")
+    if not (isinstance(s.request_timeout, (int, float)) and math.isfinite(s.request_timeout)
+            and s.request_timeout > 0):
+        raise Gpt2kitError(f"the request timeout must be a finite number of seconds > 0, got "
+                           f"{s.request_timeout} (use a large one, such as 86400, for long requests)")
+
+
 # ---- middleware: API key and body size, before any route reads the request ---------------------------
 
 class _Guard:
@@ -189,6 +219,8 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
     and starts and closes it with the app; given an engine, it starts it if needed and leaves closing it
     to the caller."""
     s = settings or ServerSettings()
+    check_settings(s)
+    served = {s.model_name, *s.model_aliases}
     if isinstance(engine_or_model, BatchEngine):
         engine, own_engine = engine_or_model, False
     else:
@@ -296,11 +328,16 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
+    def model_not_found(model_id: str) -> APIError:
+        # OpenAI's answer for a model it does not have (404, code model_not_found)
+        return APIError(404, f"The model `{model_id}` does not exist on this server; it serves "
+                             f"`{s.model_name}`: send that as \"model\" (or leave \"model\" out)",
+                        "invalid_request_error", param="model", code="model_not_found")
+
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id != s.model_name:
-            raise APIError(404, f"model {model_id!r} not found; this server serves {s.model_name!r}",
-                           "not_found_error", param="model", code="model_not_found")
+        if model_id not in served:
+            raise model_not_found(model_id)
         return model_card()
 
     @app.post("/v1/chat/completions", include_in_schema=False)
@@ -311,6 +348,8 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
+        if req.model is not None and req.model not in served:
+            raise model_not_found(req.model)
         plan = _plan(req, tok, engine, s, max_prompt)
         try:
             stream = engine.submit_many(plan.rows, plan.cfg, timeout=s.request_timeout,
@@ -331,10 +370,8 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
         try:
             async for d in stream:
                 out.add(d, stream)
-        except EngineClosed as e:
-            raise APIError(503, str(e), "server_error", code="shutting_down") from None
         except Gpt2kitError as e:
-            raise APIError(500, str(e), "server_error") from None
+            raise _engine_error(e) from None
         finally:
             watcher.cancel()
             stream.cancel()  # no-op when finished; frees the rows if this task was cancelled
@@ -552,9 +589,7 @@ async def _sse(out: _Output, stream: Stream, include_usage: bool) -> AsyncIterat
             if include_usage:
                 yield "data: " + json.dumps(out.envelope([], out.usage())) + "\n\n"
         except Gpt2kitError as e:  # headers are sent: report in the stream, as OpenAI does
-            err = (APIError(503, str(e), "server_error", code="shutting_down") if isinstance(e, EngineClosed)
-                   else APIError(500, str(e), "server_error"))
-            yield "data: " + json.dumps(err.body()) + "\n\n"
+            yield "data: " + json.dumps(_engine_error(e).body()) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
         stream.cancel()  # client went away (the response task is cancelled) or done: free the rows

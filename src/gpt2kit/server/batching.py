@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -47,6 +48,10 @@ class QueueFull(Gpt2kitError):
 
 class EngineClosed(Gpt2kitError):
     """The engine has been shut down."""
+
+
+class QueueTimeout(Gpt2kitError):
+    """A completion's timeout passed while it still waited for a cache row (the server is busy; HTTP 503)."""
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Stream:
         self._q: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if self._loop else queue.SimpleQueue()
         self._left = n_rows
         self._jobs: list[_Job] = []
+        self.timeout: float | None = None  # submit_many's, for the QueueTimeout message
         self.prompt_info: dict[int, list[TokenInfo | None]] = {}  # set before that row's first delta
 
     # -- engine side (any thread) --
@@ -262,8 +268,9 @@ class BatchEngine:
                     timeout: float | None = None, prompt_logprobs: int | None = None) -> Stream:
         """Several completions as one stream, admitted all or none: (prompt_ids, index) per row.
         cfg.max_new_tokens == 0 scores the prompt only (with prompt_logprobs). After `timeout` seconds
-        unfinished rows end with finish_reason "length". Raises QueueFull when the queue has no room,
-        Gpt2kitError for invalid input."""
+        running rows end with finish_reason "length", and the stream raises QueueTimeout if a row is still
+        waiting for a cache row then. Raises QueueFull when the queue has no room, Gpt2kitError for
+        invalid input."""
         score_only = cfg.max_new_tokens == 0
         (replace(cfg, max_new_tokens=1) if score_only else cfg).validate()
         if score_only and prompt_logprobs is None:
@@ -274,6 +281,8 @@ class BatchEngine:
             raise Gpt2kitError(f"logprobs must be >= 0, got {cfg.logprobs}")
         if not rows:
             raise Gpt2kitError("nothing to generate: no prompts")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise Gpt2kitError(f"timeout must be a finite number of seconds > 0, got {timeout}")
         if len(rows) > self.max_queue:
             raise Gpt2kitError(f"a request of {len(rows)} completions (prompts x n) exceeds the server's queue of "
                                f"{self.max_queue} (its --max-queue): ask for at most {self.max_queue}")
@@ -285,6 +294,7 @@ class BatchEngine:
             if min(ids) < 0 or max(ids) >= vocab:
                 raise Gpt2kitError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
         stream = Stream(self, len(rows))
+        stream.timeout = timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         device = self.model.device
         for ids, index in rows:
@@ -361,9 +371,14 @@ class BatchEngine:
         with self._cv:
             if any(j.cancelled or j.expired(now) for j in self._pending):
                 for j in self._pending:
-                    if j.expired(now) and not j.cancelled:  # timed out waiting: an empty "length" completion
-                        j.row.out.finish_reason = "length"
-                        j.stream._put(Delta(j.row.out.index, "", [], "length"))
+                    if j.expired(now) and not j.cancelled:  # timed out before it began: an error, not text
+                        j.stream._put(QueueTimeout(
+                            f"the server is busy: this request waited its whole timeout of {j.stream.timeout:g} s "
+                            f"(--request-timeout) for one of the {self.max_batch} rows (--max-batch) that "
+                            f"completions are decoded in; retry later, or serve with a larger --max-batch or "
+                            f"--request-timeout, or a smaller --max-queue"))
+                        for other in j.stream._jobs:  # the request fails whole: its other rows stop too
+                            other.cancelled = True
                 self._pending = deque(j for j in self._pending if not (j.cancelled or j.expired(now)))
             free = [b for b, j in enumerate(self._slots) if j is None]
             take: list[_Job] = []
