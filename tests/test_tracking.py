@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,15 @@ def test_wandb_offline_logs_metrics_samples_and_config(base, tmp_path, monkeypat
                  "--eval-batches", "1", "--sample-every", "2", "--sample-tokens", "4", "--prompt", "Knock knock",
                  "--no-progress", "--no-tensorboard", "--wandb", "--wandb-project", "jokes",
                  "--wandb-run-name", "tiny"]) == 0
-    recs = _wandb_records(tmp_path / "wb")
-    (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    # wandb's service may still be flushing its log when finish() returns: read until the run record is there
+    deadline = time.monotonic() + 20
+    while True:
+        recs = _wandb_records(tmp_path / "wb")
+        found = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    (run,) = found
     assert run.project == "jokes" and run.display_name == "tiny"
     config = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert config["steps"] == 4 and config["block_size"] == 16 and config["prompts"] == ["Knock knock"]

@@ -226,6 +226,9 @@ def _load_model_dir(path: Path, dev: torch.device, dt: torch.dtype,
     return model, Tokenizer.from_dir(tok_src)
 
 
+_NOTED: set[Path] = set()  # single-file checkpoints whose vocabulary note was given
+
+
 def vocab_dir(path: Path, config: GPTConfig | None = None) -> Path:
     """The directory of the vocabulary that goes with the checkpoint at `path`: a model directory's own; for
     a single-file checkpoint (ckpt.pt, llm.c .bin: they hold none), vocabulary files beside it, else GPT-2's
@@ -239,7 +242,9 @@ def vocab_dir(path: Path, config: GPTConfig | None = None) -> Path:
         raise Gpt2kitError(f"{path} has {config.vocab_size} tokens, fewer than GPT-2's 50257: it was trained with "
                            "a vocabulary of its own (nanoGPT's character-level meta.pkl?), which gpt2kit cannot "
                            "use; put a GPT-2 style vocab.json + merges.txt for it beside the file")
-    log.info("%s holds no vocabulary: using GPT-2's own (bundled with gpt2kit)", path)
+    if path not in _NOTED and log.isEnabledFor(logging.INFO):  # (resolving, loading and the tokenizer each ask)
+        _NOTED.add(path)
+        log.info("%s holds no vocabulary: using GPT-2's own (bundled with gpt2kit)", path)
     return GPT2_VOCAB_DIR
 
 
