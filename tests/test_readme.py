@@ -2,7 +2,8 @@
 
 Each Python block (of the README and of every docs page) runs as it is written, in a fresh folder
 holding the files it names (jokes.csv, test.txt, runs/jokes), with "gpt2" answered by a private Hugging
-Face cache that holds a tiny random GPT-2 and the Hub switched off. Blocks that need a running server (the `openai` client) are left out."""
+Face cache that holds a tiny random GPT-2 and the Hub switched off. Blocks that need a running server
+(the `openai` client) are left out."""
 
 from __future__ import annotations
 
