@@ -1,8 +1,9 @@
-"""README.md's examples run as written, offline.
+"""The examples of README.md and docs/*.md run as written, offline.
 
-Each Python block runs as it is written, in a fresh folder holding the files it names (jokes.csv,
-test.txt, runs/jokes), with "gpt2" answered by a private Hugging Face cache that holds a tiny random
-GPT-2 and the Hub switched off. Blocks that need a running server (the `openai` client) are left out."""
+Each Python block (of the README and of every docs page) runs as it is written, in a fresh folder
+holding the files it names (jokes.csv, test.txt, runs/jokes), with "gpt2" answered by a private Hugging
+Face cache that holds a tiny random GPT-2 and the Hub switched off. Blocks that need a running server
+(the `openai` client) are left out."""
 
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ from gpt2kit.tokenizer import Tokenizer
 from tests.conftest import JOKES, ROOT, VOCAB_DIR, random_model
 
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+def python_blocks(pages: list[Path] = DOCS) -> list[tuple[str, str]]:
+    """(page name, code) of every ```python block of these pages."""
+    return [(page.relative_to(ROOT).as_posix(), code) for page in pages
+            for code in re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)]
 
 
 def _needs_server(code: str) -> bool:
@@ -57,14 +61,16 @@ def sandbox(tmp_path_factory) -> dict[str, Path]:
     return {"hf": root / "hf", "files": files, "model": model_dir}
 
 
-def test_the_readme_has_the_python_examples_this_file_runs():
+def test_the_docs_have_the_python_examples_this_file_runs():
+    assert any("Generator.load(" in code for _, code in python_blocks([README]))
     blocks = python_blocks()
-    assert any("gen.stream(" in b for b in blocks) and any("compare_runs(" in b for b in blocks)
+    assert any("gen.stream(" in code and page == "docs/python-api.md" for page, code in blocks)
+    assert any("compare_runs(" in code and page == "docs/finetuning.md" for page, code in blocks)
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_a_readme_python_block_runs_offline(index, sandbox, tmp_path, monkeypatch, capsys):
-    code = python_blocks()[index]
+    page, code = python_blocks()[index]
     if _needs_server(code):
         pytest.skip("needs a running gpt2kit serve")
     for f in sandbox["files"].iterdir():
@@ -74,7 +80,7 @@ def test_a_readme_python_block_runs_offline(index, sandbox, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(sandbox["hf"]))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__main__"})
+    exec(compile(code, f"{page} python block {index}", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out
     if "gen.stream(" in code:
         # the streamed text ends its line: the next example's output starts on a line of its own
@@ -85,8 +91,11 @@ def test_a_readme_python_block_runs_offline(index, sandbox, tmp_path, monkeypatc
 
 
 def test_the_readmes_first_generate_command_works_offline_as_written():
-    # the command the README opens with, between the set-up and the test commands
-    head = README.read_text(encoding="utf-8").split("\n\n")[1].splitlines()
+    # the command the README opens with, between the set-up and the test commands, after one paragraph
+    # saying what gpt2kit is
+    paragraphs = README.read_text(encoding="utf-8").split("\n\n")
+    assert paragraphs[0] == "# gpt2kit" and not paragraphs[1].startswith("    ")
+    head = paragraphs[2].splitlines()
     assert head[0].split()[:2] == ["bash", "scripts/setup.sh"]
     assert head[-1].split()[:4] == [".venv/bin/python", "-m", "pytest", "#"]
     argv = shlex.split(head[1].split("#")[0])
