@@ -111,6 +111,10 @@ def is_model_file(path: Path) -> bool:
     return path.is_file() and (is_llmc_file(path) or could_be_nanogpt(path))
 
 
+# what `gpt2kit convert --to` writes (read by the CLI parser, which must not import torch)
+CONVERT_FORMATS = ("hf", "openai-tf", "llmc", "gguf", "ctranslate2")
+
+
 # ---- vocabularies ------------------------------------------------------------------------------------
 
 VOCAB_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))  # HF's names, OpenAI's

@@ -34,6 +34,7 @@ from gpt2kit.errors import Gpt2kitError
 from gpt2kit.layout import (  # noqa: F401  (also read from here)
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    CONVERT_FORMATS,
     find_vocab_files,
     is_adapter_dir,
     is_llmc_file,
@@ -197,7 +198,6 @@ def _write_openai_tf(out: Path, files: tuple[Path, Path] | None, config: GPTConf
     write_openai_tf(out, openai_hparams(config, min(n_vocab, config.vocab_size)), hf_sd, files)
 
 
-CONVERT_FORMATS = ("hf", "openai-tf", "llmc", "gguf", "ctranslate2")
 _FILE_FORMATS = ("llmc", "gguf")  # written as one file; the others as a directory
 
 
