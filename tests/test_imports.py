@@ -301,3 +301,21 @@ def test_every_function_body_import_says_why():
     above) says which with `# lazy: <why>`; optional extras need no comment."""
     missing = [x for x in _lazy_without_reason() if x.split(":")[0] not in PENDING_LAZY_REASONS]
     assert not missing, "function-body imports without a `# lazy: <why>` comment:\n" + "\n".join(missing)
+
+
+def test_the_bottom_layers_and_the_cli_parser_load_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "import gpt2kit.config, gpt2kit.layout, gpt2kit.runs, gpt2kit.run_numbers, gpt2kit.cli.convert\n"
+            "from gpt2kit.config import GPTConfig\n"
+            "GPTConfig.from_json_file(sys.argv[1])\n"  # wording its errors asks layout, not the HF reader
+            "print(sorted(m for m in ('torch', 'gpt2kit.model', 'gpt2kit.checkpoints') if m in sys.modules))\n")
+    cfg = Path(__file__).resolve().parent / "_imports_config.json"
+    try:
+        cfg.write_text('{"n_layer": 2, "n_head": 2, "n_embd": 8}')
+        r = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True,
+                           env={"PYTHONPATH": str(SRC), "PATH": ""})
+    finally:
+        cfg.unlink(missing_ok=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr or r.stdout

@@ -3,7 +3,13 @@
 Readable: HuggingFace directories, OpenAI's TensorFlow checkpoint directories, gpt2kit run directories
 (which hold HuggingFace-format models), nanoGPT's ckpt.pt and llm.c's model files, and model names
 (downloaded from the Hub). Written: our HuggingFace-compatible format, and (by convert) OpenAI's TensorFlow
-checkpoint layout, llm.c model files, GGUF (llama.cpp) and CTranslate2 directories."""
+checkpoint layout, llm.c model files, GGUF (llama.cpp) and CTranslate2 directories.
+
+This module is the one place that says what `--model X` means: resolve_model_dir turns X (a directory, a run
+or a numbered run, a single-file checkpoint, a Hub name) into a local path, load_model reads it, and a LoRA
+adapter (or a LoRA run with adapter checkpoints only) is loaded onto the base it was trained on, which is
+checked by fingerprint (open_base). The submodules read and write one format each; gpt2kit.layout says what a
+path holds without reading it."""
 
 from __future__ import annotations
 
