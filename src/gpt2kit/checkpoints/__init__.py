@@ -28,7 +28,6 @@ from gpt2kit import runs
 from gpt2kit.checkpoints import hf
 from gpt2kit.checkpoints.ctranslate2 import QUANTIZATIONS, write_ctranslate2
 from gpt2kit.checkpoints.gguf_write import OUTTYPES, import_gguf, write_gguf
-from gpt2kit.checkpoints.hf import write_hf_dir
 from gpt2kit.checkpoints.llmc import read_llmc, write_llmc
 from gpt2kit.checkpoints.nanogpt import read_nanogpt
 from gpt2kit.checkpoints.openai_tf import read_openai_tf
@@ -186,7 +185,7 @@ def vocab_dir(path: Path, config: GPTConfig | None = None) -> Path:
 def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path:
     """Write HuggingFace-compatible config.json, model.safetensors, vocab.json and merges.txt."""
     out = Path(out)
-    write_hf_dir(out, model.config, model.state_dict())
+    hf.write_hf_dir(out, model.config, model.state_dict())
     if tokenizer is not None:
         tokenizer.save(out)
     return out
@@ -282,7 +281,7 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         else:
             if dt is not None:
                 sd = {k: v.to(dt) for k, v in sd.items()}
-            write_hf_dir(stage, config, sd)
+            hf.write_hf_dir(stage, config, sd)
             if files is not None:
                 (stage / "vocab.json").write_bytes(files[0].read_bytes())
                 (stage / "merges.txt").write_bytes(files[1].read_bytes())
@@ -424,7 +423,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     with new_model_dir(out) as stage:  # a new or empty directory: never over a model or a run
         model, tok = load_lora_model(adapter, base)
         sd = {k: v.to(dt) for k, v in merged_state_dict(model).items()}
-        write_hf_dir(stage, model.config, sd)
+        hf.write_hf_dir(stage, model.config, sd)
         tok.save(stage)
     return Path(out).expanduser()
 
