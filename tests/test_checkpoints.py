@@ -372,7 +372,7 @@ def test_a_convert_killed_mid_write_does_not_block_the_rerun(tiny_model_dir, tmp
     # kill -9 while safetensors writes its temporary file (.tmpXXXXXX), as the field report did
     script = ("import os, signal, sys\n"
               "from pathlib import Path\n"
-              "import gpt2kit.checkpoints.hf as hf\n"
+              "import gpt2kit.weights_io as hf  # (where save_safetensors writes)\n"
               "def killed(tensors, path, metadata):\n"
               "    (Path(path).parent / '.tmpAbC123').write_bytes(b'half')\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n"

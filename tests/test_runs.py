@@ -284,3 +284,21 @@ def test_an_early_stopped_run_is_listed_as_such(tmp_path, capsys):
         (tmp_path / name / "config.json").write_text(json.dumps({"lr": lr}))
     assert main(["runs", str(tmp_path / "a"), str(tmp_path / "b"), "--compare"]) == 0
     assert "early-stopped" in capsys.readouterr().out
+
+
+def test_a_runs_checkpoints_are_listed_in_one_place(tmp_path):
+    """layout.checkpoint_dirs names a run's checkpoints (checkpoints/step-N, oldest first); --resume takes
+    those with trainer.pt, --model RUN the newest that holds a model. Other names there are not checkpoints."""
+    from gpt2kit import layout
+    from gpt2kit.checkpoints import run_model_dir
+    from gpt2kit.config import GPTConfig
+    from tests.conftest import random_model
+    runs.write_json(tmp_path / "run.json", {"status": "running"})
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    for name in ("step-2", "step-10", "step-old", ".tmp-step-12"):
+        from gpt2kit.checkpoints import save_model
+        save_model(random_model(cfg, seed=1), None, tmp_path / "checkpoints" / name)
+    (tmp_path / "checkpoints/step-2/trainer.pt").write_bytes(b"x")
+    assert [s for s, _ in layout.checkpoint_dirs(tmp_path)] == [2, 10]
+    assert [s for s, _ in runs.checkpoint_dirs(tmp_path)] == [2]
+    assert run_model_dir(tmp_path) == tmp_path / "checkpoints/step-10"

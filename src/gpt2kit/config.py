@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import is_hf_dir
 
 
 @dataclass
@@ -152,7 +153,6 @@ class GPTConfig:
             d = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise Gpt2kitError(f"cannot read model config {path}: {e}") from None
-        from gpt2kit.checkpoints.hf import is_hf_dir
         in_model = Path(path).name == "config.json" and is_hf_dir(Path(path).parent)  # else a file of the user's
         return cls.from_hf_dict(d, source=str(path),
                                 fix="fix the file or re-download the model" if in_model else "fix the file")

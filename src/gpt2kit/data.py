@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.runs import hash_file
 from gpt2kit.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # only Batcher needs torch; importing it lazily keeps `gpt2kit encode` quick to start
@@ -558,7 +559,6 @@ class _Segments:
 
 def cache_identity(cache: TokenCache) -> dict[str, object]:
     """A cheap identity of a token cache file: its token count and a hash of samples of its content."""
-    from gpt2kit.runs import hash_file
     h = hashlib.sha256()
     hash_file(h, Path(cache.path))
     return {"tokens": len(cache), "sha256": h.hexdigest()}
@@ -1114,7 +1114,7 @@ class Batcher:
         self.cache, self.tokens = cache, cache.tokens
         self.batch_size, self.seed, self.line_by_line = batch_size, seed, line_by_line
         self.rank, self.world_size = rank, world_size
-        from gpt2kit.checkpoints import pick_device  # (imports torch)
+        from gpt2kit.devices import pick_device  # lazy: torch, kept off `gpt2kit encode`'s start-up path
         self.device = pick_device(device)  # fails here, not at the first batch, e.g. on cuda without a GPU
         self.eot = eot_token  # x padding; any id works since padded positions only precede ignored targets
         self.step = 0
@@ -1191,7 +1191,7 @@ class Batcher:
         return self._to_device(x, y)
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
+        import torch  # lazy: kept off `gpt2kit encode`'s start-up path (this module reads and writes tokens only)
         t = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y)]
         if self.device.type == "cuda":  # pinned memory makes the host-to-device copy asynchronous
             t = [a.pin_memory().to(self.device, non_blocking=True) for a in t]

@@ -9,18 +9,25 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt2kit.data import (
+    TOKEN_SUFFIXES,
+    Batcher,
+    DataSpec,
+    TokenCache,
+    is_token_cache,
+    not_regular_error,
+    read_text,
+    read_tokens,
+)
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.memory import device_memory, gib, is_out_of_memory
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from gpt2kit.data import TokenCache
 
 
 @dataclass
@@ -119,7 +126,6 @@ def score_documents(model: GPT, cache: TokenCache, block_size: int | None = None
     validates (data.Batcher's eval batches: each document cut to block_size + 1 tokens, batch_size of them
     padded together, every target token weighted alike), so the same model, data, block and batch size give
     the run's validation loss."""
-    from gpt2kit.data import Batcher
     if batch_size <= 0:
         raise Gpt2kitError(f"batch size must be > 0, got {batch_size}")
     block = min(block_size or model.config.n_positions, model.config.n_positions)
@@ -146,7 +152,6 @@ def score_documents(model: GPT, cache: TokenCache, block_size: int | None = None
 def check_memory(model: GPT, batch: int, block: int) -> None:
     """Refuse, before it is tried, a batch of `batch` sequences of `block` tokens whose logits and activations
     cannot fit in the memory `model`'s device has free (a one-line Gpt2kitError naming --batch-size)."""
-    from gpt2kit.memory import device_memory, gib
     c = model.config
     # float32 logits (and their float copy and softmax in the loss) dominate; a few layers' activations besides
     need = batch * block * (3 * c.vocab_size + 16 * c.n_embd) * 4
@@ -159,7 +164,6 @@ def check_memory(model: GPT, batch: int, block: int) -> None:
 @contextlib.contextmanager
 def _memory_errors(model: GPT, batch: int, block: int) -> Iterator[None]:
     """check_memory, and a batch that runs out all the same reported as a one-line error naming --batch-size."""
-    from gpt2kit.memory import is_out_of_memory
     check_memory(model, batch, block)
     try:
         yield
@@ -173,11 +177,9 @@ def _memory_errors(model: GPT, batch: int, block: int) -> Iterator[None]:
 def read_eval_text(path: str | Path, encoding: str = "utf-8") -> str:
     p = Path(path)
     if p.exists() and not p.is_file() and not p.is_dir():  # a FIFO would wait forever for a writer
-        from gpt2kit.data import not_regular_error
         raise not_regular_error(p)
     if not p.is_file():
         raise Gpt2kitError(f"evaluation data {p} does not exist or is not a file")
-    from gpt2kit.data import read_text
     try:  # as finetune reads text: a binary file (a token .npz, say) is refused, not decoded as latin-1
         text = read_text(p, encoding)
     except OSError as e:
@@ -197,7 +199,6 @@ def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, fi
     <|endoftext|>."""
     if len(inputs) != 1 or column is not None or field is not None or line_by_line:
         return None
-    from gpt2kit.data import TOKEN_SUFFIXES, is_token_cache
     p = Path(inputs[0])
     read_as_data = (".csv", ".tsv", ".jsonl", ".tokens", *TOKEN_SUFFIXES)
     if p.is_dir() or glob.has_magic(str(p)) or p.suffix.lower() in read_as_data:
@@ -208,7 +209,6 @@ def plain_text_input(inputs: Sequence[str | Path], column: str | None = None, fi
 def eval_token_ids(inputs: str | Path | Sequence[str | Path], tokenizer: Tokenizer, column: str | None = None,
                    field: str | None = None, encoding: str = "utf-8", skip_bad_rows: bool = False) -> np.ndarray:
     """The tokens `perplexity` scores for `inputs` (see plain_text_input)."""
-    from gpt2kit.data import DataSpec, read_tokens
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     plain = plain_text_input(items, column, field)
     if plain is not None:

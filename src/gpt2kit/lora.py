@@ -15,11 +15,9 @@ trained on, a directory replaced) is refused rather than silently given an adapt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,17 +25,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from gpt2kit import runs
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checkpoint_dirs, is_adapter_dir, is_run_dir
 from gpt2kit.model import GPT
-from gpt2kit.run_numbers import resolve_run_ref
+from gpt2kit.weights_io import require_finite, save_safetensors
 
 log = logging.getLogger("gpt2kit")
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1  # adapter_config.json's "version": raise it when the meaning of the files changes
 # the four projections of every block; a target matches modules whose name ends with it
 ALL_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -200,7 +198,6 @@ def merge_lora(model: GPT) -> GPT:
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path) -> Path:
-    from gpt2kit.checkpoints.hf import save_safetensors
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
@@ -208,11 +205,6 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path) -> Path:
     (out / f"{ADAPTER_CONFIG}.tmp").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / f"{ADAPTER_CONFIG}.tmp").replace(out / ADAPTER_CONFIG)
     return out
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / ADAPTER_WEIGHTS).is_file() and (p / ADAPTER_CONFIG).is_file()
 
 
 def read_adapter_config(path: str | Path) -> LoraConfig:
@@ -224,13 +216,10 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
 
 def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     """Copy adapter tensors from `path` into a model that apply_lora() has already wrapped."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     try:
         tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise Gpt2kitError(f"cannot read {Path(path) / ADAPTER_WEIGHTS}: {e}") from None
-    from gpt2kit.checkpoints import require_finite
     require_finite(tensors, Path(path) / ADAPTER_WEIGHTS)
     mods = lora_modules(model)
     expected = {f"{n}.{ab}" for n in mods for ab in ("lora_A", "lora_B")}
@@ -255,7 +244,6 @@ def find_adapter(path: str | Path) -> Path:
         return p
     if not p.exists():
         raise Gpt2kitError(f"{p} does not exist; pass a LoRA run directory or an adapter directory")
-    from gpt2kit.runs import checkpoint_dirs, is_run_dir
     if is_run_dir(p):
         for c in [p / "best", p / "final"] + [d for _, d in reversed(checkpoint_dirs(p))]:
             if is_adapter_dir(c):
@@ -265,149 +253,13 @@ def find_adapter(path: str | Path) -> Path:
                        "adapter directory")
 
 
-# ---- the base an adapter was trained on ---------------------------------------------------------------
-
-def weights_fingerprint(model_dir: str | Path) -> str | None:
-    """A cheap content fingerprint of a model directory's weights (HuggingFace, sharded or OpenAI TF files):
-    the same wherever the directory is copied, different once training has changed the weights. None when
-    the directory holds no weight files of a known kind."""
-    from gpt2kit.checkpoints.hf import shard_names, weights_source
-    d = Path(model_dir)
-    src = weights_source(d) if d.is_dir() else None
-    if d.is_file():  # a single-file checkpoint: nanoGPT's ckpt.pt, llm.c's .bin
-        files = [d]
-    elif src is not None:
-        files = [d / n for n in shard_names(src)] if src.name.endswith(".index.json") else [src]
-    else:  # OpenAI TF: model.ckpt.index + model.ckpt.data-*
-        files = sorted(f for f in d.iterdir() if f.is_file() and (f.suffix == ".index" or ".data-" in f.name))
-    if not files or not all(f.is_file() for f in files):  # a missing shard: the loader names it, in its words
-        return None
-    h = hashlib.sha256(b"gpt2kit-weights-v1\0")
-    try:
-        for f in files:
-            runs.hash_file(h, f)
-    except OSError:  # replaced while read: _read_fingerprinted's second look tells
-        return None
-    return "v1:" + h.hexdigest()[:32]
+# Loading an adapter onto its base model is resolving `--model`, which gpt2kit.checkpoints owns; these names
+# are kept here for callers of the library (nothing in gpt2kit imports them from here).
+_MOVED_TO_CHECKPOINTS = ("weights_fingerprint", "adapter_named", "open_base", "load_lora_model", "merge_adapter")
 
 
-def _merged_fingerprint(adapter: Path, cfg: LoraConfig, base_fp: str | None) -> str | None:
-    """The fingerprint of `adapter` merged onto the base whose fingerprint is `base_fp`."""
-    if base_fp is None:
-        return None
-    h = hashlib.sha256(b"gpt2kit-lora-merged-v1\0")
-    h.update(json.dumps([cfg.rank, cfg.alpha, cfg.targets, base_fp]).encode())
-    runs.hash_file(h, adapter / ADAPTER_WEIGHTS)
-    return "v1:" + h.hexdigest()[:32]
-
-
-def _read_fingerprinted(fingerprint, load, what: Path):
-    """(load(), fingerprint()), the fingerprint taken before and after reading: a directory replaced
-    meanwhile (a run writing best/ again) is an error, never a fingerprint of other weights than those read."""
-    before = fingerprint()
-    out = load()
-    if fingerprint() != before:
-        raise Gpt2kitError(f"{what} changed while it was read (is a run writing it?); try again")
-    return out, before
-
-
-def _run_tokenizer(adapter: Path) -> Path | None:
-    """The vocabulary a run keeps beside its adapters (RUN/best, RUN/checkpoints/step-N), if any."""
-    from gpt2kit.runs import is_run_dir
-    from gpt2kit.tokenizer import find_vocab_files
-    for run in (adapter.parent, adapter.parent.parent):
-        if is_run_dir(run) and find_vocab_files(run / "tokenizer") is not None:
-            return run / "tokenizer"
-    return None
-
-
-def adapter_named(path: str | Path) -> Path | None:
-    """The adapter `path` names when it is no model itself: an adapter directory (RUN/checkpoints/step-N of a
-    LoRA run), or a LoRA run with adapter checkpoints only (its newest). None for anything else."""
-    from gpt2kit.checkpoints import is_model_dir
-    from gpt2kit.runs import adapter_only_checkpoint
-    p = Path(str(resolve_run_ref(path))).expanduser()
-    return p if is_adapter_dir(p) and not is_model_dir(p) else adapter_only_checkpoint(p)
-
-
-def open_base(base: str | Path, device: str | torch.device | None = "cpu",
-              dtype: str | torch.dtype | None = "float32", tokenizer_dir: str | Path | None = None,
-              fingerprint: bool = True, _depth: int = 0, flag: str = "--model"):
-    """Load the weights `base` names and say exactly which they were: (GPT, Tokenizer, fingerprint or None,
-    the directory read). `base` is anything `--model` takes (a model directory or name, a run: its best/,
-    final/ or newest checkpoint), or an adapter directory, which is merged onto its own base (in float32, then
-    cast). A LoRA run with adapter checkpoints only gives its newest adapter checkpoint merged the same way,
-    and that checkpoint directory is what is returned: see _Run._load_model. `flag` names the option that
-    gave `base` in errors (`--base` for merge)."""
-    from gpt2kit.checkpoints import load_model, pick_device, pick_dtype, resolve_model_dir
-    from gpt2kit.tokenizer import Tokenizer
-    adapter = adapter_named(base)
-    if adapter is not None:
-        if _depth > 8:
-            raise Gpt2kitError(f"{adapter}: adapters on adapters more than 8 deep (does one name itself as its "
-                               f"base in {ADAPTER_CONFIG}?)")
-        model, tok, fp = _load_adapted(adapter, None, device, torch.float32, fingerprint, _depth + 1)
-        merge_lora(model)
-        model = model.to(dtype=pick_dtype(dtype, pick_device(device))).eval()
-        own = Path(tokenizer_dir) if tokenizer_dir else _run_tokenizer(adapter)
-        return model, (Tokenizer.from_dir(own) if own else tok), fp, adapter
-    d = resolve_model_dir(base, flag=flag, local_hint=None if flag == "--model" else
-                          f"pass {flag} a local directory holding config.json and model.safetensors")
-    (model, tok), fp = _read_fingerprinted(lambda: weights_fingerprint(d) if fingerprint else None,
-                                           lambda: load_model(d, device=device, dtype=dtype,
-                                                              tokenizer_dir=tokenizer_dir), d)
-    return model, tok, fp, d
-
-
-def _load_adapted(path: Path, base: str | None, device, dtype, fingerprint: bool, depth: int = 0):
-    """(the base with the adapter at `path` applied, its tokenizer, fingerprint of the two merged or None)."""
-    cfg = read_adapter_config(path)
-    merge = f"`gpt2kit merge {shlex.quote(str(path))} --base MODEL --out DIR`"  # --base is merge's alone
-    if not (base or cfg.base_model):
-        raise Gpt2kitError(f"{path / ADAPTER_CONFIG} does not name its base model; merge the adapter onto it: "
-                           f"{merge}")
-    if not base and Path(cfg.base_model).is_absolute() and not Path(cfg.base_model).exists():
-        raise Gpt2kitError(f"the base model recorded in {path / ADAPTER_CONFIG}, {cfg.base_model}, is gone; "
-                           f"move it back, or merge the adapter onto it where it is now: {merge}")
-    recorded = cfg.base_fingerprint
-    model, tok, fp, _ = open_base(base or cfg.base_model, device=device, dtype=dtype,
-                                  fingerprint=fingerprint or bool(recorded), _depth=depth,
-                                  flag="--base" if base else "--model")
-    if recorded and fp is not None and fp != recorded:
-        if not base:
-            raise Gpt2kitError(f"adapter {path} was trained on {cfg.base_model}, whose weights have changed since "
-                               f"(fingerprint {fp}, recorded {recorded}; the same weights saved again in another form "
-                               f"count as changed too); merge it onto the weights it was trained on, "
-                               f"{merge}, or onto these anyway with --base {shlex.quote(cfg.base_model)}")
-        log.warning(f"adapter {path} was trained on other weights than {base} (fingerprint {recorded}, these "
-                    f"are {fp}); applying it to them as --base asks")
-    apply_lora(model, cfg)
-    _, merged = _read_fingerprinted(lambda: _merged_fingerprint(path, cfg, fp) if fingerprint else None,
-                                    lambda: load_adapter_weights(model, path), path)
-    return model, tok, merged
-
-
-def load_lora_model(adapter: str | Path, base: str | None = None, device: str | torch.device | None = "cpu",
-                    dtype: str | torch.dtype | None = "float32"):
-    """The base model with the adapter applied (not merged), plus its tokenizer. Without `base`, the recorded
-    base model is used, and refused if its weights are no longer those the adapter was trained on (adapters
-    from before fingerprints were recorded are not checked); an explicit `base` is used as given."""
-    model, tok, _ = _load_adapted(find_adapter(adapter), base, device, dtype, fingerprint=False)
-    return model.eval(), tok
-
-
-def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
-                  dtype: str | None = None) -> Path:
-    """What `gpt2kit merge` does: base model + adapter -> a plain HuggingFace-format checkpoint."""
-    from gpt2kit.checkpoints import new_model_dir, pick_dtype
-    from gpt2kit.checkpoints.hf import write_hf_dir
-    dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else torch.float32
-    find_adapter(adapter)  # a missing adapter is named before --out is created
-    if base and base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
-        raise Gpt2kitError(f"--base {base} does not exist; pass the base model's directory (or its name)")
-    with new_model_dir(out) as stage:  # a new or empty directory: never over a model or a run
-        model, tok = load_lora_model(adapter, base)
-        sd = {k: v.to(dt) for k, v in merged_state_dict(model).items()}
-        write_hf_dir(stage, model.config, sd)
-        tok.save(stage)
-    return Path(out).expanduser()
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_CHECKPOINTS:
+        from gpt2kit import checkpoints  # compat: re-export of a name that moved up a layer
+        return getattr(checkpoints, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

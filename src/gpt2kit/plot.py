@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gpt2kit.runs import read_metrics
+
 log = logging.getLogger("gpt2kit")
 _warned = False
 
@@ -87,6 +89,5 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path, title: str | No
 
 
 def plot_run(run_dir: str | Path) -> bool:
-    from gpt2kit.runs import read_metrics
     run_dir = Path(run_dir)
     return plot_metrics(read_metrics(run_dir), run_dir / "loss.png", title=run_dir.name)

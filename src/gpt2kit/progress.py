@@ -33,7 +33,7 @@ def progress_bar(*, total: int | None = None, desc: str | None = None, unit: str
     file = file if file is not None else sys.stderr
     isatty = getattr(file, "isatty", None)
     if disable or (callable(isatty) and isatty()) or in_notebook():
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: slow to import (it probes for notebooks); only a bar shown needs it
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable, file=file,
                     dynamic_ncols=True, mininterval=0.1)
     return LineProgress(total=total, desc=desc, unit=unit, initial=initial, file=file)
@@ -73,7 +73,7 @@ class LineProgress:
             self._line(time.monotonic())
 
     def _line(self, now: float) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: slow to import; only a bar shown needs it
         self.last = now
         fmt = ("{desc}: {percentage:3.0f}%| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
                if self.total else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]")

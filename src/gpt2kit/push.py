@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from gpt2kit import runs
+from gpt2kit.config import OPENAI_NAMES
+from gpt2kit.data import TokenCache
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import is_adapter_dir, is_model_dir, shard_names, weights_source
 
 log = logging.getLogger("gpt2kit")
 
@@ -55,7 +58,7 @@ def check_repo_id(repo: str) -> str:
 
 
 def _token(token: str | None) -> str:
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # lazy: slow to import; only pushing needs it
     token = token or get_token()
     if not token:
         raise Gpt2kitError(f"no Hugging Face token to push with: {LOGIN_HINT}")
@@ -72,8 +75,6 @@ def check_ready(repo: str, token: str | None = None) -> None:
 def pick_model(path: str | Path, which: str = "auto") -> Picked:
     """The model directory to push from `path` (a run directory, a run's best/ or final/, or a model
     directory); a one-line Gpt2kitError for anything else."""
-    from gpt2kit.checkpoints import is_model_dir
-    from gpt2kit.lora import is_adapter_dir
     if which not in WHICH:
         raise Gpt2kitError(f"--which must be one of {', '.join(WHICH)}, not {which!r}")
     p = Path(path).expanduser()
@@ -121,7 +122,6 @@ def pick_model(path: str | Path, which: str = "auto") -> Picked:
 def _model_files(d: Path) -> dict[str, Path]:
     """path in the repository -> local file: the config, the weights (a single file, or an index and its
     shards) and the vocabulary. A directory in OpenAI's TensorFlow layout is refused (convert it first)."""
-    from gpt2kit.checkpoints.hf import shard_names, weights_source
     src = weights_source(d)
     if src is None or not (d / "config.json").is_file():
         raise Gpt2kitError(f"{d} is not in HuggingFace format (config.json + model.safetensors): convert it first "
@@ -138,8 +138,7 @@ def _model_files(d: Path) -> dict[str, Path]:
 
 def _hub_id(model: str | None) -> str | None:
     """A base model as a Hub id when it is one: a known name, 'org/name', or a snapshot in the HF cache."""
-    from gpt2kit.checkpoints.hub import REPO_IDS
-    from gpt2kit.config import OPENAI_NAMES
+    from gpt2kit.checkpoints.hub import REPO_IDS  # lazy: the package imports torch, which a push never needs
     if not model:
         return None
     name = OPENAI_NAMES.get(model, model)
@@ -164,7 +163,7 @@ def _shown(value: Any) -> Any:
 
 def _command(cfg: dict[str, Any]) -> str:
     """The finetune command that reproduces the run's resolved config (paths by name, defaults left out)."""
-    from gpt2kit.train import TrainConfig
+    from gpt2kit.train import TrainConfig  # lazy: torch and the trainer, only to word the command
     default = TrainConfig().to_dict()
     # where it ran and what it reported to say nothing about the model; eps and the sampling settings have no flag
     skip = {"out", "push_to_hub", "push_private", "wandb", "wandb_project", "wandb_run_name", "tensorboard", "eps",
@@ -194,7 +193,6 @@ def _command(cfg: dict[str, Any]) -> str:
 
 
 def _data_facts(run_dir: Path, info: dict[str, Any]) -> dict[str, int]:
-    from gpt2kit.data import TokenCache
     facts = {}
     for key in ("train_tokens", "val_tokens"):
         path = info.get(key)
@@ -214,7 +212,7 @@ def _loss(x: Any) -> str:
 def model_card(picked: Picked, repo: str, *, license: str | None = None, has_plot: bool = False) -> str:
     """README.md for the repository: YAML front matter (license, base_model, tags, library_name) and the run's
     facts (base model, data, steps, validation loss, the loss plot, the command), then how to use it."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCardData  # lazy: slow to import; only pushing needs it
     info: dict[str, Any] = {}
     cfg: dict[str, Any] = {}
     if picked.run_dir is not None:
@@ -299,7 +297,7 @@ def push(path: str | Path, repo: str, *, private: bool = False, which: str = "au
     """Upload a model (a model directory, or a run's best/final model) with a generated model card to the
     Hub repository `repo`, creating it if need be; returns the repository's URL. One commit, so a failed
     push leaves the repository as it was."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi  # lazy: slow to import; only pushing needs it
     check_repo_id(repo)
     picked = pick_model(path, which)
     files = _model_files(picked.model_dir)
@@ -328,9 +326,9 @@ def push(path: str | Path, repo: str, *, private: bool = False, which: str = "au
 
 
 def _push_error(e: Exception, repo: str) -> Gpt2kitError | None:
-    from huggingface_hub.utils import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError, RepositoryNotFoundError  # lazy: slow to import
 
-    from gpt2kit.checkpoints.hub import NETWORK_ERRORS, _chain
+    from gpt2kit.checkpoints.hub import NETWORK_ERRORS, _chain  # lazy: the package imports torch
     chain = list(_chain(e))
 
     def find(kind):

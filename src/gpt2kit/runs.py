@@ -30,7 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2kit import layout
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import (  # noqa: F401  (also read from here)
+    CHECKPOINTS,
+    CONFIG_JSON,
+    LOCK,
+    METRICS,
+    RUN_ENTRIES,
+    RUN_JSON,
+    is_adapter_dir,
+    is_resumable,
+    is_run_dir,
+    run_model_dir,
+)
 from gpt2kit.run_numbers import run_number
 
 try:
@@ -38,9 +51,6 @@ try:
 except ImportError:  # (Windows)
     fcntl = None  # type: ignore[assignment]
 
-RUN_JSON = "run.json"
-CONFIG_JSON = "config.json"
-METRICS = "metrics.jsonl"
 RUN_FORMAT = "gpt2kit-run"
 RUN_VERSION = 1
 
@@ -85,15 +95,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} as JSON")
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / RUN_JSON).is_file()
-
-
-# what a run writes at its top level; remove_run deletes these and nothing else
-RUN_ENTRIES = (RUN_JSON, CONFIG_JSON, METRICS, "loss.png", "samples", "tokenizer", "data", "checkpoints", "best",
-               "final", "tensorboard")
 
 
 def _is_run_entry(name: str) -> bool:
@@ -162,9 +163,6 @@ def process_stamp() -> dict[str, Any]:
 
 
 # ---- the run's lock ------------------------------------------------------------------------------
-
-LOCK = ".lock"
-
 
 class RunInUse(Gpt2kitError):
     """Another process holds the run's lock."""
@@ -298,17 +296,9 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (step, path), oldest first. Half-written ones live under temporary names
-    (.tmp-step-N) and are never listed."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        name = p.name
-        if p.is_dir() and name.startswith("step-") and name[5:].isdigit() and (p / "trainer.pt").is_file():
-            out.append((int(name[5:]), p))
-    return sorted(out)
+    """Complete checkpoints (step, path), oldest first: those of layout.checkpoint_dirs that hold the trainer
+    state --resume reads. Half-written ones live under temporary names (.tmp-step-N) and are never listed."""
+    return [(s, p) for s, p in layout.checkpoint_dirs(run_dir) if is_resumable(p)]
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -327,7 +317,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 def recover_dirs(run_dir: str | Path) -> None:
     """After a crash: restore a directory that was moved aside but not replaced; delete temporaries."""
     run_dir = Path(run_dir)
-    for parent in (run_dir, run_dir / "checkpoints"):
+    for parent in (run_dir, run_dir / CHECKPOINTS):
         if not parent.is_dir():
             continue
         for p in parent.iterdir():
@@ -544,8 +534,6 @@ def format_comparison(c: Comparison) -> str:
 def adapter_only_checkpoint(run_dir: str | Path) -> Path | None:
     """A LoRA run stopped before best/ or final/ (which hold the merged model) were written: its newest
     adapter checkpoint. None for any other directory."""
-    from gpt2kit.checkpoints import run_model_dir
-    from gpt2kit.lora import is_adapter_dir
     p = Path(run_dir)
     if not is_run_dir(p):
         return None
@@ -560,22 +548,21 @@ def adapter_only_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_adapter_run(run_dir: str | Path, device: Any = None, dtype: Any = None) -> tuple[Any, Any] | None:
-    """`--model RUN` for a LoRA run that has only adapter checkpoints: the base model with the newest
-    adapter folded in (in memory, as `gpt2kit merge` does) and the run's tokenizer, as (GPT, Tokenizer).
-    None when `run_dir` is not such a run (load it as any model directory)."""
-    ckpt = adapter_only_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    from gpt2kit.lora import open_base
-    model, tok, _, _ = open_base(ckpt, device=device, dtype=dtype, fingerprint=False)  # + the run's tokenizer
-    return model, tok
-
-
 def model_dir(run_dir: str | Path) -> Path | None:
     """The model `--model RUN_DIR` loads (best, else final, else the newest checkpoint), or None."""
-    from gpt2kit.checkpoints import run_model_dir
     try:
         return run_model_dir(Path(run_dir))
     except Gpt2kitError:
         return None
+
+
+# Loading a run's adapter onto its base is resolving `--model`, which gpt2kit.checkpoints owns; the name is
+# kept here for callers of the library (nothing in gpt2kit imports it from here).
+_MOVED_TO_CHECKPOINTS = ("load_adapter_run",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_CHECKPOINTS:
+        from gpt2kit import checkpoints  # compat: re-export of a name that moved up a layer
+        return getattr(checkpoints, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt2kit.data import read_text
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
@@ -306,7 +307,6 @@ def choice(model: GPT, tokenizer: Tokenizer, items: Sequence[ChoiceItem], batch_
 
 
 def _jsonl_objects(path: str | Path, encoding: str = "utf-8") -> list[tuple[int, dict]]:
-    from gpt2kit.data import read_text
     p = Path(path)
     if not p.is_file():
         raise Gpt2kitError(f"task data {p} does not exist or is not a file")

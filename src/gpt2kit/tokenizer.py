@@ -13,12 +13,12 @@ from pathlib import Path
 import tiktoken
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import VOCAB_FILE_PAIRS, find_vocab_files  # noqa: F401  (also read from here)
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex (OpenAI encoder.py), identical to tiktoken's r50k_base.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-VOCAB_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 # GPT-2's own vocabulary, shipped with gpt2kit for checkpoints that hold none (nanoGPT's ckpt.pt, llm.c's
 # model files): OpenAI's encoder.json + vocab.bpe (MIT), read offline like any other vocabulary
 GPT2_VOCAB_DIR = Path(__file__).resolve().parent / "gpt2_vocab"
@@ -37,14 +37,6 @@ def _byte_decoder() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def find_vocab_files(directory: str | Path) -> tuple[Path, Path] | None:
-    d = Path(directory)
-    for enc, merges in VOCAB_FILE_PAIRS:
-        if (d / enc).is_file() and (d / merges).is_file():
-            return d / enc, d / merges
-    return None
 
 
 _FIX = "the vocabulary files are damaged or not GPT-2's; copy them from the base model's directory"

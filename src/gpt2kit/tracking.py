@@ -7,6 +7,7 @@ WANDB_DIR, WANDB_ENTITY); each start of a process (a new run or a resume) is one
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,7 +97,6 @@ class Trackers:
 def check_available(use_wandb: bool) -> None:
     """Before a run starts: the optional packages its trackers need are installed."""
     if use_wandb:
-        import importlib.util
         if importlib.util.find_spec("wandb") is None:
             raise Gpt2kitError(f"--wandb needs the wandb package: {WANDB_EXTRA}")
 

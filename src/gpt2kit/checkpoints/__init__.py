@@ -3,116 +3,69 @@
 Readable: HuggingFace directories, OpenAI's TensorFlow checkpoint directories, gpt2kit run directories
 (which hold HuggingFace-format models), nanoGPT's ckpt.pt and llm.c's model files, and model names
 (downloaded from the Hub). Written: our HuggingFace-compatible format, and (by convert) OpenAI's TensorFlow
-checkpoint layout, llm.c model files, GGUF (llama.cpp) and CTranslate2 directories."""
+checkpoint layout, llm.c model files, GGUF (llama.cpp) and CTranslate2 directories.
+
+This module is the one place that says what `--model X` means: resolve_model_dir turns X (a directory, a run
+or a numbered run, a single-file checkpoint, a Hub name) into a local path, load_model reads it, and a LoRA
+adapter (or a LoRA run with adapter checkpoints only) is loaded onto the base it was trained on, which is
+checked by fingerprint (open_base). The submodules read and write one format each; gpt2kit.layout says what a
+path holds without reading it."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import hashlib
+import importlib.util
 import json
 import logging
 import os
-import shutil
-from collections.abc import Iterator
+import shlex
 from pathlib import Path
 
 import torch
 
+from gpt2kit import runs
+from gpt2kit.checkpoints import hf
+from gpt2kit.checkpoints.ctranslate2 import QUANTIZATIONS, write_ctranslate2
+from gpt2kit.checkpoints.gguf_write import OUTTYPES, import_gguf, write_gguf
+from gpt2kit.checkpoints.llmc import read_llmc, write_llmc
+from gpt2kit.checkpoints.nanogpt import read_nanogpt
+from gpt2kit.checkpoints.openai_tf import read_openai_tf
+from gpt2kit.checkpoints.openai_tf_write import openai_hparams, write_openai_tf
+from gpt2kit.checkpoints.output_dirs import PARTIAL, make_new_output_dir, new_model_dir, new_output_file  # noqa: F401  (also read from here)
 from gpt2kit.config import OPENAI_NAMES, GPTConfig
+from gpt2kit.devices import DTYPES, pick_device, pick_dtype  # noqa: F401  (also read from here)
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import (  # noqa: F401  (also read from here)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONVERT_FORMATS,
+    find_vocab_files,
+    is_adapter_dir,
+    is_llmc_file,
+    is_model_dir,
+    is_model_file,
+    is_openai_tf_dir,
+    is_run_dir,
+    run_model_dir,
+    shard_names,
+    weights_source,
+)
+from gpt2kit.lora import (
+    LoraConfig,
+    apply_lora,
+    find_adapter,
+    load_adapter_weights,
+    merge_lora,
+    merged_state_dict,
+    read_adapter_config,
+)
 from gpt2kit.model import GPT
 from gpt2kit.run_numbers import resolve_run_ref
-from gpt2kit.tokenizer import GPT2_VOCAB_DIR, Tokenizer, find_vocab_files, read_encoder
+from gpt2kit.tokenizer import GPT2_VOCAB_DIR, Tokenizer, read_encoder
+from gpt2kit.weights_io import require_finite
 
 log = logging.getLogger("gpt2kit")
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None picks cuda, then mps, then cpu. Otherwise only the devices gpt2kit runs on (cpu, cuda,
-    cuda:N, mps), each checked to exist here: torch accepts more names ('meta', 'xpu', ...) that would
-    fail later, deep inside loading."""
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    usage = "use cpu, cuda, cuda:N, mps or auto"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise Gpt2kitError(f"unknown device {str(device)!r}: {usage}") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise Gpt2kitError(f"device {str(device)!r} is not supported by gpt2kit: {usage}")
-    if dev.type == "cpu" and dev.index not in (None, 0):
-        raise Gpt2kitError(f"device {str(device)!r} does not exist: use cpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise Gpt2kitError(f"--device {device} asked for, but this torch build sees no CUDA GPU; use --device cpu")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise Gpt2kitError(f"--device {device} asked for, but only {n} CUDA GPU(s) are visible "
-                               f"(cuda:0 to cuda:{n - 1}); pick one of those or use --device cpu")
-    if dev.type == "mps":
-        if not _mps_available():
-            raise Gpt2kitError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
-        if dev.index not in (None, 0):
-            raise Gpt2kitError(f"device {str(device)!r} does not exist: use mps")
-    return dev
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise Gpt2kitError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
-    return DTYPES[dtype]
-
-
-def run_model_dir(path: Path) -> Path | None:
-    """A gpt2kit run directory (has run.json): its best model if validation picked one, else its final
-    model, else its newest checkpoint."""
-    if not (path / "run.json").is_file():
-        return None
-    for sub in ("best", "final"):
-        if is_model_dir(path / sub):
-            return path / sub
-    ckpts = sorted((path / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[-1])) \
-        if (path / "checkpoints").is_dir() else []
-    for c in reversed(ckpts):
-        if is_model_dir(c):
-            return c
-    raise Gpt2kitError(f"run directory {path} has no saved model yet (no best/, final/ or checkpoints/)")
-
-
-def is_model_dir(path: Path) -> bool:
-    from gpt2kit.checkpoints.hf import is_hf_dir
-    return path.is_dir() and (is_hf_dir(path) or _is_tf_dir(path))
-
-
-def _is_tf_dir(path: Path) -> bool:
-    from gpt2kit.checkpoints.openai_tf import is_openai_tf_dir
-    return is_openai_tf_dir(path)
-
-
-def is_model_file(path: Path) -> bool:
-    """A single-file checkpoint of another trainer: nanoGPT's ckpt.pt (a torch.save archive) or llm.c's .bin
-    (read_checkpoint says which, or why it is neither)."""
-    from gpt2kit.checkpoints.llmc import is_llmc_file
-    from gpt2kit.checkpoints.nanogpt import could_be_nanogpt
-    return path.is_file() and (is_llmc_file(path) or could_be_nanogpt(path))
-
 
 def _check_links(path: Path, what: str) -> None:
     """A one-line error when `path` is a symbolic link loop or a link to nothing (both read as "does not
@@ -143,26 +96,14 @@ def resolve_model_dir(name_or_path: str | Path, flag: str = "--model", local_hin
         raise Gpt2kitError(f"{flag} {s} is a file gpt2kit does not read as a model; pass the directory that holds "
                            "config.json and the weights, a nanoGPT ckpt.pt or an llm.c model .bin")
     _check_links(path, f"{flag} {s}")  # a broken link is a local path gone wrong, not a model name to download
-    from gpt2kit.checkpoints import hub
+    from gpt2kit.checkpoints import hub  # lazy: huggingface_hub is slow to import; only a Hub name needs it
     return hub.resolve(OPENAI_NAMES.get(s, s), flag=flag, local_hint=local_hint or hub.LOCAL_HINT)
-
-
-def require_finite(sd: dict[str, torch.Tensor], source: Path) -> None:
-    """Refuse weights holding NaN or infinity (a run that diverged, a damaged file): such a model only
-    produces garbage ("!!!!!", since every logit is NaN), so it is named here, where it is read."""
-    for k, v in sd.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise Gpt2kitError(f"{source} holds NaN or infinite weights ({k}), so the model cannot give "
-                               "meaningful output; use an earlier checkpoint of the run that wrote it")
 
 
 def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Config and state dict (our layout) from an HF or OpenAI-TF directory, a nanoGPT ckpt.pt or an llm.c
     model file; weights that are not all finite are refused."""
-    from gpt2kit.checkpoints import hf
     if path.is_file():
-        from gpt2kit.checkpoints.llmc import is_llmc_file, read_llmc
-        from gpt2kit.checkpoints.nanogpt import read_nanogpt
         config, sd = read_llmc(path) if is_llmc_file(path) else read_nanogpt(path)
         require_finite(sd, path)
         return config, sd
@@ -171,8 +112,7 @@ def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         sd = hf.read_hf_state_dict(path)
         require_finite(sd, hf.weights_source(path) or path)
         return config, hf.hf_to_gpt2kit(sd, config)
-    if _is_tf_dir(path):
-        from gpt2kit.checkpoints.openai_tf import read_openai_tf
+    if is_openai_tf_dir(path):
         hparams, sd = read_openai_tf(path)
         require_finite(sd, path)
         config = GPTConfig.from_openai_hparams(hparams)
@@ -191,7 +131,6 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     directory, or a LoRA run with adapter checkpoints only, is its base model with the adapter merged in."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    from gpt2kit.lora import adapter_named, open_base
     if adapter_named(name_or_path) is not None:  # merged onto its base in float32 (as `gpt2kit merge` does)
         model, tok, _, _ = open_base(name_or_path, device=dev, dtype=dt, tokenizer_dir=tokenizer_dir,
                                      fingerprint=False)
@@ -250,9 +189,8 @@ def vocab_dir(path: Path, config: GPTConfig | None = None) -> Path:
 
 def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path:
     """Write HuggingFace-compatible config.json, model.safetensors, vocab.json and merges.txt."""
-    from gpt2kit.checkpoints.hf import write_hf_dir
     out = Path(out)
-    write_hf_dir(out, model.config, model.state_dict())
+    hf.write_hf_dir(out, model.config, model.state_dict())
     if tokenizer is not None:
         tokenizer.save(out)
     return out
@@ -260,100 +198,17 @@ def save_model(model: GPT, tokenizer: Tokenizer | None, out: str | Path) -> Path
 
 def _write_openai_tf(out: Path, files: tuple[Path, Path] | None, config: GPTConfig,
                      sd: dict[str, torch.Tensor]) -> None:
-    from gpt2kit.checkpoints.hf import gpt2kit_to_hf
-    from gpt2kit.checkpoints.openai_tf_write import openai_hparams, write_openai_tf
     if config.activation != "gelu_new":
         raise Gpt2kitError("OpenAI's GPT-2 code computes the tanh GELU; this model uses the exact GELU (a nanoGPT "
                            "model) and would compute differently there: convert it to --to hf instead")
     n_vocab = len(read_encoder(files[0])) if files is not None else config.vocab_size
-    hf = gpt2kit_to_hf(sd)
+    hf_sd = hf.gpt2kit_to_hf(sd)
     if n_vocab < config.vocab_size:  # rows padded past the vocabulary (e.g. 50304): OpenAI's code sizes its
-        hf["transformer.wte.weight"] = hf["transformer.wte.weight"][:n_vocab]  # logits by n_vocab, so drop them
-    write_openai_tf(out, openai_hparams(config, min(n_vocab, config.vocab_size)), hf, files)
+        hf_sd["transformer.wte.weight"] = hf_sd["transformer.wte.weight"][:n_vocab]  # logits by n_vocab, so drop them
+    write_openai_tf(out, openai_hparams(config, min(n_vocab, config.vocab_size)), hf_sd, files)
 
 
-# The folder inside an output directory that a model is written into before its files are moved into place:
-# a write that is killed leaves only this, which the next write into the same directory removes.
-PARTIAL = ".gpt2kit-partial"
-
-
-def make_new_output_dir(out: str | Path) -> list[Path]:
-    """Create `out` to write a model into, refusing up front (before any loading) anything that would
-    clobber something or fail later: an existing file, a non-empty directory, an unwritable place.
-    A directory holding only the leftover of a killed write (PARTIAL) counts as empty; the leftover is
-    removed. Returns the directories it created, outermost first."""
-    out = Path(out).expanduser()
-    if out.is_dir():
-        entries = {p.name for p in out.iterdir()}
-        if PARTIAL in entries:
-            if entries != {PARTIAL}:
-                raise Gpt2kitError(f"output directory {out} holds a model write that was interrupted while its "
-                                   f"files were moved into place ({PARTIAL} is left in it): remove {out} and "
-                                   "run again")
-            log.info("removing %s, left by an interrupted write", out / PARTIAL)
-            shutil.rmtree(out / PARTIAL)
-            entries = set()
-        if entries:
-            raise Gpt2kitError(f"output directory {out} already exists and is not empty: choose a new directory "
-                               "(nothing in it is overwritten)")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise Gpt2kitError(f"output directory {out} is not writable: check its permissions or choose another")
-        return []
-    if out.exists() or out.is_symlink():
-        raise Gpt2kitError(f"output {out} is an existing file, not a directory: choose a new directory name "
-                           "(the file is left as it is)")
-    created = [p for p in (out, *out.absolute().parents) if not p.exists()][::-1]
-    try:
-        out.mkdir(parents=True)
-    except OSError as e:
-        raise Gpt2kitError(f"cannot create output directory {out} ({e.strerror or e}): choose a writable "
-                           "location") from None
-    return created
-
-
-@contextlib.contextmanager
-def new_model_dir(out: str | Path) -> Iterator[Path]:
-    """Write a model into `out`, a new (or empty) directory (make_new_output_dir's checks, before any
-    loading). Yields the folder to write into, `out`/PARTIAL; its files are moved into `out` when the block
-    ends. A failed write leaves `out` as it was found, a killed one only PARTIAL (removed by the next)."""
-    out = Path(out).expanduser()
-    created = make_new_output_dir(out)
-    stage = out / PARTIAL
-    moved: list[Path] = []
-    try:
-        stage.mkdir()
-        yield stage
-        for f in sorted(stage.iterdir()):
-            os.replace(f, out / f.name)
-            moved.append(out / f.name)
-        stage.rmdir()
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        for f in moved:
-            with contextlib.suppress(OSError):
-                f.unlink()
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
-
-
-CONVERT_FORMATS = ("hf", "openai-tf", "llmc", "gguf", "ctranslate2")
 _FILE_FORMATS = ("llmc", "gguf")  # written as one file; the others as a directory
-
-
-def _new_output_file(out: Path) -> None:
-    """Refuse, before any loading, an output file that exists or cannot be created."""
-    if out.exists() or out.is_symlink():
-        raise Gpt2kitError(f"output {out} already exists: choose a new file name (nothing is overwritten)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Gpt2kitError(f"cannot create {out.parent} ({e.strerror or e}): choose a writable location") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise Gpt2kitError(f"{out.parent} is not writable: check its permissions or choose another location")
 
 
 def _source_vocab(path: Path, config: GPTConfig, needed: bool) -> tuple[Path, Path] | None:
@@ -393,30 +248,25 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         option = "--outtype f32|f16|q8_0" if to == "gguf" else "--quantization"
         raise Gpt2kitError(f"--dtype is not used with --to {to}: choose the stored type with {option}")
     if to == "gguf":
-        from gpt2kit.checkpoints.gguf_write import OUTTYPES, import_gguf
         if outtype not in OUTTYPES:
             raise Gpt2kitError(f"unknown --outtype {outtype!r}: use {', '.join(OUTTYPES)}")
         import_gguf()  # missing extra: before any loading
     if to == "ctranslate2":
-        from gpt2kit.checkpoints.ctranslate2 import QUANTIZATIONS
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise Gpt2kitError(f"unknown --quantization {quantization!r}: use {', '.join(QUANTIZATIONS)}")
-        import importlib.util
         if importlib.util.find_spec("ctranslate2") is None or importlib.util.find_spec("transformers") is None:
             raise Gpt2kitError("--to ctranslate2 needs ctranslate2 and transformers: "
                                "pip install 'gpt2kit[ctranslate2]'")
     hint = ("pass SRC as a local directory (config.json + model.safetensors, hparams.json + model.ckpt.*, or a "
             "gpt2kit run), a nanoGPT ckpt.pt or an llm.c model .bin")
     if to in _FILE_FORMATS:
-        _new_output_file(out)
+        new_output_file(out)
         path = resolve_model_dir(src, flag="SRC", local_hint=hint)
         config, sd = read_checkpoint(path)
         files = _source_vocab(path, config, needed=to == "gguf")
         if to == "gguf":
-            from gpt2kit.checkpoints.gguf_write import write_gguf
             write_gguf(out, config, sd, files, outtype=outtype, name=path.stem if path.is_file() else path.name)
         else:
-            from gpt2kit.checkpoints.llmc import write_llmc
             n_vocab = len(read_encoder(files[0])) if files is not None else None
             write_llmc(out, config, sd, n_vocab=n_vocab, dtype=dt or torch.float32)
         return out
@@ -424,7 +274,6 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         path = resolve_model_dir(src, flag="SRC", local_hint=hint)
         config, sd = read_checkpoint(path)
         if to == "ctranslate2":
-            from gpt2kit.checkpoints.ctranslate2 import write_ctranslate2
             write_ctranslate2(stage, config, sd, _source_vocab(path, config, needed=True), quantization)
             return out
         files = _source_vocab(path, config, needed=False)
@@ -437,10 +286,160 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, to: str 
         else:
             if dt is not None:
                 sd = {k: v.to(dt) for k, v in sd.items()}
-            from gpt2kit.checkpoints.hf import write_hf_dir
-            write_hf_dir(stage, config, sd)
+            hf.write_hf_dir(stage, config, sd)
             if files is not None:
                 (stage / "vocab.json").write_bytes(files[0].read_bytes())
                 (stage / "merges.txt").write_bytes(files[1].read_bytes())
             (stage / "gpt2kit.json").write_text(json.dumps({"converted_from": str(src)}, indent=2) + "\n")
     return out
+
+
+# ---- LoRA adapters as models: each loaded onto the base it was trained on, which is checked ---------------
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """A cheap content fingerprint of a model directory's weights (HuggingFace, sharded or OpenAI TF files):
+    the same wherever the directory is copied, different once training has changed the weights. None when
+    the directory holds no weight files of a known kind."""
+    d = Path(model_dir)
+    src = weights_source(d) if d.is_dir() else None
+    if d.is_file():  # a single-file checkpoint: nanoGPT's ckpt.pt, llm.c's .bin
+        files = [d]
+    elif src is not None:
+        files = [d / n for n in shard_names(src)] if src.name.endswith(".index.json") else [src]
+    else:  # OpenAI TF: model.ckpt.index + model.ckpt.data-*
+        files = sorted(f for f in d.iterdir() if f.is_file() and (f.suffix == ".index" or ".data-" in f.name))
+    if not files or not all(f.is_file() for f in files):  # a missing shard: the loader names it, in its words
+        return None
+    h = hashlib.sha256(b"gpt2kit-weights-v1\0")
+    try:
+        for f in files:
+            runs.hash_file(h, f)
+    except OSError:  # replaced while read: _read_fingerprinted's second look tells
+        return None
+    return "v1:" + h.hexdigest()[:32]
+
+
+def _merged_fingerprint(adapter: Path, cfg: LoraConfig, base_fp: str | None) -> str | None:
+    """The fingerprint of `adapter` merged onto the base whose fingerprint is `base_fp`."""
+    if base_fp is None:
+        return None
+    h = hashlib.sha256(b"gpt2kit-lora-merged-v1\0")
+    h.update(json.dumps([cfg.rank, cfg.alpha, cfg.targets, base_fp]).encode())
+    runs.hash_file(h, adapter / ADAPTER_WEIGHTS)
+    return "v1:" + h.hexdigest()[:32]
+
+
+def _read_fingerprinted(fingerprint, load, what: Path):
+    """(load(), fingerprint()), the fingerprint taken before and after reading: a directory replaced
+    meanwhile (a run writing best/ again) is an error, never a fingerprint of other weights than those read."""
+    before = fingerprint()
+    out = load()
+    if fingerprint() != before:
+        raise Gpt2kitError(f"{what} changed while it was read (is a run writing it?); try again")
+    return out, before
+
+
+def _run_tokenizer(adapter: Path) -> Path | None:
+    """The vocabulary a run keeps beside its adapters (RUN/best, RUN/checkpoints/step-N), if any."""
+    for run in (adapter.parent, adapter.parent.parent):
+        if is_run_dir(run) and find_vocab_files(run / "tokenizer") is not None:
+            return run / "tokenizer"
+    return None
+
+
+def adapter_named(path: str | Path) -> Path | None:
+    """The adapter `path` names when it is no model itself: an adapter directory (RUN/checkpoints/step-N of a
+    LoRA run), or a LoRA run with adapter checkpoints only (its newest). None for anything else."""
+    p = Path(str(resolve_run_ref(path))).expanduser()
+    return p if is_adapter_dir(p) and not is_model_dir(p) else runs.adapter_only_checkpoint(p)
+
+
+def open_base(base: str | Path, device: str | torch.device | None = "cpu",
+              dtype: str | torch.dtype | None = "float32", tokenizer_dir: str | Path | None = None,
+              fingerprint: bool = True, _depth: int = 0, flag: str = "--model"):
+    """Load the weights `base` names and say exactly which they were: (GPT, Tokenizer, fingerprint or None,
+    the directory read). `base` is anything `--model` takes (a model directory or name, a run: its best/,
+    final/ or newest checkpoint), or an adapter directory, which is merged onto its own base (in float32, then
+    cast). A LoRA run with adapter checkpoints only gives its newest adapter checkpoint merged the same way,
+    and that checkpoint directory is what is returned: see _Run._load_model. `flag` names the option that
+    gave `base` in errors (`--base` for merge)."""
+    adapter = adapter_named(base)
+    if adapter is not None:
+        if _depth > 8:
+            raise Gpt2kitError(f"{adapter}: adapters on adapters more than 8 deep (does one name itself as its "
+                               f"base in {ADAPTER_CONFIG}?)")
+        model, tok, fp = _load_adapted(adapter, None, device, torch.float32, fingerprint, _depth + 1)
+        merge_lora(model)
+        model = model.to(dtype=pick_dtype(dtype, pick_device(device))).eval()
+        own = Path(tokenizer_dir) if tokenizer_dir else _run_tokenizer(adapter)
+        return model, (Tokenizer.from_dir(own) if own else tok), fp, adapter
+    d = resolve_model_dir(base, flag=flag, local_hint=None if flag == "--model" else
+                          f"pass {flag} a local directory holding config.json and model.safetensors")
+    (model, tok), fp = _read_fingerprinted(lambda: weights_fingerprint(d) if fingerprint else None,
+                                           lambda: load_model(d, device=device, dtype=dtype,
+                                                              tokenizer_dir=tokenizer_dir), d)
+    return model, tok, fp, d
+
+
+def _load_adapted(path: Path, base: str | None, device, dtype, fingerprint: bool, depth: int = 0):
+    """(the base with the adapter at `path` applied, its tokenizer, fingerprint of the two merged or None)."""
+    cfg = read_adapter_config(path)
+    merge = f"`gpt2kit merge {shlex.quote(str(path))} --base MODEL --out DIR`"  # --base is merge's alone
+    if not (base or cfg.base_model):
+        raise Gpt2kitError(f"{path / ADAPTER_CONFIG} does not name its base model; merge the adapter onto it: "
+                           f"{merge}")
+    if not base and Path(cfg.base_model).is_absolute() and not Path(cfg.base_model).exists():
+        raise Gpt2kitError(f"the base model recorded in {path / ADAPTER_CONFIG}, {cfg.base_model}, is gone; "
+                           f"move it back, or merge the adapter onto it where it is now: {merge}")
+    recorded = cfg.base_fingerprint
+    model, tok, fp, _ = open_base(base or cfg.base_model, device=device, dtype=dtype,
+                                  fingerprint=fingerprint or bool(recorded), _depth=depth,
+                                  flag="--base" if base else "--model")
+    if recorded and fp is not None and fp != recorded:
+        if not base:
+            raise Gpt2kitError(f"adapter {path} was trained on {cfg.base_model}, whose weights have changed since "
+                               f"(fingerprint {fp}, recorded {recorded}; the same weights saved again in another form "
+                               f"count as changed too); merge it onto the weights it was trained on, "
+                               f"{merge}, or onto these anyway with --base {shlex.quote(cfg.base_model)}")
+        log.warning(f"adapter {path} was trained on other weights than {base} (fingerprint {recorded}, these "
+                    f"are {fp}); applying it to them as --base asks")
+    apply_lora(model, cfg)
+    _, merged = _read_fingerprinted(lambda: _merged_fingerprint(path, cfg, fp) if fingerprint else None,
+                                    lambda: load_adapter_weights(model, path), path)
+    return model, tok, merged
+
+
+def load_lora_model(adapter: str | Path, base: str | None = None, device: str | torch.device | None = "cpu",
+                    dtype: str | torch.dtype | None = "float32"):
+    """The base model with the adapter applied (not merged), plus its tokenizer. Without `base`, the recorded
+    base model is used, and refused if its weights are no longer those the adapter was trained on (adapters
+    from before fingerprints were recorded are not checked); an explicit `base` is used as given."""
+    model, tok, _ = _load_adapted(find_adapter(adapter), base, device, dtype, fingerprint=False)
+    return model.eval(), tok
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
+                  dtype: str | None = None) -> Path:
+    """What `gpt2kit merge` does: base model + adapter -> a plain HuggingFace-format checkpoint."""
+    dt = pick_dtype(dtype, torch.device("cpu")) if dtype not in (None, "auto") else torch.float32
+    find_adapter(adapter)  # a missing adapter is named before --out is created
+    if base and base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
+        raise Gpt2kitError(f"--base {base} does not exist; pass the base model's directory (or its name)")
+    with new_model_dir(out) as stage:  # a new or empty directory: never over a model or a run
+        model, tok = load_lora_model(adapter, base)
+        sd = {k: v.to(dt) for k, v in merged_state_dict(model).items()}
+        hf.write_hf_dir(stage, model.config, sd)
+        tok.save(stage)
+    return Path(out).expanduser()
+
+
+def load_adapter_run(run_dir: str | Path, device: str | torch.device | None = None,
+                     dtype: str | torch.dtype | None = None) -> tuple[GPT, Tokenizer] | None:
+    """`--model RUN` for a LoRA run that has only adapter checkpoints: the base model with the newest
+    adapter folded in (in memory, as `gpt2kit merge` does) and the run's tokenizer, as (GPT, Tokenizer).
+    None when `run_dir` is not such a run (load it as any model directory)."""
+    ckpt = runs.adapter_only_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    model, tok, _, _ = open_base(ckpt, device=device, dtype=dtype, fingerprint=False)  # + the run's tokenizer
+    return model, tok

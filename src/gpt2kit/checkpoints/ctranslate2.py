@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2kit.checkpoints.hf import write_hf_dir
 from gpt2kit.config import GPTConfig
 from gpt2kit.errors import Gpt2kitError
 
@@ -29,7 +30,6 @@ def write_ctranslate2(out: Path, config: GPTConfig, sd: dict[str, torch.Tensor],
     except ImportError:
         raise Gpt2kitError("--to ctranslate2 needs ctranslate2 and transformers: "
                            "pip install 'gpt2kit[ctranslate2]'") from None
-    from gpt2kit.checkpoints.hf import write_hf_dir
     with tempfile.TemporaryDirectory(prefix="gpt2kit-ct2-") as tmp:
         hf = Path(tmp)
         write_hf_dir(hf, config, {k: v.float() for k, v in sd.items()})

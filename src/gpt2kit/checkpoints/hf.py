@@ -8,7 +8,6 @@ for key after dropping the optional "transformer." prefix."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import warnings
@@ -17,48 +16,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gpt2kit.config import GPTConfig
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import INDEX_FILES, WEIGHT_FILES, is_hf_dir, shard_names, weights_source  # noqa: F401  (also read from here)
+from gpt2kit.weights_io import save_safetensors
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# What save_pretrained(max_shard_size=...) writes instead of one weights file: an index whose weight_map
-# names the shard file holding each tensor.
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES + INDEX_FILES)
-
-
-def weights_source(path: Path) -> Path | None:
-    """The file that holds (or indexes) the weights, in order of preference: safetensors before the pickle,
-    a single file before an index."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
-        if (path / name).is_file():
-            return path / name
-    return None
-
-
-def shard_names(index: Path) -> list[str]:
-    """The shard files an index names, in first-use order, each checked to be a plain name in its folder."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Gpt2kitError(f"cannot read shard index {index}: {e}; re-download or re-save the model") from None
-    wmap = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
-        raise Gpt2kitError(f"shard index {index} has no weight_map of tensor names to shard files; "
-                           "re-download or re-save the model")
-    names = list(dict.fromkeys(wmap.values()))
-    for n in names:
-        if Path(n).name != n or n in (".", ".."):
-            raise Gpt2kitError(f"shard index {index} names {n!r}, which is not a file beside it; "
-                               "re-download or re-save the model")
-    return names
 
 
 def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -166,31 +131,6 @@ def _expected_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.c_proj.weight": (d, f), p + "mlp.c_proj.bias": (d,),
         })
     return shapes
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (os.umask can only be read by
-    setting it, which races with other threads creating files)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file to `path` through `path`.tmp, renamed when complete. safetensors writes through
-    a temporary file of its own, created owner-only (0600): the file is given the mode every other file
-    gets (0666 less the umask), so the weights are as readable as the config beside them."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o666 & ~_umask())
-    tmp.replace(path)
 
 
 def write_hf_dir(out: Path, config: GPTConfig, state_dict: dict[str, torch.Tensor]) -> None:

@@ -18,32 +18,18 @@ import torch
 
 from gpt2kit.config import GPTConfig
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import LLMC_MAGIC, LLMC_OTHER_MAGICS, is_llmc_file  # noqa: F401  (also read from here)
+from gpt2kit.layout import llmc_magic as _magic
 
-MAGIC = 20240326
+_OTHER_MAGICS = LLMC_OTHER_MAGICS
+
+MAGIC = LLMC_MAGIC
 VERSIONS = {3: torch.float32, 5: torch.bfloat16}
 HEADER_INTS = 256
-# llm.c's other files, named in the error when one is passed as a model
-_OTHER_MAGICS = {20240520: "an llm.c token shard (training data; pass it as --data)",
-                 20240327: "an llm.c debug state file, not a model",
-                 20240328: "an llm.c tokenizer file, not a model"}
 # per-layer tensors, in llm.c's order
 _LAYER_TENSORS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                   "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                   "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
-def _magic(path: Path) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return None
-    return int(np.frombuffer(head, dtype="<i4")[0]) if len(head) == 4 else None
-
-
-def is_llmc_file(path: Path) -> bool:
-    """A file that starts with one of llm.c's magic numbers (a model, or one read_llmc names as not one)."""
-    return path.is_file() and (_magic(path) == MAGIC or _magic(path) in _OTHER_MAGICS)
 
 
 def _shapes(c: GPTConfig, vp: int) -> list[tuple[str, tuple[int, ...]]]:

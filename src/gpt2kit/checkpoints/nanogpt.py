@@ -11,21 +11,17 @@ Its weights are nn.Linear (out, in), our layout; torch.compile adds "_orig_mod."
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gpt2kit.checkpoints.hf import check_state_dict
 from gpt2kit.config import GPTConfig
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import could_be_nanogpt  # noqa: F401  (also read from here)
 
 _BIASES = ("ln_1.bias", "ln_2.bias", "attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
-
-
-def could_be_nanogpt(path: Path) -> bool:
-    """A file torch.save wrote (a zip archive), which read_nanogpt tells apart from other such files."""
-    return path.is_file() and zipfile.is_zipfile(path)
 
 
 def _load(path: Path) -> Any:
@@ -45,8 +41,6 @@ def _load(path: Path) -> Any:
 
 def read_nanogpt(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Config and state dict (our layout) from a nanoGPT ckpt.pt."""
-    from gpt2kit.checkpoints.hf import check_state_dict
-
     ckpt = _load(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("model_args"), dict)):

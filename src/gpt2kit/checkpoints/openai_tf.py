@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import is_openai_tf_dir  # noqa: F401  (also read from here)
 
 # TF DataType enum values -> names (for list_tf_variables); only the float ones can be model weights.
 _DTYPE_NAMES = {
@@ -331,13 +332,6 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     raise Gpt2kitError(
         f"TensorFlow checkpoint {path} does not exist; pass the folder that holds hparams.json and model.ckpt.index"
     )
-
-
-def is_openai_tf_dir(path: Path) -> bool:
-    path = Path(path)
-    if not path.is_dir() or not (path / "hparams.json").is_file():
-        return False
-    return (path / "checkpoint").is_file() or any(p.is_file() for p in path.glob("*.index"))
 
 
 def _read_hparams(d: Path) -> dict:

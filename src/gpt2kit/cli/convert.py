@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-# gpt2kit.checkpoints.CONVERT_FORMATS, written out: importing it imports torch
-FORMATS = ("hf", "openai-tf", "llmc", "gguf", "ctranslate2")
+from gpt2kit.layout import CONVERT_FORMATS as FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

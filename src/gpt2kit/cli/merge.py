@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2kit.checkpoints import merge_adapter
     from gpt2kit.cli.common import setup_logging
-    from gpt2kit.lora import merge_adapter
     setup_logging()  # the warning when --base names other weights than the adapter was trained on
     out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
     print(out)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2kit.errors import Gpt2kitError
+
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp"]  # one extension; cpu_decode.cpp defines it
 HEADERS = [HERE / "simd.h"]
@@ -97,12 +99,12 @@ def load(build: bool = True, quiet: bool = False) -> Any:
                 built.unlink(missing_ok=True)
         if not build:
             return None
-        from torch.utils import cpp_extension
+        from torch.utils import cpp_extension  # lazy: slow to import; only a kernel build needs it
 
         # torch runs `ninja` from PATH; the ninja wheel and this interpreter's bin folder may not be on it
         extra = [os.path.dirname(sys.executable)]
         try:
-            import ninja
+            import ninja  # lazy: only a kernel build runs it
 
             extra.insert(0, ninja.BIN_DIR)
         except ImportError:
@@ -312,8 +314,6 @@ def prepare_cpu_decoding_(model: nn.Module, quantize: str | None = None) -> str:
     steps read int8 copies of the weights (a quarter of the bytes; ~1.7x the tokens/s at batch 1; the
     outputs drift a little from float32's: bench/RESULTS.md) and returns "kernel-int8"; it is an error
     (Gpt2kitError) where the kernel cannot be used."""
-    from gpt2kit.errors import Gpt2kitError
-
     if quantize is not None and quantize not in QUANTIZE:
         raise Gpt2kitError(f"unknown quantisation {quantize!r}: the choice is {', '.join(QUANTIZE)}")
     path = "none"
