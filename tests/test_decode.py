@@ -47,8 +47,6 @@ def hand_loop(model, tok, prompts, cfg, cache_len):
         for b in active:
             slide_window(model, rows[b], b)
         logits = decode_step(model, rows)[:, :n_vocab]
-        for b in active:
-            rows[b].pos += 1
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(seed=3, top_k=20), dict(seed=4, repetition_penalty=1.3)])

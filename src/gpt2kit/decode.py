@@ -4,7 +4,7 @@ generate.py's loop and the server's batching engine are both built from these:
 
     rows = [Row(i, prompt, ids, cfg, tok, device) for ...]
     model.setup_caches(B, cache_len)
-    for r in rows: r.fit_window(cache_len, cfg.max_new_tokens)     # trims prompts that do not fit
+    for r in rows: r.fit_window(cache_len)                         # trims prompts that do not fit
     logits = prefill(model, [r.context for r in rows])[:, :n_vocab]  # (B, V)
     while any row is active:
         advance(active_rows, logits[active])                          # sample, record, stop strings
@@ -140,10 +140,10 @@ class Row:
     def done(self) -> bool:
         return self.out.finish_reason is not None
 
-    def fit_window(self, window: int, max_new: int | None = None) -> bool:
+    def fit_window(self, window: int) -> bool:
         """Before the prefill: keep the prompt tokens start_window() allows in a cache of `window` positions
-        and point `pos` past them. True when the prompt was cut (the caller may tell the user)."""
-        keep = start_window(len(self.context), self.cfg.max_new_tokens if max_new is None else max_new, window)
+        (room for cfg.max_new_tokens) and point `pos` past them. True when the prompt was cut."""
+        keep = start_window(len(self.context), self.cfg.max_new_tokens, window)
         cut = keep < len(self.context)
         if cut:
             self.context = self.context[-keep:]
@@ -245,10 +245,10 @@ def prefill(model: GPT, contexts: Sequence[Sequence[int]], rows: slice | None = 
 
 
 def decode_step(model: GPT, rows: Sequence[Row | None]) -> torch.Tensor:
-    """One token per cache row 0..B-1: each row's newest token at its own position -> logits (B, V).
-    A finished row rides along rewriting its last slot, and a free row (None) writes token 0 at slot 0 of
-    its own cache row (a new row's prefill rewrites it); their logits are to be ignored. Attention covers
-    the first max(position) + 1 slots."""
+    """One token per cache row 0..B-1: each row's newest token at its own position -> logits (B, V); the
+    rows still generating move to their next position. A finished row rides along rewriting its last slot,
+    and a free row (None) writes token 0 at slot 0 of its own cache row (a new row's prefill rewrites it);
+    their logits are to be ignored. Attention covers the first max(position) + 1 slots."""
     last = model.cache_len - 1
     toks = [0 if r is None else r.context[-1] for r in rows]
     pos = [0 if r is None else min(r.pos, last) for r in rows]
@@ -256,7 +256,11 @@ def decode_step(model: GPT, rows: Sequence[Row | None]) -> torch.Tensor:
     B = len(rows)
     x = torch.tensor(toks, device=device).view(B, 1)  # (B, 1)
     p = torch.tensor(pos, device=device).view(B, 1)  # (B, 1)
-    return model(x, p, kv_len=max(pos) + 1, rows=slice(0, B))[:, -1, :]  # (B, V)
+    logits = model(x, p, kv_len=max(pos) + 1, rows=slice(0, B))[:, -1, :]  # (B, V)
+    for r in rows:
+        if r is not None and not r.done:
+            r.pos += 1
+    return logits
 
 
 def slide_window(model: GPT, row: Row, slot: int) -> bool:

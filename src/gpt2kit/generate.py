@@ -89,8 +89,6 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
                 notice()
         # finished rows ride along, rewriting their last slot; their logits are ignored
         logits = decode_step(model, rows)[:, :n_vocab]  # (B, V)
-        for b in active:
-            rows[b].pos += 1
 
 
 def run_stream(stream: Generator_[Delta, None, list[Completion]], on_delta: Callable[[Delta], None] | None = None,

@@ -467,8 +467,6 @@ class BatchEngine:
         jobs = [self._slots[b] for b in active]
         logits = decode_step(self.model, [None if j is None else j.row for j in self._slots[:hi]])  # (hi, V)
         self.stats.steps += 1
-        for job in jobs:
-            job.row.pos += 1
         self._advance(jobs, logits if len(active) == hi else logits[active])
 
 
