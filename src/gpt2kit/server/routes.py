@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -126,7 +127,6 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
     app.state.settings = s
     app.add_middleware(_Guard, settings=s)
     if s.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
 
