@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     # other rows share its batch.
     e = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return int(torch.argmax(probs / e))
+
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> list[int]:
+    """sample() for k rows that share `params` (no repetition penalty), in one pass: the same steps on
+    logits (k, V), and each row's exponential draws from its own generator, so every row gets the token
+    sample() would give it. One pass instead of k keeps small CPU ops from dominating."""
+    if params.greedy:
+        return logits.float().argmax(dim=-1).tolist()
+    scaled = filter_logits(scale_logits(logits.float(), params.temperature), params.top_k, params.top_p, params.min_p)
+    probs = torch.softmax(scaled, dim=-1)  # (k, V)
+    e = torch.empty_like(probs)
+    for row, g in zip(e, generators):
+        row.exponential_(1.0, generator=g)
+    return torch.argmax(probs / e, dim=-1).tolist()
 
 
 def token_logprobs(logits: torch.Tensor, top_n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -95,7 +95,7 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.generate import GenerationConfig, _window_notice, once
+    from gpt2kit.generate import GenerationConfig, once, window_notice  # lazy: torch off the CLI's start-up path
 
     setup_logging()
     prompt = _read_prompt(args)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise Gpt2kitError("--output needs a finite --nsamples (0 means endless)")
         _check_output(Path(args.output))
     gen = load_generator(args)
-    out = _Printer(args, once(_window_notice))  # one window notice per run, however many batches or prompts
+    out = _Printer(args, once(window_notice))  # one window notice per run, however many batches or prompts
     if args.interactive:
         return _interactive(gen, cfg, args, out)
     if args.output:
@@ -194,7 +194,7 @@ def _session_seed(cfg, k: int):
     """--seed seeds the session, as OpenAI's interactive script does: the first prompt's samples are those of
     `generate PROMPT --seed S`, later prompts get seeds drawn from (S, k), so asking again gives new text while
     a session replayed with the same seed and prompts gives the same text."""
-    import numpy as np
+    import numpy as np  # lazy: only interactive sessions with a seed need it
 
     if cfg.seed is None or k == 0:
         return cfg

@@ -79,7 +79,7 @@ def model_aliases(model: str, served: str) -> list[str]:
     without --model-name, and for a model name its other spellings (124M -> gpt2 -> openai-community/gpt2)."""
     names = [model.rstrip("/") or model, default_model_name(model)]
     if not Path(model).expanduser().is_dir():
-        from gpt2kit.checkpoints.hub import repo_id
+        from gpt2kit.checkpoints.hub import repo_id  # lazy: keeps torch off the CLI's start-up path
         from gpt2kit.config import OPENAI_NAMES
         names += [OPENAI_NAMES.get(model, model), repo_id(OPENAI_NAMES.get(model, model))]
     return [n for n in dict.fromkeys(names) if n != served]
@@ -101,7 +101,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  # lazy: the optional server extra, checked for a clear message
         import uvicorn  # noqa: F401
     except ImportError:
         raise Gpt2kitError(MISSING_EXTRA) from None
@@ -117,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
     api_key = _api_key(args)
 
     setup_logging()
+    # lazy: torch and FastAPI off the CLI's start-up path
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.server.app import ServerSettings, bind_socket, create_app, uvicorn_server
+    from gpt2kit.server.routes import create_app
+    from gpt2kit.server.runner import bind_socket, uvicorn_server
+    from gpt2kit.server.serving import ServerSettings
 
     model_name = args.model_name or default_model_name(args.model)
     settings = ServerSettings(
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)  # before loading: a busy port fails fast
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer_dir=args.tokenizer)
     if args.quantize:
-        from gpt2kit.kernels import prepare_cpu_decoding_
+        from gpt2kit.kernels import prepare_cpu_decoding_  # lazy: torch, as above
         prepare_cpu_decoding_(model, quantize=args.quantize)  # the engine keeps what this installs
     app = create_app(model, tok, settings)
     host, port = sock.getsockname()[:2]

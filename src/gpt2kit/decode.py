@@ -1,0 +1,324 @@
+"""The decoding step API: per-sample state (`Row`), `prefill`, `decode_step`, and picking next tokens.
+
+generate.py's loop and the server's batching engine are both built from these:
+
+    rows = [Row(i, prompt, ids, cfg, tok, device) for ...]
+    model.setup_caches(B, cache_len)
+    for r in rows: r.fit_window(cache_len)                         # trims prompts that do not fit
+    logits = prefill(model, [r.context for r in rows])[:, :n_vocab]  # (B, V)
+    while any row is active:
+        advance(active_rows, logits[active])                          # sample, record, stop strings
+        for each active row: slide_window(model, row, b)              # re-prefill a row that filled its window
+        logits = decode_step(model, rows)[:, :n_vocab]                # (B, V): every row's newest token
+
+Every row keeps its own position, generator and stopping state, so rows of different prompt lengths share
+forward passes without padding masks, and a row's text depends only on its prompt, its seed and its
+parameters, never on the batch it runs in."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gpt2kit.cuda_graphs import prepare_cuda_decoding_
+from gpt2kit.errors import Gpt2kitError
+from gpt2kit.kernels import prepare_cpu_decoding_
+from gpt2kit.model import GPT
+from gpt2kit.sampling import SamplingParams, sample, sample_rows, token_logprobs
+from gpt2kit.tokenizer import Tokenizer
+
+log = logging.getLogger("gpt2kit")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_at_eot: bool = True
+    seed: int | None = None
+    logprobs: int | None = None  # also report the top-N alternatives per generated token
+
+    def __post_init__(self) -> None:
+        # stop="END" is one stop string (as in OpenAI's API and transformers' stop_strings), not the three
+        # one-character strings that iterating the str would give
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    def validate(self) -> GenerationConfig:
+        if self.max_new_tokens <= 0:
+            raise Gpt2kitError(f"length must be > 0 tokens, got {self.max_new_tokens}")
+        if self.seed is not None and self.seed < 0:
+            raise Gpt2kitError(f"seed must be >= 0, got {self.seed}")
+        if any(s == "" for s in self.stop):
+            raise Gpt2kitError("a stop string must not be empty")
+        self.sampling.validate()
+        return self
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+    @property
+    def argmax(self) -> bool:
+        """Greedy without a repetition penalty: a batch of such rows picks its tokens with one argmax."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
+
+@dataclass
+class TokenInfo:
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    index: int
+    prompt: str
+    prompt_tokens: list[int]
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOT or a stop string) or "length"
+    token_info: list[TokenInfo] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """A streaming event: new text for sample `index`; `finish_reason` set on its last event."""
+    index: int
+    text: str
+    tokens: list[int]
+    finish_reason: str | None = None
+    token_info: list[TokenInfo] = field(default_factory=list)
+
+
+def row_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
+    """Sample `index` of a request seeded `seed` gets its own generator (mixed, so seed 1/index 0 and
+    seed 0/index 1 differ)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    else:
+        g.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
+
+
+class Row:
+    """One sample being generated: the tokens the model sees, its next cache position, its sampling
+    parameters and generator, and its text, streaming and stop state."""
+
+    def __init__(self, index: int, prompt: str, prompt_ids: Sequence[int], cfg: GenerationConfig,
+                 tok: Tokenizer, device: torch.device):
+        self.out = Completion(index, prompt, list(prompt_ids))
+        self.cfg = cfg
+        self.params = cfg.sampling
+        self.tok = tok
+        self.gen = row_generator(cfg.seed, index, device)
+        self.context = list(prompt_ids)  # what the model sees (slides when longer than the window)
+        self.pos = 0  # next cache position to write
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.emitted = 0  # characters of out.text already streamed
+        self.hold = max((len(s) for s in cfg.stop), default=1) - 1
+        self.pending_info: list[TokenInfo] = []
+        self.pending_tokens: list[int] = []
+        self.ends: list[int] = []  # len(out.text) after each token of out.tokens
+
+    @property
+    def done(self) -> bool:
+        return self.out.finish_reason is not None
+
+    def fit_window(self, window: int) -> bool:
+        """Before the prefill: keep the prompt tokens start_window() allows in a cache of `window` positions
+        (room for cfg.max_new_tokens) and point `pos` past them. True when the prompt was cut."""
+        keep = start_window(len(self.context), self.cfg.max_new_tokens, window)
+        cut = keep < len(self.context)
+        if cut:
+            self.context = self.context[-keep:]
+        self.pos = len(self.context)
+        return cut
+
+    def push(self, token: int, info: TokenInfo | None = None) -> None:
+        """Record the next token: text, stop strings, EOT and the length limit."""
+        o = self.out
+        self.pending_tokens.append(token)
+        if info is not None:
+            o.token_info.append(info)
+            self.pending_info.append(info)
+        if self.cfg.stop_at_eot and token == self.tok.eot_token:
+            self.finish("stop")
+            return
+        o.tokens.append(token)
+        self.context.append(token)
+        o.text += self.decoder.decode(self.tok.token_bytes(token))
+        self.ends.append(len(o.text))
+        if self.cfg.stop:
+            # only the tail can hold a new match
+            start = max(0, len(o.text) - len(self.tok.token_bytes(token)) - self.hold - 4)
+            hits = [i for i in (o.text.find(s, start) for s in self.cfg.stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                o.text = o.text[:cut]
+                # keep the tokens whose text lies wholly before the cut: a token that straddles it (part
+                # text, part stop string) is dropped, so `tokens` decodes to `text` or a little less
+                o.tokens = [t for t, end in zip(o.tokens, self.ends) if end <= cut]
+                o.finish_reason = "stop"
+                return
+        if len(o.tokens) >= self.cfg.max_new_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """End the row now ("stop" or "length"), flushing a partly decoded UTF-8 character."""
+        self.out.text += self.decoder.decode(b"", final=True)
+        self.out.finish_reason = reason
+
+    def delta(self) -> Delta | None:
+        """What is new since the last delta, or None; text that might still become a stop string is held."""
+        o = self.out
+        upto = len(o.text) if self.done else max(self.emitted, len(o.text) - self.hold)
+        if upto == self.emitted and not self.done and not self.pending_tokens:
+            return None
+        d = Delta(o.index, o.text[self.emitted:upto], self.pending_tokens, o.finish_reason, self.pending_info)
+        self.emitted = upto
+        self.pending_tokens, self.pending_info = [], []
+        return d
+
+
+def start_window(n_context: int, max_new: int, window: int) -> int:
+    """How many of a prompt's most recent tokens the first prefill keeps, in a window of `window` positions
+    that must also hold `max_new` new tokens: all, when they fit; else, when the output fits beside at least
+    half a window of prompt, the prompt's last window - max_new tokens, so that the window never slides while
+    generating (gpt-2-simple's truncation); else all of a prompt shorter than the window (the window slides
+    once it fills), or the prompt's last half window."""
+    if n_context + max_new <= window:
+        return n_context
+    if max_new <= window - window // 2:
+        return window - max_new
+    return n_context if n_context < window else window // 2
+
+
+def window_notice() -> None:
+    log.warning("prompt plus output is longer than the model's context; sliding the window "
+                "(the model sees only the most recent tokens)")
+
+
+def check_prompts(model: GPT, tok: Tokenizer, contexts: Sequence[Sequence[int]]) -> None:
+    """Refuse empty prompts and token ids the model has no embedding for."""
+    if any(len(c) == 0 for c in contexts):
+        raise Gpt2kitError("empty prompt: give some text, or generate unconditionally (starts from <|endoftext|>)")
+    too_big = max((max(c) for c in contexts), default=0)
+    if too_big >= model.config.vocab_size:
+        raise Gpt2kitError(f"the prompt has token id {too_big}, outside the model's vocabulary of "
+                           f"{model.config.vocab_size}: the tokenizer ({tok.vocab_size} tokens) does not match "
+                           "this model; give the matching one with --tokenizer DIR")
+
+
+def usable_vocab(model: GPT, tok: Tokenizer) -> int:
+    """Logit columns that can be sampled. A checkpoint may pad its vocabulary past the tokenizer's (50257 ->
+    50304, for speed): those ids have no text, so they are never sampled or reported. Dropping their logits
+    columns (`logits[:, :n]`) equals masking them to -inf."""
+    return min(tok.vocab_size, model.config.vocab_size)
+
+
+def prefill(model: GPT, contexts: Sequence[Sequence[int]], rows: slice | None = None) -> torch.Tensor:
+    """Write each context into its cache row (rows `rows`, default all) at positions 0..len-1 -> logits
+    (k, V) at each context's last token. Contexts are right-padded with their own last token; the padded
+    slots get overwritten by the row's own later tokens before any query can see them (a query at position
+    p only sees slots <= p), and only the last real token of each row goes through the LM head."""
+    device = model.device
+    T = max(len(c) for c in contexts)
+    x = torch.tensor([list(c) + [c[-1]] * (T - len(c)) for c in contexts], device=device)  # (k, T)
+    last = torch.tensor([len(c) - 1 for c in contexts], device=device)  # (k,)
+    return model(x, torch.arange(T, device=device), kv_len=T, rows=rows, logits_at=last)[:, 0]  # (k, V)
+
+
+def decode_step(model: GPT, rows: Sequence[Row | None]) -> torch.Tensor:
+    """One token per cache row 0..B-1: each row's newest token at its own position -> logits (B, V); the
+    rows still generating move to their next position. A finished row rides along rewriting its last slot,
+    and a free row (None) writes token 0 at slot 0 of its own cache row (a new row's prefill rewrites it);
+    their logits are to be ignored. Attention covers the first max(position) + 1 slots."""
+    last = model.cache_len - 1
+    toks = [0 if r is None else r.context[-1] for r in rows]
+    pos = [0 if r is None else min(r.pos, last) for r in rows]
+    device = model.device
+    B = len(rows)
+    x = torch.tensor(toks, device=device).view(B, 1)  # (B, 1)
+    p = torch.tensor(pos, device=device).view(B, 1)  # (B, 1)
+    logits = model(x, p, kv_len=max(pos) + 1, rows=slice(0, B))[:, -1, :]  # (B, V)
+    for r in rows:
+        if r is not None and not r.done:
+            r.pos += 1
+    return logits
+
+
+def slide_window(model: GPT, row: Row, slot: int) -> bool:
+    """When `row` (in cache row `slot`) has filled its window, keep its most recent half window: re-prefill
+    them alone at positions 0..W/2-2, so that its newest token is fed at W/2-1 by the next decode_step.
+    True when it slid."""
+    window = model.cache_len
+    if row.pos < window:
+        return False
+    row.context = row.context[-(window // 2):]
+    prefill(model, [row.context[:-1]], rows=slice(slot, slot + 1))
+    row.pos = len(row.context) - 1
+    return True
+
+
+def next_tokens(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
+    """Each row's next token from its logits (k, V): greedy rows by one argmax (one host sync for the
+    batch), sampled rows with equal parameters in one pass (sampling.sample_rows), rows with a repetition
+    penalty one by one. Every row gets the token sampling.sample() would give it alone."""
+    picks: list[int | None] = [None] * len(rows)
+    if all(r.cfg.argmax for r in rows):
+        return logits.argmax(dim=-1).tolist()
+    greedy = [i for i, r in enumerate(rows) if r.cfg.argmax]
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            picks[i] = t
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, r in enumerate(rows):
+        if not r.cfg.argmax and r.cfg.repetition_penalty == 1.0:
+            groups.setdefault(r.params, []).append(i)
+    for params, idx in groups.items():
+        for i, t in zip(idx, sample_rows(logits[idx], params, [rows[i].gen for i in idx])):
+            picks[i] = t
+    for i, r in enumerate(rows):
+        if picks[i] is None:  # a repetition penalty: depends on the row's own context
+            seen = torch.tensor(r.context, device=logits.device)
+            picks[i] = sample(logits[i], r.params, r.gen, seen)
+    return picks  # type: ignore[return-value]
+
+
+def token_info(logits: torch.Tensor, token: int, top_n: int) -> TokenInfo:
+    """logits (V,) -> the chosen token's log-probability and the top_n alternatives."""
+    lp, vals, ids = token_logprobs(logits, top_n)
+    return TokenInfo(token, float(lp[token]), list(zip(ids.tolist(), vals.tolist())))
+
+
+def advance(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
+    """Pick each row's next token from its logits (k, V) and record it (Row.push), with its logprobs when
+    the row asks for them. Returns the tokens."""
+    tokens = next_tokens(rows, logits)
+    for i, (r, t) in enumerate(zip(rows, tokens)):
+        r.push(t, None if r.cfg.logprobs is None else token_info(logits[i], t, r.cfg.logprobs))
+    return tokens
+
+
+def prepare_decoding_(model: GPT, quantize: str | None = None) -> str:
+    """Make `model` decode fast where it lives, with the same numerics: gpt2kit.kernels on a CPU (where
+    quantize="int8" applies), CUDA graphs on a GPU (gpt2kit.cuda_graphs). Returns the path taken ("kernel",
+    "kernel-int8", "column-major", "cuda-graphs" or "none")."""
+    path = prepare_cpu_decoding_(model, quantize)
+    return path if path != "none" else prepare_cuda_decoding_(model)
