@@ -157,7 +157,7 @@ def test_trainer_uses_the_kernels_in_bfloat16_too(ext, monkeypatch, mode):
     the trainer routes attention and GELU through the float32 kernels too: autocast takes their bf16 input
     up to float32, the emulation rounds attention's input and output as it does around SDPA. The loss and
     gradients agree with PyTorch's own kernels under the same precision."""
-    import gpt2kit.train as train
+    import gpt2kit.train.precision as train
 
     monkeypatch.setattr(train, "_native_cpu", lambda dtype: mode == "autocast")
     config = GPTConfig.from_name("tiny", n_embd=64, n_head=2, n_layer=2, vocab_size=101, n_positions=16)
