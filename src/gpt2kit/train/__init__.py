@@ -36,8 +36,7 @@ from gpt2kit.train.config import resume_hint as _resume_hint
 # command line's parser reads) loads without torch
 _LAZY = {
     "gpt2kit.train.precision": ("EmulatedAutocast", "Precision", "_native_cpu"),
-    "gpt2kit.train.fast_paths": ("tune_cpu_allocator", "_NormInBackward", "_EmbeddingRowsIntoGrad",
-                                 "training_ops"),
+    "gpt2kit.train.fast_paths": ("tune_cpu_allocator", "training_ops", "_NormInBackward"),
     "gpt2kit.train.trainer": ("Trainer", "build_optimizer", "param_groups", "lr_at", "freeze", "set_dropout",
                               "FREEZE_GROUPS"),
     "gpt2kit.train.distributed": ("_Dist", "_init_distributed"),

@@ -1,23 +1,26 @@
-"""One process's optimisation step."""
+"""One process's optimisation: the optimizer and its parameter groups, the learning-rate schedule, --freeze,
+and Trainer (loss, backward with accumulation, clipping, the AdamW step, evaluation loss)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import types
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2kit import kernels
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.fused_loss import lm_head_cross_entropy, padded_size
 from gpt2kit.model import GPT
+from gpt2kit.ops import PaddedHeadLoss, fused_head_loss
 from gpt2kit.train.config import TrainConfig
-from gpt2kit.train.fast_paths import _embedding_rows_into_grad, _NormInBackward, _rounded, tune_cpu_allocator
+from gpt2kit.train.fast_paths import _NormInBackward, training_ops, tune_cpu_allocator
 from gpt2kit.train.precision import Precision
 
 
@@ -136,77 +139,58 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.ddp = ddp
-        wte = model.transformer.wte
-        if device.type == "cpu" and not ddp and wte.weight.requires_grad:
-            # The tied wte/lm_head weight gets a dense gradient from the output layer anyway; the embedding
-            # lookup adds its few rows straight into it (_EmbeddingRowsIntoGrad) instead of autograd summing
-            # a second (vocab x n_embd) tensor with it, dense (~8% of a 124M step on CPU) or sparse (a 154 MB
-            # copy, 13-40 ms). Not under DDP: its reducer must see each gradient whole when it is accumulated.
-            wte.forward = types.MethodType(_embedding_rows_into_grad, wte)
-        self.fwd: nn.Module = model
+        self.fwd: nn.Module = model  # what the forward pass is called through: the model, DDP's wrapper, compiled
         if ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             self.fwd = self.ddp_module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:
             self.fwd = torch.compile(self.fwd)
-        # float32 on CPUs: the LM head and its loss as one function (fused_loss.py says why)
-        head = model.lm_head
-        self.fused_head = (device.type == "cpu" and self.precision.mode == "float32" and not cfg.compile
-                           and type(head) is nn.Linear and head.bias is None)
-        # on GPUs: the LM head over the vocabulary padded to a multiple of 64 rows, the padding's logits -inf.
-        # cuBLAS has no fast kernel for an odd dimension like 50,257: on an H100 the head's three products
-        # took ~31 of a bf16 124M step's 80 ms in Turing-era fallback kernels. The loss and gradients are the
-        # same (the padded columns add exp(-inf) = 0 to each softmax and get no gradient).
-        V = head.weight.shape[0]
-        self.pad_head = (device.type == "cuda" and type(head) is nn.Linear and head.bias is None
-                         and V % 64 != 0)
-        self._pad_bias = torch.zeros(padded_size(V), device=head.weight.device)  # (P,): 0, then -inf for the padding
-        self._pad_bias[V:] = float("-inf")
-        # on CPUs: attention, GELU, the loss's softmax and the gradient norm through gpt2kit's kernels
-        # (kernels/cpu_train.cpp says why), where this machine can build them. The kernels are float32; under
-        # native autocast (CPUs with AMX/AVX512-BF16) attention and GELU take their bfloat16 input up to
-        # float32 and hand float32 on to the next product, which rounds it again: the same roundings of every
-        # product's inputs, the two computed more precisely than in bfloat16, and faster (124M step on a
-        # 2-core Xeon with AMX: PyTorch's bfloat16 flash attention 79 ms and GELU 36 ms). Emulated autocast
-        # rounds attention's inputs and output as it does around PyTorch's SDPA.
+        # on CPUs: attention, GELU, the loss's softmax and the gradient norm through gpt2kit's kernels, where
+        # this machine can build them (kernels/cpu_train.cpp says why)
         self.cpu_kernels = (device.type == "cpu" and not cfg.compile and kernels.load() is not None)
-        if self.cpu_kernels:
-            mode = self.precision.mode
-            for block in model.transformer.h:
-                if model.config.activation == "gelu_new":  # the kernel computes the tanh form only
-                    block.mlp.act = kernels.gelu_tanh_float32 if mode == "autocast" else kernels.gelu_tanh
-                block.attn.attend = (kernels.causal_attention_float32 if mode == "autocast" else
-                                     _rounded(kernels.causal_attention, self.precision.dtype) if mode == "emulated"
-                                     else kernels.causal_attention)
         # the clipping norm summed during backward, where optimizer_step hands it to fused AdamW (not under DDP,
         # whose reducer averages the gradients after their hooks ran)
         self.norm_in_backward: _NormInBackward | None = None
         if (self.cpu_kernels and cfg.grad_clip > 0 and self.precision.scaler is None and not ddp
                 and self.optimizer.defaults.get("fused")):
             self.norm_in_backward = _NormInBackward(self.params)
-        wte.grad_rows_added = self.norm_in_backward.rows_added if self.norm_in_backward is not None else None
+        # the model's forward pass with the fast paths for this device and precision (fast_paths.py says which)
+        model.use_ops(training_ops(model, device, self.precision, ddp=ddp, compiled=cfg.compile,
+                                   cpu_kernels=self.cpu_kernels, norm=self.norm_in_backward))
         if device.type == "cpu" and not ddp:
-            # not under torch.distributed: with it, 2-process gloo runs aborted at interpreter exit ("terminate
-            # called without an active exception") in 2 of 13 runs. The likelier cause, found later, was the
-            # DDP wrapper outliving its process group (_finish now frees it first); the tuning stays off
-            # under DDP until it is measured again there
+            # not under torch.distributed, where it has not been measured
             tune_cpu_allocator()
 
+    # which LM head and loss the model runs (GPTOps.head_loss); settable, so that a test can force either path
+    @property
+    def fused_head(self) -> bool:
+        return self.model.ops.head_loss is fused_head_loss
+
+    @fused_head.setter
+    def fused_head(self, on: bool) -> None:
+        if on != self.fused_head:
+            self.model.use_ops(replace(self.model.ops, head_loss=fused_head_loss if on else None))
+
+    @property
+    def pad_head(self) -> bool:
+        return isinstance(self.model.ops.head_loss, PaddedHeadLoss)
+
+    @pad_head.setter
+    def pad_head(self, on: bool) -> None:
+        if on != self.pad_head:
+            w = self.model.lm_head.weight
+            self.model.use_ops(replace(self.model.ops, head_loss=PaddedHeadLoss(w.shape[0], w.device) if on else None))
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if self.fused_head:
-            h = self.fwd(x, return_hidden=True)  # (B, T, C)
-            return lm_head_cross_entropy(h.reshape(-1, h.size(-1)), self.model.lm_head.weight, y.reshape(-1),
-                                         reduction=reduction)
         with self.precision.forward():
-            logits = self._padded_head_logits(x) if self.pad_head else self.fwd(x)  # (B, T, V or padded V)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
-                               reduction=reduction)
+            return self.fwd(x, targets=y, reduction=reduction)
 
     def _padded_head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, P) over the vocabulary padded to P (a multiple of 64), the padding at -inf."""
-        h = self.fwd(x, return_hidden=True)  # (B, T, C)
+        head = self.model.ops.head_loss
         w = self.model.lm_head.weight  # (V, C)
-        return F.linear(h, F.pad(w, (0, 0, 0, self._pad_bias.shape[0] - w.shape[0])), self._pad_bias)  # (B, T, P)
+        if not isinstance(head, PaddedHeadLoss):
+            head = PaddedHeadLoss(w.shape[0], w.device)
+        return head.logits(self.fwd(x, return_hidden=True), w)  # (B, T, P)
 
     def forward_backward(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Accumulate gradients of the mean loss per target token of all the micro-batches (of every process,
@@ -223,7 +207,6 @@ class Trainer:
             total_count = torch.stack(counts).sum()
             world = 1
             if self.ddp:
-                import torch.distributed as dist
                 dist.all_reduce(total_count)  # (SUM) every process's targets; DDP then averages over the world
                 world = dist.get_world_size()
             # (a step whose micro-batches hold no target at all has zero gradient, not NaN)
@@ -291,7 +274,6 @@ class Trainer:
         finally:
             self.model.train(was_training)
         if self.ddp:
-            import torch.distributed as dist
             both = torch.stack([total, count])
             dist.all_reduce(both)
             total, count = both[0], both[1]
