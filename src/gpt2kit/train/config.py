@@ -9,7 +9,8 @@ import os
 import shlex
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields
 from dataclasses import field as _field  # TrainConfig has a data option named `field`
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,24 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPTS = ("<|endoftext|>",)  # unconditional: shows what the model writes on its own
 
 
+# `gpt2kit finetune --help`'s groups, in the order they are shown
+MODEL, DATA, TRAINING, LORA, HARDWARE, EVAL, SHARING = (
+    "model", "data", "training", "LoRA", "hardware", "evaluation, samples, checkpoints", "sharing")
+GROUPS = (MODEL, DATA, TRAINING, LORA, HARDWARE, EVAL, SHARING)
+
+
+def option(default: Any = MISSING, *, group: str, help: str | None = None,  # noqa: A002 - argparse's word
+           factory: Callable[[], Any] | None = None, **cli: Any) -> Any:
+    """A TrainConfig field that is also a `gpt2kit finetune` flag, `--name-with-hyphens` unless `flag` says
+    otherwise. Metadata: its help `group`, `help`, and for cli/finetune.py: `metavar`, `choices`, `action`
+    ("extend": one or more values, repeatable; "append": one value, repeatable; "comma": one comma-separated
+    value), `cli_default` (when the command line's default differs from the API's)."""
+    meta = {"group": group, "help": help, **cli}
+    if factory is not None:
+        return _field(default_factory=factory, metadata=meta)
+    return _field(default=default, metadata=meta)
+
+
 def resume_hint(run_dir: str | Path, world: int = 1) -> str:
     """How to continue a run, for callers of the command line and of the Python API alike; a run of several
     processes resumes with as many."""
@@ -35,73 +54,111 @@ def resume_hint(run_dir: str | Path, world: int = 1) -> str:
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Saved, with every automatic value resolved, as RUN/config.json;
-    `--resume RUN` restarts from that file alone."""
+    `--resume RUN` restarts from that file alone. Each field declared with `option` is also a flag of
+    `gpt2kit finetune` (cli/finetune.py builds them from the metadata: its group, help and argparse details);
+    `%(default)s` in a help text shows the field's default."""
     # where the model comes from
-    model: str | None = None  # model name, model directory or run directory to start from
-    init: str = "pretrained"  # "pretrained": start from --model; "scratch": random weights
-    config: str | None = None  # scratch: a preset name (gpt2, gpt2-medium, ..., tiny) or a config.json
-    tokenizer: str | None = None  # directory with vocab.json + merges.txt (default: the model's)
+    model: str | None = option(None, group=MODEL, help="model name (gpt2, gpt2-medium, ...), model directory or "
+                               "run directory")
+    init: str = option("pretrained", group=MODEL, choices=("pretrained", "scratch"),
+                       help="start from --model's weights (default) or from random weights")
+    config: str | None = option(None, group=MODEL, metavar="NAME", help="with --init scratch: gpt2, gpt2-medium, "
+                                "gpt2-large, gpt2-xl, distilgpt2, tiny, or a config.json")
+    tokenizer: str | None = option(None, group=MODEL, metavar="DIR", help="directory with vocab.json + merges.txt "
+                                   "(default: the model's)")
     # data (see gpt2kit.data)
-    data: list[str] = _field(default_factory=list)
-    val_data: list[str] = _field(default_factory=list)
-    val_fraction: float | None = None  # None: hold out 5% when no val_data is given
-    column: str | None = None
-    field: str | None = None
-    encoding: str = "utf-8"
-    line_by_line: bool = False
-    skip_bad_rows: bool = False  # .csv/.tsv rows with the wrong number of fields: skipped with a warning, not an error
-    # output
-    out: str = "runs/finetune"
+    data: list[str] = option(factory=list, group=DATA, action="extend", metavar="PATH",
+                             help="training data: .txt/.csv/.tsv/.jsonl files, folders, globs, .npz/.npy/.bin token "
+                             "files, or one .tokens cache (from `gpt2kit encode`); repeatable")
+    val_data: list[str] = option(factory=list, group=DATA, action="extend", metavar="PATH",
+                                 help="validation data (default: hold out --val-fraction of the documents)")
+    val_fraction: float | None = option(None, group=DATA, help="fraction of documents held out for validation "
+                                        "(default 0.05 without --val-data; 0 disables validation)")
+    column: str | None = option(None, group=DATA, help="CSV/TSV column holding the text")
+    field: str | None = option(None, group=DATA, help="JSONL field holding the text (default: text)")
+    encoding: str = option("utf-8", group=DATA, help="text encoding of the input files (default %(default)s)")
+    line_by_line: bool = option(False, group=DATA, help="each line of a .txt file is one document, and each "
+                                "training sample is one document (padded), not a window of the stream")
+    skip_bad_rows: bool = option(False, group=DATA, help=".csv/.tsv: skip rows whose number of fields differs from "
+                                 "the header's, with a warning (default: such rows are an error)")
+    # output (the command line's default: the next numbered run in --runs-dir)
+    out: str = option("runs/finetune", group=TRAINING, metavar="RUN_DIR", cli_default=None,
+                      help="run directory to create (default: the next numbered run in --runs-dir)")
     # length of training
-    steps: int | None = None  # optimizer steps; default from epochs
-    epochs: float | None = None  # passes over the training data (default 1 when steps is not given)
+    steps: int | None = option(None, group=TRAINING, help="optimizer steps (default: from --epochs)")
+    epochs: float | None = option(None, group=TRAINING, help="passes over the training data (default 1)")
     # batch: global batch = batch_size * grad_accum * processes sequences of block_size tokens
-    batch_size: int = 4
-    grad_accum: int = 1
-    block_size: int | None = None  # default: the model's context (at most 1024)
+    batch_size: int = option(4, group=TRAINING, help="sequences per process per micro-step (default %(default)s); "
+                             "global batch = batch size x grad accum x processes")
+    grad_accum: int = option(1, group=TRAINING, help="micro-steps per optimizer step (default %(default)s)")
+    block_size: int | None = option(None, group=TRAINING, help="tokens per sequence (default: the model's context, "
+                                    "at most 1024)")
     # optimizer and schedule
-    lr: float | None = None  # default 1e-4 (full fine-tuning), 1e-3 (LoRA), 6e-4 (from scratch)
-    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
-    schedule: str = "cosine"
-    warmup_steps: int | None = None  # default: 5% of the steps, at most 100
-    weight_decay: float = 0.01  # on matrices and embeddings; never on biases and layer norms
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    lr: float | None = option(None, group=TRAINING, help="peak learning rate (default 1e-4; LoRA 1e-3; scratch "
+                              "6e-4)")
+    min_lr_ratio: float = option(0.1, group=TRAINING, help="final lr as a fraction of --lr (default %(default)s)")
+    schedule: str = option("cosine", group=TRAINING, choices=SCHEDULES,
+                           help="lr schedule after warmup (default %(default)s)")
+    warmup_steps: int | None = option(None, group=TRAINING, help="linear warmup steps (default 5%% of the steps, at "
+                                      "most 100)")
+    weight_decay: float = option(0.01, group=TRAINING, help="AdamW weight decay (default %(default)s)")
+    beta1: float = option(0.9, group=TRAINING)
+    beta2: float = option(0.999, group=TRAINING)
+    eps: float = 1e-8  # (no flag)
+    grad_clip: float = option(1.0, group=TRAINING, help="max gradient norm (default %(default)s; 0 disables)")
     # numerics and memory
-    dtype: str = "auto"  # float32 | bfloat16 | float16 (autocast; float16 with loss scaling) | auto
-    device: str = "auto"
-    grad_checkpointing: bool = False
-    compile: bool = False
-    dropout: float = 0.0
-    freeze: list[str] = _field(default_factory=list)
-    seed: int = 0
+    dtype: str = option("auto", group=HARDWARE, choices=DTYPE_NAMES,
+                        help="float32, or autocast mixed precision (float16 with loss scaling); auto: bfloat16 on "
+                        "GPUs that have it, else float32")
+    device: str = option("auto", group=HARDWARE, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    grad_checkpointing: bool = option(False, group=HARDWARE, help="recompute activations in backward: much less "
+                                      "memory, ~30%% more compute")
+    compile: bool = option(False, group=HARDWARE, help="torch.compile the model (slow start; helps on GPUs)")
+    dropout: float = option(0.0, group=TRAINING, help="dropout rate (default 0; 0.1 can help on small data)")
+    freeze: list[str] = option(factory=list, group=TRAINING, action="append", metavar="PARTS",
+                               help="freeze parts: embeddings, wte, wpe, ln_f, blocks, blocks:A-B, attn, mlp, ln, or a "
+                               "parameter glob; comma-separated or repeated (e.g. embeddings,ln_f trains the blocks "
+                               "only)")
+    seed: int = option(0, group=TRAINING)
     # LoRA
-    lora_rank: int = 0  # > 0 trains low-rank adapters only
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = _field(default_factory=lambda: ["all"])
+    lora_rank: int = option(0, group=LORA, help="train rank-R adapters only (e.g. 8)")
+    lora_alpha: float | None = option(None, group=LORA, help="adapter scale numerator (default 2 x rank)")
+    lora_dropout: float = option(0.05, group=LORA, help="dropout on the adapter input (default %(default)s)")
+    lora_targets: list[str] = option(factory=lambda: ["all"], group=LORA, action="comma",
+                                     help="comma-separated: c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj, attn, mlp "
+                                     "or all (default %(default)s)")
     # evaluation, samples, checkpoints
     # (defaults for these four: default_cadence, a small share of the training whatever its length)
-    eval_every: int | None = None  # steps; default: 10 times per run, less often in runs under 200 steps (0: never)
-    eval_batches: int | None = None  # validation batches per evaluation; default: ~32K tokens, at most 50
-    # (line_by_line: every validation document while they hold fewer than ~32K target tokens)
-    early_stop: int = 0  # stop after this many evaluations without a new best (0: never)
-    sample_every: int | None = None  # steps; default: with every second evaluation (0: never)
-    sample_tokens: int = 64
-    prompts: list[str] = _field(default_factory=list)
-    sample_temperature: float = 0.8
-    sample_top_k: int = 40
-    save_every: int | None = None  # steps; default: with every evaluation, at most every 1000 steps
-    keep: int = 2  # checkpoints kept besides best/ and final/
-    tensorboard: bool | None = None  # None: log to RUN/tensorboard when tensorboard is installed
+    eval_every: int | None = option(None, group=EVAL, help="steps between validations (default: 10 per run, every "
+                                    "20 steps in runs under 200 steps, at least 2; 0: never)")
+    eval_batches: int | None = option(None, group=EVAL, help="validation batches per evaluation (default: about 32K "
+                                      "target tokens, at most 50 batches of windows, fewer in short runs; with "
+                                      "--line-by-line, as many documents as hold 32K, so all of a smaller set); the "
+                                      "run's notes say how much each evaluation scores")
+    early_stop: int = option(0, group=EVAL, metavar="N", help="stop after N evaluations without improvement "
+                             "(default: never)")
+    sample_every: int | None = option(None, group=EVAL, help="steps between samples (default: every second "
+                                      "evaluation; 0: never)")
+    sample_tokens: int = option(64, group=EVAL, help="tokens per sample (default %(default)s)")
+    prompts: list[str] = option(factory=list, group=EVAL, flag="--prompt", action="append", metavar="PROMPT",
+                                help="a sample prompt (repeatable)")
+    sample_temperature: float = 0.8  # (no flag)
+    sample_top_k: int = 40  # (no flag)
+    save_every: int | None = option(None, group=EVAL, help="steps between checkpoints (default: with each "
+                                    "evaluation, at most every 1000 steps)")
+    keep: int = option(2, group=EVAL, help="checkpoints kept besides best/ and final/ (default %(default)s)")
+    tensorboard: bool | None = option(None, group=EVAL, help="log to RUN/tensorboard (default: when tensorboard is "
+                                      "installed)")
     # sharing: Weights & Biases (gpt2kit.tracking), a push to the Hub at the end (gpt2kit.push)
-    wandb: bool = False
-    wandb_project: str | None = None  # default "gpt2kit"
-    wandb_run_name: str | None = None  # default: the run directory's name
-    push_to_hub: str | None = None  # ORG/NAME
-    push_private: bool = False
+    wandb: bool = option(False, group=SHARING, help="log metrics, samples and the config to Weights & Biases (pip "
+                         "install 'gpt2kit[wandb]'; WANDB_MODE=offline logs locally)")
+    wandb_project: str | None = option(None, group=SHARING, metavar="P", help="W&B project (default gpt2kit)")
+    wandb_run_name: str | None = option(None, group=SHARING, metavar="N", help="W&B run name (default: the run "
+                                        "directory's name)")
+    push_to_hub: str | None = option(None, group=SHARING, metavar="ORG/NAME", help="at the end of the run, upload "
+                                     "its model (best, else final) with a model card to this Hugging Face Hub "
+                                     "repository, as `gpt2kit push` does")
+    push_private: bool = option(False, group=SHARING, help="create the --push-to-hub repository private")
 
     def __post_init__(self) -> None:
         # paths as str, so that config.json stays JSON; a single data path is a list of one
