@@ -1225,12 +1225,14 @@ def test_every_train_option_is_a_finetune_flag_with_the_configs_default():
     import dataclasses
 
     from gpt2kit.cli import _verb_parsers, build_parser
-    from gpt2kit.cli.finetune import _NOT_CONFIG
+    from gpt2kit.cli.finetune import OPTIONS
 
     parser = _verb_parsers(build_parser())["finetune"]
     args = vars(parser.parse_args([]))
     options = [f for f in dataclasses.fields(TrainConfig) if "group" in f.metadata]
-    assert {f.name for f in options} == set(args) - set(_NOT_CONFIG)
+    assert {f.name for f in options} == set(OPTIONS) <= set(args)
+    assert set(OPTIONS) == {f.name for f in dataclasses.fields(TrainConfig)} - {"eps", "sample_temperature",
+                                                                                 "sample_top_k"}
     defaults = TrainConfig()
     for f in options:
         want = None if f.name == "out" else getattr(defaults, f.name)  # (without --out: a numbered run)

@@ -15,7 +15,7 @@ from typing import Any
 from gpt2kit.cli.common import setup_logging
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.run_numbers import DEFAULT_RUNS_DIR
-from gpt2kit.train.config import EVAL, GROUPS, TRAINING, TrainConfig
+from gpt2kit.train.config import GROUPS, TrainConfig
 
 EXAMPLES = """examples:
   gpt2kit finetune --model gpt2 --data jokes.csv --column Joke --out runs/jokes --epochs 10
@@ -39,23 +39,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint, with its own "
                    "settings (nothing else needed; --steps or --epochs set a new total, to continue a finished run "
                    "for longer). A numbered run may be named runs/7, or 7 for runs/")
-    groups = {name: p.add_argument_group(name) for name in GROUPS}
-    for f in fields(TrainConfig):  # every TrainConfig option, as its metadata declares it
-        if "group" in f.metadata:
-            _add_option(groups[f.metadata["group"]], f)
-        # the flags that are not TrainConfig fields, where they belong
-        if f.name == "out":
-            g = groups[TRAINING]
-            g.add_argument("--runs-dir", metavar="DIR", help="without --out: train into the next numbered run in "
-                           f"DIR, DIR/0007 (default {DEFAULT_RUNS_DIR}/)")
-            g.add_argument("--name", help="with --runs-dir: add a name to the numbered run's folder (DIR/0007-NAME)")
-            g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its own "
-                           "files only; refused for a folder that is not a run, or a run still training)")
-        elif f.name == "prompts":
-            groups[EVAL].add_argument("--prompts", dest="prompts_file", metavar="FILE",
-                                      help="file with one sample prompt per line")
-        elif f.name == "tensorboard":
-            groups[EVAL].add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name in GROUPS:  # every TrainConfig option, as its metadata declares it, group by group
+        g = p.add_argument_group(name)
+        for f in fields(TrainConfig):
+            if f.metadata.get("group") != name:
+                continue
+            _add_option(g, f)
+            # the flags that are not TrainConfig options, where they belong
+            if f.name == "out":
+                g.add_argument("--runs-dir", metavar="DIR", help="without --out: train into the next numbered run "
+                               f"in DIR, DIR/0007 (default {DEFAULT_RUNS_DIR}/)")
+                g.add_argument("--name", help="with --runs-dir: add a name to the numbered run's folder "
+                               "(DIR/0007-NAME)")
+                g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its own "
+                               "files only; refused for a folder that is not a run, or a run still training)")
+            elif f.name == "prompts":
+                g.add_argument("--prompts", dest="prompts_file", metavar="FILE",
+                               help="file with one sample prompt per line")
+            elif f.name == "tensorboard":
+                g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     _DEFAULTS.update(vars(p.parse_args([])))
     _FLAGS.update({a.dest: a.option_strings[0] for a in p._actions if a.option_strings})
@@ -97,8 +99,8 @@ _FLAGS: dict[str, str] = {}  # each option's flag, by its name in the parsed arg
 # what may differ when resuming: where it runs and how it shows progress (and where a LoRA run's base moved)
 # (and its length: --steps/--epochs give a new total)
 _RESUME_OPTIONS = ("resume", "device", "no_progress", "func", "model", "steps", "epochs")
-# the parsed options that are not TrainConfig fields
-_NOT_CONFIG = ("resume", "runs_dir", "name", "overwrite", "prompts_file", "no_progress", "func")
+# the TrainConfig fields that are flags
+OPTIONS = tuple(f.name for f in fields(TrainConfig) if "group" in f.metadata)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -119,7 +121,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit import train
+    from gpt2kit import train  # lazy: loads torch, which the parser (and --help) must not
     setup_logging(speak=os.environ.get("RANK", "0") == "0")  # data preparation's notes; rank 0 speaks for all
     if args.resume:
         given = [_FLAGS[k] for k, default in _DEFAULTS.items()
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             raise Gpt2kitError(f"--out names the run's folder; --{'runs-dir' if args.runs_dir else 'name'} is for "
                                "numbered runs: give one or the other")
         runs_dir = None if args.out else args.runs_dir or DEFAULT_RUNS_DIR
-        options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+        options = {name: getattr(args, name) for name in OPTIONS}
         cfg = train.TrainConfig(**{**options, "out": args.out or "", "prompts": _prompts(args)})
         result = train.finetune(cfg, progress=not args.no_progress, overwrite=args.overwrite, runs_dir=runs_dir,
                                 name=args.name)

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gpt2kit import memory
+from gpt2kit.checkpoints import pick_device
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.train.config import TrainConfig
 
@@ -38,7 +40,6 @@ class _Dist:
 
     def barrier(self) -> None:
         if self.initialized:
-            import torch.distributed as dist
             dist.barrier()
 
     def agree(self, fn: Callable[[], Any] | None) -> Any:
@@ -53,7 +54,6 @@ class _Dist:
         except Exception as e:  # noqa: BLE001 - shared below, then raised again
             err = e
         if self.initialized:
-            import torch.distributed as dist
             msgs: list[str | None] = [None] * self.world
             dist.all_gather_object(msgs, None if err is None else _one_line(err, self.rank))
             first = next((m for m in msgs if m is not None), None)
@@ -66,7 +66,6 @@ class _Dist:
     def any_flag(self, flag: bool, device: torch.device) -> bool:
         if not self.initialized:
             return flag
-        import torch.distributed as dist
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
@@ -74,7 +73,6 @@ class _Dist:
     def mean(self, value: float, device: torch.device) -> float:
         if not self.initialized:
             return value
-        import torch.distributed as dist
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item()) / self.world
@@ -90,12 +88,10 @@ def _one_line(e: Exception, rank: int) -> str:
 
 def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device, str]:
     """Process group (under torchrun) and this process's device, plus a sentence saying why."""
-    from gpt2kit.checkpoints import pick_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         dev = pick_device(cfg.device)
         return _Dist(), dev, _device_reason(cfg.device, dev)
-    import torch.distributed as dist
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device in ("auto", None):
         dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")

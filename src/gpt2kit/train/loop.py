@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,14 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from gpt2kit import runs
+from gpt2kit import push, runs, tracking
 from gpt2kit.data import check_inputs, plural
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.plot import plot_run
 from gpt2kit.progress import progress_bar, safe_stderr
 from gpt2kit.run_numbers import new_run_dir, resolve_run_ref
-from gpt2kit.tracking import Trackers, open_trackers
 from gpt2kit.train.config import RunResult, TrainConfig
 from gpt2kit.train.config import resume_hint as _resume_hint
 from gpt2kit.train.distributed import _init_distributed, _out_of_memory, _peer_failed
@@ -62,7 +64,6 @@ class _Interrupt:
         self.old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
-        import threading
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.old[sig] = signal.signal(sig, self._handle)
@@ -97,7 +98,7 @@ class _Run:
         self.rundir = RunDir(self.dir, resuming=resume, overwrite=overwrite, lock=lock)
         self.bar = None
         self.tb = None
-        self.trackers = Trackers()  # W&B etc.; the main process's only
+        self.trackers = tracking.Trackers()  # W&B etc.; the main process's only
         self._plotted = -1e9
         self._write_warned: set[str] = set()
         self._pending: list[dict[str, Any]] = []  # step records not yet in metrics.jsonl
@@ -324,13 +325,13 @@ class _Run:
                      "124M, after a long compile); it is meant for GPUs")
         if cfg.tensorboard and self.dist.main:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is optional
                 self.tb = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
                 self.say("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
         if cfg.wandb and self.dist.main:
-            self.trackers = open_trackers(cfg.to_dict(), self.dir, use_wandb=True, wandb_project=cfg.wandb_project,
-                                          wandb_run_name=cfg.wandb_run_name)
+            self.trackers = tracking.open_trackers(cfg.to_dict(), self.dir, use_wandb=True,
+                                                   wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name)
 
     def _loop(self, interrupt: _Interrupt) -> tuple[str, bool]:
         cfg, st, dist = self.cfg, self.state, self.dist
@@ -479,7 +480,6 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False
             cfg.out = run.cfg.out = str(new_run_dir(runs_dir, name))
             number = cfg.out
         if run.dist.initialized:
-            import torch.distributed as dist
             got = [number]
             dist.broadcast_object_list(got, src=0)
             cfg.out = run.cfg.out = got[0]
@@ -572,12 +572,11 @@ def _resume_run(run_dir: Path, lock: runs.RunLock | None, *, progress: bool, dev
 def _push(run: _Run, result: RunResult) -> None:
     """--push-to-hub, after a finished run: a failure is recorded in result.push_error with how to retry (the
     run itself stays finished)."""
-    from gpt2kit.push import push
     repo = run.cfg.push_to_hub
     retry = shlex.join(["gpt2kit", "push", str(result.run_dir), "--repo", repo]
                        + (["--private"] if run.cfg.push_private else []))
     try:
-        result.pushed = push(result.run_dir, repo, private=run.cfg.push_private)
+        result.pushed = push.push(result.run_dir, repo, private=run.cfg.push_private)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the run is safe on disk and can be pushed again
         why = str(e) if isinstance(e, Gpt2kitError) else f"{type(e).__name__}: {e}"
         result.push_error = f"the run finished, but pushing it to {repo} failed: {why}; retry with `{retry}`"
@@ -590,9 +589,6 @@ def _finish(run: _Run) -> RunResult:
         result = run.run()
     finally:
         if run.dist.initialized:
-            import gc
-
-            import torch.distributed as dist
             # The DDP wrapper's reducer holds the process group. Left to the interpreter's teardown, gloo's
             # threads could be destroyed while still joinable: the process aborted after training had
             # finished ("terminate called without an active exception"). Free it, then the group, now.

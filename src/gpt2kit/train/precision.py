@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from gpt2kit.checkpoints import pick_dtype
+
 
 def _native_cpu(dtype: torch.dtype) -> bool:
     """Whether this CPU computes `dtype` matrix products in hardware (AVX512-BF16/AMX, AVX512-FP16)."""
@@ -63,7 +65,6 @@ class Precision:
     the low-precision type, EmulatedAutocast on CPUs without it; float16 adds dynamic loss scaling."""
 
     def __init__(self, name: str, device: torch.device):
-        from gpt2kit.checkpoints import pick_dtype
         self.dtype = pick_dtype(name, device)
         self.device = device
         if self.dtype == torch.float32:

@@ -16,8 +16,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from gpt2kit import lora, runs
-from gpt2kit.checkpoints import save_model
-from gpt2kit.checkpoints.hf import write_hf_dir
+from gpt2kit.checkpoints import hf, save_model
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
@@ -141,7 +140,7 @@ def write_full_model(model: GPT, tok: Tokenizer, lora_cfg: lora.LoraConfig | Non
     """The model in HF format (LoRA: the adapter and the merged model, for best/ and final/)."""
     write_model(model, tok, lora_cfg, out)
     if lora_cfg is not None:
-        write_hf_dir(out, model.config, lora.merged_state_dict(model))
+        hf.write_hf_dir(out, model.config, lora.merged_state_dict(model))
         tok.save(out)
 
 

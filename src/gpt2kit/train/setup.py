@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2kit import checkpoints, lora, memory, runs
+from gpt2kit import checkpoints, lora, memory, push, runs, tracking
 from gpt2kit.checkpoints import pick_dtype, read_checkpoint, resolve_model_dir, vocab_dir
 from gpt2kit.config import GPTConfig
 from gpt2kit.data import Batcher, TokenCache, TooLittleData, cache_identity, plural, prepare_data
@@ -84,11 +84,9 @@ def check_sharing(cfg: TrainConfig) -> None:
     """Before training, not after it: --wandb's package is installed, --push-to-hub names a repository and a
     token is there to push with."""
     if cfg.wandb:
-        from gpt2kit.tracking import check_available
-        check_available(True)
+        tracking.check_available(True)
     if cfg.push_to_hub:
-        from gpt2kit.push import check_ready
-        check_ready(cfg.push_to_hub)
+        push.check_ready(cfg.push_to_hub)
 
 
 def check_paths(cfg: TrainConfig) -> None:

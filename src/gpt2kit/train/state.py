@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2kit.checkpoints.hf import load_pickle
 from gpt2kit.data import Batcher
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.train.trainer import Trainer
@@ -92,7 +93,6 @@ class TrainState:
 
 def read_state(ckpt: Path, *, device: torch.device, world: int, run_dir: Path) -> dict[str, Any]:
     try:
-        from gpt2kit.checkpoints.hf import load_pickle
         state = load_pickle(ckpt / TRAINER_STATE, map_location=device)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise Gpt2kitError(f"cannot read {ckpt / TRAINER_STATE} ({type(e).__name__}); delete {ckpt} to "

@@ -4,6 +4,7 @@ and Trainer (loss, backward with accumulation, clipping, the AdamW step, evaluat
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -78,7 +79,6 @@ def freeze(model: GPT, specs: Sequence[str]) -> list[str]:
     A spec is a group (embeddings, wte, wpe, ln_f, blocks), a block range `blocks:A-B` (0-based,
     inclusive) or `blocks:N`, a kind inside every block (attn, mlp, ln), or a glob over parameter names
     (`transformer.h.0.*`). `--freeze embeddings,ln_f` trains the transformer blocks only."""
-    import fnmatch
     names = [n for n, _ in model.named_parameters()]
     chosen: set[str] = set()
     n_layer = model.config.n_layer
