@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ def _out_of_memory(e: BaseException) -> bool:
     return memory.is_out_of_memory(e)
 
 
+@dataclass
 class _Dist:
     rank: int = 0
     world: int = 1

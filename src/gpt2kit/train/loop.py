@@ -543,7 +543,7 @@ def _resume_run(run_dir: Path, lock: runs.RunLock | None, *, progress: bool, dev
     if steps is not None and epochs is not None:
         raise Gpt2kitError(f"give --steps ({steps}) or --epochs ({epochs:g}), not both")
     extending = steps is not None or epochs is not None
-    if extending:  # the new total; _Run._resolve turns epochs into steps, and _setup checks it is more
+    if extending:  # the new total; setup.resolve_config turns epochs into steps, and _Run._setup checks it is more
         cfg.steps, cfg.epochs = steps, epochs
     if info.get("status") == "finished" and info.get("stopped_early"):
         raise Gpt2kitError(f"run {run_dir} already finished: it stopped early at step {info.get('step')} (no "

@@ -238,7 +238,7 @@ def prepare_run_data(cfg: TrainConfig, tok: Tokenizer, *, run_dir: Path, resumin
     if dist.main:  # (a resume that prepared the data again records where its caches now are)
         own, data = cache_dir.resolve(), (run_dir / "data").resolve()
 
-        def where(c) -> str:  # where the cache is once _commit has moved the staged ones into RUN/data
+        def where(c) -> str:  # where the cache is once RunDir.commit has moved the staged ones into RUN/data
             p = c.path.resolve()
             return str(data / p.relative_to(own)) if own in p.parents else str(p)
         paths = dict(train_tokens=where(train), val_tokens=where(val) if val is not None else None)
