@@ -1217,3 +1217,45 @@ def test_every_file_of_a_run_follows_the_umask(tmp_path, tiny_dir):
     modes = {str(p.relative_to(res.run_dir)): stat.S_IMODE(p.stat().st_mode) for p in res.run_dir.rglob("*")}
     assert "best/model.safetensors" in modes and "checkpoints/step-2/trainer.pt" in modes
     assert {p: oct(m) for p, m in modes.items() if m not in (0o644, 0o755)} == {}  # weights were 0600
+
+
+def test_every_train_option_is_a_finetune_flag_with_the_configs_default():
+    """The finetune flags are built from TrainConfig's fields: each option's flag exists, parses to the field's
+    own default, and a value given on the command line reaches the TrainConfig the CLI builds."""
+    import dataclasses
+
+    from gpt2kit.cli import _verb_parsers, build_parser
+    from gpt2kit.cli.finetune import OPTIONS
+
+    parser = _verb_parsers(build_parser())["finetune"]
+    args = vars(parser.parse_args([]))
+    options = [f for f in dataclasses.fields(TrainConfig) if "group" in f.metadata]
+    assert {f.name for f in options} == set(OPTIONS) <= set(args)
+    assert set(OPTIONS) == {f.name for f in dataclasses.fields(TrainConfig)} - {"eps", "sample_temperature",
+                                                                                 "sample_top_k"}
+    defaults = TrainConfig()
+    for f in options:
+        want = None if f.name == "out" else getattr(defaults, f.name)  # (without --out: a numbered run)
+        assert args[f.name] == want, f.name
+    got = vars(parser.parse_args(["--lora-targets", "c_attn, mlp", "--prompt", "a", "--no-tensorboard"]))
+    assert got["lora_targets"] == ["c_attn", "mlp"] and got["prompts"] == ["a"] and got["tensorboard"] is False
+
+
+def test_trainer_state_writes_the_v1_keys(tmp_path):
+    from gpt2kit.data import Batcher, TokenCache, prepare_data
+    from gpt2kit.train.state import TrainState
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 200)
+    train, _ = prepare_data([str(text)], Tokenizer.from_dir(VOCAB_DIR), val_fraction=0.0, cache_dir=tmp_path / "c")
+    assert isinstance(train, TokenCache)
+    model = random_model(TINY, seed=1).train()
+    trainer = Trainer(model, TrainConfig(model="x", data=["x"]), torch.device("cpu"))
+    state = TrainState(trainer, Batcher(train, 16, 2, seed=0), step=3, best_val=1.5, best_step=2)
+    saved = state.state_dict(schedule="cosine", total_steps=10, world=1)
+    assert set(saved) == {"version", "step", "world_size", "optimizer", "scaler", "scheduler", "batcher", "rng",
+                          "best_val_loss", "best_step", "bad_evals", "tokens", "train_time", "last_loss"}
+    assert saved["version"] == 1 and saved["step"] == 3
+    again = TrainState(trainer, Batcher(train, 16, 2, seed=0))
+    again.load_state_dict(saved)
+    assert (again.step, again.best_val, again.best_step) == (3, 1.5, 2)

@@ -157,7 +157,7 @@ def test_trainer_uses_the_kernels_in_bfloat16_too(ext, monkeypatch, mode):
     the trainer routes attention and GELU through the float32 kernels too: autocast takes their bf16 input
     up to float32, the emulation rounds attention's input and output as it does around SDPA. The loss and
     gradients agree with PyTorch's own kernels under the same precision."""
-    import gpt2kit.train as train
+    import gpt2kit.train.precision as train
 
     monkeypatch.setattr(train, "_native_cpu", lambda dtype: mode == "autocast")
     config = GPTConfig.from_name("tiny", n_embd=64, n_head=2, n_layer=2, vocab_size=101, n_positions=16)
@@ -192,3 +192,19 @@ def test_trainer_uses_the_kernels_in_bfloat16_too(ext, monkeypatch, mode):
     assert abs(loss_k - loss_ref) < 2e-3
     for gk, gr in zip(grads_k, grads_ref):
         assert F.cosine_similarity(gk.flatten(), gr.flatten(), dim=0) > 0.999
+
+
+def test_trainer_hands_the_model_its_ops_instead_of_patching_modules(ext):
+    """The fast paths a training forward pass takes are the model's own GPTOps, set through use_ops: nothing
+    is swapped onto wte, and a model built with GPTOps() runs PyTorch's own operations."""
+    from gpt2kit.ops import EmbeddingRowsIntoGrad, GPTOps, fused_head_loss
+
+    config = GPTConfig.from_name("tiny", n_embd=64, n_head=2, n_layer=2, vocab_size=101, n_positions=16)
+    model = random_model(config, seed=5).train()
+    assert model.ops == GPTOps() and model.transformer.h[0].attn.attend is None
+    Trainer(model, TrainConfig(model="x", data=["x"]), torch.device("cpu"))
+    assert "forward" not in vars(model.transformer.wte) and not hasattr(model.transformer.wte, "grad_rows_added")
+    assert isinstance(model.ops.embedding, EmbeddingRowsIntoGrad) and model.ops.head_loss is fused_head_loss
+    assert model.ops.attention is kernels.causal_attention and model.ops.gelu is kernels.gelu_tanh
+    model.use_ops(GPTOps())
+    assert model.transformer.h[0].attn.attend is None and model.transformer.h[0].mlp.act is not kernels.gelu_tanh

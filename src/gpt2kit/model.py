@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt2kit.config import GPTConfig
 from gpt2kit.kv_cache import KVCache
+from gpt2kit.ops import GPTOps, cross_entropy
 
 
 class CausalSelfAttention(nn.Module):
@@ -25,8 +26,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
-        # optional (qkv (B, T, 3C), n_head) -> (B, T, C) causal attention without dropout, for the no-cache
-        # path; gpt2kit.train installs gpt2kit.kernels.causal_attention (same values, faster) on CPUs
+        # GPTOps.attention, set by GPT.use_ops: (qkv (B, T, 3C), n_head) -> (B, T, C) causal attention without
+        # dropout, for the no-cache path; None: PyTorch's SDPA
         self.attend: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None,
@@ -71,15 +72,18 @@ def gelu_exact(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)  # the erf form (HF's "gelu"), which nanoGPT's nn.GELU() computes
 
 
+def activation(config: GPTConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    return gelu_tanh if config.activation == "gelu_new" else gelu_exact
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        # the activation; for gelu_tanh, gpt2kit.train swaps in gpt2kit.kernels.gelu_tanh (same values, faster)
-        # on CPUs
-        self.act: Callable[[torch.Tensor], torch.Tensor] = gelu_tanh if config.activation == "gelu_new" else gelu_exact
+        # the activation: GPTOps.gelu, set by GPT.use_ops, or the config's
+        self.act: Callable[[torch.Tensor], torch.Tensor] = activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_proj(self.act(self.c_fc(x)))
@@ -100,7 +104,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """GPT-2. `ops` (gpt2kit.ops.GPTOps) names the implementations of the operations that have several:
+    attention, the activation, the embedding lookup, and the LM head with its loss; GPTOps() is PyTorch's own
+    everywhere."""
+
+    def __init__(self, config: GPTConfig, ops: GPTOps | None = None):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict({
@@ -121,11 +129,20 @@ class GPT(nn.Module):
         # logits (B, 1, vocab), or None when it does not apply; gpt2kit.cuda_graphs installs one on GPUs that
         # replays decode_masked as a CUDA graph. It must give what decode_masked gives.
         self.graph_step: Callable[..., torch.Tensor | None] | None = None
+        self.use_ops(ops or GPTOps())
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def use_ops(self, ops: GPTOps) -> GPT:
+        """Run the forward pass with `ops` from now on: attention and the activation go to every block."""
+        self.ops = ops
+        for block in self.transformer.h:
+            block.attn.attend = ops.attention
+            block.mlp.act = ops.gelu or activation(self.config)
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -185,7 +202,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 kv_len: int | None = None, rows: slice | None = None,
                 last_only: bool = False, logits_at: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
         Without input_pos: plain causal forward over positions 0..T-1 (training, scoring).
@@ -195,7 +213,8 @@ class GPT(nn.Module):
         logits_at (B,) computes logits only at one position per row, (B, 1, vocab): the LM head is the
         costliest layer, and a prefill needs it only at each prompt's last token.
         return_hidden gives ln_f's output (B, T, C) instead of logits, for a caller that applies the LM head
-        itself (gpt2kit.fused_loss in training)."""
+        itself. targets (B, T) (-100: ignored) gives the cross-entropy loss instead, through ops.head_loss
+        (training), with `reduction` "mean" over the targets or "sum"."""
         B, T = idx.shape
         if (T == 1 and input_pos is not None and self.graph_step is not None and not self.training
                 and not return_hidden and not torch.is_grad_enabled()):
@@ -206,12 +225,12 @@ class GPT(nn.Module):
             if T > self.config.n_positions:
                 raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.n_positions}")
             pos = torch.arange(T, device=idx.device)
-            x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+            x = self.embed(idx) + self.transformer.wpe(pos)  # (B, T, C)
             mask = start = None
         else:
             if input_pos.dim() == 1:
                 input_pos = input_pos.unsqueeze(0).expand(B, T)
-            x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)
+            x = self.embed(idx) + self.transformer.wpe(input_pos)
             S = kv_len if kv_len is not None else self.cache_len
             slots = torch.arange(S, device=idx.device)
             # the common case, every row writing the same slots S-T..S-1 (decoding a batch in step, or a
@@ -237,7 +256,21 @@ class GPT(nn.Module):
         elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         x = self.transformer.ln_f(x)
+        if targets is not None:
+            return self.head_loss(x, targets, reduction)
         return x if return_hidden else self.lm_head(x)  # (B, T, vocab)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C) of idx (B, T), through ops.embedding when set."""
+        wte = self.transformer.wte
+        return wte(idx) if self.ops.embedding is None else self.ops.embedding(wte, idx)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The LM head over ln_f's output h (B, T, C) and its cross-entropy against targets (B, T), through
+        ops.head_loss when set."""
+        if self.ops.head_loss is not None:
+            return self.ops.head_loss(h, self.lm_head.weight, targets, reduction)
+        return cross_entropy(self.lm_head(h), targets, reduction)
 
     def decode_masked(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
                       rows: slice | None = None) -> torch.Tensor:
