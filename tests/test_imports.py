@@ -30,17 +30,10 @@ OPTIONAL_PACKAGES = {"fastapi", "uvicorn", "starlette", "pydantic", "matplotlib"
 # Files that other parts of issue 19 are rewriting at the same time as this test was written (the trainer,
 # the model, generation, the server): their function-body imports are checked once those parts are merged.
 # Remove an entry as soon as its file obeys the rule; nothing may be added here.
-PENDING_LAZY_REASONS = {
-    "gpt2kit/train.py",
-}
+PENDING_LAZY_REASONS: set[str] = set()
 # Import edges that close a cycle through a file another part is rewriting, each with how it goes away.
 # Remove an entry once it is gone; nothing may be added here.
-PENDING_CYCLE_EDGES = {
-    # push reads TrainConfig's defaults to write the finetune command of a run's model card, and the
-    # trainer pushes when a run ends (--push-to-hub): once TrainConfig lives in a module that does not
-    # import the loop (part T's train/ split), push imports that module and this entry goes.
-    ("gpt2kit.push", "gpt2kit.train"),
-}
+PENDING_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

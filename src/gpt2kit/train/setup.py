@@ -138,7 +138,7 @@ def load_model(cfg: TrainConfig, ckpt: Path | None, *, run_dir: Path, device: to
         # a LoRA run with adapter checkpoints only, the adapter checkpoint merged onto its base (not the run,
         # whose newest adapter changes as it trains on). The fingerprint catches what a path cannot: weights
         # replaced under the same name (a run resumed, best/ rewritten).
-        model, tok, base_fp, src_dir = lora.open_base(
+        model, tok, base_fp, src_dir = checkpoints.open_base(
             src, device=device, dtype=torch.float32, tokenizer_dir=str(own) if own_tok else cfg.tokenizer,
             fingerprint=bool(cfg.lora_rank))
         if expect and base_fp != expect:
