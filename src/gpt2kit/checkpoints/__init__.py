@@ -361,7 +361,7 @@ def open_base(base: str | Path, device: str | torch.device | None = "cpu",
     the directory read). `base` is anything `--model` takes (a model directory or name, a run: its best/,
     final/ or newest checkpoint), or an adapter directory, which is merged onto its own base (in float32, then
     cast). A LoRA run with adapter checkpoints only gives its newest adapter checkpoint merged the same way,
-    and that checkpoint directory is what is returned: see _Run._load_model. `flag` names the option that
+    and that checkpoint directory is what is returned: see train.setup.load_model. `flag` names the option that
     gave `base` in errors (`--base` for merge)."""
     adapter = adapter_named(base)
     if adapter is not None:
