@@ -252,9 +252,9 @@ def _read_table(path: Path, text: str, spec: DataSpec) -> list[str]:
     return docs
 
 
-def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
-    field = spec.field or "text"
-    docs = []
+def jsonl_objects(path: str | Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines text; a line that is not one JSON object
+    is an error naming it."""
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -265,6 +265,13 @@ def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
                                "each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise Gpt2kitError(f"{path}:{n}: the line is {_json_kind(obj)}; each line must be one JSON object")
+        yield n, obj
+
+
+def _read_jsonl(path: Path, text: str, spec: DataSpec) -> list[str]:
+    field = spec.field or "text"
+    docs = []
+    for n, obj in jsonl_objects(path, text):
         if field not in obj:
             raise Gpt2kitError(f"{path}:{n}: no field {field!r} (found: {', '.join(obj)}); pick one with --field NAME")
         if not isinstance(obj[field], str):

@@ -7,7 +7,6 @@ function, `loglikelihoods`, as lm-eval's `hf` model scores them."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2kit.data import read_text
+from gpt2kit.data import jsonl_objects, read_text
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
@@ -314,17 +313,7 @@ def _jsonl_objects(path: str | Path, encoding: str = "utf-8") -> list[tuple[int,
         text = read_text(p, encoding)
     except OSError as e:
         raise Gpt2kitError(f"cannot read {p}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise Gpt2kitError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(obj, dict):
-            raise Gpt2kitError(f"{p}:{n}: each line must be one JSON object")
-        out.append((n, obj))
+    out = list(jsonl_objects(p, text))
     if not out:
         raise Gpt2kitError(f"task data {p} is empty")
     return out
