@@ -355,21 +355,26 @@ def test_disconnect_mid_stream_frees_the_slot(one_row_server):
     assert h["active"] == 0 and h["tokens"] - before < 1000
 
 
-def test_client_giving_up_frees_the_slot(one_row_server):
-    srv = one_row_server
-    before = httpx.get(srv.url + "/health").json()["tokens"]
-    with pytest.raises(httpx.TimeoutException):  # a non-streaming request whose client leaves
-        httpx.post(srv.url + "/v1/completions", json={"prompt": "wait", "max_tokens": 1000}, timeout=0.5)
-    h = wait_idle(srv)
-    assert h["active"] == 0 and h["tokens"] - before < 1000
+def test_client_giving_up_frees_the_slot(tiny_dir):
+    # a completion far longer than the tiny model makes in 0.5 s on any machine (~2,000 tokens a second alone
+    # on two quiet cores, so the default --max-tokens of 1,024 could finish before the client gives up)
+    srv = start(tiny_dir, max_batch=1, max_queue=1, max_tokens=100_000)
+    try:
+        before = httpx.get(srv.url + "/health").json()["tokens"]
+        with pytest.raises(httpx.TimeoutException):  # a non-streaming request whose client leaves
+            httpx.post(srv.url + "/v1/completions", json={"prompt": "wait", "max_tokens": 100_000}, timeout=0.5)
+        h = wait_idle(srv)
+        assert h["active"] == 0 and h["tokens"] - before < 100_000
+    finally:
+        srv.stop()
 
 
 def test_request_timeout_ends_with_length(tiny_dir):
-    srv = start(tiny_dir, request_timeout=0.3)
+    srv = start(tiny_dir, request_timeout=0.3, max_tokens=100_000)  # (more than 0.3 s of tokens anywhere)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-        r = client.completions.create(model="tiny", prompt="x", max_tokens=1000)
-        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 1000
+        r = client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 100_000
     finally:
         srv.stop()
 
