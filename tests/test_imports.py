@@ -3,12 +3,8 @@ inside a function only with a reason.
 
 The imports are read from the source with `ast`, not by importing anything, and every import counts: a
 module's top level, function bodies (a lazy import is still a dependency, and still a cycle when it closes
-one; laziness only decides *when* the module is loaded), class bodies and `try:` blocks. Two kinds do not
-make an edge:
-- imports under `if TYPE_CHECKING:`, which never run;
-- compatibility re-exports: a module-level `__getattr__` (PEP 562) that hands out a name that moved to a
-  higher layer, for callers outside gpt2kit. Nothing inside gpt2kit may use such a name at its old place
-  (test_no_module_uses_a_moved_name), so the old module never depends on the new one.
+one; laziness only decides *when* the module is loaded), class bodies and `try:` blocks. Only imports
+under `if TYPE_CHECKING:`, which never run, make no edge.
 Importing `gpt2kit.a.b` from outside the package `gpt2kit.a` also runs `gpt2kit/a/__init__.py`, so it is an
 edge to `gpt2kit.a` too."""
 
@@ -96,8 +92,6 @@ def _imports(module: str) -> Iterator[Import]:
                 yield from (i for c in child.orelse for i in walk_one(c, in_function))
                 continue
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if child.name == "__getattr__" and node is tree:
-                    continue  # a compatibility re-export (see the module docstring)
                 yield from walk(child, True)
                 continue
             yield from walk_one(child, in_function)
@@ -241,36 +235,6 @@ def test_lower_layers_never_import_higher_ones():
     for low in ("gpt2kit.config", "gpt2kit.tokenizer", "gpt2kit.model", "gpt2kit.lora", "gpt2kit.runs"):
         assert not reach(low) & {"gpt2kit.checkpoints", "gpt2kit.train", "gpt2kit.generate", "gpt2kit.server",
                                  "gpt2kit.cli", "gpt2kit.data"}, low
-
-
-def _moved_names() -> dict[str, set[str]]:
-    """module -> the names its __getattr__ re-exports (its _MOVED_TO_* tuples)."""
-    out: dict[str, set[str]] = {}
-    for m, (path, _) in MODULES.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.startswith("_MOVED_TO_")
-                                                    for t in node.targets):
-                out.setdefault(m, set()).update(ast.literal_eval(node.value))
-    return out
-
-
-def test_no_module_uses_a_moved_name():
-    """A name re-exported for compatibility is imported from where it lives now, inside gpt2kit."""
-    moved = _moved_names()
-    assert moved.get("gpt2kit.lora") and moved.get("gpt2kit.runs")
-    bad = []
-    for m, (path, _) in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module in moved and not node.level:
-                bad += [f"{path.relative_to(SRC)}:{node.lineno}: from {node.module} import {a.name}"
-                        for a in node.names if a.name in moved[node.module]]
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                owner = f"{ROOT}.{node.value.id}"
-                if node.attr in moved.get(owner, ()) and owner != m:
-                    bad.append(f"{path.relative_to(SRC)}:{node.lineno}: {node.value.id}.{node.attr}")
-    pending = [b for b in bad if b.split(":")[0] in PENDING_LAZY_REASONS]
-    assert sorted(set(bad) - set(pending)) == [], "use gpt2kit.checkpoints for these"
 
 
 def _lazy_without_reason() -> list[str]:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gpt2kit import lora
+from gpt2kit import checkpoints, lora
 from gpt2kit.checkpoints import load_model, save_model
 from gpt2kit.cli import main
 from gpt2kit.config import GPTConfig
@@ -78,7 +78,7 @@ def test_merge_equals_adapters_applied(tmp_path):
     lora.save_adapter(model, cfg, tmp_path / "adapter")
     size = (tmp_path / "adapter" / lora.ADAPTER_WEIGHTS).stat().st_size
     assert size < 0.1 * (tmp_path / "base/model.safetensors").stat().st_size
-    again, _ = lora.load_lora_model(tmp_path / "adapter")
+    again, _ = checkpoints.load_lora_model(tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(again(ids), applied, atol=1e-6)
 
@@ -109,7 +109,7 @@ def test_lora_run_saves_small_checkpoints_and_merges(tmp_path):
     assert json.loads((ckpt / lora.ADAPTER_CONFIG).read_text())["base_model"] == str((tmp_path / "base").resolve())
     # best/ and final/ hold the adapter and the merged model, so --model RUN works like any model
     ids = torch.randint(0, TINY.vocab_size, (1, 10))
-    adapted, _ = lora.load_lora_model(run)
+    adapted, _ = checkpoints.load_lora_model(run)
     merged_run, _ = load_model(run)
     base, _ = load_model(tmp_path / "base")
     assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
@@ -193,8 +193,8 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
     shutil.rmtree(run / "final")
     runs.update_run_json(run, status="interrupted")
     assert runs.adapter_only_checkpoint(run) == run / "checkpoints/step-2"
-    merged, tok = runs.load_adapter_run(run)
-    adapted, _ = lora.load_lora_model(run / "checkpoints/step-2")
+    merged, tok = checkpoints.load_adapter_run(run)
+    adapted, _ = checkpoints.load_lora_model(run / "checkpoints/step-2")
     ids = torch.randint(0, TINY.vocab_size, (1, 10))
     with torch.no_grad():
         assert torch.allclose(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
@@ -206,7 +206,7 @@ def test_model_run_with_adapter_checkpoints_only(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     # an adapter checkpoint directory itself is a model too: its base with it merged in, and the run's tokenizer
     step1, tok1 = load_model(run / "checkpoints/step-1")
-    adapted1, _ = lora.load_lora_model(run / "checkpoints/step-1")
+    adapted1, _ = checkpoints.load_lora_model(run / "checkpoints/step-1")
     with torch.no_grad():
         assert torch.allclose(step1(ids), adapted1(ids), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(step1(ids), adapted(ids), atol=1e-4)
@@ -261,15 +261,15 @@ def test_weights_fingerprint_follows_content_not_place(tmp_path, monkeypatch):
     a.mkdir()
     (a / "config.json").write_text("{}")
     (a / "model.safetensors").write_bytes(torch.randint(0, 256, (8 << 20,), dtype=torch.uint8).numpy().tobytes())
-    fp = lora.weights_fingerprint(a)
+    fp = checkpoints.weights_fingerprint(a)
     assert fp and fp.startswith("v1:")
     shutil.copytree(a, tmp_path / "b")
-    assert lora.weights_fingerprint(tmp_path / "b") == fp  # a copy elsewhere: the same weights
+    assert checkpoints.weights_fingerprint(tmp_path / "b") == fp  # a copy elsewhere: the same weights
     with open(tmp_path / "b/model.safetensors", "r+b") as f:  # a change inside any one MiB of the file
         f.seek(5 << 20)
         f.write(b"\xff" * (1 << 20))
-    assert lora.weights_fingerprint(tmp_path / "b") != fp
-    assert lora.weights_fingerprint(tmp_path) is None  # no weights
+    assert checkpoints.weights_fingerprint(tmp_path / "b") != fp
+    assert checkpoints.weights_fingerprint(tmp_path) is None  # no weights
 
 
 def test_merge_refuses_a_base_trained_on_since_and_base_forces_it(tmp_path, capsys):
@@ -283,7 +283,7 @@ def test_merge_refuses_a_base_trained_on_since_and_base_forces_it(tmp_path, caps
     run = finetune(_lora_cfg(base_run, tmp_path / "run"), progress=False).run_dir
     rec = json.loads((run / "final" / lora.ADAPTER_CONFIG).read_text())
     assert rec["base_model"] == str((base_run / "final").resolve())
-    assert rec["base_fingerprint"] == lora.weights_fingerprint(base_run / "final")
+    assert rec["base_fingerprint"] == checkpoints.weights_fingerprint(base_run / "final")
     shutil.copytree(base_run / "final", tmp_path / "copy")  # the weights it was trained on, elsewhere
     ids = torch.randint(0, TINY.vocab_size, (1, 10))
 
@@ -302,9 +302,9 @@ def test_merge_refuses_a_base_trained_on_since_and_base_forces_it(tmp_path, caps
     assert f"adapter {run / 'best'}" in err or f"adapter {run / 'final'}" in err
     assert f"trained on {base_run / 'final'}" in err and "changed since" in err and "--base" in err
     with pytest.raises(Gpt2kitError, match="changed since"):
-        lora.load_lora_model(run)
+        checkpoints.load_lora_model(run)
     with pytest.raises(Gpt2kitError, match="changed since"):
-        lora.load_lora_model(run / "checkpoints/step-2")
+        checkpoints.load_lora_model(run / "checkpoints/step-2")
 
     # --base the copy of the weights it was trained on: the same model as before; --base the new weights
     # forces them (with a warning), and gives another model
@@ -381,9 +381,9 @@ def test_weights_fingerprint_leaves_a_missing_shard_to_the_loader(tmp_path):
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": names[0], "b": names[1]}}))
     (d / names[0]).write_bytes(b"\0" * 64)
-    assert lora.weights_fingerprint(d) is None  # not an OSError: loading then names the missing shard
+    assert checkpoints.weights_fingerprint(d) is None  # not an OSError: loading then names the missing shard
     (d / names[1]).write_bytes(b"\1" * 64)
-    assert lora.weights_fingerprint(d).startswith("v1:")
+    assert checkpoints.weights_fingerprint(d).startswith("v1:")
 
 
 def test_an_adapter_of_a_newer_format_is_refused_not_merged(tmp_path, capsys):
@@ -421,4 +421,4 @@ def test_adapter_weights_holding_nan_are_refused(tmp_path):
     next(iter(tensors.values()))[0, 0] = float("nan")
     save_file(tensors, str(f))
     with pytest.raises(Gpt2kitError, match=f"{f} holds NaN or infinite weights"):
-        lora.load_lora_model(tmp_path / "adapter")
+        checkpoints.load_lora_model(tmp_path / "adapter")

@@ -1087,7 +1087,7 @@ def test_lora_resume_with_a_moved_base_and_paths_in_the_python_api(tmp_path, tin
 
 
 def test_an_interrupted_lora_run_names_its_newest_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    from gpt2kit.lora import open_base
+    from gpt2kit.checkpoints import open_base
     ctrl_c_in_the_first_step(monkeypatch)
     result = finetune(_cfg(tmp_path, tiny_dir, lora_rank=4, steps=3, eval_every=0), progress=False)
     assert result.status == "interrupted" and result.model_dir == tmp_path / "run/checkpoints/step-1"

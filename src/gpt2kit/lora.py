@@ -255,11 +255,3 @@ def find_adapter(path: str | Path) -> Path:
 
 # Loading an adapter onto its base model is resolving `--model`, which gpt2kit.checkpoints owns; these names
 # are kept here for callers of the library (nothing in gpt2kit imports them from here).
-_MOVED_TO_CHECKPOINTS = ("weights_fingerprint", "adapter_named", "open_base", "load_lora_model", "merge_adapter")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_CHECKPOINTS:
-        from gpt2kit import checkpoints  # compat: re-export of a name that moved up a layer
-        return getattr(checkpoints, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -558,11 +558,3 @@ def model_dir(run_dir: str | Path) -> Path | None:
 
 # Loading a run's adapter onto its base is resolving `--model`, which gpt2kit.checkpoints owns; the name is
 # kept here for callers of the library (nothing in gpt2kit imports it from here).
-_MOVED_TO_CHECKPOINTS = ("load_adapter_run",)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_CHECKPOINTS:
-        from gpt2kit import checkpoints  # compat: re-export of a name that moved up a layer
-        return getattr(checkpoints, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
