@@ -1,5 +1,5 @@
 """`gpt2kit merge RUN_OR_ADAPTER_DIR --out DIR`: fold LoRA adapters into their base model and write a plain
-HuggingFace-format checkpoint. A thin wrapper over gpt2kit.lora.merge_adapter."""
+HuggingFace-format checkpoint. A thin wrapper over gpt2kit.checkpoints.merge_adapter."""
 
 from __future__ import annotations
 
