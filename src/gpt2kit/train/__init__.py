@@ -24,6 +24,7 @@ from typing import Any
 from gpt2kit.train.config import (
     DEFAULT_PROMPTS,
     DTYPE_NAMES,
+    FREEZE_GROUPS,
     SCHEDULES,
     Cadence,
     RunResult,
@@ -37,16 +38,15 @@ from gpt2kit.train.config import resume_hint as _resume_hint
 _LAZY = {
     "gpt2kit.train.precision": ("EmulatedAutocast", "Precision", "_native_cpu"),
     "gpt2kit.train.fast_paths": ("tune_cpu_allocator", "training_ops", "_NormInBackward"),
-    "gpt2kit.train.trainer": ("Trainer", "build_optimizer", "param_groups", "lr_at", "freeze", "set_dropout",
-                              "FREEZE_GROUPS"),
+    "gpt2kit.train.trainer": ("Trainer", "build_optimizer", "param_groups", "lr_at", "freeze", "set_dropout"),
     "gpt2kit.train.distributed": ("_Dist", "_init_distributed"),
     "gpt2kit.train.state": ("TrainState", "TRAINER_STATE", "TRAINER_STATE_VERSION"),
     "gpt2kit.train.loop": ("finetune", "resume", "_Interrupt", "_Run"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
-__all__ = ["DEFAULT_PROMPTS", "DTYPE_NAMES", "SCHEDULES", "Cadence", "RunResult", "TrainConfig", "default_cadence",
-           "_resume_hint", *_WHERE]
+__all__ = ["DEFAULT_PROMPTS", "DTYPE_NAMES", "FREEZE_GROUPS", "SCHEDULES", "Cadence", "RunResult", "TrainConfig",
+           "default_cadence", "_resume_hint", *_WHERE]
 
 
 def __getattr__(name: str) -> Any:

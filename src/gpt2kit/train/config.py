@@ -4,12 +4,13 @@ can build `gpt2kit finetune`'s flags from TrainConfig's fields without loading e
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import shlex
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from dataclasses import field as _field  # TrainConfig has a data option named `field`
 from pathlib import Path
@@ -49,6 +50,48 @@ def resume_hint(run_dir: str | Path, world: int = 1) -> str:
     if world > 1:
         return f"`torchrun --nproc_per_node {world} -m gpt2kit finetune --resume {shlex.quote(str(run_dir))}`"
     return f"`gpt2kit finetune --resume {shlex.quote(str(run_dir))}` (Python: resume({str(run_dir)!r}))"
+
+
+FREEZE_GROUPS = {
+    "embeddings": ("transformer.wte.", "transformer.wpe."),  # wte is also the (tied) output layer
+    "wte": ("transformer.wte.",),
+    "wpe": ("transformer.wpe.",),
+    "ln_f": ("transformer.ln_f.",),
+    "blocks": ("transformer.h.",),
+}
+
+
+def frozen_names(names: Sequence[str], specs: Sequence[str], n_layer: int) -> set[str]:
+    """The parameter names (of `names`, a GPT's) that --freeze `specs` freezes. A spec is a group (embeddings,
+    wte, wpe, ln_f, blocks), a block range `blocks:A-B` (0-based, inclusive) or `blocks:N`, a kind inside every
+    block (attn, mlp, ln), or a glob over parameter names (`transformer.h.0.*`). `--freeze embeddings,ln_f`
+    trains the transformer blocks only. Free of torch, so that a memory estimate can count what trains."""
+    chosen: set[str] = set()
+    for spec in (s.strip() for item in specs for s in item.split(",")):
+        if not spec:
+            continue
+        if spec in FREEZE_GROUPS:
+            hit = {n for n in names if n.startswith(FREEZE_GROUPS[spec])}
+        elif spec.startswith("blocks:"):
+            rng = spec[len("blocks:"):]
+            try:
+                lo, _, hi = rng.partition("-")
+                lo_i, hi_i = int(lo), int(hi or lo)
+            except ValueError:
+                raise Gpt2kitError(f"--freeze {spec}: write blocks:A-B with block numbers, e.g. blocks:0-5") from None
+            if not 0 <= lo_i <= hi_i < n_layer:
+                raise Gpt2kitError(f"--freeze {spec}: the model has blocks 0-{n_layer - 1}")
+            hit = {n for n in names for i in range(lo_i, hi_i + 1) if n.startswith(f"transformer.h.{i}.")}
+        elif spec in ("attn", "mlp", "ln"):
+            parts = (".ln_1.", ".ln_2.") if spec == "ln" else (f".{spec}.",)
+            hit = {n for n in names if n.startswith("transformer.h.") and any(p in n for p in parts)}
+        else:
+            hit = set(fnmatch.filter(names, spec))
+            if not hit:
+                raise Gpt2kitError(f"--freeze {spec} matches no parameter; use embeddings, wte, wpe, ln_f, "
+                                   "blocks, blocks:A-B, attn, mlp, ln or a glob like 'transformer.h.0.*'")
+        chosen |= hit
+    return chosen
 
 
 @dataclass

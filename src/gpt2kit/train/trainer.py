@@ -4,7 +4,6 @@ and Trainer (loss, backward with accumulation, clipping, the AdamW step, evaluat
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -20,7 +19,7 @@ from gpt2kit import kernels
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.ops import PaddedHeadLoss, fused_head_loss
-from gpt2kit.train.config import TrainConfig
+from gpt2kit.train.config import TrainConfig, frozen_names
 from gpt2kit.train.fast_paths import _NormInBackward, training_ops, tune_cpu_allocator
 from gpt2kit.train.precision import Precision
 
@@ -64,48 +63,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         return torch.optim.AdamW(groups, foreach=device.type != "cpu", **kw)
 
 
-FREEZE_GROUPS = {
-    "embeddings": ("transformer.wte.", "transformer.wpe."),  # wte is also the (tied) output layer
-    "wte": ("transformer.wte.",),
-    "wpe": ("transformer.wpe.",),
-    "ln_f": ("transformer.ln_f.",),
-    "blocks": ("transformer.h.",),
-}
-
-
 def freeze(model: GPT, specs: Sequence[str]) -> list[str]:
-    """Set requires_grad=False on the named parts; returns the frozen parameter names.
-
-    A spec is a group (embeddings, wte, wpe, ln_f, blocks), a block range `blocks:A-B` (0-based,
-    inclusive) or `blocks:N`, a kind inside every block (attn, mlp, ln), or a glob over parameter names
-    (`transformer.h.0.*`). `--freeze embeddings,ln_f` trains the transformer blocks only."""
-    names = [n for n, _ in model.named_parameters()]
-    chosen: set[str] = set()
-    n_layer = model.config.n_layer
-    for spec in (s.strip() for item in specs for s in item.split(",")):
-        if not spec:
-            continue
-        if spec in FREEZE_GROUPS:
-            hit = {n for n in names if n.startswith(FREEZE_GROUPS[spec])}
-        elif spec.startswith("blocks:"):
-            rng = spec[len("blocks:"):]
-            try:
-                lo, _, hi = rng.partition("-")
-                lo_i, hi_i = int(lo), int(hi or lo)
-            except ValueError:
-                raise Gpt2kitError(f"--freeze {spec}: write blocks:A-B with block numbers, e.g. blocks:0-5") from None
-            if not 0 <= lo_i <= hi_i < n_layer:
-                raise Gpt2kitError(f"--freeze {spec}: the model has blocks 0-{n_layer - 1}")
-            hit = {n for n in names for i in range(lo_i, hi_i + 1) if n.startswith(f"transformer.h.{i}.")}
-        elif spec in ("attn", "mlp", "ln"):
-            parts = (".ln_1.", ".ln_2.") if spec == "ln" else (f".{spec}.",)
-            hit = {n for n in names if n.startswith("transformer.h.") and any(p in n for p in parts)}
-        else:
-            hit = set(fnmatch.filter(names, spec))
-            if not hit:
-                raise Gpt2kitError(f"--freeze {spec} matches no parameter; use embeddings, wte, wpe, ln_f, "
-                                   "blocks, blocks:A-B, attn, mlp, ln or a glob like 'transformer.h.0.*'")
-        chosen |= hit
+    """Set requires_grad=False on the named parts (train/config.py's frozen_names says which); returns the
+    frozen parameter names."""
+    chosen = frozen_names([n for n, _ in model.named_parameters()], specs, model.config.n_layer)
     for n, p in model.named_parameters():
         if n in chosen:
             p.requires_grad_(False)
