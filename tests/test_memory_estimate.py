@@ -134,3 +134,13 @@ def test_estimate_memory_flag_prints_the_estimate_without_loading_anything(tmp_p
     assert r.returncode == 0 and "2 layers" in r.stdout, r.stderr
     r = _cli("--model", str(tmp_path / "nowhere"), "--estimate-memory")
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    # a run's own settings, for its --resume
+    import json
+    (tmp_path / "run").mkdir()
+    cfg = TrainConfig(model="distilgpt2", data=["d.txt"], batch_size=2, block_size=128, dtype="float32")
+    (tmp_path / "run/config.json").write_text(json.dumps(cfg.to_dict()))
+    r = _cli("--resume", str(tmp_path / "run"), "--estimate-memory")
+    assert r.returncode == 0 and "distilgpt2" in r.stdout and "2 x 128 tokens, float32" in r.stdout, r.stderr
+    # the settings are checked as for a run
+    r = _cli("--model", "gpt2", "--batch-size", "0", "--estimate-memory")
+    assert r.returncode == 1 and "--batch-size must be >= 1" in r.stderr and "Traceback" not in r.stderr

@@ -14,7 +14,8 @@ from typing import Any
 
 from gpt2kit.cli.common import setup_logging
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.run_numbers import DEFAULT_RUNS_DIR
+from gpt2kit.run_numbers import DEFAULT_RUNS_DIR, resolve_run_ref
+from gpt2kit.train import estimate
 from gpt2kit.train.config import GROUPS, TrainConfig
 
 EXAMPLES = """examples:
@@ -56,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             elif f.name == "prompts":
                 g.add_argument("--prompts", dest="prompts_file", metavar="FILE",
                                help="file with one sample prompt per line")
+            elif f.name == "grad_checkpointing":
+                g.add_argument("--estimate-memory", action="store_true", help="print what this run needs per "
+                               "process (weights, gradients, AdamW, activations) and exit, loading neither "
+                               "weights nor data; under torchrun (or with WORLD_SIZE=N) for that many processes")
             elif f.name == "tensorboard":
                 g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -98,7 +103,7 @@ _DEFAULTS: dict[str, object] = {}
 _FLAGS: dict[str, str] = {}  # each option's flag, by its name in the parsed arguments
 # what may differ when resuming: where it runs and how it shows progress (and where a LoRA run's base moved)
 # (and its length: --steps/--epochs give a new total)
-_RESUME_OPTIONS = ("resume", "device", "no_progress", "func", "model", "steps", "epochs")
+_RESUME_OPTIONS = ("resume", "device", "no_progress", "func", "model", "steps", "epochs", "estimate_memory")
 # the TrainConfig fields that are flags
 OPTIONS = tuple(f.name for f in fields(TrainConfig) if "group" in f.metadata)
 
@@ -120,7 +125,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return [p.replace("\\n", "\n") for p in prompts]
 
 
+def _estimate(args: argparse.Namespace) -> str:
+    """--estimate-memory: the run's settings (a new run's flags, or --resume's config.json) and its memory
+    per process, from the model's architecture alone."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if args.resume:
+        return estimate.describe(estimate.run_config(resolve_run_ref(args.resume)), world)
+    options = {name: getattr(args, name) for name in OPTIONS}
+    return estimate.describe(TrainConfig(**{**options, "out": args.out or "", "prompts": _prompts(args)}), world)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.estimate_memory:
+        print(_estimate(args))
+        return 0
     from gpt2kit import train  # lazy: loads torch, which the parser (and --help) must not
     setup_logging(speak=os.environ.get("RANK", "0") == "0")  # data preparation's notes; rank 0 speaks for all
     if args.resume:

@@ -22,12 +22,15 @@ default), the evaluation and sampling passes (smaller than a training step's).""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from gpt2kit.config import GPTConfig
+from gpt2kit.config import PRESETS, GPTConfig
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.train.config import frozen_names
+from gpt2kit.layout import CONFIG_JSON, run_model_dir
+from gpt2kit.train.config import TrainConfig, frozen_names
 
 STRATEGIES = ("ddp", "fsdp", "fsdp-offload")
 # LoRA's target projections (gpt2kit.lora's ALL_TARGETS and aliases, which need torch to import)
@@ -162,3 +165,67 @@ def estimate_memory(config: GPTConfig, *, batch_size: int, block_size: int, dtyp
     return MemoryEstimate(parameters=n_all, trainable=n_train, weights=weights, gradients=grads,
                           optimizer=moments, buffers=buffers, activations=acts, transient=transient, host=host,
                           notes=tuple(notes))
+
+
+def model_config(cfg: TrainConfig) -> tuple[GPTConfig, str]:
+    """The architecture a run would train, and its name, from a preset name or a config.json: no weights are
+    read and nothing is downloaded."""
+    ref = cfg.config if cfg.init == "scratch" and cfg.config else cfg.model
+    if not ref:
+        raise Gpt2kitError("--estimate-memory needs the model: --model NAME_OR_DIR, or --init scratch --config NAME")
+    if ref in PRESETS:
+        return GPTConfig.from_name(ref), ref
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return GPTConfig.from_json_file(path), ref
+    if path.is_dir():
+        found = run_model_dir(path) or path
+        if (found / "config.json").is_file():
+            return GPTConfig.from_json_file(found / "config.json"), ref
+    raise Gpt2kitError(f"--estimate-memory reads the model's architecture from a name ({', '.join(PRESETS)}) or a "
+                       f"directory with config.json; {ref} is neither (a Hub name: download it first with "
+                       "`gpt2kit download`)")
+
+
+def run_config(run_dir: str | Path) -> TrainConfig:
+    """The settings of an existing run (its config.json), for estimating its --resume."""
+    path = Path(run_dir) / CONFIG_JSON
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise Gpt2kitError(f"cannot read {path} ({e}); is {run_dir} a run directory?") from None
+    if not isinstance(d, dict):
+        raise Gpt2kitError(f"{path} does not hold a JSON object")
+    return TrainConfig.from_dict(d)
+
+
+def describe(cfg: TrainConfig, world: int) -> str:
+    """`gpt2kit finetune --estimate-memory`'s report for the run `cfg` over `world` processes (its settings
+    are checked first; an estimate needs no data and no run directory)."""
+    replace(cfg, data=cfg.data or ["-"], out=cfg.out or "-").validate()
+    config, name = model_config(cfg)
+    dtype = cfg.dtype
+    assumed = ""
+    if dtype == "auto":
+        dtype = "float32" if cfg.device == "cpu" else "bfloat16"
+        assumed = f" (--dtype auto, taken as {dtype}{'' if cfg.device == 'cpu' else ', a GPU with bfloat16'})"
+    offload = bool(getattr(cfg, "fsdp_cpu_offload", False))
+    strategy = "fsdp-offload" if offload else "fsdp" if getattr(cfg, "fsdp", False) else "ddp"
+    block = cfg.block_size or min(config.n_positions, 1024)
+    est = estimate_memory(config, batch_size=cfg.batch_size, block_size=block, dtype=dtype,
+                          grad_checkpointing=cfg.grad_checkpointing, strategy=strategy, world=world,
+                          lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, freeze=cfg.freeze,
+                          fused_head=cfg.device == "cpu" and not cfg.compile)
+    how = {"ddp": "DDP" if world > 1 else "one process", "fsdp": "FSDP", "fsdp-offload": "FSDP with CPU offload"}
+    precision = "float32" if dtype == "float32" else f"{dtype} autocast"
+    lines = [f"memory estimate for {name} ({est.parameters:,} parameters, {config.n_layer} layers; "
+             f"{est.trainable:,} trainable), per process:",
+             f"micro-batch {cfg.batch_size} x {block} tokens, {precision}{assumed}"
+             f"{', gradient checkpointing' if cfg.grad_checkpointing else ''}, {how[strategy]}"
+             f"{f', {world} processes' if world > 1 else ''}",
+             est.table(),
+             "buffers: autocast's low-precision copies of the matrices, DDP's gradient buckets, FSDP's gathered "
+             "units; not counted: the CUDA context and allocator slack (about 0.5-1 GiB on a GPU)"]
+    if world == 1:
+        lines.append("for N processes: WORLD_SIZE=N gpt2kit finetune ... --estimate-memory (torchrun sets it)")
+    return "\n".join(lines)
