@@ -165,3 +165,28 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path, model_di
     assert (f"error: cannot resume {run}: it was trained with 2 processes and this job has 1 (the global batch"
             in one.stderr), one.stderr
     assert f"resume it with `torchrun --nproc_per_node 2 -m gpt2kit finetune --resume {run}`" in one.stderr
+
+
+def test_a_run_directory_that_another_machine_cannot_see_is_refused(tmp_path, model_dir):
+    # several machines without a shared filesystem: rank 1 does not see what rank 0 wrote in --out (here:
+    # its reads of the probe fail, as on a machine whose --out is another, local, folder); both stop with one
+    # line naming the requirement, and no run is left behind
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject/sitecustomize.py").write_text(
+        "import os, pathlib\n"
+        "real = pathlib.Path.read_text\n"
+        "def read_text(self, *a, **k):\n"
+        "    if self.name == '.shared-check' and os.environ.get('RANK') == '1':\n"
+        "        raise FileNotFoundError(2, 'No such file or directory', str(self))\n"
+        "    return real(self, *a, **k)\n"
+        "pathlib.Path.read_text = read_text\n")
+    args = ["--model", str(model_dir), "--data", str(JOKES), "--column", "Joke", "--steps", "1", "--batch-size",
+            "2", "--block-size", "16", "--no-progress", "--no-tensorboard", "--out", str(tmp_path / "ddp")]
+    procs, errs = _two_workers(args, PYTHONPATH=os.pathsep.join([str(tmp_path / "inject"), *sys.path]))
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1 and "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "process 1 (host" in lines[0] and "shares" in lines[0], err
+    assert not (tmp_path / "ddp").exists()

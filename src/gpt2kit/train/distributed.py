@@ -4,8 +4,11 @@ outcome between processes."""
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +67,33 @@ class _Dist:
         if err is not None:
             raise err
         return result
+
+    def check_shared_dir(self, path: Path) -> None:
+        """Every process must see the run directory the main process writes (its checkpoints are what
+        --resume loads on every process, its data caches what each one reads): on several machines it has
+        to be on a filesystem they share. The main process leaves a random token in it; a process that
+        cannot read the same token back stops the job, on every process, with one line naming its host."""
+        if not self.initialized:
+            return
+        probe = path / ".shared-check"
+        token = [secrets.token_hex(8) if self.main else None]
+        dist.broadcast_object_list(token, src=0)
+        self.agree((lambda: probe.write_text(token[0])) if self.main else None)
+
+        def read() -> None:
+            try:
+                seen = probe.read_text()
+            except OSError:
+                seen = None
+            if seen != token[0]:
+                raise Gpt2kitError(
+                    f"process {self.rank} (host {socket.gethostname()}) does not see the run directory {path} that "
+                    "process 0 writes: with several machines, --out (and --resume's run) must be on a filesystem "
+                    "every node shares (NFS, Lustre, ...), at the same path")
+        try:
+            self.agree(None if self.main else read)
+        finally:
+            self.agree((lambda: probe.unlink(missing_ok=True)) if self.main else None)
 
     def any_flag(self, flag: bool, device: torch.device) -> bool:
         if not self.initialized:

@@ -226,6 +226,7 @@ class _Run:
         try:
             with safe_stderr():  # a closed or broken stderr (`| head`, a killed `tee`) never stops training
                 self.dist.agree(self.rundir.prepare if self.dist.main else None)
+                self.dist.check_shared_dir(self.dir)  # (several machines: a shared filesystem)
                 self._setup()
                 with _Interrupt(self.say) as interrupt:
                     status, stopped_early = self._loop(interrupt)
