@@ -190,3 +190,13 @@ def test_a_run_directory_that_another_machine_cannot_see_is_refused(tmp_path, mo
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "process 1 (host" in lines[0] and "shares" in lines[0], err
     assert not (tmp_path / "ddp").exists()
+
+
+def test_resume_hint_of_a_run_on_several_machines(monkeypatch):
+    from gpt2kit.train.config import resume_hint
+    assert resume_hint("runs/x", 16, 8) == ("the same torchrun command on each of the 2 machines with "
+                                            "`-m gpt2kit finetune --resume runs/x` (16 processes in all)")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun's, on each of two one-process "machines"
+    assert "each of the 2 machines" in resume_hint("runs/x", 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_hint("runs/x", 2) == "`torchrun --nproc_per_node 2 -m gpt2kit finetune --resume runs/x`"

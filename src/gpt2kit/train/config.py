@@ -44,9 +44,15 @@ def option(default: Any = MISSING, *, group: str, help: str | None = None,  # no
     return _field(default=default, metadata=meta)
 
 
-def resume_hint(run_dir: str | Path, world: int = 1) -> str:
+def resume_hint(run_dir: str | Path, world: int = 1, per_machine: int | None = None) -> str:
     """How to continue a run, for callers of the command line and of the Python API alike; a run of several
-    processes resumes with as many."""
+    processes resumes with as many, on as many machines (`per_machine`: processes on each; default: torchrun's
+    LOCAL_WORLD_SIZE)."""
+    if per_machine is None:
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    if world > per_machine >= 1:
+        return (f"the same torchrun command on each of the {world // per_machine} machines with `-m gpt2kit finetune "
+                f"--resume {shlex.quote(str(run_dir))}` ({world} processes in all)")
     if world > 1:
         return f"`torchrun --nproc_per_node {world} -m gpt2kit finetune --resume {shlex.quote(str(run_dir))}`"
     return f"`gpt2kit finetune --resume {shlex.quote(str(run_dir))}` (Python: resume({str(run_dir)!r}))"
