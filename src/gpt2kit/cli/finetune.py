@@ -137,7 +137,9 @@ def _estimate(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.estimate_memory:
-        print(_estimate(args))
+        report = _estimate(args)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every process estimates; one prints)
+            print(report)
         return 0
     from gpt2kit import train  # lazy: loads torch, which the parser (and --help) must not
     setup_logging(speak=os.environ.get("RANK", "0") == "0")  # data preparation's notes; rank 0 speaks for all
