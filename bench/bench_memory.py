@@ -51,7 +51,7 @@ def main() -> None:
         if s.data_ptr() not in params:
             seen.setdefault(s.data_ptr(), s.nbytes())
         return t
-    for step in range(2):  # the second step is the steady state, with AdamW's moments there from the start
+    for _ in range(2):  # the second step is the steady state, with AdamW's moments there from the start
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(x, targets=y)
         saved = sum(seen.values())
