@@ -2,6 +2,7 @@
 
     python bench/bench_generate.py                 # 124M, float32 and int8, 2 threads: batch 1 and 8, TTFT
     python bench/bench_generate.py --config tiny   # quick smoke run
+    python bench/bench_generate.py --peer ctranslate2   # also CTranslate2 on the same weights (peer_ctranslate2.py)
 
 Prints tokens/s for both, the ratio, and the memory-bandwidth limit (weight bytes read per decode step
 against this machine's measured bandwidth)."""
@@ -182,6 +183,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also run bfloat16 weights")
     ap.add_argument("--no-int8", action="store_true", help="skip int8 weight-only decoding")
     ap.add_argument("--no-ttft", action="store_true")
+    ap.add_argument("--peer", choices=["ctranslate2"], action="append", default=[],
+                    help="also measure this peer on the same weights (float32 and int8, greedy and sampled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, config {args.config}, "
@@ -222,6 +225,11 @@ def main() -> None:
         if not args.no_ttft:
             ours, theirs = ttft(path)
             print(f"{'time to first token (s)':<28}{ours:>15.2f}{theirs:>15.2f}{theirs / ours:>7.2f}x")
+        if "ctranslate2" in args.peer:
+            from peer_ctranslate2 import report  # lazy: a benchmark-only dependency, only with --peer
+
+            report(path, [int(x) for x in args.batches.split(",")], args.prompt_len, args.new, args.reps,
+                   args.threads, int8=not args.no_int8)
 
 
 if __name__ == "__main__":
