@@ -1,0 +1,232 @@
+"""Logits processors: the controls that change a row's next-token logits from its own token history, before
+sampling (repetition penalty, OpenAI's presence/frequency penalties and logit_bias, banned words, no repeated
+n-grams, a minimum length). Pure functions over logits plus `RowProcessors`, the per-row state that makes
+each decode step cost a scatter over the few affected ids rather than a rescan of the history.
+
+What each control looks at:
+- repetition_penalty, bad_words, no_repeat_ngram_size: the whole history, prompt + generated tokens
+  (transformers' processors read all of input_ids);
+- presence_penalty, frequency_penalty: the generated tokens only (OpenAI's definition);
+- min_tokens: how many tokens were generated."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gpt2kit.errors import Gpt2kitError
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class ProcessorParams:
+    repetition_penalty: float = 1.0  # CTRL-style, as in transformers; 1 disables
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every generated token's logit; in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens; in [-2, 2]
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs, sorted by id
+    bad_words: tuple[str, ...] = ()  # texts never generated (with and without a leading space)
+    no_repeat_ngram_size: int = 0  # no n-gram of this size occurs twice; 0 disables
+    min_tokens: int = 0  # <|endoftext|> is suppressed until this many tokens are generated
+
+    def validate(self) -> ProcessorParams:
+        if not self.repetition_penalty > 0:
+            raise Gpt2kitError(f"repetition penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        for name, v in (("presence", self.presence_penalty), ("frequency", self.frequency_penalty)):
+            if not -2 <= v <= 2:
+                raise Gpt2kitError(f"{name} penalty must be in [-2, 2] (0 disables it), got {v}")
+        for tid, bias in self.logit_bias:
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise Gpt2kitError(f"logit bias: token id must be an integer >= 0, got {tid!r}")
+            if not -100 <= bias <= 100:
+                raise Gpt2kitError(f"logit bias for token {tid} must be in [-100, 100], got {bias}")
+        if any(not isinstance(w, str) or w.strip() == "" for w in self.bad_words):
+            raise Gpt2kitError("a bad word (--ban) must be a non-empty text")
+        if self.no_repeat_ngram_size < 0:
+            raise Gpt2kitError(f"no-repeat n-gram size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}")
+        if self.min_tokens < 0:
+            raise Gpt2kitError(f"min tokens must be >= 0, got {self.min_tokens}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias) or bool(self.bad_words) or self.no_repeat_ngram_size > 0
+                or self.min_tokens > 0)
+
+
+def normalize_logit_bias(bias: Mapping[int, float] | Iterable[tuple[int, float]] | None
+                         ) -> tuple[tuple[int, float], ...]:
+    """A {token_id: bias} dict (or pairs) -> pairs sorted by id, hashable for a frozen config."""
+    if not bias:
+        return ()
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    return tuple(sorted((t, float(b)) for t, b in items))
+
+
+# ---- pure functions: one row's logits (V,) ----------------------------------------------------------------
+
+def repetition_penalty_(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """In place on logits (V,): apply_repetition_penalty."""
+    picked = logits.gather(0, seen)
+    logits.scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (V,), seen (N,) token ids already in the context: divide positive logits by `penalty`,
+    multiply negative ones (the CTRL rule that transformers implements)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    out = logits.clone()
+    repetition_penalty_(out, seen, penalty)
+    return out
+
+
+def presence_frequency_(logits: torch.Tensor, counts: Mapping[int, int], presence: float, frequency: float) -> None:
+    """In place on logits (V,): apply_presence_frequency."""
+    ids = [t for t, c in counts.items() if c > 0]
+    if ids:
+        pen = torch.tensor([-(counts[t] * frequency + presence) for t in ids], dtype=logits.dtype)
+        logits.index_add_(0, torch.tensor(ids).to(logits.device, non_blocking=True),
+                          pen.to(logits.device, non_blocking=True))
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: Mapping[int, int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logits[j] -= counts[j] * frequency + (counts[j] > 0) * presence, where counts are
+    the generated tokens' occurrences. logits (V,)."""
+    out = logits.clone()
+    presence_frequency_(out, counts, presence, frequency)
+    return out
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """OpenAI's logit_bias: each (id, bias) added to that token's logit. logits (V,)."""
+    out = logits.clone()
+    if bias:
+        out.index_add_(0, torch.tensor([t for t, _ in bias], device=logits.device),
+                       torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device))
+    return out
+
+
+def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
+    """The tokens that would repeat an n-gram of `history` (transformers' NoRepeatNGramLogitsProcessor):
+    those that followed the last n - 1 tokens before. A direct scan; RowProcessors keeps a table instead."""
+    if n <= 0 or len(history) + 1 < n:
+        return []
+    prefix = list(history[len(history) - n + 1:]) if n > 1 else []
+    return sorted({history[i + n - 1] for i in range(len(history) - n + 1) if list(history[i:i + n - 1]) == prefix})
+
+
+def banned_word_tokens(history: Sequence[int], sequences: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens that would complete a banned sequence (transformers' NoBadWordsLogitsProcessor): a
+    one-token sequence always; a longer one's last token when history ends with the rest of it."""
+    out = set()
+    for seq in sequences:
+        k = len(seq) - 1
+        if k == 0 or (k <= len(history) and list(history[len(history) - k:]) == list(seq[:-1])):
+            out.add(seq[-1])
+    return sorted(out)
+
+
+def bad_word_sequences(words: Sequence[str], encode) -> list[list[int]]:
+    """Each banned text's token sequences, as it would appear after a space and at the start of a text."""
+    out: list[list[int]] = []
+    for w in words:
+        bare = w[1:] if w.startswith(" ") else w
+        for variant in (bare, " " + bare):
+            ids = list(encode(variant))
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
+# ---- per-row incremental state ----------------------------------------------------------------------------
+
+class RowProcessors:
+    """One row's controls and the state they need, updated token by token (`push`): the distinct ids seen
+    (repetition penalty), the generated tokens' counts (presence/frequency), an n-gram table, the history
+    (bad words' prefixes). `apply_` changes the row's logits in place."""
+
+    def __init__(self, params: ProcessorParams, prompt_ids: Sequence[int], eot: int, vocab_size: int, encode):
+        self.p = params
+        for tid, _ in params.logit_bias:
+            if tid >= vocab_size:
+                raise Gpt2kitError(f"logit bias names token id {tid}, outside the vocabulary of {vocab_size}")
+        self.eot = eot
+        self.history: list[int] = []
+        self.generated = 0
+        self.seen: set[int] = set()
+        self.seen_ids: list[int] = []
+        self._seen_t: torch.Tensor | None = None  # seen_ids as a tensor, rebuilt when a new id arrives
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) tensors
+        self.counts: dict[int, int] = {}
+        self.ngrams: dict[tuple[int, ...], set[int]] = {}
+        self.bad = bad_word_sequences(params.bad_words, encode)
+        self.bad_single = sorted({s[0] for s in self.bad if len(s) == 1})
+        self.bad_multi = [s for s in self.bad if len(s) > 1]
+        for t in prompt_ids:
+            self._add(t)
+
+    def _add(self, token: int) -> None:
+        self.history.append(token)
+        if token not in self.seen:
+            self.seen.add(token)
+            self.seen_ids.append(token)
+            self._seen_t = None
+        n = self.p.no_repeat_ngram_size
+        if n > 0 and len(self.history) >= n:
+            gram = self.history[-n:]
+            self.ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def push(self, token: int) -> None:
+        """Record a generated token."""
+        self._add(token)
+        self.generated += 1
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+    def banned(self) -> list[int]:
+        """Token ids that must not come next."""
+        out: set[int] = set(self.bad_single)
+        if self.bad_multi:
+            out.update(banned_word_tokens(self.history, self.bad_multi))
+        n = self.p.no_repeat_ngram_size
+        if n > 0 and len(self.history) + 1 >= n:
+            out.update(self.ngrams.get(tuple(self.history[len(self.history) - n + 1:]) if n > 1 else (), ()))
+        if self.generated < self.p.min_tokens:
+            out.add(self.eot)
+        return sorted(out)
+
+    def apply_(self, logits: torch.Tensor) -> None:
+        """Process one row's logits (V,) in place: repetition penalty, then the additive controls, then bans."""
+        p = self.p
+        dev = logits.device
+        if p.repetition_penalty != 1.0 and self.seen_ids:
+            if self._seen_t is None or self._seen_t.device != dev:
+                self._seen_t = torch.tensor(self.seen_ids, device=dev)
+            repetition_penalty_(logits, self._seen_t, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self.counts:
+            presence_frequency_(logits, self.counts, p.presence_penalty, p.frequency_penalty)
+        if p.logit_bias:
+            if self._bias is None or self._bias[0].device != dev:
+                self._bias = (torch.tensor([t for t, _ in p.logit_bias], device=dev),
+                              torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=dev))
+            logits.index_add_(0, *self._bias)
+        banned = self.banned()
+        if banned:
+            logits.index_fill_(0, torch.tensor(banned).to(dev, non_blocking=True), NEG_INF)
+
+
+def apply_processors(states: Sequence[RowProcessors | None], logits: torch.Tensor) -> torch.Tensor:
+    """logits (k, V) -> processed logits (k, V): each row with controls (a RowProcessors) processed, the
+    rest untouched. The input is never changed (it still gives the model's own distribution for logprobs),
+    and with no controls in the batch it is returned as is."""
+    idx = [i for i, s in enumerate(states) if s is not None]
+    if not idx:
+        return logits
+    out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
+    for i in idx:
+        states[i].apply_(out[i])  # type: ignore[union-attr]
+    return out
