@@ -337,10 +337,14 @@ def token_info(logits: torch.Tensor, token: int, top_n: int) -> TokenInfo:
 
 def advance(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
     """Pick each row's next token from its logits (k, V), after its logits processors, and record it
-    (Row.push), with its logprobs (from the model's own logits) when the row asks for them. Returns the tokens."""
-    tokens = next_tokens(rows, apply_processors([r.processors for r in rows], logits))
+    (Row.push), with its logprobs (from the model's own logits) when the row asks for them. Returns the tokens.
+    The processors change `logits` in place (no copy of the batch's logits per step); the few rows that both
+    have processors and report logprobs keep a copy of their own."""
+    states = [r.processors for r in rows]
+    raw = {i: logits[i].clone() for i, r in enumerate(rows) if r.processors is not None and r.cfg.logprobs is not None}
+    tokens = next_tokens(rows, apply_processors(states, logits, inplace=True))
     for i, (r, t) in enumerate(zip(rows, tokens)):
-        r.push(t, None if r.cfg.logprobs is None else token_info(logits[i], t, r.cfg.logprobs))
+        r.push(t, None if r.cfg.logprobs is None else token_info(raw.get(i, logits[i]), t, r.cfg.logprobs))
     return tokens
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gpt2kit.errors import Gpt2kitError
@@ -68,38 +69,24 @@ def normalize_logit_bias(bias: Mapping[int, float] | Iterable[tuple[int, float]]
 
 # ---- pure functions: one row's logits (V,) ----------------------------------------------------------------
 
-def repetition_penalty_(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
-    """In place on logits (V,): apply_repetition_penalty."""
-    picked = logits.gather(0, seen)
-    logits.scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
-
-
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits (V,), seen (N,) token ids already in the context: divide positive logits by `penalty`,
     multiply negative ones (the CTRL rule that transformers implements)."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
-    out = logits.clone()
-    repetition_penalty_(out, seen, penalty)
-    return out
-
-
-def presence_frequency_(logits: torch.Tensor, counts: Mapping[int, int], presence: float, frequency: float) -> None:
-    """In place on logits (V,): apply_presence_frequency."""
-    ids = [t for t, c in counts.items() if c > 0]
-    if ids:
-        pen = torch.tensor([-(counts[t] * frequency + presence) for t in ids], dtype=logits.dtype)
-        logits.index_add_(0, torch.tensor(ids).to(logits.device, non_blocking=True),
-                          pen.to(logits.device, non_blocking=True))
+    picked = logits.gather(0, seen)
+    return logits.scatter(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 def apply_presence_frequency(logits: torch.Tensor, counts: Mapping[int, int], presence: float,
                              frequency: float) -> torch.Tensor:
     """OpenAI's penalties: logits[j] -= counts[j] * frequency + (counts[j] > 0) * presence, where counts are
     the generated tokens' occurrences. logits (V,)."""
-    out = logits.clone()
-    presence_frequency_(out, counts, presence, frequency)
-    return out
+    ids = [t for t, c in counts.items() if c > 0]
+    if not ids:
+        return logits
+    pen = torch.tensor([counts[t] * frequency + presence for t in ids], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, torch.tensor(ids, device=logits.device), -pen)
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
@@ -145,10 +132,28 @@ def bad_word_sequences(words: Sequence[str], encode) -> list[list[int]]:
 
 # ---- per-row incremental state ----------------------------------------------------------------------------
 
+class _Buffer:
+    """A growable 1-D numpy array: appending costs no tensor op."""
+
+    def __init__(self, dtype: type) -> None:
+        self.a = np.empty(64, dtype=dtype)
+        self.n = 0
+
+    def append(self, v) -> None:
+        if self.n == len(self.a):
+            self.a = np.resize(self.a, 2 * self.n)
+        self.a[self.n] = v
+        self.n += 1
+
+    def view(self) -> np.ndarray:
+        return self.a[:self.n]
+
+
 class RowProcessors:
-    """One row's controls and the state they need, updated token by token (`push`): the distinct ids seen
-    (repetition penalty), the generated tokens' counts (presence/frequency), an n-gram table, the history
-    (bad words' prefixes). `apply_` changes the row's logits in place."""
+    """One row's controls and the state they need, updated token by token (`push`) in plain Python and numpy
+    (no tensor op per row): the distinct ids seen (repetition penalty), the distinct generated ids and their
+    counts (presence/frequency), an n-gram table, the history (bad words' prefixes). apply_processors() reads
+    them for all rows of a batch at once."""
 
     def __init__(self, params: ProcessorParams, prompt_ids: Sequence[int], eot: int, vocab_size: int, encode):
         self.p = params
@@ -159,23 +164,31 @@ class RowProcessors:
         self.history: list[int] = []
         self.generated = 0
         self.seen: set[int] = set()
-        self.seen_ids: list[int] = []
-        self._seen_t: torch.Tensor | None = None  # seen_ids as a tensor, rebuilt when a new id arrives
-        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) tensors
-        self.counts: dict[int, int] = {}
+        self.seen_ids = _Buffer(np.int64)  # filled only with a repetition penalty
+        self.gen_pos: dict[int, int] = {}  # generated token -> its index in gen_ids (presence/frequency only)
+        self.gen_ids = _Buffer(np.int64)
+        self.gen_counts = _Buffer(np.float64)
+        self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+        self.bias_vals = np.array([b for _, b in params.logit_bias], dtype=np.float64)
         self.ngrams: dict[tuple[int, ...], set[int]] = {}
         self.bad = bad_word_sequences(params.bad_words, encode)
         self.bad_single = sorted({s[0] for s in self.bad if len(s) == 1})
         self.bad_multi = [s for s in self.bad if len(s) > 1]
+        self._penalize_seen = params.repetition_penalty != 1.0
+        self._count = bool(params.presence_penalty or params.frequency_penalty)
         for t in prompt_ids:
             self._add(t)
 
+    @property
+    def counts(self) -> dict[int, int]:
+        """Generated token -> occurrences (presence/frequency penalties only)."""
+        return {t: int(self.gen_counts.a[i]) for t, i in self.gen_pos.items()}
+
     def _add(self, token: int) -> None:
         self.history.append(token)
-        if token not in self.seen:
+        if self._penalize_seen and token not in self.seen:
             self.seen.add(token)
             self.seen_ids.append(token)
-            self._seen_t = None
         n = self.p.no_repeat_ngram_size
         if n > 0 and len(self.history) >= n:
             gram = self.history[-n:]
@@ -185,7 +198,14 @@ class RowProcessors:
         """Record a generated token."""
         self._add(token)
         self.generated += 1
-        self.counts[token] = self.counts.get(token, 0) + 1
+        if self._count:
+            i = self.gen_pos.get(token)
+            if i is None:
+                self.gen_pos[token] = self.gen_ids.n
+                self.gen_ids.append(token)
+                self.gen_counts.append(1.0)
+            else:
+                self.gen_counts.a[i] += 1.0
 
     def banned(self) -> list[int]:
         """Token ids that must not come next."""
@@ -199,34 +219,54 @@ class RowProcessors:
             out.add(self.eot)
         return sorted(out)
 
-    def apply_(self, logits: torch.Tensor) -> None:
-        """Process one row's logits (V,) in place: repetition penalty, then the additive controls, then bans."""
-        p = self.p
-        dev = logits.device
-        if p.repetition_penalty != 1.0 and self.seen_ids:
-            if self._seen_t is None or self._seen_t.device != dev:
-                self._seen_t = torch.tensor(self.seen_ids, device=dev)
-            repetition_penalty_(logits, self._seen_t, p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and self.counts:
-            presence_frequency_(logits, self.counts, p.presence_penalty, p.frequency_penalty)
-        if p.logit_bias:
-            if self._bias is None or self._bias[0].device != dev:
-                self._bias = (torch.tensor([t for t, _ in p.logit_bias], device=dev),
-                              torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=dev))
-            logits.index_add_(0, *self._bias)
-        banned = self.banned()
-        if banned:
-            logits.index_fill_(0, torch.tensor(banned).to(dev, non_blocking=True), NEG_INF)
+
+def _entries(parts: list[tuple[int, np.ndarray, np.ndarray | float]], width: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, ids, values) per row -> (flat indices row * width + id, values) of all their entries, built in
+    numpy and moved to `device` in one copy each."""
+    lengths = [len(ids) for _, ids, _ in parts]
+    rows = np.repeat(np.array([r * width for r, _, _ in parts], dtype=np.int64), lengths)
+    flat = rows + np.concatenate([ids for _, ids, _ in parts])
+    if all(isinstance(v, float) for _, _, v in parts):
+        vals = np.repeat(np.array([v for _, _, v in parts], dtype=np.float32), lengths)
+    else:
+        vals = np.concatenate([v for _, _, v in parts]).astype(np.float32)  # type: ignore[misc]
+    return torch.from_numpy(flat).to(device), torch.from_numpy(vals).to(device)
 
 
-def apply_processors(states: Sequence[RowProcessors | None], logits: torch.Tensor) -> torch.Tensor:
-    """logits (k, V) -> processed logits (k, V): each row with controls (a RowProcessors) processed, the
-    rest untouched. The input is never changed (it still gives the model's own distribution for logprobs),
-    and with no controls in the batch it is returned as is."""
+def apply_processors(states: Sequence[RowProcessors | None], logits: torch.Tensor,
+                     inplace: bool = False) -> torch.Tensor:
+    """logits (k, V) -> processed logits (k, V) (float32): row i processed by states[i], the rows whose state
+    is None (no control set) untouched. Per control one gather/scatter over the affected (row, id) entries of
+    all rows together: repetition penalty, then presence/frequency penalties, then logit bias, then the bans
+    (-inf). The input is left as it was unless `inplace` (then a contiguous float32 input is changed and
+    returned); with no controls in the batch it is returned as is."""
     idx = [i for i, s in enumerate(states) if s is not None]
     if not idx:
         return logits
-    out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
-    for i in idx:
-        states[i].apply_(out[i])  # type: ignore[union-attr]
+    if logits.dtype != torch.float32 or not logits.is_contiguous():
+        out = logits.float().contiguous()
+        out = out.clone() if out.data_ptr() == logits.data_ptr() else out
+    else:
+        out = logits if inplace else logits.clone()
+    dev, V = out.device, out.size(1)
+    flat = out.view(-1)
+    rows: list[tuple[int, RowProcessors]] = [(i, states[i]) for i in idx]  # type: ignore[misc]
+
+    rep = [(i, s.seen_ids.view(), s.p.repetition_penalty) for i, s in rows if s._penalize_seen and s.seen_ids.n]
+    if rep:
+        at, pen = _entries(rep, V, dev)  # type: ignore[arg-type]
+        picked = flat.index_select(0, at)
+        flat.scatter_(0, at, torch.where(picked < 0, picked * pen, picked / pen))
+    # one entry per (row, id) in each scatter below: the same sums in the same order on every device
+    pf = [(i, s.gen_ids.view(), -(s.gen_counts.view() * s.p.frequency_penalty + s.p.presence_penalty))
+          for i, s in rows if s._count and s.gen_ids.n]
+    bias = [(i, s.bias_ids, s.bias_vals) for i, s in rows if len(s.bias_ids)]
+    for parts in (pf, bias):
+        if parts:
+            at, v = _entries(parts, V, dev)
+            flat.scatter_(0, at, flat.index_select(0, at) + v)
+    ban = [(i, np.array(b, dtype=np.int64), 0.0) for i, s in rows if (b := s.banned())]
+    if ban:
+        flat.index_fill_(0, _entries(ban, V, dev)[0], NEG_INF)
     return out
