@@ -157,6 +157,7 @@ def test_repetition_penalty_follows_the_ctrl_rule():
     (dict(frequency_penalty=float("nan")), "frequency penalty"),
     (dict(logit_bias={5: 101}), "[-100, 100]"),
     (dict(logit_bias={-1: 1}), "token id must be an integer >= 0"),
+    (dict(logit_bias={"13": 1, 5: 2}), "token id must be an integer >= 0, got '13'"),
     (dict(bad_words=("",)), "bad word"),
     (dict(no_repeat_ngram_size=-1), "no-repeat n-gram size"),
     (dict(min_tokens=-1), "min tokens"),
@@ -166,6 +167,11 @@ def test_bad_values_are_one_line_errors(kw, words):
     with pytest.raises(Gpt2kitError, match=None) as e:
         GenerationConfig(**kw).validate()
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_logit_bias_that_is_not_a_number_is_an_error():
+    with pytest.raises(Gpt2kitError, match="logit bias values must be numbers"):
+        GenerationConfig(logit_bias={5: "lots"})
 
 
 def test_config_stays_hashable_with_logit_bias_as_sorted_pairs():
@@ -299,9 +305,11 @@ def test_rows_without_controls_get_the_logits_unchanged(tokenizer):
     logits = torch.randn(2, 10)
     assert apply_processors([None, None], logits) is logits
     st = RowProcessors(ProcessorParams(logit_bias=((1, 1.0),)), [0], 9, 10, tokenizer.encode)
+    before = logits.clone()
     out = apply_processors([None, st], logits)
     assert torch.equal(out[0], logits[0]) and out[1, 1] == logits[1, 1] + 1
-    assert not torch.equal(out, logits)
+    assert torch.equal(logits, before)  # the input is left as it was
+    assert apply_processors([None, st], logits, inplace=True) is logits and logits[1, 1] == before[1, 1] + 1
 
 
 # ---- the generate CLI --------------------------------------------------------------------------------------

@@ -63,8 +63,15 @@ def normalize_logit_bias(bias: Mapping[int, float] | Iterable[tuple[int, float]]
     """A {token_id: bias} dict (or pairs) -> pairs sorted by id, hashable for a frozen config."""
     if not bias:
         return ()
-    items = bias.items() if isinstance(bias, Mapping) else bias
-    return tuple(sorted((t, float(b)) for t, b in items))
+    items = list(bias.items() if isinstance(bias, Mapping) else bias)
+    try:
+        pairs = [(t, float(b)) for t, b in items]
+    except (TypeError, ValueError):
+        raise Gpt2kitError(f"logit bias values must be numbers, got {items!r}") from None
+    try:
+        return tuple(sorted(pairs))
+    except TypeError:  # ids of mixed types: validate() names the bad one
+        return tuple(pairs)
 
 
 # ---- pure functions: one row's logits (V,) ----------------------------------------------------------------
