@@ -11,7 +11,7 @@ What each control looks at:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +125,7 @@ def banned_word_tokens(history: Sequence[int], sequences: Sequence[Sequence[int]
     return sorted(out)
 
 
-def bad_word_sequences(words: Sequence[str], encode) -> list[list[int]]:
+def bad_word_sequences(words: Sequence[str], encode: Callable[[str], Sequence[int]]) -> list[list[int]]:
     """Each banned text's token sequences, as it would appear after a space and at the start of a text."""
     out: list[list[int]] = []
     for w in words:
@@ -162,7 +162,8 @@ class RowProcessors:
     counts (presence/frequency), an n-gram table, the history (bad words' prefixes). apply_processors() reads
     them for all rows of a batch at once."""
 
-    def __init__(self, params: ProcessorParams, prompt_ids: Sequence[int], eot: int, vocab_size: int, encode):
+    def __init__(self, params: ProcessorParams, prompt_ids: Sequence[int], eot: int, vocab_size: int,
+                 encode: Callable[[str], Sequence[int]]):
         self.p = params
         for tid, _ in params.logit_bias:
             if tid >= vocab_size:
