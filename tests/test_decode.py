@@ -19,6 +19,7 @@ from gpt2kit.decode import (
     usable_vocab,
 )
 from gpt2kit.generate import Generator
+from gpt2kit.processors import apply_processors
 from gpt2kit.sampling import sample
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gpt2kit"
@@ -74,7 +75,8 @@ def test_next_tokens_gives_each_row_of_a_mixed_batch_the_token_it_would_get_alon
             GenerationConfig(seed=3, repetition_penalty=1.5), GenerationConfig(seed=4, temperature=0.7, min_p=0.05)]
     rows = [Row(i, "", [5, 6, 7], c, tok, torch.device("cpu")) for i, c in enumerate(cfgs)]
     alone = [Row(i, "", [5, 6, 7], c, tok, torch.device("cpu")) for i, c in enumerate(cfgs)]
-    picked = next_tokens(rows, logits)
+    # advance()'s order: each row's logits processors (here the repetition penalty), then next_tokens
+    picked = next_tokens(rows, apply_processors([r.processors for r in rows], logits))
     for r, lg, t in zip(alone, logits, picked):
         seen = torch.tensor(r.context) if r.cfg.repetition_penalty != 1.0 else None
         assert sample(lg, r.params, r.gen, seen) == t

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gpt2kit.errors import Gpt2kitError
-from gpt2kit.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from gpt2kit.processors import apply_repetition_penalty
+from gpt2kit.sampling import SamplingParams, filter_logits, sample
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 3.0 - 1e-3])
 

@@ -229,12 +229,36 @@ def test_schema_errors_are_422(server, client):
     ({"prompt": ""}, "prompt", "empty prompt"),
     ({"prompt": [50257]}, "prompt", "token ids"),
     ({"prompt": "word " * 150}, "prompt", "at most 100"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "presence penalty must be in [-2, 2]"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "frequency penalty must be in [-2, 2]"),
+    ({"logit_bias": {"50257": 1}}, "logit_bias", "token ids in [0, 50257)"),
+    ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"bad_words": [" "]}, "bad_words", "bad word"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size", "no-repeat n-gram size"),
+    ({"min_tokens": -1}, "min_tokens", "min tokens"),
+    ({"min_tokens": 20, "max_tokens": 5}, "min_tokens", "must not exceed"),
     ({"best_of": 3}, "best_of", "not supported"),
 ])
 def test_invalid_values_are_400(server, body, param, words):
     err = assert_error(post(server, {"prompt": "x", **body}), 400, words)
     assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_logits_controls_are_accepted_and_act_as_in_generate(client, reference):
+    # OpenAI's fields as the openai client sends them, and gpt2kit's extras via extra_body; each choice equals
+    # Generator's text with the same controls
+    r = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0, seed=1,
+                                  presence_penalty=1.5, frequency_penalty=0.5, logit_bias={"13": -100},
+                                  extra_body={"no_repeat_ngram_size": 2, "bad_words": ["the"], "min_tokens": 12})
+    cfg = dict(max_new_tokens=12, temperature=0, seed=1, presence_penalty=1.5, frequency_penalty=0.5,
+               logit_bias={13: -100}, no_repeat_ngram_size=2, bad_words=("the",), min_tokens=12)
+    assert [c.text for c in r.choices] == ref_text(reference, "Hello there", **cfg)
+    assert r.choices[0].text != ref_text(reference, "Hello there", max_new_tokens=12, temperature=0)[0]
+    # logit_bias 100 forces a token
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=1, seed=2,
+                                  logit_bias={"50": 100})
+    assert r.choices[0].text == "SSS"
 
 
 def test_oversize_inputs(server, client):

@@ -76,6 +76,23 @@ def test_penalty_min_p_and_stop_strings_match_generate(engine, reference):
     assert run_all(engine, cfg, nsamples=2) == ref
 
 
+def test_requests_with_different_logits_controls_share_batches_and_match_generate(engine, reference):
+    # submitted together, so rows with and without controls run in the same decode steps
+    base = dict(max_new_tokens=20, stop_at_eot=False)
+    cfgs = [GenerationConfig(temperature=0, **base),
+            GenerationConfig(temperature=0, no_repeat_ngram_size=2, logit_bias={13: -100}, **base),
+            GenerationConfig(seed=3, top_k=40, presence_penalty=1.5, frequency_penalty=0.5, **base),
+            GenerationConfig(seed=3, top_k=40, **base),
+            GenerationConfig(seed=4, bad_words=("the", "and"), min_tokens=10, repetition_penalty=1.2, **base)]
+    tok = engine.tokenizer
+    jobs = [(p, cfg) for p in PROMPTS[:2] for cfg in cfgs]
+    steps = engine.stats.steps
+    streams = [engine.submit(tok.encode(p), cfg) for p, cfg in jobs]
+    got = [collect(s)[0] for s in streams]
+    assert got == [reference.generate(p, cfg)[0].text for p, cfg in jobs]
+    assert engine.stats.steps - steps < len(jobs) * 20 / 2  # rows share decode steps (3 at a time)
+
+
 def test_window_slides_like_generate(engine, reference):
     # a 100-token prompt plus 60 new tokens overflows the 128-token context
     cfg = GenerationConfig(max_new_tokens=60, temperature=0.8, seed=3)

@@ -30,6 +30,7 @@ from gpt2kit.cuda_graphs import prepare_cuda_decoding_
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.kernels import prepare_cpu_decoding_
 from gpt2kit.model import GPT
+from gpt2kit.processors import ProcessorParams, RowProcessors, apply_processors, normalize_logit_bias
 from gpt2kit.sampling import SamplingParams, sample, sample_rows, token_logprobs
 from gpt2kit.tokenizer import Tokenizer
 
@@ -48,6 +49,13 @@ class GenerationConfig:
     stop_at_eot: bool = True
     seed: int | None = None
     logprobs: int | None = None  # also report the top-N alternatives per generated token
+    # logits processors (gpt2kit.processors): applied to a row's logits before sampling
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a {id: bias} dict is accepted
+    bad_words: tuple[str, ...] = ()
+    no_repeat_ngram_size: int = 0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         # stop="END" is one stop string (as in OpenAI's API and transformers' stop_strings), not the three
@@ -56,6 +64,12 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if self.logit_bias:
+            object.__setattr__(self, "logit_bias", normalize_logit_bias(self.logit_bias))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        elif not isinstance(self.bad_words, tuple):
+            object.__setattr__(self, "bad_words", tuple(self.bad_words))
 
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens <= 0:
@@ -65,6 +79,9 @@ class GenerationConfig:
         if any(s == "" for s in self.stop):
             raise Gpt2kitError("a stop string must not be empty")
         self.sampling.validate()
+        self.processing.validate()
+        if self.min_tokens > self.max_new_tokens:
+            raise Gpt2kitError(f"min tokens ({self.min_tokens}) must not exceed the length ({self.max_new_tokens})")
         return self
 
     @property
@@ -72,9 +89,15 @@ class GenerationConfig:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
     @property
+    def processing(self) -> ProcessorParams:
+        return ProcessorParams(self.repetition_penalty, self.presence_penalty, self.frequency_penalty,
+                               self.logit_bias, self.bad_words, self.no_repeat_ngram_size, self.min_tokens)
+
+    @property
     def argmax(self) -> bool:
-        """Greedy without a repetition penalty: a batch of such rows picks its tokens with one argmax."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        """Greedy: a batch of such rows picks its tokens with one argmax. advance() applies the row's logits
+        processors (repetition penalty included) first, so the argmax is over the processed logits."""
+        return self.temperature == 0
 
 
 @dataclass
@@ -135,6 +158,10 @@ class Row:
         self.pending_info: list[TokenInfo] = []
         self.pending_tokens: list[int] = []
         self.ends: list[int] = []  # len(out.text) after each token of out.tokens
+        procs = cfg.processing
+        # the controls' own state (token counts, n-gram table); None when the row has no control set
+        self.processors = (RowProcessors(procs, prompt_ids, tok.eot_token, tok.vocab_size, tok.encode)
+                           if procs.active else None)
 
     @property
     def done(self) -> bool:
@@ -160,11 +187,13 @@ class Row:
         if self.cfg.stop_at_eot and token == self.tok.eot_token:
             self.finish("stop")
             return
+        if self.processors is not None:
+            self.processors.push(token)
         o.tokens.append(token)
         self.context.append(token)
         o.text += self.decoder.decode(self.tok.token_bytes(token))
         self.ends.append(len(o.text))
-        if self.cfg.stop:
+        if self.cfg.stop and len(o.tokens) >= self.cfg.min_tokens:  # no stop string ends a row before min_tokens
             # only the tail can hold a new match
             start = max(0, len(o.text) - len(self.tok.token_bytes(token)) - self.hold - 4)
             hits = [i for i in (o.text.find(s, start) for s in self.cfg.stop) if i >= 0]
@@ -295,9 +324,8 @@ def next_tokens(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
         for i, t in zip(idx, sample_rows(logits[idx], params, [rows[i].gen for i in idx])):
             picks[i] = t
     for i, r in enumerate(rows):
-        if picks[i] is None:  # a repetition penalty: depends on the row's own context
-            seen = torch.tensor(r.context, device=logits.device)
-            picks[i] = sample(logits[i], r.params, r.gen, seen)
+        if picks[i] is None:  # a repetition penalty (already applied by advance()) needs its scaling guard
+            picks[i] = sample(logits[i], r.params, r.gen)
     return picks  # type: ignore[return-value]
 
 
@@ -308,11 +336,15 @@ def token_info(logits: torch.Tensor, token: int, top_n: int) -> TokenInfo:
 
 
 def advance(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
-    """Pick each row's next token from its logits (k, V) and record it (Row.push), with its logprobs when
-    the row asks for them. Returns the tokens."""
-    tokens = next_tokens(rows, logits)
+    """Pick each row's next token from its logits (k, V), after its logits processors, and record it
+    (Row.push), with its logprobs (from the model's own logits) when the row asks for them. Returns the tokens.
+    The processors change `logits` in place (no copy of the batch's logits per step); the few rows that both
+    have processors and report logprobs keep a copy of their own."""
+    states = [r.processors for r in rows]
+    raw = {i: logits[i].clone() for i, r in enumerate(rows) if r.processors is not None and r.cfg.logprobs is not None}
+    tokens = next_tokens(rows, apply_processors(states, logits, inplace=True))
     for i, (r, t) in enumerate(zip(rows, tokens)):
-        r.push(t, None if r.cfg.logprobs is None else token_info(logits[i], t, r.cfg.logprobs))
+        r.push(t, None if r.cfg.logprobs is None else token_info(raw.get(i, logits[i]), t, r.cfg.logprobs))
     return tokens
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.processors import apply_repetition_penalty
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits (V,), seen (N,) token ids already in the context: divide positive logits by `penalty`,
-    multiply negative ones (the CTRL rule that transformers implements)."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    picked = logits.gather(0, seen)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(0, seen, picked)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:

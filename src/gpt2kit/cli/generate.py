@@ -42,6 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     s.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
                    help="keep generating past <|endoftext|>")
+    c = p.add_argument_group("controls", "applied to each row's logits before sampling (docs/generation.md)")
+    c.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="never repeat an n-gram of N tokens (0: off)")
+    c.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="subtract X from generated tokens' logits, once (OpenAI's; in [-2, 2])")
+    c.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="subtract X per occurrence from generated tokens' logits (OpenAI's; in [-2, 2])")
+    c.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS in [-100, 100] to token ID's logit; -100 bans it (repeatable)")
+    c.add_argument("--ban", action="append", default=[], metavar="TEXT",
+                   help="never generate TEXT, with or without a leading space (repeatable)")
+    c.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="no <|endoftext|> or stop string ends a sample before N tokens")
     o = p.add_argument_group("output")
     o.add_argument("--include-prompt", action="store_true", help="print the prompt before the continuation")
     o.add_argument("--format", choices=("text", "jsonl"), default="text", help="stdout format")
@@ -107,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
         stop_at_eot=args.stop_at_eot, seed=args.seed,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=_logit_bias(args.logit_bias), bad_words=tuple(args.ban),
+        min_tokens=args.min_tokens,
     ).validate()  # bad flags fail before the model loads
     if args.output and not args.interactive:
         if args.nsamples == 0:
@@ -121,6 +137,20 @@ def run(args: argparse.Namespace) -> int:
     # nsamples 0 is endless, like OpenAI's generate_unconditional_samples.py (batch size 1 unless given)
     out.run(gen, prompt, cfg, args.nsamples, args.batch_size)
     return 0
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    """--logit-bias ID=BIAS values -> {id: bias}; a later value for the same id wins."""
+    out: dict[int, float] = {}
+    for item in items:
+        tid, eq, bias = item.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            out[int(tid)] = float(bias)
+        except ValueError:
+            raise Gpt2kitError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 50256=-100), got {item!r}") from None
+    return out
 
 
 class _Printer:

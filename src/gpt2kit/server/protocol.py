@@ -36,16 +36,19 @@ class CompletionRequest(BaseModel):
     echo: bool | None = False
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = 0.0  # accepted only at 0: GPT-2 uses repetition_penalty instead
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = Field(0.0, description="in [-2, 2]; over the generated tokens")
+    frequency_penalty: float | None = Field(0.0, description="in [-2, 2]; over the generated tokens")
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, description='{"token id": bias in [-100, 100]}')
     suffix: str | None = None
     user: str | None = None
     # GPT-2 controls beyond OpenAI's API (the openai client sends them via extra_body)
     top_k: int | None = Field(0, description="0 disables")
     min_p: float | None = Field(0.0, description="0 disables")
     repetition_penalty: float | None = Field(1.0, description="1 disables")
+    no_repeat_ngram_size: int | None = Field(0, description="no n-gram of this many tokens occurs twice; 0 disables")
+    bad_words: list[str] | None = Field(None, description="texts never generated")
+    min_tokens: int | None = Field(0, description="no <|endoftext|> or stop string ends a completion before this")
 
 
 class APIError(HTTPException):

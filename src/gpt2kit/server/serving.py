@@ -58,7 +58,10 @@ def check_settings(s: ServerSettings) -> None:
 
 
 # words in GenerationConfig.validate()'s messages -> the request field they are about
-_PARAM_WORDS = (("temperature", "temperature"), ("top-k", "top_k"), ("top-p", "top_p"), ("min-p", "min_p"),
+_PARAM_WORDS = (("presence penalty", "presence_penalty"), ("frequency penalty", "frequency_penalty"),
+                ("logit bias", "logit_bias"), ("bad word", "bad_words"), ("no-repeat n-gram", "no_repeat_ngram_size"),
+                ("min tokens", "min_tokens"),
+                ("temperature", "temperature"), ("top-k", "top_k"), ("top-p", "top_p"), ("min-p", "min_p"),
                 ("repetition penalty", "repetition_penalty"), ("stop string", "stop"),
                 ("length", "max_tokens"), ("seed", "seed"), ("logprobs", "logprobs"), ("prompt", "prompt"))
 
@@ -149,11 +152,6 @@ class Plan:
 def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s: ServerSettings,
           max_prompt: int) -> Plan:
     # unsupported OpenAI options fail loudly rather than being ignored
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise bad_request(f"{name} is not supported; use repetition_penalty (1 disables it)", name)
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
     if req.suffix:
         raise bad_request("suffix (insertion) is not supported by GPT-2", "suffix")
     n = 1 if req.n is None else req.n
@@ -179,6 +177,17 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise bad_request(f"seed must be in [0, 2**63), got {req.seed}", "seed")
 
+    vocab = engine.n_vocab  # ids past the tokenizer's (a padded vocabulary) have no text
+    logit_bias: dict[int, float] = {}
+    for key, bias in (req.logit_bias or {}).items():
+        # OpenAI's keys are token ids written as strings
+        if not (key.isascii() and key.isdigit() and len(key) < 10) or int(key) >= vocab:
+            raise bad_request(f"logit_bias keys must be token ids in [0, {vocab}) written as strings, got {key!r}",
+                              "logit_bias")
+        logit_bias[int(key)] = bias
+    if len(req.bad_words or ()) > s.max_stop:
+        raise bad_request(f"at most {s.max_stop} bad_words, got {len(req.bad_words or ())}", "bad_words")
+
     p = req.prompt
     if isinstance(p, str):
         texts: list[str | list[int]] = [p]
@@ -191,7 +200,6 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
     if len(texts) * n > s.max_n:
         raise bad_request(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} completions; this server allows "
                    f"at most {s.max_n} per request (--max-n)", "n")
-    vocab = engine.n_vocab  # ids past the tokenizer's (a padded vocabulary) have no text
     prompts: list[list[int]] = []
     for t in texts:
         if isinstance(t, str):
@@ -220,9 +228,15 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
         stop=stop,
         seed=req.seed,
         logprobs=req.logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=logit_bias,
+        bad_words=tuple(req.bad_words or ()),
+        no_repeat_ngram_size=req.no_repeat_ngram_size or 0,
+        min_tokens=req.min_tokens or 0,
     )
     try:
-        cfg.validate() if max_tokens else cfg.sampling.validate()
+        cfg.validate() if max_tokens else (cfg.sampling.validate(), cfg.processing.validate())
     except Gpt2kitError as e:
         raise library_error(e) from None
     return Plan(prompts, n, cfg, echo, req.logprobs, req.logprobs if echo else None)
