@@ -193,6 +193,11 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
+    def select_cache_rows_(self, index: torch.Tensor) -> None:
+        """Every layer's cache row i becomes its row index[i] (index (B,) over the cache's B rows)."""
+        for block in self.transformer.h:
+            block.attn.kv_cache.select_rows_(index)
+
     @property
     def cache_len(self) -> int:
         c = self.transformer.h[0].attn.kv_cache
