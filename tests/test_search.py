@@ -1,6 +1,8 @@
 """Beam search against transformers' generate(num_beams=N) on the same weights, token for token; contrastive
 search against a slow, cache-free reference of Su et al.'s formula written here."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,3 +200,47 @@ def test_beam_search_refuses_streaming_endless_and_more_samples_than_beams(gen):
         next(gen.completions("Hi", cfg, nsamples=0))
     with pytest.raises(Gpt2kitError, match="do not slide the window"):
         gen.generate("Hi " * 100, cfg, max_new_tokens=100)
+
+
+def cli(capsys, *argv):
+    from gpt2kit.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_beam_and_contrastive_search_print_what_the_generator_gives(capsys, gen, tiny_model_dir):
+    beams = gen.generate("Hello there", GenerationConfig(max_new_tokens=8, num_beams=3, early_stopping="never"),
+                         nsamples=2)
+    code, out, _ = cli(capsys, "generate", "Hello there", "-m", tiny_model_dir, "-n", 8, "--num-beams", 3,
+                       "--early-stopping", "never", "--nsamples", 2, "--format", "jsonl")
+    assert code == 0 and [json.loads(line)["tokens"] for line in out.splitlines()] == [b.tokens for b in beams]
+    code, out, _ = cli(capsys, "generate", "Hello there", "-m", tiny_model_dir, "-n", 8, "--num-beams", 3,
+                       "--length-penalty", 0.5, "--early-stopping")  # one sample, text: printed whole
+    want = gen.generate("Hello there", GenerationConfig(max_new_tokens=8, num_beams=3, length_penalty=0.5,
+                                                        early_stopping=True))[0].text
+    assert code == 0 and out == want + "\n"
+    code, out, _ = cli(capsys, "generate", "Hello there", "-m", tiny_model_dir, "-n", 8, "--penalty-alpha", 0.6,
+                       "--top-k", 4)
+    want = gen.generate("Hello there", GenerationConfig(max_new_tokens=8, penalty_alpha=0.6, top_k=4))[0].text
+    assert code == 0 and out == want + "\n"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (("--num-beams", 0), "num_beams must be an integer >= 1"),
+    (("--num-beams", 3, "-t", 0.7), "does not sample: drop temperature (--temperature)"),
+    (("--num-beams", 3, "--top-p", 0.9), "drop top_p (--top-p)"),
+    (("--num-beams", 2, "--nsamples", 3), "give --nsamples in that range, not 3"),
+    (("--num-beams", 2, "--nsamples", 0), "give --nsamples in that range, not 0"),
+    (("--penalty-alpha", 0.6), "needs top_k candidates"),
+    (("--penalty-alpha", 1.2, "--top-k", 4), "penalty_alpha must be in [0, 1]"),
+])
+def test_cli_bad_search_flags_are_one_line_errors_before_the_model_loads(capsys, tmp_path, argv, msg):
+    code, _, err = cli(capsys, "generate", "x", *argv, "-m", tmp_path / "no-model")
+    assert code != 0 and msg in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_cli_early_stopping_takes_no_value_or_never(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        cli(capsys, "generate", "-m", tmp_path / "no-model", "--early-stopping", "x")
+    assert e.value.code == 2 and "takes no value or 'never', got 'x'" in capsys.readouterr().err

@@ -92,15 +92,16 @@ class GenerationConfig:
             raise Gpt2kitError("contrastive search (penalty_alpha > 0) needs top_k candidates: give top_k >= 1, "
                                "e.g. --top-k 4")
         if self.num_beams > 1 and self.top_k:
-            raise Gpt2kitError(f"{search} does not sample: drop top_k")
+            raise Gpt2kitError(f"{search} does not sample: drop top_k (--top-k)")
         # 1.0 is the default temperature and 0 means greedy: neither samples anything here
         bad = [name for name, on in (("temperature", self.temperature not in (0.0, 1.0)), ("top_p", self.top_p < 1.0),
                                      ("min_p", self.min_p > 0.0),
                                      ("repetition_penalty", self.repetition_penalty != 1.0)) if on]
         if bad:
-            raise Gpt2kitError(f"{search} does not sample: drop {', '.join(bad)}")
+            raise Gpt2kitError(f"{search} does not sample: drop "
+                               + ", ".join(f"{n} (--{n.replace('_', '-')})" for n in bad))
         if self.num_beams > 1 and self.logprobs is not None:
-            raise Gpt2kitError("beam search does not report logprobs; drop logprobs or num_beams")
+            raise Gpt2kitError("beam search does not report logprobs; drop logprobs or num_beams (--num-beams)")
 
     @property
     def search(self) -> str | None:

@@ -140,7 +140,8 @@ def beam_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generatio
                            f"got nsamples={nsamples}")
     n_vocab = usable_vocab(model, tok)
     ids = [tok.encode(p) for p in prompts]
-    heads = [Row(first_index + j * nsamples, p, c, cfg, tok, model.device) for j, (p, c) in enumerate(zip(prompts, ids))]
+    heads = [Row(first_index + j * nsamples, p, c, cfg, tok, model.device)  # one per prompt: its window
+             for j, (p, c) in enumerate(zip(prompts, ids))]
     check_prompts(model, tok, [r.context for r in heads])
     _search_window(model, heads, cfg, on_window_slide)
     stops = None
