@@ -244,3 +244,25 @@ def test_cli_early_stopping_takes_no_value_or_never(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse's own usage error
         cli(capsys, "generate", "-m", tmp_path / "no-model", "--early-stopping", "x")
     assert e.value.code == 2 and "takes no value or 'never', got 'x'" in capsys.readouterr().err
+
+
+def test_searches_give_the_same_tokens_on_the_fast_decoding_paths(tiny_model_dir, gen, ids):
+    """prepare_decoding_ (the CPU kernel's one-token step, taken when every row writes the same slot) reads
+    the cache rows that select_cache_rows_ moved."""
+    from gpt2kit.generate import prepare_decoding_
+    fast, _ = load_model(tiny_model_dir, device="cpu")
+    prepare_decoding_(fast)
+    same_length = [ids[0], ids[0][::-1]]  # one slot per step for every row: the kernel's case
+    for contexts in (same_length, ids):
+        want = beam_search(gen.model, contexts, 3, 10, eos=None)
+        assert [[h.tokens for h in hs] for hs in beam_search(fast, contexts, 3, 10, eos=None)] == \
+            [[h.tokens for h in hs] for hs in want]
+    cfg = GenerationConfig(max_new_tokens=10, penalty_alpha=0.6, top_k=4, stop_at_eot=False)
+    assert Generator(fast, gen.tokenizer).generate(PROMPTS, cfg) == gen.generate(PROMPTS, cfg)
+
+
+def test_searches_called_directly_refuse_contexts_past_the_models(gen):
+    with pytest.raises(Gpt2kitError, match="does not slide the window"):
+        beam_search(gen.model, [[1] * 100], 2, 40, eos=None)
+    with pytest.raises(Gpt2kitError, match="does not slide the window"):
+        next(contrastive_steps(gen.model, [[1] * 100], 4, 0.6, cache_len=200))

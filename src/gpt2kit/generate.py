@@ -252,6 +252,8 @@ class Generator:
             raise Gpt2kitError("beam search is deterministic: endless sampling (nsamples=0) would repeat it; "
                                "give nsamples from 1 to num_beams")
         prompts = self._prompts(prompt)
+        if not prompts:
+            raise Gpt2kitError("no prompts given: pass a prompt, a list of prompts, or None for unconditional")
         per_batch = max(1, (batch_size or 32) // nsamples)
         for start in range(0, len(prompts), per_batch):
             yield _finished(beam_rows(self.model, self.tokenizer, prompts[start:start + per_batch], cfg, nsamples,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 
 NEG = -1.0e9  # transformers' "impossible" score: added, not set, so that the order of the rest is kept
@@ -68,7 +69,11 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
     device = model.device
     B, N, L = len(contexts), num_beams, max_new_tokens
     K = 2 * N  # candidates kept per step: at most N of them end (one EOS per beam), so N always run on
-    model.setup_caches(B * N, max(len(c) for c in contexts) + L)
+    cache_len = max(len(c) for c in contexts) + L
+    if cache_len > model.config.n_positions:
+        raise Gpt2kitError(f"a prompt of {cache_len - L} tokens plus {L} new ones exceeds the model's context of "
+                           f"{model.config.n_positions}; beam search does not slide the window")
+    model.setup_caches(B * N, cache_len)
     logits = _prefill(model, contexts, N)[:, :n_vocab]  # (B, V)
     V = logits.shape[-1]
     logprobs = F.log_softmax(logits.float(), dim=-1).repeat_interleave(N, dim=0)  # (B*N, V)
@@ -147,6 +152,9 @@ def contrastive_steps(model: GPT, contexts: Sequence[Sequence[int]], top_k: int,
     the chosen candidate's keys, values and hidden state are kept."""
     device = model.device
     B, k = len(contexts), min(top_k, n_vocab or model.config.vocab_size)
+    if cache_len > model.config.n_positions or max(len(c) for c in contexts) >= cache_len:
+        raise Gpt2kitError(f"contrastive search needs the contexts and new tokens within cache_len ({cache_len}) "
+                           f"<= the model's context ({model.config.n_positions}); it does not slide the window")
     model.setup_caches(B * k, cache_len)
     hidden = _prefill(model, contexts, k, hidden=True)  # (B, T, C)
     T = hidden.shape[1]
