@@ -43,7 +43,7 @@ def _prefill(model: GPT, contexts: Sequence[Sequence[int]], width: int,
     last = torch.tensor([len(c) - 1 for c in contexts], device=device)  # (B,)
     out = model(x, torch.arange(T, device=device), kv_len=T, rows=slice(0, B),
                 return_hidden=hidden, logits_at=None if hidden else last)
-    model.select_cache_rows_(torch.arange(B, device=device).repeat_interleave(width))
+    model.select_cache_rows_(torch.arange(B, device=device).repeat_interleave(width), upto=T)
     return out if hidden else out[:, 0]
 
 
@@ -124,7 +124,7 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
         finished_lens = _gather(torch.cat((finished_lens, torch.full_like(tokens, step + 1)), dim=1), merged)
         is_finished = _gather(torch.cat((is_finished, hits & top_n), dim=1), merged)
 
-        model.select_cache_rows_((rows + running_src).view(-1))
+        model.select_cache_rows_((rows + running_src).view(-1), upto=int(lens.max()) + step)  # filled slots
 
         # transformers' early-stopping heuristic: can the best running beam still beat the worst finished one?
         best_len = L if early_stopping == "never" and length_penalty > 0 else step + 1
@@ -175,7 +175,7 @@ def contrastive_steps(model: GPT, contexts: Sequence[Sequence[int]], top_k: int,
         degeneration = cos.masked_fill(~filled[:, None, :], -1.0).max(dim=-1).values  # (B, k)
         best = ((1.0 - penalty_alpha) * probs - penalty_alpha * degeneration).argmax(dim=-1)  # (B,)
         chosen = batch * k + best  # (B,): the chosen candidate's cache row
-        model.select_cache_rows_(chosen.repeat_interleave(k))
+        model.select_cache_rows_(chosen.repeat_interleave(k), upto=int(pos.max()) + 1)
         ctx[batch, pos] = F.normalize(h[chosen].float(), dim=-1)
         filled[batch, pos] = True
         yield cand[batch, best].tolist(), logits
