@@ -1,6 +1,7 @@
 """Beam search against transformers' generate(num_beams=N) on the same weights, token for token; contrastive
 search against a slow, cache-free reference of Su et al.'s formula written here."""
 
+import dataclasses
 import json
 
 import pytest
@@ -173,7 +174,8 @@ def test_contrastive_search_streams_logprobs_and_stops(gen):
 
 @pytest.mark.parametrize("overrides,msg", [
     (dict(num_beams=0), "num_beams must be an integer >= 1"),
-    (dict(num_beams=3, temperature=0.7), "beam search (num_beams > 1) does not sample: drop temperature"),
+    (dict(num_beams=3, temperature=0.7),
+     "beam search (num_beams > 1) neither samples nor applies logits processors: drop temperature"),
     (dict(num_beams=3, top_p=0.9), "drop top_p"),
     (dict(num_beams=3, top_k=40), "drop top_k"),
     (dict(num_beams=3, logprobs=1), "beam search does not report logprobs"),
@@ -181,13 +183,27 @@ def test_contrastive_search_streams_logprobs_and_stops(gen):
     (dict(penalty_alpha=0.6), "needs top_k candidates"),
     (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha must be in [0, 1]"),
     (dict(penalty_alpha=-0.1, top_k=4), "penalty_alpha must be in [0, 1]"),
-    (dict(penalty_alpha=0.6, top_k=4, min_p=0.1), "contrastive search (penalty_alpha > 0) does not sample"),
+    (dict(penalty_alpha=0.6, top_k=4, min_p=0.1), "contrastive search (penalty_alpha > 0) neither samples"),
     (dict(penalty_alpha=0.6, top_k=4, num_beams=2), "choose one"),
 ])
 def test_bad_search_settings_are_one_line_errors(overrides, msg):
     with pytest.raises(Gpt2kitError, match=None) as e:
         GenerationConfig(**overrides).validate()
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_searches_refuse_the_logits_processors_fields_they_would_ignore():
+    @dataclasses.dataclass(frozen=True)
+    class WithProcessors(GenerationConfig):  # the controls' fields, as gpt2kit.processors adds them
+        no_repeat_ngram_size: int = 0
+        bad_words: tuple[str, ...] = ()
+
+    WithProcessors(num_beams=2).validate()
+    with pytest.raises(Gpt2kitError) as e:
+        WithProcessors(num_beams=2, no_repeat_ngram_size=2, bad_words=("x",)).validate()
+    assert str(e.value).endswith("drop no_repeat_ngram_size (--no-repeat-ngram-size), bad_words (--ban)")
+    with pytest.raises(Gpt2kitError, match="contrastive search"):
+        WithProcessors(penalty_alpha=0.5, top_k=3, no_repeat_ngram_size=2).validate()
 
 
 def test_beam_search_refuses_streaming_endless_and_more_samples_than_beams(gen):
@@ -228,7 +244,7 @@ def test_cli_beam_and_contrastive_search_print_what_the_generator_gives(capsys, 
 
 @pytest.mark.parametrize("argv,msg", [
     (("--num-beams", 0), "num_beams must be an integer >= 1"),
-    (("--num-beams", 3, "-t", 0.7), "does not sample: drop temperature (--temperature)"),
+    (("--num-beams", 3, "-t", 0.7), "drop temperature (--temperature)"),
     (("--num-beams", 3, "--top-p", 0.9), "drop top_p (--top-p)"),
     (("--num-beams", 2, "--nsamples", 3), "give --nsamples in that range, not 3"),
     (("--num-beams", 2, "--nsamples", 0), "give --nsamples in that range, not 0"),

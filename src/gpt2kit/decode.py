@@ -97,9 +97,12 @@ class GenerationConfig:
         bad = [name for name, on in (("temperature", self.temperature not in (0.0, 1.0)), ("top_p", self.top_p < 1.0),
                                      ("min_p", self.min_p > 0.0),
                                      ("repetition_penalty", self.repetition_penalty != 1.0)) if on]
+        # the logits processors (gpt2kit.processors' fields, where present) are not applied by the searches
+        bad += [name for name, off in _PROCESSOR_FIELDS if getattr(self, name, off) != off]
         if bad:
-            raise Gpt2kitError(f"{search} does not sample: drop "
-                               + ", ".join(f"{n} (--{n.replace('_', '-')})" for n in bad))
+            flag = {"bad_words": "--ban"}
+            raise Gpt2kitError(f"{search} neither samples nor applies logits processors: drop "
+                               + ", ".join(f"{n} ({flag.get(n, '--' + n.replace('_', '-'))})" for n in bad))
         if self.num_beams > 1 and self.logprobs is not None:
             raise Gpt2kitError("beam search does not report logprobs; drop logprobs or num_beams (--num-beams)")
 
@@ -116,6 +119,11 @@ class GenerationConfig:
     def argmax(self) -> bool:
         """Greedy without a repetition penalty: a batch of such rows picks its tokens with one argmax."""
         return self.temperature == 0 and self.repetition_penalty == 1.0
+
+
+# GenerationConfig fields of logits processors, with the value that turns each off
+_PROCESSOR_FIELDS = (("no_repeat_ngram_size", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                     ("logit_bias", ()), ("bad_words", ()), ("min_tokens", 0), ("typical_p", 1.0))
 
 
 @dataclass
