@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpt2kit.decode import prefill
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 
@@ -32,19 +33,19 @@ class Hypothesis:
     score: float  # summed log-probability / len(tokens) ** length_penalty
 
 
-def _prefill(model: GPT, contexts: Sequence[Sequence[int]], width: int,
-             hidden: bool = False) -> torch.Tensor:
-    """Write each context b into cache row b, then copy row b to rows b*width..b*width+width-1 -> ln_f's output
-    (B, T, C) at every position with `hidden`, else the logits (B, vocab) at each context's last token."""
+def _prefill_hidden(model: GPT, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """decode.prefill that returns ln_f's output (B, T, C) at every position instead of the last logits."""
     device = model.device
-    B = len(contexts)
     T = max(len(c) for c in contexts)
     x = torch.tensor([list(c) + [c[-1]] * (T - len(c)) for c in contexts], device=device)  # (B, T)
-    last = torch.tensor([len(c) - 1 for c in contexts], device=device)  # (B,)
-    out = model(x, torch.arange(T, device=device), kv_len=T, rows=slice(0, B),
-                return_hidden=hidden, logits_at=None if hidden else last)
-    model.select_cache_rows_(torch.arange(B, device=device).repeat_interleave(width), upto=T)
-    return out if hidden else out[:, 0]
+    return model(x, torch.arange(T, device=device), kv_len=T, rows=slice(0, len(contexts)), return_hidden=True)
+
+
+def _spread_rows(model: GPT, contexts: Sequence[Sequence[int]], width: int) -> None:
+    """Copy cache row b (context b, just prefilled) to rows b*width..b*width+width-1."""
+    B = len(contexts)
+    model.select_cache_rows_(torch.arange(B, device=model.device).repeat_interleave(width),
+                             upto=max(len(c) for c in contexts))
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,8 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
         raise Gpt2kitError(f"a prompt of {cache_len - L} tokens plus {L} new ones exceeds the model's context of "
                            f"{model.config.n_positions}; beam search does not slide the window")
     model.setup_caches(B * N, cache_len)
-    logits = _prefill(model, contexts, N)[:, :n_vocab]  # (B, V)
+    logits = prefill(model, contexts, rows=slice(0, B))[:, :n_vocab]  # (B, V)
+    _spread_rows(model, contexts, N)
     V = logits.shape[-1]
     logprobs = F.log_softmax(logits.float(), dim=-1).repeat_interleave(N, dim=0)  # (B*N, V)
     lens = torch.tensor([len(c) for c in contexts], device=device)  # (B,)
@@ -156,7 +158,8 @@ def contrastive_steps(model: GPT, contexts: Sequence[Sequence[int]], top_k: int,
         raise Gpt2kitError(f"contrastive search needs the contexts and new tokens within cache_len ({cache_len}) "
                            f"<= the model's context ({model.config.n_positions}); it does not slide the window")
     model.setup_caches(B * k, cache_len)
-    hidden = _prefill(model, contexts, k, hidden=True)  # (B, T, C)
+    hidden = _prefill_hidden(model, contexts)  # (B, T, C)
+    _spread_rows(model, contexts, k)
     T = hidden.shape[1]
     lens = torch.tensor([len(c) for c in contexts], device=device)  # (B,)
     batch = torch.arange(B, device=device)
