@@ -7,7 +7,8 @@ prompt + new tokens within the cache.
 
 - beam_search follows transformers' generate(num_beams=N, do_sample=False) step for step (its vectorised
   beam search: top 2N continuations, EOS and stop hits go to the finished list with the length penalty, the
-  early-stopping heuristic), so that it picks the same tokens.
+  early-stopping heuristic), so that it picks the same tokens. The length penalty divides by the number of
+  new tokens, as transformers 5 does (tests/test_search.py checks against the installed version).
 - contrastive_steps is Su et al., 2022 ("A Contrastive Framework for Neural Text Generation"): each step takes
   the top-k tokens v and picks argmax (1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j), h being ln_f's output
   (the last hidden state) and j running over every earlier token of the row."""
