@@ -56,6 +56,12 @@ class GenerationConfig:
     bad_words: tuple[str, ...] = ()
     no_repeat_ngram_size: int = 0
     min_tokens: int = 0
+    # deterministic searches (gpt2kit.search): beam search when num_beams > 1, contrastive search when
+    # penalty_alpha > 0 (with top_k candidates)
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never", as transformers' generate() takes it
+    penalty_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         # stop="END" is one stop string (as in OpenAI's API and transformers' stop_strings), not the three
@@ -82,7 +88,45 @@ class GenerationConfig:
         self.processing.validate()
         if self.min_tokens > self.max_new_tokens:
             raise Gpt2kitError(f"min tokens ({self.min_tokens}) must not exceed the length ({self.max_new_tokens})")
+        self._validate_search()
         return self
+
+    def _validate_search(self) -> None:
+        """Beam and contrastive search pick tokens deterministically: sampling controls would be ignored."""
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
+            raise Gpt2kitError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise Gpt2kitError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not 0.0 <= self.penalty_alpha <= 1.0:
+            raise Gpt2kitError(f"penalty_alpha must be in [0, 1] (0: off), got {self.penalty_alpha}")
+        search = ("beam search (num_beams > 1)" if self.num_beams > 1
+                  else "contrastive search (penalty_alpha > 0)" if self.penalty_alpha > 0 else None)
+        if search is None:
+            return
+        if self.num_beams > 1 and self.penalty_alpha > 0:
+            raise Gpt2kitError("num_beams > 1 and penalty_alpha > 0 are two different searches; choose one")
+        if self.penalty_alpha > 0 and self.top_k < 1:
+            raise Gpt2kitError("contrastive search (penalty_alpha > 0) needs top_k candidates: give top_k >= 1, "
+                               "e.g. --top-k 4")
+        if self.num_beams > 1 and self.top_k:
+            raise Gpt2kitError(f"{search} does not sample: drop top_k (--top-k)")
+        # 1.0 is the default temperature and 0 means greedy: neither samples anything here
+        bad = [name for name, on in (("temperature", self.temperature not in (0.0, 1.0)), ("top_p", self.top_p < 1.0),
+                                     ("min_p", self.min_p > 0.0),
+                                     ("repetition_penalty", self.repetition_penalty != 1.0)) if on]
+        # the logits processors (gpt2kit.processors' fields, where present) are not applied by the searches
+        bad += [name for name, off in _PROCESSOR_FIELDS if getattr(self, name, off) != off]
+        if bad:
+            flag = {"bad_words": "--ban"}
+            raise Gpt2kitError(f"{search} neither samples nor applies logits processors: drop "
+                               + ", ".join(f"{n} ({flag.get(n, '--' + n.replace('_', '-'))})" for n in bad))
+        if self.num_beams > 1 and self.logprobs is not None:
+            raise Gpt2kitError("beam search does not report logprobs; drop logprobs or num_beams (--num-beams)")
+
+    @property
+    def search(self) -> str | None:
+        """"beam", "contrastive" or None (sampling or greedy decoding)."""
+        return "beam" if self.num_beams > 1 else "contrastive" if self.penalty_alpha > 0 else None
 
     @property
     def sampling(self) -> SamplingParams:
@@ -98,6 +142,11 @@ class GenerationConfig:
         """Greedy: a batch of such rows picks its tokens with one argmax. advance() applies the row's logits
         processors (repetition penalty included) first, so the argmax is over the processed logits."""
         return self.temperature == 0
+
+
+# GenerationConfig fields of logits processors, with the value that turns each off
+_PROCESSOR_FIELDS = (("no_repeat_ngram_size", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                     ("logit_bias", ()), ("bad_words", ()), ("min_tokens", 0), ("typical_p", 1.0))
 
 
 @dataclass

@@ -27,11 +27,13 @@ from gpt2kit.decode import (
     row_generator,
     slide_window,
     start_window,
+    token_info,
     usable_vocab,
     window_notice,
 )
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
+from gpt2kit.search import beam_search, contrastive_steps
 from gpt2kit.tokenizer import Tokenizer
 
 # the step API's types and helpers, importable from here as they always were
@@ -67,6 +69,8 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
     rows = [Row(first_index + i, p, ids, cfg, tok, model.device)
             for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]
     check_prompts(model, tok, [r.context for r in rows])
+    if cfg.search == "contrastive":
+        return (yield from _contrastive_rows(model, tok, rows, cfg, n_vocab, on_window_slide))
     B = len(rows)
     # a cache just long enough for this job: less memory and shorter attention
     model.setup_caches(B, min(max(len(r.context) for r in rows) + cfg.max_new_tokens, model.config.n_positions))
@@ -89,6 +93,83 @@ def stream_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generat
                 notice()
         # finished rows ride along, rewriting their last slot; their logits are ignored
         logits = decode_step(model, rows)[:, :n_vocab]  # (B, V)
+
+
+def _search_window(model: GPT, rows: Sequence[Row], cfg: GenerationConfig,
+                   on_window_slide: Callable[[], None] | None) -> int:
+    """Fit the rows' prompts into a window for a search, which never slides it -> the window's length."""
+    window = min(max(len(r.context) for r in rows) + cfg.max_new_tokens, model.config.n_positions)
+    if any([r.fit_window(window) for r in rows]) and on_window_slide is not None:
+        on_window_slide()
+    if any(r.pos + cfg.max_new_tokens > window for r in rows):
+        raise Gpt2kitError(f"{cfg.max_new_tokens} new tokens after this prompt do not fit the model's context of "
+                           f"{window} tokens, and beam and contrastive search do not slide the window: ask for at "
+                           f"most {window // 2} new tokens")
+    return window
+
+
+def _contrastive_rows(model: GPT, tok: Tokenizer, rows: list[Row], cfg: GenerationConfig, n_vocab: int,
+                      on_window_slide: Callable[[], None] | None) -> Generator_[Delta, None, list[Completion]]:
+    """stream_rows for contrastive search (gpt2kit.search.contrastive_steps): finished rows ride along."""
+    window = _search_window(model, rows, cfg, on_window_slide)
+    steps = contrastive_steps(model, [r.context for r in rows], cfg.top_k, cfg.penalty_alpha, window, n_vocab)
+    try:
+        for tokens, logits in steps:
+            for i, (r, t) in enumerate(zip(rows, tokens)):
+                if r.done:
+                    continue
+                r.push(t, None if cfg.logprobs is None else token_info(logits[i], t, cfg.logprobs))
+                if (d := r.delta()) is not None:
+                    yield d
+            if all(r.done for r in rows):
+                return [r.out for r in rows]
+    finally:
+        steps.close()
+    raise AssertionError("contrastive_steps ended")  # it yields until closed
+
+
+@torch.inference_mode()
+def beam_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: GenerationConfig, nsamples: int,
+              first_index: int = 0, on_window_slide: Callable[[], None] | None = window_notice,
+              ) -> list[Completion]:
+    """Beam search (gpt2kit.search.beam_search) for each prompt -> its best `nsamples` (<= num_beams) beams
+    as completions, best first; sample i of prompt j gets index first_index + j * nsamples + i."""
+    cfg.validate()
+    if not 1 <= nsamples <= cfg.num_beams:
+        raise Gpt2kitError(f"beam search returns at most num_beams ({cfg.num_beams}) samples per prompt, "
+                           f"got nsamples={nsamples}")
+    n_vocab = usable_vocab(model, tok)
+    ids = [tok.encode(p) for p in prompts]
+    heads = [Row(first_index + j * nsamples, p, c, cfg, tok, model.device)  # one per prompt: its window
+             for j, (p, c) in enumerate(zip(prompts, ids))]
+    check_prompts(model, tok, [r.context for r in heads])
+    _search_window(model, heads, cfg, on_window_slide)
+    stops = None
+    if cfg.stop:
+        def stops(b: int, tokens: list[int]) -> bool:
+            text = tok.decode(tokens)
+            return any(s in text for s in cfg.stop)
+    found = beam_search(model, [r.context for r in heads], cfg.num_beams, cfg.max_new_tokens,
+                        eos=tok.eot_token if cfg.stop_at_eot else None, length_penalty=cfg.length_penalty,
+                        early_stopping=cfg.early_stopping, n_vocab=n_vocab, stops=stops)
+    out = []
+    for j, (p, c) in enumerate(zip(prompts, ids)):
+        for i, hyp in enumerate(found[j][:nsamples]):
+            r = Row(first_index + j * nsamples + i, p, c, cfg, tok, model.device)
+            for t in hyp.tokens:  # Row.push ends the row at EOT, a stop string or the length limit
+                r.push(t)
+                if r.done:
+                    break
+            if not r.done:
+                r.finish("length")
+            out.append(r.out)
+    return out
+
+
+def _finished(completions: list[Completion]) -> Generator_[Delta, None, list[Completion]]:
+    """Completions made in one go, as a stream_rows()-shaped generator that yields nothing."""
+    return completions
+    yield  # a generator function
 
 
 def run_stream(stream: Generator_[Delta, None, list[Completion]], on_delta: Callable[[Delta], None] | None = None,
@@ -138,6 +219,9 @@ class Generator:
         if batch_size is not None and batch_size <= 0:
             raise Gpt2kitError(f"batch size must be > 0, got {batch_size}")
         notice = once(on_window_slide)  # one notice for the whole call, however many batches
+        if cfg.search == "beam":
+            yield from self._beam_batches(prompt, cfg, nsamples, batch_size, notice)
+            return
         if nsamples == 0:
             # endless: sample i is exactly sample i of a finite run (same index, so the same seed stream)
             prompts = self._prompts(prompt)
@@ -159,6 +243,22 @@ class Generator:
             batch = [prompts[k // nsamples] for k in range(start, min(start + bs, total))]
             yield stream_rows(self.model, self.tokenizer, batch, cfg, first_index=start, on_window_slide=notice)
 
+    def _beam_batches(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int,
+                      batch_size: int | None, notice: Callable[[], None] | None,
+                      ) -> Iterator[Generator_[Delta, None, list[Completion]]]:
+        """Beam search, whole prompts per batch: batch_size samples (each prompt's nsamples best beams; default
+        up to 32) -> about batch_size / nsamples prompts, each running num_beams cache rows."""
+        if nsamples == 0:
+            raise Gpt2kitError("beam search is deterministic: endless sampling (nsamples=0) would repeat it; "
+                               "give nsamples from 1 to num_beams")
+        prompts = self._prompts(prompt)
+        if not prompts:
+            raise Gpt2kitError("no prompts given: pass a prompt, a list of prompts, or None for unconditional")
+        per_batch = max(1, (batch_size or 32) // nsamples)
+        for start in range(0, len(prompts), per_batch):
+            yield _finished(beam_rows(self.model, self.tokenizer, prompts[start:start + per_batch], cfg, nsamples,
+                                      first_index=start * nsamples, on_window_slide=notice))
+
     def stream(self, prompt: str | Sequence[str] | None, cfg: GenerationConfig, nsamples: int = 1,
                batch_size: int | None = None,
                on_window_slide: Callable[[], None] | None = window_notice) -> Iterator[Delta]:
@@ -166,7 +266,10 @@ class Generator:
         Sample i of prompt j has index j * nsamples + i and uses seed (cfg.seed, that index), so the
         batch size never changes the text. nsamples=0 samples one prompt forever (default batch size 1),
         sample i equal to sample i of any finite nsamples. `on_window_slide` runs once per call when a
-        sample outgrows the context."""
+        sample outgrows the context. Beam search cannot stream (the best beam is known at the end only)."""
+        if cfg.search == "beam":
+            raise Gpt2kitError("beam search knows its best beam only when it ends, so it cannot stream: use "
+                               "completions() or generate()")
         for batch in self._batches(prompt, cfg, nsamples, batch_size, on_window_slide):
             yield from batch
 

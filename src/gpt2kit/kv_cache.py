@@ -22,6 +22,15 @@ class KVCache(nn.Module):
         """The cache of rows `rows` (default all), as views: (B, nh, S, hs) each."""
         return (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
 
+    def select_rows_(self, index: torch.Tensor, upto: int | None = None) -> None:
+        """Row i of the cache becomes what row index[i] holds (index (B,), any order, repeats allowed), in
+        slots 0..upto-1 (default all: slots past the filled ones need no copy), in place so that the buffers
+        keep their addresses (CUDA graphs read them): beam and contrastive search move each kept hypothesis's
+        keys and values to the rows that continue it."""
+        for c in (self.k, self.v):
+            c = c[:, :, :upto]  # (B, nh, upto, hs), a view
+            c.copy_(c.index_select(0, index))
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                rows: slice | None = None, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) at each row's own positions input_pos (B, T), into cache rows `rows`

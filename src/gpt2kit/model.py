@@ -193,6 +193,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
+    def select_cache_rows_(self, index: torch.Tensor, upto: int | None = None) -> None:
+        """Every layer's cache row i becomes its row index[i] (index (B,) over the cache's B rows), in the
+        first `upto` slots (default all)."""
+        for block in self.transformer.h:
+            block.attn.kv_cache.select_rows_(index, upto)
+
     @property
     def cache_len(self) -> int:
         c = self.transformer.h[0].attn.kv_cache

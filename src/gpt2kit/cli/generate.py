@@ -55,11 +55,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="never generate TEXT, with or without a leading space (repeatable)")
     c.add_argument("--min-tokens", type=int, default=0, metavar="N",
                    help="no <|endoftext|> or stop string ends a sample before N tokens")
+    b = p.add_argument_group("search (deterministic; see docs/generation.md)")
+    b.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (1: off)")
+    b.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-probability / length**X (default 1; > 0 favours longer beams)")
+    b.add_argument("--early-stopping", nargs="?", const=True, default=False, type=_early_stopping,
+                   metavar="never", help="end a prompt's beam search once N beams have finished; "
+                   "'--early-stopping never' searches on while a beam could still win")
+    b.add_argument("--penalty-alpha", type=float, default=0.0,
+                   help="contrastive search with --top-k candidates: weight of the degeneration penalty in [0, 1]")
     o = p.add_argument_group("output")
     o.add_argument("--include-prompt", action="store_true", help="print the prompt before the continuation")
     o.add_argument("--format", choices=("text", "jsonl"), default="text", help="stdout format")
     o.add_argument("--output", "-o", help="write samples to this JSON Lines file, with a progress bar")
     p.set_defaults(func=run)
+
+
+def _early_stopping(value: str) -> bool | str:
+    if value.lower() != "never":
+        raise argparse.ArgumentTypeError(f"takes no value or 'never', got {value!r} (give PROMPT before it)")
+    return "never"
 
 
 def _read_prompt(args: argparse.Namespace) -> str | None:
@@ -122,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
         stop_at_eot=args.stop_at_eot, seed=args.seed,
         no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, logit_bias=_logit_bias(args.logit_bias), bad_words=tuple(args.ban),
-        min_tokens=args.min_tokens,
+        min_tokens=args.min_tokens, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping, penalty_alpha=args.penalty_alpha,
     ).validate()  # bad flags fail before the model loads
+    if cfg.search == "beam" and not 1 <= args.nsamples <= cfg.num_beams:
+        raise Gpt2kitError(f"beam search returns the best 1 to --num-beams ({cfg.num_beams}) beams per prompt: "
+                           f"give --nsamples in that range, not {args.nsamples}")
     if args.output and not args.interactive:
         if args.nsamples == 0:
             raise Gpt2kitError("--output needs a finite --nsamples (0 means endless)")
@@ -165,7 +184,7 @@ class _Printer:
         args = self.args
         many = nsamples != 1 or args.nsamples != 1
         bs = batch_size or (1 if nsamples == 0 else min(nsamples, 32))
-        if bs == 1 and args.format == "text":
+        if bs == 1 and args.format == "text" and cfg.search != "beam":  # beam search cannot stream
             w = sys.stdout.write
             started: set[int] = set()
             for d in gen.stream(prompt, cfg, nsamples, bs, on_window_slide=self.notice):
