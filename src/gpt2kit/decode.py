@@ -70,7 +70,7 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
-        if self.logit_bias:
+        if not isinstance(self.logit_bias, tuple):  # a dict (empty included) or other pairs
             object.__setattr__(self, "logit_bias", normalize_logit_bias(self.logit_bias))
         if isinstance(self.bad_words, str):
             object.__setattr__(self, "bad_words", (self.bad_words,))
