@@ -5,12 +5,14 @@ the whole model gathered for best/, final/ and samples."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -98,13 +100,20 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path)
     """Weights and optimizer state from checkpoint `ckpt`'s shards, resharded for this job's processes
     (collective)."""
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    # DCP's loader logs each failed attempt's traceback on the root logger: quiet while it reads, since a
+    # failure is reported below in one line
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
     try:
         dcp.load(state, checkpoint_id=str(ckpt / SHARDS))
-    except Exception as e:  # noqa: BLE001 - DCP wraps each process's failure; one line says what to do
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - (CheckpointException is a BaseException)
         why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise Gpt2kitError(f"cannot read the sharded checkpoint {ckpt / SHARDS} ({why}); it must come from an "
                            "--fsdp run of this model with the same trained parameters (--freeze, LoRA); delete "
                            f"{ckpt} to resume from the checkpoint before it") from None
+    finally:
+        root.setLevel(level)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
