@@ -209,3 +209,37 @@ def test_fsdp_without_torchrun_and_offload_without_fsdp_are_one_line_errors(tmp_
             finetune(cfg, progress=False)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "run").exists()
+
+
+def test_lora_run_of_one_process_continues_with_two(tmp_path, model_dir):
+    # LoRA under --fsdp, started by one process (--grad-accum 2), continued for longer by two (--grad-accum 1,
+    # resharded): the same adapters and merged model as one process without FSDP (constant lr: extending a run
+    # changes a decaying schedule)
+    lora = ["--lora-rank", "4", "--lora-dropout", "0", "--schedule", "constant", "--warmup-steps", "0",
+            "--grad-accum", "2"]
+
+    def args(out: Path, steps: int) -> list[str]:
+        a = _args(model_dir, out)
+        a[a.index("--steps") + 1] = str(steps)
+        return a + lora
+
+    ref = subprocess.Popen([sys.executable, "-m", "gpt2kit", *args(tmp_path / "ref", 4)], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = _torchrun(1, *args(tmp_path / "run", 2), "--fsdp")
+        assert first.returncode == 0, first.stderr
+        more = _torchrun(2, "finetune", "--resume", str(tmp_path / "run"), "--steps", "4", "--no-progress")
+        _, err = ref.communicate(timeout=300)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
+    assert ref.returncode == 0, err
+    assert more.returncode == 0, more.stderr
+    assert "resharding: 1 process -> 2; --grad-accum 2 -> 1 keeps the global batch" in more.stderr
+    assert (checkpoint_dirs(tmp_path / "run")[-1][1] / "adapter_config.json").is_file()
+    for f in ("adapter.safetensors", "model.safetensors"):  # the adapters, and the merged model
+        a, b = load_file(str(tmp_path / "ref/final" / f)), load_file(str(tmp_path / "run/final" / f))
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (f, k)
