@@ -93,7 +93,10 @@ def local_bytes(tensors: Any) -> int:
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, out: Path) -> None:
     """Every process writes its shards of the weights and the optimizer state into `out` (collective)."""
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(out))
+    try:
+        dcp.save(state, checkpoint_id=str(out))
+    except CheckpointException as e:  # (a BaseException): as an error rundir.writing reports in one line
+        raise RuntimeError((str(e).strip().splitlines() or ["DCP save failed"])[-1]) from None
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:

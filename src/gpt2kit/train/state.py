@@ -26,8 +26,8 @@ class TrainState:
     """Where a run is: its counters and best-validation bookkeeping, and through `trainer` and `batcher` the
     optimizer, the loss scaler and the data position; with every random generator's state, that is what a
     resumed run needs to recompute the next steps bit for bit. trainer.pt keys (version 1): version, step,
-    world_size, optimizer, scaler, scheduler, batcher, rng, best_val_loss, best_step, bad_evals, tokens,
-    train_time, last_loss."""
+    world_size, optimizer (None under --fsdp: the checkpoint's sharded/ holds it), scaler, scheduler, batcher,
+    rng, best_val_loss, best_step, bad_evals, tokens, train_time, last_loss."""
     trainer: Trainer
     batcher: Batcher
     step: int = 0  # optimizer steps done
