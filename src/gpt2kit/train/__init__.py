@@ -4,7 +4,8 @@
 The package, by concern: config (TrainConfig, RunResult, the default cadence; free of torch), precision,
 trainer (the optimizer step), fast_paths (the CPU/GPU fast paths training hands the model), distributed
 (torchrun), fsdp (--fsdp: sharding with FSDP2, sharded checkpoints, the gathered model), state (TrainState:
-what a checkpoint's trainer.pt holds), rundir (the run directory's life), setup (model, data and the resolved config), loop (the run itself: finetune, resume).
+what a checkpoint's trainer.pt holds), rundir (the run directory's life), setup (model, data and the resolved
+config), loop (the run itself: finetune, resume).
 
 Determinism, which exact resume rests on: the batch of micro-step j is a pure function of (seed, j)
 (data.Batcher), the dropout generator is re-seeded from (seed, step, rank) before every optimizer step,
