@@ -243,3 +243,12 @@ def test_lora_run_of_one_process_continues_with_two(tmp_path, model_dir):
         assert set(a) == set(b)
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (f, k)
+
+
+def test_model_of_a_run_with_only_sharded_checkpoints_is_a_one_line_error(tmp_path, runs):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "fsdp", run)
+    shutil.rmtree(run / "best")
+    shutil.rmtree(run / "final")
+    with pytest.raises(Gpt2kitError, match="its checkpoints hold --fsdp shards, not a model; resume it"):
+        load_model(run)
