@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from gpt2kit import lora
 from gpt2kit.config import GPTConfig
+from gpt2kit.train import precision
 from gpt2kit.train.config import TrainConfig
 from gpt2kit.train.fsdp import local_bytes
 from gpt2kit.train.trainer import Trainer, freeze
@@ -72,6 +73,19 @@ def main() -> None:
         out[f"{name}_adapter_moved"] = not torch.equal(before["transformer.h.0.mlp.c_fc.lora_B"],
                                                        after["transformer.h.0.mlp.c_fc.lora_B"])
         out[f"{name}_param_device"] = str(next(model.parameters()).to_local().device)
+    # bfloat16 through torch.autocast (as on GPUs and CPUs with bfloat16 arithmetic; forced here): FSDP2 gathers
+    # the weights in bfloat16 (MixedPrecisionPolicy), the shards and AdamW stay float32
+    precision._native_cpu = lambda dtype: True
+    model = random_model(CONFIG, seed=1)
+    trainer = step(model, dtype="bfloat16")
+    out["mp_mode"] = trainer.precision.mode
+    out["mp_shard_dtypes"] = sorted({str(p.to_local().dtype) for p in model.parameters()})
+    x = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    seen: list = []
+    hook = model.transformer.h[0].attn.c_attn.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    out["mp_loss"] = float(trainer.forward_backward([(x, x)]))
+    hook.remove()
+    out["mp_gathered_dtype"] = str(seen[0])
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
     dist.destroy_process_group()

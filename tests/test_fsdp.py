@@ -134,7 +134,7 @@ def test_gathered_final_model_loads_in_transformers_with_identical_logits(runs):
         torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_each_process_holds_half_the_optimizer_state_and_freeze_lora_offload_train():
+def test_each_process_holds_half_the_optimizer_state_and_freeze_lora_offload_bf16_train():
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests/fsdp_worker.py"), str(ROOT)], env=ENV, capture_output=True, text=True,
                           timeout=300)
@@ -148,6 +148,8 @@ def test_each_process_holds_half_the_optimizer_state_and_freeze_lora_offload_tra
     for name in ("lora", "offload"):
         assert got[f"{name}_base_same"] and got[f"{name}_adapter_moved"], got
         assert got[f"{name}_param_device"] == "cpu"
+    assert got["mp_mode"] == "autocast" and got["mp_shard_dtypes"] == ["torch.float32"], got
+    assert got["mp_gathered_dtype"] == "torch.bfloat16" and 9 < got["mp_loss"] < 12, got
 
 
 def test_killed_run_resumes_with_two_processes_and_with_one(tmp_path, model_dir, runs):
