@@ -23,6 +23,8 @@ from gpt2kit.errors import Gpt2kitError
 from gpt2kit.runs import checkpoint_dirs, read_metrics
 from gpt2kit.tokenizer import Tokenizer
 from gpt2kit.train import TrainConfig, finetune
+from gpt2kit.train.distributed import _Dist
+from gpt2kit.train.loop import _Run
 from tests.conftest import JOKES, VOCAB_DIR, random_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -254,3 +256,17 @@ def test_model_of_a_run_with_only_sharded_checkpoints_is_a_one_line_error(tmp_pa
     shutil.rmtree(run / "final")
     with pytest.raises(Gpt2kitError, match="its checkpoints hold --fsdp shards, not a model; resume it"):
         load_model(run)
+
+
+def test_resuming_with_a_number_of_processes_that_cannot_share_the_batch_is_refused(tmp_path, runs):
+    # runs/fsdp: 2 processes x --grad-accum 1, so 2 micro-batches a step: 1 or 2 processes can resume it, 3 not
+    run = _Run.__new__(_Run)  # (only what _regroup reads)
+    run.dir, run.say = runs / "fsdp", lambda msg: None
+    cfg = TrainConfig.from_dict(json.loads((runs / "fsdp/config.json").read_text()))
+    ckpt = checkpoint_dirs(runs / "fsdp")[-1][1]
+    run.dist = _Dist(world=1)
+    assert run._regroup(cfg, ckpt).grad_accum == 2
+    run.dist = _Dist(world=3)
+    with pytest.raises(Gpt2kitError, match="each of its steps is 2 micro-batches of 4 sequences .* which 3 processes "
+                                           "cannot share evenly; resume it with a number of processes that divides 2"):
+        run._regroup(cfg, ckpt)
