@@ -188,4 +188,7 @@ def run_model_dir(path: Path) -> Path | None:
     for _, c in reversed(checkpoint_dirs(path)):
         if is_model_dir(c):
             return c
+    if any((c / "sharded").is_dir() for _, c in checkpoint_dirs(path)):  # (train/fsdp.py's SHARDS)
+        raise Gpt2kitError(f"run directory {path} has no saved model yet: no best/ or final/, and its checkpoints "
+                           "hold --fsdp shards, not a model; resume it (under torchrun) to write final/")
     raise Gpt2kitError(f"run directory {path} has no saved model yet (no best/, final/ or checkpoints/)")

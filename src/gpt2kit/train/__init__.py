@@ -3,8 +3,9 @@
 
 The package, by concern: config (TrainConfig, RunResult, the default cadence; free of torch), precision,
 trainer (the optimizer step), fast_paths (the CPU/GPU fast paths training hands the model), distributed
-(torchrun), state (TrainState: what a checkpoint's trainer.pt holds), rundir (the run directory's life),
-setup (model, data and the resolved config), loop (the run itself: finetune, resume).
+(torchrun), fsdp (--fsdp: sharding with FSDP2, sharded checkpoints, the gathered model), state (TrainState:
+what a checkpoint's trainer.pt holds), rundir (the run directory's life), setup (model, data and the resolved
+config), loop (the run itself: finetune, resume).
 
 Determinism, which exact resume rests on: the batch of micro-step j is a pure function of (seed, j)
 (data.Batcher), the dropout generator is re-seeded from (seed, step, rank) before every optimizer step,
@@ -14,7 +15,9 @@ resumed from its last checkpoint recomputes the lost steps bit for bit and ends 
 
 Data parallelism: under `torchrun`, rank r of W takes micro-batches j*W + r (see data.Batcher), and
 gradients are averaged across ranks, so W processes with batch B and accumulation A compute the same
-update as one process with batch B and accumulation A*W."""
+update as one process with batch B and accumulation A*W. Under --fsdp the same holds, each rank holding
+1/W of the weights, gradients and optimizer state; a resume with W' processes keeps A*W micro-batches a step
+by setting the accumulation to A*W/W'."""
 
 from __future__ import annotations
 

@@ -163,6 +163,10 @@ class TrainConfig:
     grad_checkpointing: bool = option(False, group=HARDWARE, help="recompute activations in backward: much less "
                                       "memory, ~30%% more compute")
     compile: bool = option(False, group=HARDWARE, help="torch.compile the model (slow start; helps on GPUs)")
+    fsdp: bool = option(False, group=HARDWARE, help="under torchrun: shard weights, gradients and optimizer state "
+                        "across the processes, per transformer block (PyTorch FSDP2), instead of a whole copy in each")
+    fsdp_cpu_offload: bool = option(False, group=HARDWARE, help="with --fsdp: keep the sharded weights, gradients "
+                                    "and optimizer state in CPU memory (the optimizer steps there)")
     dropout: float = option(0.0, group=TRAINING, help="dropout rate (default 0; 0.1 can help on small data)")
     freeze: list[str] = option(factory=list, group=TRAINING, action="append", metavar="PARTS",
                                help="freeze parts: embeddings, wte, wpe, ln_f, blocks, blocks:A-B, attn, mlp, ln, or a "
@@ -273,6 +277,10 @@ class TrainConfig:
         need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
         need(not (self.lora_rank and self.init == "scratch"),
              "LoRA adapts a pretrained model; with --init scratch train all weights (drop --lora-rank)")
+        need(self.fsdp or not self.fsdp_cpu_offload, "--fsdp-cpu-offload offloads the shards of --fsdp: add --fsdp "
+             "(under torchrun)")
+        need(not (self.fsdp and self.dtype == "float16"), "--fsdp trains in float32 or bfloat16: float16's loss "
+             "scaling is not supported on sharded gradients; use --dtype bfloat16")
         need(not (self.lora_rank and self.freeze), "--freeze and --lora-rank don't mix: LoRA already "
              "freezes every base weight")
         need(bool(self.lora_rank) or (self.lora_alpha is None and self.lora_dropout == 0.05

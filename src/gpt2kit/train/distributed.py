@@ -18,6 +18,7 @@ from gpt2kit import memory
 from gpt2kit.checkpoints import pick_device
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.train.config import TrainConfig
+from gpt2kit.train.fsdp import check_launch
 
 
 def _peer_failed(e: BaseException) -> bool:
@@ -121,7 +122,8 @@ def _one_line(e: Exception, rank: int) -> str:
 def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device, str]:
     """Process group (under torchrun) and this process's device, plus a sentence saying why."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    check_launch(cfg.fsdp)
+    if world <= 1 and not cfg.fsdp:  # (--fsdp shards over a process group, one process's too)
         dev = pick_device(cfg.device)
         return _Dist(), dev, _device_reason(cfg.device, dev)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -136,7 +138,8 @@ def _init_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device, str]:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    reason = f"{_device_reason(cfg.device, dev)}; {world} processes, {backend}"
+    reason = (f"{_device_reason(cfg.device, dev)}; {world} process{'es' if world > 1 else ''}, {backend}"
+              + (", FSDP" + (" with CPU offload" if cfg.fsdp_cpu_offload else "") if cfg.fsdp else ""))
     return _Dist(rank, world, local, True), dev, reason
 
 

@@ -34,7 +34,8 @@ from gpt2kit.run_numbers import new_run_dir, resolve_run_ref
 from gpt2kit.train.config import RunResult, TrainConfig
 from gpt2kit.train.config import resume_hint as _resume_hint
 from gpt2kit.train.distributed import _init_distributed, _out_of_memory, _peer_failed
-from gpt2kit.train.rundir import RunDir, write_checkpoint, write_named
+from gpt2kit.train.fsdp import SHARDS, gathered_model, is_sharded_checkpoint, load_sharded, save_sharded
+from gpt2kit.train.rundir import RunDir, stage_checkpoint, write_checkpoint, write_named, writing
 from gpt2kit.train.setup import (
     build_model,
     check_paths,
@@ -45,7 +46,7 @@ from gpt2kit.train.setup import (
     resolve_config,
     sample_texts,
 )
-from gpt2kit.train.state import TrainState
+from gpt2kit.train.state import TrainState, read_state
 from gpt2kit.train.trainer import Trainer, lr_at
 
 log = logging.getLogger("gpt2kit")
@@ -120,18 +121,29 @@ class _Run:
         step = self.state.step
         # every rank's state is identical here; the main one writes
         state = self.state.state_dict(schedule=self.cfg.schedule, total_steps=self.cfg.steps, world=self.dist.world)
+        sharded = self.trainer.fsdp
+        if sharded:  # every process writes its shards of the weights and optimizer state into the staged folder
+            tmp = self.dir / "checkpoints" / f".tmp-step-{step}"
+            self.dist.agree((lambda: stage_checkpoint(self.dir, step)) if self.dist.main else None)
+
+            def shards() -> None:
+                with (writing(tmp, tmp.with_name(f"step-{step}"), run_dir=self.dir, model=self.model,
+                              world=self.dist.world) if self.dist.main else contextlib.nullcontext()):
+                    save_sharded(self.model, self.trainer.optimizer, tmp / SHARDS)
+            self.dist.agree(shards)
 
         def write() -> None:
             write_checkpoint(self.dir, step, state, model=self.model, tok=self.tok, lora_cfg=self.lora_cfg,
-                             keep=self.cfg.keep, world=self.dist.world)
+                             keep=self.cfg.keep, world=self.dist.world, sharded=sharded)
             runs.update_run_json(self.dir, step=step, checkpoint=f"checkpoints/step-{step}", **self.state.best(),
                                  last_loss=self.state.last_loss)
             self._plot()
         self.dist.agree(write if self.dist.main else None)
 
     def save_named(self, name: str) -> Path:
-        """best/ or final/."""
-        self.dist.agree(lambda: write_named(self.dir, name, model=self.model, tok=self.tok, lora_cfg=self.lora_cfg,
+        """best/ or final/ (under --fsdp, the whole model gathered into the main process)."""
+        model = gathered_model(self.model, self.lora_cfg) if self.trainer.fsdp else self.model
+        self.dist.agree(lambda: write_named(self.dir, name, model=model, tok=self.tok, lora_cfg=self.lora_cfg,
                                             world=self.dist.world) if self.dist.main else None)
         return self.dir / name
 
@@ -185,9 +197,14 @@ class _Run:
         return loss
 
     def sample(self, step: int) -> None:
+        model = self.model
+        if self.trainer.fsdp:  # sampled from the whole model, gathered into the main process (a collective call)
+            model = gathered_model(self.model, self.lora_cfg)
+            if model is not None:
+                model.to(self.device)
         if not self.dist.main:
             return
-        texts = sample_texts(self.model, self.tok, self.cfg.prompts, self.cfg.sample_tokens,
+        texts = sample_texts(model, self.tok, self.cfg.prompts, self.cfg.sample_tokens,
                               seed=self.cfg.seed + step, temperature=self.cfg.sample_temperature,
                               top_k=self.cfg.sample_top_k)
         out = self.dir / "samples"
@@ -283,6 +300,8 @@ class _Run:
                                               say=say)
         self.rundir.record.update(record)
         asked_eval = cfg.eval_every
+        if ckpt is not None and (cfg.fsdp or is_sharded_checkpoint(ckpt)):
+            cfg = self._regroup(cfg, ckpt)
         self.cfg = cfg = resolve_config(cfg, self.model, train, val, world=dist.world, device=self.device, say=say)
         self.batcher, self.val_batcher = make_batchers(cfg, train, val, self.tok, dist=dist, device=self.device,
                                                        say=say)
@@ -292,15 +311,19 @@ class _Run:
         if asked_eval and self.val_batcher is None:
             say(f"warning: --eval-every {asked_eval} needs validation data and this run has none; it will not "
                 "evaluate")
-        self.trainer = Trainer(self.model, cfg, self.device, ddp=dist.initialized)
+        self.trainer = Trainer(self.model, cfg, self.device, ddp=dist.initialized and not cfg.fsdp, fsdp=cfg.fsdp)
         self.state = TrainState(self.trainer, self.batcher)
         if ckpt is not None:
-            self.state.load(ckpt, device=self.device, world=dist.world, run_dir=self.dir)
+            self.state.load(ckpt, device=self.device, world=dist.world, run_dir=self.dir, any_world=cfg.fsdp)
+            if cfg.fsdp:  # the weights and optimizer state, resharded for this job; its data position
+                load_sharded(self.model, self.trainer.optimizer, ckpt)
+                self.batcher.step = self.state.step * cfg.grad_accum
         if self.state.step >= cfg.steps and self.extending:
             raise Gpt2kitError(f"cannot continue {self.dir} to {plural(cfg.steps, 'step')}: it has done "
                                f"{self.state.step} already (--steps and --epochs with --resume give the new total)")
         # a batch that cannot fit is refused before the commit, so it leaves no run (and --overwrite deletes nothing)
-        warn = memory_warning(self.model, cfg, cfg.block_size, self.device, sum(p.numel() for p in self.trainer.params))
+        warn = memory_warning(self.model, cfg, cfg.block_size, self.device, sum(p.numel() for p in self.trainer.params),
+                              shards=dist.world if cfg.fsdp else 1)
         dist.agree((lambda: self.rundir.commit(cfg, self.tok, self.state.step)) if dist.main else None)
         if warn:
             say(f"warning: {warn}")
@@ -333,6 +356,31 @@ class _Run:
         if cfg.wandb and self.dist.main:
             self.trackers = tracking.open_trackers(cfg.to_dict(), self.dir, use_wandb=True,
                                                    wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name)
+
+    def _regroup(self, cfg: TrainConfig, ckpt: Path) -> TrainConfig:
+        """An --fsdp run resumed by another number of processes: its checkpoint reshards, and the global batch
+        (batch x grad accum x processes, and the data each step reads) stays the run's, through --grad-accum."""
+        if not cfg.fsdp:
+            raise Gpt2kitError(f"cannot resume {self.dir}: its checkpoint {ckpt} is sharded (an --fsdp run's) and "
+                               "its config.json does not say fsdp; set \"fsdp\": true there and resume it under "
+                               "torchrun")
+        if not is_sharded_checkpoint(ckpt):
+            raise Gpt2kitError(f"cannot resume {self.dir} with --fsdp: its checkpoint {ckpt} holds no sharded "
+                               f"state ({SHARDS}/), so it was not written by an --fsdp run")
+        then = int(read_state(ckpt, device=torch.device("cpu"), world=self.dist.world, run_dir=self.dir,
+                              any_world=True).get("world_size", self.dist.world))
+        now = self.dist.world
+        if then == now:
+            return cfg
+        micro = cfg.grad_accum * then  # micro-batches of --batch-size sequences in each step, of every process
+        if micro % now:
+            raise Gpt2kitError(f"cannot resume {self.dir} with {now} processes: each of its steps is {micro} "
+                               f"micro-batches of {cfg.batch_size} sequences (--grad-accum {cfg.grad_accum} x {then} "
+                               f"processes), which {now} processes cannot share evenly; resume it with a number of "
+                               f"processes that divides {micro}")
+        self.say(f"resharding: {then} process{'es' if then > 1 else ''} -> {now}; --grad-accum {cfg.grad_accum} -> "
+                 f"{micro // now} keeps the global batch")
+        return replace(cfg, grad_accum=micro // now)
 
     def _loop(self, interrupt: _Interrupt) -> tuple[str, bool]:
         cfg, st, dist = self.cfg, self.state, self.dist

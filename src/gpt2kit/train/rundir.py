@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from gpt2kit import lora, runs
 from gpt2kit.checkpoints import hf, save_model
 from gpt2kit.errors import Gpt2kitError
+from gpt2kit.layout import ADAPTER_CONFIG
 from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer
 from gpt2kit.train.config import TrainConfig, resume_hint
@@ -175,17 +176,34 @@ def writing(tmp: Path, final: Path, *, run_dir: Path, model: GPT, world: int) ->
                            ) from None
 
 
+def stage_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh, empty checkpoints/.tmp-step-N, where checkpoint step-N is written before write_checkpoint
+    renames it."""
+    root = run_dir / "checkpoints"
+    tmp = root / f".tmp-step-{step}"
+    root.mkdir(exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def write_checkpoint(run_dir: Path, step: int, state: dict[str, Any], *, model: GPT, tok: Tokenizer,
-                     lora_cfg: lora.LoraConfig | None, keep: int, world: int) -> None:
-    """checkpoints/step-N: the model (or adapter) and trainer.pt; only the newest `keep` are kept."""
+                     lora_cfg: lora.LoraConfig | None, keep: int, world: int, sharded: bool = False) -> None:
+    """checkpoints/step-N: the model (or adapter) and trainer.pt; only the newest `keep` are kept. `sharded`:
+    an --fsdp checkpoint, whose processes have already written the weights and the optimizer state into the
+    staged folder (stage_checkpoint, then fsdp.save_sharded); the model's config.json (LoRA: and its
+    adapter_config.json) and trainer.pt go beside them."""
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step-{step}"
     with writing(tmp, root / f"step-{step}", run_dir=run_dir, model=model, world=world):
-        root.mkdir(exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        write_model(model, tok, lora_cfg, tmp)
+        if sharded:
+            runs.write_json(tmp / "config.json", model.config.to_hf_dict())
+            if lora_cfg is not None:
+                runs.write_json(tmp / ADAPTER_CONFIG, lora_cfg.to_dict())
+        else:
+            stage_checkpoint(run_dir, step)
+            write_model(model, tok, lora_cfg, tmp)
         TrainState.save_dict(state, tmp / TRAINER_STATE)
     runs.replace_dir(tmp, root / f"step-{step}")
     for _, old in runs.checkpoint_dirs(run_dir)[:-keep]:

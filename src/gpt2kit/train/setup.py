@@ -27,18 +27,23 @@ from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer, find_vocab_files
 from gpt2kit.train.config import DEFAULT_PROMPTS, TrainConfig, default_cadence
 from gpt2kit.train.distributed import _Dist
+from gpt2kit.train.fsdp import is_sharded_checkpoint
 from gpt2kit.train.rundir import STAGING
 from gpt2kit.train.trainer import freeze, set_dropout
 
 _EVAL_TOKENS = 32768  # validation targets an evaluation scores by default
 
 
-def memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.device, trainable: int) -> str | None:
+def memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.device, trainable: int,
+                   shards: int = 1) -> str | None:
     """A rough peak-memory estimate, to warn before the OS kills the process (CPU) or CUDA runs out; a run
-    that needs more than the device's whole memory is refused (a Gpt2kitError) before it starts."""
+    that needs more than the device's whole memory is refused (a Gpt2kitError) before it starts. `shards`:
+    the processes --fsdp spreads the weights and optimizer state over (none of it on a GPU with CPU offload)."""
     c = model.config
     n = sum(p.numel() for p in model.parameters())
-    state = 4 * n + 12 * trainable  # weights + grads + Adam moments, float32
+    state = (4 * n + 12 * trainable) // shards  # weights + grads + Adam moments, float32
+    if cfg.fsdp_cpu_offload and device.type != "cpu":
+        state = 0
     tokens = cfg.batch_size * block
     per_layer = 34 * c.n_embd * 4 if not cfg.grad_checkpointing else c.n_embd * 4
     acts = tokens * (c.n_layer * per_layer + 3 * c.vocab_size * 4)
@@ -154,7 +159,11 @@ def load_model(cfg: TrainConfig, ckpt: Path | None, *, run_dir: Path, device: to
         if tok_dir is None:
             raise Gpt2kitError("training from scratch needs a tokenizer: pass --tokenizer DIR (a directory "
                                "with vocab.json + merges.txt, e.g. a GPT-2 model directory)")
-        if full_ckpt:
+        if full_ckpt and is_sharded_checkpoint(ckpt):
+            # an --fsdp checkpoint: the architecture here, the weights from its shards once the model is sharded
+            # (fsdp.load_sharded)
+            model, tok = GPT(GPTConfig.from_json_file(ckpt / "config.json")).to(device), Tokenizer.from_dir(tok_dir)
+        elif full_ckpt:
             model, tok = checkpoints.load_model(ckpt, device=device, dtype=torch.float32, tokenizer_dir=tok_dir)
         else:
             if cfg.config and Path(cfg.config).is_file():
@@ -187,7 +196,7 @@ def build_model(cfg: TrainConfig, ckpt: Path | None, *, run_dir: Path, device: t
                                    targets=cfg.lora_targets, base_model=base_dir, base_fingerprint=base_fp)
         torch.manual_seed(cfg.seed)
         lora.apply_lora(model, lora_cfg)
-        if ckpt is not None:
+        if ckpt is not None and not is_sharded_checkpoint(ckpt):  # (an --fsdp checkpoint's: fsdp.load_sharded)
             lora.load_adapter_weights(model, ckpt)
     if cfg.freeze:
         frozen = freeze(model, cfg.freeze)

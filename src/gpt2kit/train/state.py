@@ -26,8 +26,8 @@ class TrainState:
     """Where a run is: its counters and best-validation bookkeeping, and through `trainer` and `batcher` the
     optimizer, the loss scaler and the data position; with every random generator's state, that is what a
     resumed run needs to recompute the next steps bit for bit. trainer.pt keys (version 1): version, step,
-    world_size, optimizer, scaler, scheduler, batcher, rng, best_val_loss, best_step, bad_evals, tokens,
-    train_time, last_loss."""
+    world_size, optimizer (None under --fsdp: the checkpoint's sharded/ holds it), scaler, scheduler, batcher,
+    rng, best_val_loss, best_step, bad_evals, tokens, train_time, last_loss."""
     trainer: Trainer
     batcher: Batcher
     step: int = 0  # optimizer steps done
@@ -85,13 +85,14 @@ class TrainState:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def load(self, ckpt: Path, *, device: torch.device, world: int, run_dir: Path) -> None:
+    def load(self, ckpt: Path, *, device: torch.device, world: int, run_dir: Path, any_world: bool = False) -> None:
         """Restore everything from checkpoint `ckpt`'s trainer.pt, which must come from a job of `world`
-        processes."""
-        self.load_state_dict(read_state(ckpt, device=device, world=world, run_dir=run_dir))
+        processes unless `any_world` (an --fsdp run, whose global batch the caller has kept: fsdp_regroup)."""
+        self.load_state_dict(read_state(ckpt, device=device, world=world, run_dir=run_dir, any_world=any_world))
 
 
-def read_state(ckpt: Path, *, device: torch.device, world: int, run_dir: Path) -> dict[str, Any]:
+def read_state(ckpt: Path, *, device: torch.device, world: int, run_dir: Path,
+               any_world: bool = False) -> dict[str, Any]:
     try:
         state = load_pickle(ckpt / TRAINER_STATE, map_location=device)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -101,7 +102,7 @@ def read_state(ckpt: Path, *, device: torch.device, world: int, run_dir: Path) -
         raise Gpt2kitError(f"{ckpt / TRAINER_STATE} has format v{state.get('version')}; this gpt2kit "
                            f"reads v{TRAINER_STATE_VERSION}")
     then = state.get("world_size", world)  # (absent from older checkpoints)
-    if then != world:
+    if then != world and not any_world:
         q = shlex.quote(str(run_dir))
         how = (f"`torchrun --nproc_per_node {then} -m gpt2kit finetune --resume {q}`" if then > 1 else
                f"without torchrun: `gpt2kit finetune --resume {q}`")

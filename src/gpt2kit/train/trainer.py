@@ -21,6 +21,7 @@ from gpt2kit.model import GPT
 from gpt2kit.ops import PaddedHeadLoss, fused_head_loss
 from gpt2kit.train.config import TrainConfig, frozen_names
 from gpt2kit.train.fast_paths import _NormInBackward, training_ops, tune_cpu_allocator
+from gpt2kit.train.fsdp import shard_model
 from gpt2kit.train.precision import Precision
 
 
@@ -88,8 +89,11 @@ class Trainer:
     micro-batch), clipping and the AdamW step. The training loop, the benchmark and the parity test all
     use this, so they measure and test the same code."""
 
-    def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device, *, ddp: bool = False):
+    def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device, *, ddp: bool = False,
+                 fsdp: bool = False):
         self.model, self.cfg, self.device = model, cfg, device
+        if ddp and fsdp:
+            raise ValueError("Trainer: ddp or fsdp, not both")
         with torch.no_grad():
             for p in model.parameters():
                 if not p.is_contiguous():
@@ -97,6 +101,14 @@ class Trainer:
                     # row-major weights so that gradients and optimizer state need no layout copies (~3%)
                     p.data = p.data.contiguous()
         self.precision = Precision(cfg.dtype, device)
+        self.fsdp = fsdp
+        if fsdp:  # (before the optimizer, which must hold the sharded parameters)
+            if self.precision.scaler is not None:
+                raise Gpt2kitError("--fsdp trains in float32 or bfloat16: float16's loss scaling is not supported "
+                                   "on sharded gradients; use --dtype bfloat16")
+            shard_model(model, self.precision, cpu_offload=cfg.fsdp_cpu_offload)
+        # gradients averaged over the processes (DDP's reducer, FSDP's reduce-scatter), losses summed over them
+        self.distributed = ddp or fsdp
         self.optimizer = build_optimizer(model, cfg, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.ddp = ddp
@@ -111,13 +123,13 @@ class Trainer:
         # the clipping norm summed during backward, where optimizer_step hands it to fused AdamW (not under DDP,
         # whose reducer averages the gradients after their hooks ran)
         self.norm_in_backward: _NormInBackward | None = None
-        if (self.cpu_kernels and cfg.grad_clip > 0 and self.precision.scaler is None and not ddp
+        if (self.cpu_kernels and cfg.grad_clip > 0 and self.precision.scaler is None and not self.distributed
                 and self.optimizer.defaults.get("fused")):
             self.norm_in_backward = _NormInBackward(self.params)
         # the model's forward pass with the fast paths for this device and precision (fast_paths.py says which)
-        model.use_ops(training_ops(model, device, self.precision, ddp=ddp, compiled=cfg.compile,
+        model.use_ops(training_ops(model, device, self.precision, ddp=self.distributed, compiled=cfg.compile,
                                    cpu_kernels=self.cpu_kernels, norm=self.norm_in_backward))
-        if device.type == "cpu" and not ddp:
+        if device.type == "cpu" and not self.distributed:
             # not under torch.distributed, where it has not been measured
             tune_cpu_allocator()
 
@@ -167,7 +179,7 @@ class Trainer:
             counts = [(y != -100).sum().float() for _, y in batches]
             total_count = torch.stack(counts).sum()
             world = 1
-            if self.ddp:
+            if self.distributed:
                 dist.all_reduce(total_count)  # (SUM) every process's targets; DDP then averages over the world
                 world = dist.get_world_size()
             # (a step whose micro-batches hold no target at all has zero gradient, not NaN)
@@ -197,8 +209,8 @@ class Trainer:
         clip = self.cfg.grad_clip > 0
         # without loss scaling, fused AdamW applies clip_grad_norm_'s factor itself, max_norm / (norm + 1e-6)
         # when below 1, as it reads each gradient (it divides by `grad_scale`): one pass over the gradients
-        # fewer than scaling them in place first
-        in_adamw = clip and scaler is None and bool(self.optimizer.defaults.get("fused"))
+        # fewer than scaling them in place first. (Sharded gradients: clip_grad_norm_ sums every shard's norm.)
+        in_adamw = clip and scaler is None and bool(self.optimizer.defaults.get("fused")) and not self.fsdp
         norm = None
         if in_adamw:
             norm = (self.norm_in_backward.total() if self.norm_in_backward is not None and self.norm_in_backward.ready
@@ -206,6 +218,8 @@ class Trainer:
             self.optimizer.grad_scale = ((norm + 1e-6) / self.cfg.grad_clip).clamp(min=1.0)
         elif clip:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            if hasattr(norm, "full_tensor"):  # (a DTensor under --fsdp: the norm of every shard together)
+                norm = norm.full_tensor()
         try:
             if scaler is not None:
                 scaler.step(self.optimizer)
@@ -234,17 +248,19 @@ class Trainer:
                 count += (y != -100).sum()
         finally:
             self.model.train(was_training)
-        if self.ddp:
+        if self.distributed:
             both = torch.stack([total, count])
             dist.all_reduce(both)
             total, count = both[0], both[1]
         return float(total), int(count)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
+        # (under --fsdp the optimizer state is sharded: the checkpoint's DCP shards hold it, fsdp.save_sharded)
+        return {"optimizer": None if self.fsdp else self.optimizer.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
