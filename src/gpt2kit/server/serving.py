@@ -385,6 +385,12 @@ class _Output:
             out += sorted(cands, key=lambda c: c.score, reverse=True)[:n]  # stable: ties keep sample order
         return out
 
+    def sse_envelope(self) -> tuple[bytes, bytes]:
+        """The bytes before and after one choice's JSON in a stream event (usage null)."""
+        mark = "\x00choice\x00"
+        head, tail = _JSON.encode(self.envelope([mark])).split(_JSON.encode(mark))
+        return b"data: " + head.encode(), tail.encode() + b"\n\n"
+
     def response(self) -> dict[str, Any]:
         choices = []
         for i, c in enumerate(self.best()):
@@ -396,16 +402,23 @@ class _Output:
         return self.envelope(choices, self.usage())
 
 
-async def _sse(out: _Output, stream: Stream, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(out: _Output, stream: Stream, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: one event per delta, and everything that arrived since the last write goes out as
+    one chunk (one write per engine step per request, fewer when the client's task falls behind). The
+    envelope around each event's choice is encoded once per response."""
+    head, tail = out.sse_envelope()
+    dumps = _JSON.encode
     try:
         try:
-            async for d in stream:
-                yield "data: " + json.dumps(out.envelope([out.add(d, stream)])) + "\n\n"
+            while deltas := await stream.next_batch():
+                yield b"".join(head + dumps(out.add(d, stream)).encode() + tail for d in deltas)
             if include_usage:
-                yield "data: " + json.dumps(out.envelope([], out.usage())) + "\n\n"
+                yield b"data: " + dumps(out.envelope([], out.usage())).encode() + b"\n\n"
         except Gpt2kitError as e:  # headers are sent: report in the stream, as OpenAI does
-            yield "data: " + json.dumps(engine_error(e).body()) + "\n\n"
-        yield "data: [DONE]\n\n"
+            yield b"data: " + dumps(engine_error(e).body()).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
     finally:
         stream.cancel()  # client went away (the response task is cancelled) or done: free the rows
 
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # compact; UTF-8 text as is
