@@ -114,6 +114,28 @@ def test_streaming_equals_plain(client, server):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
+def test_streamed_choices_of_one_request_arrive_whole_and_in_order(server, client):
+    # several rows share a stream: the events of one engine step go out in one write, each a whole event
+    args = {"model": "tiny", "prompt": ["One", "Two words"], "n": 3, "max_tokens": 25, "temperature": 1.0,
+            "seed": 5}
+    plain = client.completions.create(**args)
+    body = {**args, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        raw = b"".join(r.iter_bytes())
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e[6:]) for e in events[:-2]]
+    texts, finishes = [""] * 6, [[] for _ in range(6)]
+    for c in chunks[:-1]:
+        (ch,) = c["choices"]
+        texts[ch["index"]] += ch["text"]
+        finishes[ch["index"]].append(ch["finish_reason"])
+    assert texts == [c.text for c in plain.choices]
+    assert all(f[-1] is not None and set(f[:-1]) <= {None} for f in finishes)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain.usage.model_dump(exclude_none=True)
+
+
 def test_n_and_prompt_lists_follow_generate_numbering(client, reference):
     r = client.completions.create(model="tiny", prompt=["First prompt", "Second"], n=3, max_tokens=12,
                                   temperature=1.0, seed=9)
