@@ -181,7 +181,8 @@ def start_server(model_dir: Path, args: argparse.Namespace, log: Path) -> tuple[
            "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--dtype", "float32",
            "--max-batch", str(args.max_batch), "--max-queue", str(max(64, 2 * args.clients)),
            "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # as many torch threads as the in-process run
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
     line = proc.stdout.readline()  # the server prints its address once it is listening
     m = re.search(r"http://127\.0\.0\.1:\d+", line)
     if not m:
@@ -279,7 +280,9 @@ def main() -> int:
     p.add_argument("--sampling", nargs="+", choices=list(SAMPLINGS), default=list(SAMPLINGS),
                    help="greedy and/or 'top-k 40, T 0.8' (default both)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the three measurements (noisy machines)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the in-process batch (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads for the server and the in-process batch (default 2; on a busy machine 1 "
+                        "stalls less: every parallel region waits for its slowest thread)")
     p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up (0.05: 5%%)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--time-limit", type=float, default=1200.0, help="seconds for the whole run")
