@@ -208,8 +208,7 @@ async def main_async(args: argparse.Namespace, url: str, pid: int, inproc: dict[
 
     await run_phase("warm-up", url, [body(0, 8), body(1, 8)], 2, args.request_timeout)
     print(f"\n{args.clients} prompts of {args.max_tokens} tokens, {args.config} (random weights), max batch "
-          f"{args.max_batch}, torch threads: {torch.get_num_threads()} here, "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')} in the server")
+          f"{args.max_batch}, torch threads: {args.threads} (server and in-process)")
     print(f"{'sampling':<16} {'mode':<12} {'requests':>8} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'TTFT p50':>10} "
           f"{'p95 lat s':>10} {'errors':>6}")
     summary = []
