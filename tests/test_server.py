@@ -223,6 +223,10 @@ def test_best_of_returns_the_n_most_likely(client, reference):
                                   logprobs=1)
     assert r.choices[0].text == ranked[0]
     assert sum(r.choices[0].logprobs.token_logprobs) == pytest.approx(max(scores), abs=1e-4)
+    r = client.completions.create(model="tiny", prompt=[prompt, "Second"], n=2, best_of=4, max_tokens=10,
+                                  temperature=1.0, seed=3, echo=True)
+    assert [c.text for c in r.choices] == [prompt + want[0], prompt + want[1], "Second" + want[2],
+                                           "Second" + want[3]]
     # best_of == n streams as before
     chunks = list(client.completions.create(model="tiny", prompt=prompt, best_of=1, max_tokens=10,
                                             temperature=1.0, seed=3, stream=True))
