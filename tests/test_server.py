@@ -62,6 +62,11 @@ def post(server, body, key: str | None = KEY, **kw) -> httpx.Response:
     return httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60, **kw)
 
 
+def post_to(server, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+
+
 def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -109,6 +114,28 @@ def test_streaming_equals_plain(client, server):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
+def test_streamed_choices_of_one_request_arrive_whole_and_in_order(server, client):
+    # several rows share a stream: the events of one engine step go out in one write, each a whole event
+    args = {"model": "tiny", "prompt": ["One", "Two words"], "n": 3, "max_tokens": 25, "temperature": 1.0,
+            "seed": 5}
+    plain = client.completions.create(**args)
+    body = {**args, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        raw = b"".join(r.iter_bytes())
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e[6:]) for e in events[:-2]]
+    texts, finishes = [""] * 6, [[] for _ in range(6)]
+    for c in chunks[:-1]:
+        (ch,) = c["choices"]
+        texts[ch["index"]] += ch["text"]
+        finishes[ch["index"]].append(ch["finish_reason"])
+    assert texts == [c.text for c in plain.choices]
+    assert all(f[-1] is not None and set(f[:-1]) <= {None} for f in finishes)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain.usage.model_dump(exclude_none=True)
+
+
 def test_n_and_prompt_lists_follow_generate_numbering(client, reference):
     r = client.completions.create(model="tiny", prompt=["First prompt", "Second"], n=3, max_tokens=12,
                                   temperature=1.0, seed=9)
@@ -124,6 +151,86 @@ def test_token_id_prompts(client, reference):
     ids = reference.tokenizer.encode("Token ids work")
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == ref_text(reference, "Token ids work", max_new_tokens=8, temperature=0)[0]
+
+
+def test_token_id_prompt_forms_echo_and_usage(client, reference):
+    tok = reference.tokenizer
+    texts = ["Token ids work", "and lists of them"]
+    ids = [tok.encode(t) for t in texts]
+    want = ref_text(reference, texts, max_new_tokens=6, temperature=0)
+    # a list of lists of ids: one prompt each, as a list of strings would be
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, echo=True, logprobs=0)
+    assert [c.text for c in r.choices] == [t + w for t, w in zip(texts, want)]
+    assert r.usage.prompt_tokens == sum(len(i) for i in ids)
+    assert r.usage.completion_tokens == sum(len(tok.encode(w)) for w in want)  # every greedy token kept
+    assert r.choices[1].logprobs.tokens[:len(ids[1])] == [tok.decode([t]) for t in ids[1]]
+    # streamed, and a single prompt of ids (with the special token as an id) echoes its text
+    chunks = list(client.completions.create(model="tiny", prompt=[tok.eot_token] + ids[0], max_tokens=6,
+                                            temperature=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks).startswith("<|endoftext|>" + texts[0])
+
+
+def test_tokenize_and_detokenize(server, reference):
+    tok = reference.tokenizer
+    text = "Hello world<|endoftext|> again"
+    r = post_to(server, "/tokenize", {"model": "tiny", "prompt": text, "add_special_tokens": True})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got == {"count": len(tok.encode(text)), "max_model_len": 128, "tokens": tok.encode(text),
+                   "token_strs": None}
+    assert tok.eot_token in got["tokens"]  # as /v1/completions reads a prompt
+    r = post_to(server, "/tokenize", {"prompt": "Hi there", "return_token_strs": True})
+    assert r.json()["token_strs"] == ["Hi", " there"]
+    r = post_to(server, "/detokenize", {"model": "tiny", "tokens": got["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": text}
+    assert post_to(server, "/detokenize", {"tokens": []}).json() == {"prompt": ""}
+    # errors: OpenAI's object
+    for bad in (50257, -1):
+        err = assert_error(post_to(server, "/detokenize", {"tokens": [1, bad]}), 400, "outside the vocabulary",
+                           "[0, 50257)")
+        assert err["param"] == "tokens"
+    assert_error(post_to(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}), 400,
+                 "no chat template")
+    assert_error(post_to(server, "/tokenize", {}), 400, "needs \"prompt\"")
+    assert_error(post_to(server, "/tokenize", {"prompt": 3}), 422, "prompt")
+    assert_error(post_to(server, "/detokenize", {"tokens": "1 2"}), 422, "tokens")
+    assert_error(post_to(server, "/tokenize", {"model": "gpt-4", "prompt": "x"}), 404, "gpt-4")
+    assert_error(post_to(server, "/tokenize", {"prompt": "x"}, key=None), 401)
+
+
+def test_best_of_returns_the_n_most_likely(client, reference):
+    prompt = "Best of several"
+    cands = reference.generate(prompt, GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3, logprobs=0),
+                               nsamples=4)
+    scores = [sum(i.logprob for i in c.token_info) for c in cands]
+    ranked = [c.text for _, c in sorted(zip(scores, cands), key=lambda x: -x[0])]
+    assert len(set(ranked)) == 4
+    # two prompts: candidates k = i * best_of + j are Generator's samples (prompts, nsamples=best_of)
+    both = reference.generate([prompt, "Second"], GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3,
+                                                                   logprobs=0), nsamples=4)
+    want = []
+    for i in range(2):
+        group = both[4 * i:4 * i + 4]
+        want += [c.text for c in sorted(group, key=lambda c: -sum(t.logprob for t in c.token_info))[:2]]
+    assert want[:2] == ranked[:2]
+    r = client.completions.create(model="tiny", prompt=[prompt, "Second"], n=2, best_of=4, max_tokens=10,
+                                  temperature=1.0, seed=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == want  # each prompt's two best, best first
+    assert all(c.logprobs is None for c in r.choices)  # ranked by logprobs, reported only when asked
+    assert r.usage.completion_tokens == sum(len(c.tokens) for c in both)  # every candidate is generated
+    r = client.completions.create(model="tiny", prompt=prompt, best_of=4, max_tokens=10, temperature=1.0, seed=3,
+                                  logprobs=1)
+    assert r.choices[0].text == ranked[0]
+    assert sum(r.choices[0].logprobs.token_logprobs) == pytest.approx(max(scores), abs=1e-4)
+    r = client.completions.create(model="tiny", prompt=[prompt, "Second"], n=2, best_of=4, max_tokens=10,
+                                  temperature=1.0, seed=3, echo=True)
+    assert [c.text for c in r.choices] == [prompt + want[0], prompt + want[1], "Second" + want[2],
+                                           "Second" + want[3]]
+    # best_of == n streams as before
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, best_of=1, max_tokens=10,
+                                            temperature=1.0, seed=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cands[0].text
 
 
 def test_stop_sequences(client, reference):
@@ -238,7 +345,14 @@ def test_schema_errors_are_422(server, client):
     ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size", "no-repeat n-gram size"),
     ({"min_tokens": -1}, "min_tokens", "min tokens"),
     ({"min_tokens": 20, "max_tokens": 5}, "min_tokens", "must not exceed"),
-    ({"best_of": 3}, "best_of", "not supported"),
+    ({"best_of": 1, "n": 2}, "best_of", "best_of must be >= n"),
+    ({"best_of": 0}, "best_of", "best_of must be >= 1"),
+    ({"best_of": 2, "stream": True}, "best_of", "cannot be used with stream"),
+    ({"best_of": 9}, "best_of", "at most 8"),
+    ({"prompt": ["a", "b", "c"], "n": 2, "best_of": 3}, "best_of", "at most 8"),
+    ({"prompt": [[1, 2], []]}, "prompt", "empty prompt"),
+    ({"prompt": [[1, 2], [3, -1]]}, "prompt", "token ids"),
+    ({"prompt": [[50257]]}, "prompt", "token ids"),
 ])
 def test_invalid_values_are_400(server, body, param, words):
     err = assert_error(post(server, {"prompt": "x", **body}), 400, words)

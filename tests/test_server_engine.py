@@ -318,3 +318,80 @@ def test_rows_sampled_at_a_tiny_temperature_take_each_rows_argmax(temperature):
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     assert sample_rows(logits, params, gens) == [1, 3, 3]
     assert [sample(row, params, torch.Generator().manual_seed(i)) for i, row in enumerate(logits)] == [1, 3, 3]
+
+
+def test_one_wake_up_per_step_for_all_streams_of_a_loop(engine, reference):
+    # the engine wakes an event loop once per step for every stream it wrote to, not once per token: with 3
+    # rows decoding together, the loop gets about a third of the thread-safe calls it would get per token
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0)
+    calls = []
+
+    async def main() -> list[list]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(*a, **kw):
+            calls.append(a[0])
+            return real(*a, **kw)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        tok = engine.tokenizer
+        streams = [engine.submit(tok.encode(p), cfg) for p in PROMPTS[:3]]
+
+        async def deltas(s) -> list:
+            return [d async for d in s]
+
+        return list(await asyncio.gather(*(deltas(s) for s in streams)))
+
+    steps = engine.stats.steps
+    got = asyncio.run(main())
+    steps = engine.stats.steps - steps
+    # every token in order, each row's finish on its last delta only
+    assert ["".join(d.text for d in ds) for ds in got] == [reference.generate(p, cfg)[0].text for p in PROMPTS[:3]]
+    for ds in got:
+        assert [d.finish_reason for d in ds[:-1]] == [None] * (len(ds) - 1) and ds[-1].finish_reason
+        assert sum(len(d.tokens) for d in ds) == 20
+    assert len(calls) <= steps + 3  # one per decode step (+ the prefills' steps), never one per token
+    assert len(calls) < 60 / 2
+
+
+def test_next_batch_returns_what_arrived_then_the_error(engine, reference):
+    # a consumer that falls behind takes every delta that arrived at once, in order; an error mid-stream is
+    # raised after the deltas produced before it
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    model = engine.model
+    real = model.forward
+    n_steps = []
+
+    def fail_late(idx, *a, **kw):
+        if idx.shape[1] == 1:
+            n_steps.append(1)
+            if len(n_steps) == 6:
+                raise RuntimeError("simulated failure mid-stream")
+        return real(idx, *a, **kw)
+
+    async def main() -> tuple[list, list]:
+        ok = engine.submit_many([(engine.tokenizer.encode(p), i) for i, p in enumerate(PROMPTS[:2])], cfg)
+        await asyncio.sleep(0.3)  # let several steps pile up
+        batches = []
+        while b := await ok.next_batch():
+            batches.append(b)
+        model.forward = fail_late
+        try:
+            bad = engine.submit(engine.tokenizer.encode("Hi"), cfg)
+            seen = []
+            with pytest.raises(Gpt2kitError, match="simulated failure mid-stream"):
+                while b := await bad.next_batch():
+                    seen += b
+        finally:
+            del model.forward
+        return batches, seen
+
+    batches, seen = asyncio.run(main())
+    assert len(batches) < sum(len(b) for b in batches)  # several deltas per batch: coalesced
+    texts = {0: "", 1: ""}
+    for b in batches:
+        for d in b:
+            texts[d.index] += d.text
+    assert [texts[0], texts[1]] == [reference.generate(p, cfg)[0].text for p in PROMPTS[:2]]
+    assert 1 <= sum(len(d.tokens) for d in seen) <= 6 and all(d.finish_reason is None for d in seen)

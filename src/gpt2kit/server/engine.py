@@ -97,8 +97,12 @@ _WAKE = object()  # queued by Stream.cancel()
 
 class Stream:
     """The deltas of one or more rows, in the order they are produced; each row's last delta has its
-    `finish_reason`. Iterate with `async for` when submitted from a running event loop, with `for`
-    otherwise. `cancel()` frees the rows at the engine's next step."""
+    `finish_reason`. Iterate with `async for` when submitted from a running event loop (or take everything
+    that has arrived at once with `await next_batch()`), with `for` otherwise. `cancel()` frees the rows at
+    the engine's next step.
+
+    Inside an event loop, the engine appends to the stream's buffer and wakes its consumer once per engine
+    step for all the streams of that loop (one `call_soon_threadsafe` per step, not one per token)."""
 
     def __init__(self, engine: BatchEngine, n_rows: int):
         self._engine = engine
@@ -106,7 +110,9 @@ class Stream:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
-        self._q: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if self._loop else queue.SimpleQueue()
+        self._q: queue.SimpleQueue | None = None if self._loop else queue.SimpleQueue()
+        self._buf: deque = deque()  # event-loop mode: items from the engine (deque appends are thread-safe)
+        self._waiter: asyncio.Future | None = None  # the consumer waiting for items (loop thread only)
         self._left = n_rows
         self._jobs: list[_Job] = []
         self.timeout: float | None = None  # submit_many's, for the QueueTimeout message
@@ -114,21 +120,27 @@ class Stream:
 
     # -- engine side (any thread) --
     def _put(self, item: Delta | PromptInfo | BaseException | object) -> None:
-        if self._loop is None:
+        if self._q is not None:
             self._q.put(item)
             return
-        try:
-            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is gone: nobody will read this
-            self._left = 0
-            for j in self._jobs:
-                j.cancelled = True
+        self._buf.append(item)
+        self._engine._dirty_stream(self)  # woken at the end of the engine's step (BatchEngine._flush)
+
+    def _wake_consumer(self) -> None:  # in the loop's thread
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # -- consumer side --
     def cancel(self) -> None:
         if self._left > 0:
             self._left = 0
-            self._put(_WAKE)  # a consumer waiting for the next delta stops waiting
+            if self._q is not None:
+                self._q.put(_WAKE)
+            else:  # a consumer waiting for the next delta stops waiting
+                self._buf.append(_WAKE)
+                self._engine._dirty_stream(self)
+                self._engine._flush()
         for j in self._jobs:
             j.cancelled = True
         self._engine._wake()
@@ -149,11 +161,41 @@ class Stream:
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self
 
+    async def next_batch(self) -> list[Delta]:
+        """Every delta that has arrived (waiting for at least one); [] once the stream has ended. Raises
+        the error that ended the stream, after the deltas before it have been returned."""
+        if self._loop is None:
+            raise TypeError("this stream was submitted outside an event loop: iterate it with `for`")
+        out: list[Delta] = []
+        while self._left > 0:
+            if not self._buf:
+                if out:
+                    break
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            if out and isinstance(self._buf[0], BaseException):
+                break  # return what came before the error first
+            d = self._take(self._buf.popleft())
+            if d is not None:
+                out.append(d)
+        return out
+
     async def __anext__(self) -> Delta:
         if self._loop is None:
             raise TypeError("this stream was submitted outside an event loop: iterate it with `for`")
         while self._left > 0:
-            d = self._take(await self._q.get())
+            if not self._buf:
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            d = self._take(self._buf.popleft())
             if d is not None:
                 return d
         raise StopAsyncIteration
@@ -162,13 +204,19 @@ class Stream:
         return self
 
     def __next__(self) -> Delta:
-        if self._loop is not None:
+        if self._q is None:
             raise TypeError("this stream was submitted inside an event loop: iterate it with `async for`")
         while self._left > 0:
             d = self._take(self._q.get())
             if d is not None:
                 return d
         raise StopIteration
+
+
+def _wake_streams(streams: list[Stream]) -> None:
+    """In an event loop's thread: wake the consumers of `streams` (one call per engine step and loop)."""
+    for st in streams:
+        st._wake_consumer()
 
 
 class BatchEngine:
@@ -201,6 +249,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._abort: EngineClosed | None = None  # set by abort(): the engine thread fails every row with it
+        self._dirty: dict[int, Stream] = {}  # streams with new items since the last _flush (by id)
+        self._dirty_lock = threading.Lock()
         self._warned_window = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -224,6 +274,7 @@ class BatchEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_all(EngineClosed("the server is shutting down"))
+        self._flush()
 
     def _fail_all(self, err: EngineClosed) -> None:
         """End every queued and running completion with `err` (called by the engine thread, or once it
@@ -260,6 +311,29 @@ class BatchEngine:
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
+
+    def _dirty_stream(self, stream: Stream) -> None:
+        with self._dirty_lock:
+            self._dirty[id(stream)] = stream
+
+    def _flush(self) -> None:
+        """Wake the consumers of every stream that got items since the last flush: one thread-safe call per
+        event loop (the engine calls this once per step)."""
+        with self._dirty_lock:
+            if not self._dirty:
+                return
+            dirty, self._dirty = list(self._dirty.values()), {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[Stream]] = {}
+        for st in dirty:
+            by_loop.setdefault(st._loop, []).append(st)  # type: ignore[arg-type]
+        for loop, streams in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_wake_streams, streams)
+            except RuntimeError:  # the consumer's event loop is gone: nobody will read these
+                for st in streams:
+                    st._left = 0
+                    for j in st._jobs:
+                        j.cancelled = True
 
     # ---- submitting -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], cfg: GenerationConfig, index: int = 0, *,
@@ -326,6 +400,7 @@ class BatchEngine:
                 err, self._abort = self._abort, None
             if err is not None:
                 self._fail_all(err)
+                self._flush()
                 continue
             try:
                 self._admit()
@@ -335,6 +410,7 @@ class BatchEngine:
                 for b, j in enumerate(self._slots):
                     if j is not None:
                         self._fail(b, e)
+            self._flush()  # one wake-up per event loop for every stream this step wrote to
 
     def _free(self, b: int) -> None:
         self._slots[b] = None

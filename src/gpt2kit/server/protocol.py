@@ -51,6 +51,28 @@ class CompletionRequest(BaseModel):
     min_tokens: int | None = Field(0, description="no <|endoftext|> or stop string ends a completion before this")
 
 
+# ---- /tokenize and /detokenize (vLLM's shapes; lm-evaluation-harness and other clients use them) ------
+
+class TokenizeRequest(BaseModel):
+    """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`, refused: GPT-2 has
+    no chat template)."""
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool | None = None  # chat form only
+    continue_final_message: bool | None = None  # chat form only
+    chat_template: str | None = None  # chat form only
+    add_special_tokens: bool = True  # GPT-2's tokenizer adds no BOS/EOS: no effect either way
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[int]
+
+
 class APIError(HTTPException):
     """An error answered as OpenAI's error object. (An HTTPException, so FastAPI lets it through when it
     is raised while the body is being read.)"""

@@ -1,9 +1,9 @@
 """The HTTP layer: create_app() with its routes, the API-key and body-size guard, and the handlers that
 answer every error as OpenAI's error object. Serving logic is in serving.py, schemas in protocol.py.
 
-Endpoints: POST /v1/completions (plain and SSE streaming), GET /v1/models, GET /v1/models/{id},
-GET /health, GET /openapi.json, GET / (playground). Every error is an OpenAI-style object
-`{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON and invalid or unsupported
+Endpoints: POST /v1/completions (plain and SSE streaming), POST /tokenize and /detokenize (vLLM's shapes),
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /openapi.json, GET / (playground). Every error is an
+OpenAI-style object `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON and invalid or unsupported
 values (OpenAI's own choice; the openai client raises BadRequestError), 422 for fields of the wrong type,
 missing or unknown (UnprocessableEntityError), 401 for a missing or wrong API key, 404 (an unknown path, or
 a model id this server does not serve), 413 for a body over the limit, 429 with Retry-After when the queue is
@@ -31,8 +31,15 @@ from gpt2kit import __version__
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
 from gpt2kit.server.engine import BatchEngine
-from gpt2kit.server.protocol import APIError, CompletionRequest, bad_request
-from gpt2kit.server.serving import CompletionServing, ServerSettings, check_settings, library_error
+from gpt2kit.server.protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request
+from gpt2kit.server.serving import (
+    CompletionServing,
+    ServerSettings,
+    check_settings,
+    detokenize,
+    library_error,
+    tokenize,
+)
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit.server")
@@ -223,6 +230,18 @@ def create_app(engine_or_model: BatchEngine | GPT, tokenizer: Tokenizer | None =
         raise APIError(404, "this server has no chat endpoint: GPT-2 is a plain language model, not a chat "
                             "model; send a prompt to POST /v1/completions (client.completions.create)",
                        "not_found_error", code="unsupported_endpoint")
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None and req.model not in served:
+            raise model_not_found(req.model)
+        return tokenize(req, engine.tokenizer, engine.max_len)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None and req.model not in served:
+            raise model_not_found(req.model)
+        return detokenize(req, engine.tokenizer, engine.n_vocab)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:

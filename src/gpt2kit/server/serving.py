@@ -10,7 +10,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -19,7 +19,13 @@ from fastapi.responses import StreamingResponse
 from gpt2kit.decode import Delta, GenerationConfig, TokenInfo
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.server.engine import BatchEngine, EngineClosed, QueueFull, QueueTimeout, Stream
-from gpt2kit.server.protocol import APIError, CompletionRequest, bad_request
+from gpt2kit.server.protocol import (
+    APIError,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad_request,
+)
 from gpt2kit.tokenizer import Tokenizer
 
 
@@ -130,6 +136,36 @@ async def _cancel_on_disconnect(request: Request, stream: Stream) -> None:
             return
 
 
+# ---- /tokenize and /detokenize ----------------------------------------------------------------------
+
+def tokenize(req: TokenizeRequest, tok: Tokenizer, max_model_len: int) -> dict[str, Any]:
+    """vLLM's POST /tokenize: the prompt's token ids as /v1/completions would read them (`<|endoftext|>` in
+    the text is the special token). The chat form (`messages`) is refused: GPT-2 has no chat template."""
+    if req.messages is not None:
+        raise bad_request("messages (the chat form of /tokenize) is not supported: GPT-2 has no chat template; "
+                          "send the text as \"prompt\"", "messages")
+    chat_only = [f for f in ("add_generation_prompt", "continue_final_message", "chat_template")
+                 if getattr(req, f) is not None]
+    if chat_only:
+        raise bad_request(f"{chat_only[0]} belongs to the chat form of /tokenize, which GPT-2 has no template "
+                          "for; send only \"prompt\"", chat_only[0])
+    if req.prompt is None:
+        raise bad_request("/tokenize needs \"prompt\": the text to tokenize", "prompt")
+    ids = tok.encode(req.prompt)
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None}
+    if req.return_token_strs:
+        out["token_strs"] = [token_str(tok, t) for t in ids]
+    return out
+
+
+def detokenize(req: DetokenizeRequest, tok: Tokenizer, n_vocab: int) -> dict[str, Any]:
+    """vLLM's POST /detokenize: token ids -> {"prompt": text}; an id outside the vocabulary is a 400."""
+    bad = [t for t in req.tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary: ids must be in [0, {n_vocab})", "tokens")
+    return {"prompt": tok.decode(req.tokens)}
+
+
 # ---- request -> engine work ---------------------------------------------------------------------------
 
 @dataclass
@@ -140,13 +176,20 @@ class Plan:
     echo: bool
     logprobs: int | None
     prompt_logprobs: int | None
+    best_of: int = 0  # completions generated per prompt (0: n); the n best of them are returned
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
 
     @property
+    def per_prompt(self) -> int:
+        return max(self.best_of, self.n)
+
+    @property
     def rows(self) -> list[tuple[list[int], int]]:
         # choice k = prompt i, sample j with k = i * n + j, seeded (seed, k): Generator.generate's numbering
-        return [(ids, i * self.n + j) for i, ids in enumerate(self.prompts) for j in range(self.n)]
+        # (with best_of, the candidates are numbered so: k = i * best_of + j)
+        k = self.per_prompt
+        return [(ids, i * k + j) for i, ids in enumerate(self.prompts) for j in range(k)]
 
 
 def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s: ServerSettings,
@@ -155,10 +198,9 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
     if req.suffix:
         raise bad_request("suffix (insertion) is not supported by GPT-2", "suffix")
     n = 1 if req.n is None else req.n
-    if req.best_of is not None and req.best_of != n:
-        raise bad_request("best_of is not supported (other than best_of == n)", "best_of")
     if n < 1:
         raise bad_request(f"n must be >= 1, got {n}", "n")
+    best_of = check_best_of(req, n)
     echo = bool(req.echo)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     if max_tokens < 0 or (max_tokens == 0 and not echo):
@@ -197,9 +239,10 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
         texts = list(p)
     if not texts:
         raise bad_request("prompt is an empty list", "prompt")
-    if len(texts) * n > s.max_n:
-        raise bad_request(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} completions; this server allows "
-                   f"at most {s.max_n} per request (--max-n)", "n")
+    if len(texts) * best_of > s.max_n:
+        what = f"n={n}" if best_of == n else f"best_of={best_of}"
+        raise bad_request(f"{len(texts)} prompt(s) x {what} is {len(texts) * best_of} completions; this server "
+                          f"allows at most {s.max_n} per request (--max-n)", "n" if best_of == n else "best_of")
     prompts: list[list[int]] = []
     for t in texts:
         if isinstance(t, str):
@@ -235,11 +278,30 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
         no_repeat_ngram_size=req.no_repeat_ngram_size or 0,
         min_tokens=req.min_tokens or 0,
     )
+    if best_of > n and cfg.logprobs is None:
+        cfg = replace(cfg, logprobs=0)  # best_of ranks by the tokens' logprobs (not reported unless asked)
     try:
         cfg.validate() if max_tokens else (cfg.sampling.validate(), cfg.processing.validate())
     except Gpt2kitError as e:
         raise library_error(e) from None
-    return Plan(prompts, n, cfg, echo, req.logprobs, req.logprobs if echo else None)
+    return Plan(prompts, n, cfg, echo, req.logprobs, req.logprobs if echo else None, best_of)
+
+
+def check_best_of(req: CompletionRequest, n: int) -> int:
+    """best_of as OpenAI defines it: best_of completions per prompt generated, the n with the highest summed
+    log-probability returned; n <= best_of; not with stream (OpenAI refuses that too). -> completions to
+    generate per prompt."""
+    if req.best_of is None:
+        return n
+    if req.best_of < 1:
+        raise bad_request(f"best_of must be >= 1, got {req.best_of}", "best_of")
+    if req.best_of < n:
+        raise bad_request(f"best_of must be >= n: best_of={req.best_of} completions cannot give n={n} best ones",
+                          "best_of")
+    if req.best_of > n and req.stream:
+        raise bad_request("best_of cannot be used with stream: the best completions are known only when all "
+                          "have finished; leave out best_of (or set it to n) to stream", "best_of")
+    return req.best_of
 
 
 # ---- engine deltas -> OpenAI objects ------------------------------------------------------------------
@@ -263,6 +325,7 @@ class _Choice:
         self.text_offset: list[int] = []
         self.finish_reason: str | None = None
         self.n_tokens = 0
+        self.score = 0.0  # summed log-probability of the generated tokens (best_of ranks by it)
 
 
 class _Output:
@@ -294,7 +357,7 @@ class _Output:
         if not self.started[d.index]:
             self.started[d.index] = True
             if self.plan.echo:
-                ids = self.plan.prompts[d.index // self.plan.n]
+                ids = self.plan.prompts[d.index // self.plan.per_prompt]
                 prompt_text = self.tok.decode(ids)
                 text = prompt_text + text
                 if self.plan.logprobs is not None:
@@ -303,6 +366,7 @@ class _Output:
                 c.offset = len(prompt_text)
         c.text += text
         c.n_tokens += len(d.tokens)
+        c.score += sum(i.logprob for i in d.token_info if i.logprob is not None)
         if self.plan.logprobs is not None:
             infos: list[TokenInfo | None] = list(d.token_info) + [None] * (len(d.tokens) - len(d.token_info))
             part = self._logprob_entries(c, d.tokens, infos)
@@ -323,9 +387,27 @@ class _Output:
         return {"id": self.plan.id, "object": "text_completion", "created": self.plan.created,
                 "model": self.model_name, "choices": choices, "usage": usage}
 
+    def best(self) -> list[_Choice]:
+        """The choices to return: all, or with best_of the n of each prompt's best_of with the highest summed
+        log-probability, best first (vLLM's order)."""
+        k, n = self.plan.per_prompt, self.plan.n
+        if k == n:
+            return self.choices
+        out: list[_Choice] = []
+        for i in range(len(self.plan.prompts)):
+            cands = self.choices[i * k:(i + 1) * k]
+            out += sorted(cands, key=lambda c: c.score, reverse=True)[:n]  # stable: ties keep sample order
+        return out
+
+    def sse_envelope(self) -> tuple[bytes, bytes]:
+        """The bytes before and after one choice's JSON in a stream event (usage null)."""
+        mark = "\x00choice\x00"
+        head, tail = _JSON.encode(self.envelope([mark])).split(_JSON.encode(mark))
+        return b"data: " + head.encode(), tail.encode() + b"\n\n"
+
     def response(self) -> dict[str, Any]:
         choices = []
-        for i, c in enumerate(self.choices):
+        for i, c in enumerate(self.best()):
             lp = None
             if self.plan.logprobs is not None:
                 lp = {"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top_logprobs,
@@ -334,16 +416,23 @@ class _Output:
         return self.envelope(choices, self.usage())
 
 
-async def _sse(out: _Output, stream: Stream, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(out: _Output, stream: Stream, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: one event per delta, and everything that arrived since the last write goes out as
+    one chunk (one write per engine step per request, fewer when the client's task falls behind). The
+    envelope around each event's choice is encoded once per response."""
+    head, tail = out.sse_envelope()
+    dumps = _JSON.encode
     try:
         try:
-            async for d in stream:
-                yield "data: " + json.dumps(out.envelope([out.add(d, stream)])) + "\n\n"
+            while deltas := await stream.next_batch():
+                yield b"".join(head + dumps(out.add(d, stream)).encode() + tail for d in deltas)
             if include_usage:
-                yield "data: " + json.dumps(out.envelope([], out.usage())) + "\n\n"
+                yield b"data: " + dumps(out.envelope([], out.usage())).encode() + b"\n\n"
         except Gpt2kitError as e:  # headers are sent: report in the stream, as OpenAI does
-            yield "data: " + json.dumps(engine_error(e).body()) + "\n\n"
-        yield "data: [DONE]\n\n"
+            yield b"data: " + dumps(engine_error(e).body()).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
     finally:
         stream.cancel()  # client went away (the response task is cancelled) or done: free the rows
 
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # compact; UTF-8 text as is
