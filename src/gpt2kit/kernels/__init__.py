@@ -29,7 +29,8 @@ from torch import nn
 from gpt2kit.errors import Gpt2kitError
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp", HERE / "cpu_sample.cpp"]  # one extension; cpu_decode.cpp defines it
+# one extension; cpu_decode.cpp defines it
+SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp", HERE / "cpu_sample.cpp"]
 HEADERS = [HERE / "simd.h"]
 MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]

@@ -59,6 +59,7 @@ def check_settings(s: ServerSettings) -> None:
 
 # words in GenerationConfig.validate()'s messages -> the request field they are about
 _PARAM_WORDS = (("temperature", "temperature"), ("top-k", "top_k"), ("top-p", "top_p"), ("min-p", "min_p"),
+                ("typical-p", "typical_p"),
                 ("repetition penalty", "repetition_penalty"), ("stop string", "stop"),
                 ("length", "max_tokens"), ("seed", "seed"), ("logprobs", "logprobs"), ("prompt", "prompt"))
 
@@ -216,6 +217,7 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
         top_k=req.top_k or 0,
         top_p=1.0 if req.top_p is None else req.top_p,
         min_p=req.min_p or 0.0,
+        typical_p=1.0 if req.typical_p is None else req.typical_p,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         stop=stop,
         seed=req.seed,
