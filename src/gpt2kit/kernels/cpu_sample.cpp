@@ -37,7 +37,6 @@ constexpr int kBlock = 64;  // the draw sums the kept mass in blocks of this man
 
 struct Scratch {
   std::vector<float> z, e;
-  std::vector<uint32_t> key;
   std::vector<double> hist;
   std::vector<int64_t> cand, cand2;
   std::vector<double> blocks;
@@ -45,10 +44,9 @@ struct Scratch {
     if (static_cast<int64_t>(z.size()) < V + 8) {
       z.resize(V + 8);
       e.resize(V + 8);
-      key.resize(V + 8);
       blocks.resize(V / kBlock + 2);
     }
-    hist.resize(4096);
+    hist.resize(4096 + 4 * 2048);
   }
 };
 
@@ -118,23 +116,46 @@ struct Cut {
   int64_t id = 0;
 };
 
-Cut find_cut(const uint32_t* key, const float* e, int64_t V, double target, Scratch& s) {
+// keys that order floats >= 0 as their bits do
+inline uint32_t nonneg_key(float f) { return bits(f + 0.0f); }
+
+// the key of token i: -z (top-p: most likely first) or |mean - z| (typical-p), computed from z as needed
+// rather than stored, so that a row's working set (logits, z, e) stays in a core's L2
+struct KeyOf {
+  const float* z;
+  float mean;
+  bool typical;
+  uint32_t operator[](int64_t i) const { return nonneg_key(typical ? std::fabs(mean - z[i]) : -z[i]); }
+};
+
+Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch& s) {
   Cut cut;
   std::vector<double>& h = s.hist;
+  // level 1 in four interleaved histograms (keys >= 0 as floats: at most 0x7F8 buckets each), so that
+  // neighbouring tokens in one bucket, common in flat distributions, do not wait on each other's adds
   std::fill(h.begin(), h.end(), 0.0);
-  for (int64_t i = 0; i < V; ++i)
-    if (e[i] > 0) h[key[i] >> 20] += e[i];
+  double* h4 = h.data() + 4096;
+  int64_t i0 = 0;
+  for (; i0 + 4 <= V; i0 += 4)
+    for (int q = 0; q < 4; ++q) h4[q * 2048 + (key[i0 + q] >> 20)] += e[i0 + q];  // e = 0 adds nothing
+  for (; i0 < V; ++i0) h4[key[i0] >> 20] += e[i0];
+  for (int b = 0; b < 2048; ++b) h[b] = (h4[b] + h4[2048 + b]) + (h4[4096 + b] + h4[6144 + b]);
   double acc = 0;
   int b1 = 0;
-  for (; b1 < 4096; ++b1) {
+  for (; b1 < 2048; ++b1) {
     if (acc + h[b1] >= target) break;
     acc += h[b1];
   }
-  if (b1 == 4096) return cut;
-  s.cand.clear();
-  for (int64_t i = 0; i < V; ++i)
-    if (e[i] > 0 && (key[i] >> 20) == static_cast<uint32_t>(b1)) s.cand.push_back(i);
-  std::fill(h.begin(), h.end(), 0.0);
+  if (b1 == 2048) return cut;
+  // the bucket's tokens, without a branch per token (a token lands in it at random: a branch mispredicts)
+  s.cand.resize(V + 1);
+  int64_t n = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    s.cand[n] = i;
+    n += (e[i] > 0) & ((key[i] >> 20) == static_cast<uint32_t>(b1));
+  }
+  s.cand.resize(n);
+  std::fill(h.begin(), h.begin() + 4096, 0.0);
   for (int64_t i : s.cand) h[(key[i] >> 8) & 0xFFF] += e[i];
   int b2 = 0;
   for (; b2 < 4096; ++b2) {
@@ -161,8 +182,62 @@ Cut find_cut(const uint32_t* key, const float* e, int64_t V, double target, Scra
   return cut;
 }
 
-// keys that order floats >= 0 as their bits do
-inline uint32_t nonneg_key(float f) { return bits(f + 0.0f); }
+
+// sum of e[0..n) in double, eight floats at a time (two chains of four doubles: a single running double
+// would wait on each add's latency)
+inline double sum_f64(const float* e, int64_t n) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(e + i);
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  double t[4];
+  _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
+  double s = (t[0] + t[1]) + (t[2] + t[3]);
+  for (; i < n; ++i) s += e[i];
+  return s;
+}
+
+// e[j] = 0 where drop(value of j) > cut, or == cut and j < id (top-p's ties: higher ids first); returns the
+// new sum. `value(j)` is -z (top-p) or |mean - z| (typical-p), both >= 0 and ordered as their keys.
+template <class F>
+double drop_above(float* e, const float* z, int64_t V, float cut, int64_t id, float mean, F value_vec) {
+  const __m256 vcut = _mm256_set1_ps(cut);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = value_vec(_mm256_loadu_ps(z + i), mean);
+    const __m256 ev = _mm256_loadu_ps(e + i);
+    _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_cmp_ps(v, vcut, _CMP_GT_OQ), ev));
+    if (i < id) {  // ties with the cut below its id go too
+      int tie = _mm256_movemask_ps(_mm256_cmp_ps(v, vcut, _CMP_EQ_OQ));
+      while (tie) {
+        const int j = __builtin_ctz(tie);
+        tie &= tie - 1;
+        if (i + j < id) e[i + j] = 0;
+      }
+    }
+  }
+  for (; i < V; ++i) {
+    float v[8] = {0};
+    float zz[8] = {z[i], 0, 0, 0, 0, 0, 0, 0};
+    _mm256_storeu_ps(v, value_vec(_mm256_loadu_ps(zz), mean));
+    if (v[0] > cut || (v[0] == cut && i < id)) e[i] = 0;
+  }
+  return sum_f64(e, V);
+}
+
+inline __m256 neg_z(__m256 z, float) { return _mm256_sub_ps(_mm256_setzero_ps(), z); }
+inline __m256 dist_z(__m256 z, float mean) {
+  return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(_mm256_set1_ps(mean), z));
+}
+
+inline float key_value(uint32_t k) {
+  float f;
+  std::memcpy(&f, &k, 4);
+  return f;
+}
 
 // One row: fills s.z (scaled logits) and s.e (e^z of the kept tokens, 0 for the rest); returns the sum of
 // s.e, or -1 for a greedy row (then *arg is its token).
@@ -193,46 +268,32 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
   }
   double sum4[4];
   _mm256_storeu_pd(sum4, _mm256_add_pd(acc0, acc1));
-  double S = sum4[0] + sum4[1] + sum4[2] + sum4[3];
+  double S = (sum4[0] + sum4[1]) + (sum4[2] + sum4[3]);
   for (; i < V; ++i) {
     z[i] = x[i] < kth ? -INFINITY : (std::min(x[i], FLT_MAX) - m) * inv_t;
     e[i] = z[i] >= kMinExp ? std::exp(z[i]) : 0.0f;
     S += e[i];
   }
-  uint32_t* key = s.key.data();
   if (P < 1) {
-    for (int64_t j = 0; j < V; ++j) key[j] = nonneg_key(-z[j]);  // z <= 0: most likely first
-    const Cut c = find_cut(key, e, V, P * S, s);
-    if (c.found) {
-      S = 0;
-      for (int64_t j = 0; j < V; ++j) {
-        if (key[j] > c.key || (key[j] == c.key && j < c.id)) e[j] = 0;
-        S += e[j];
-      }
-    }
+    const Cut c = find_cut(KeyOf{z, 0.0f, false}, e, V, P * S, s);
+    if (c.found) S = drop_above(e, z, V, key_value(c.key), c.id, 0.0f, neg_z);
   }
   if (MP > 0) {
     const float mp = static_cast<float>(MP);
-    S = 0;
-    for (int64_t j = 0; j < V; ++j) {
-      if (e[j] < mp) e[j] = 0;
-      S += e[j];
-    }
+    for (int64_t j = 0; j < V; ++j) e[j] = e[j] < mp ? 0.0f : e[j];
+    S = sum_f64(e, V);
   }
   if (TP < 1 && S > 0) {
-    double ez = 0;
-    for (int64_t j = 0; j < V; ++j)
-      if (e[j] > 0) ez += static_cast<double>(e[j]) * z[j];
-    const float mean = static_cast<float>(ez / S);  // E[z]: -log p - H = E[z] - z
-    for (int64_t j = 0; j < V; ++j) key[j] = nonneg_key(std::fabs(mean - z[j]));
-    const Cut c = find_cut(key, e, V, TP * S, s);
-    if (c.found) {
-      S = 0;
-      for (int64_t j = 0; j < V; ++j) {
-        if (key[j] > c.key) e[j] = 0;
-        S += e[j];
-      }
-    }
+    double ez[4] = {0, 0, 0, 0};  // four chains, as in sum_f64
+    int64_t j = 0;
+    for (; j + 4 <= V; j += 4)
+      for (int q = 0; q < 4; ++q)
+        if (e[j + q] > 0) ez[q] += static_cast<double>(e[j + q]) * z[j + q];
+    for (; j < V; ++j)
+      if (e[j] > 0) ez[0] += static_cast<double>(e[j]) * z[j];
+    const float mean = static_cast<float>(((ez[0] + ez[1]) + (ez[2] + ez[3])) / S);  // -log p - H = E[z] - z
+    const Cut c = find_cut(KeyOf{z, mean, true}, e, V, TP * S, s);
+    if (c.found) S = drop_above(e, z, V, key_value(c.key), 0, mean, dist_z);  // ties at the cut all stay
   }
   return S;
 }
@@ -243,10 +304,9 @@ int64_t draw_row(const float* e, int64_t V, double u, Scratch& s) {
   double* blk = s.blocks.data();
   double total = 0;
   for (int64_t b = 0; b < nb; ++b) {
-    double t = 0;
-    for (int64_t j = b * kBlock, end = std::min(V, j + kBlock); j < end; ++j) t += e[j];
-    blk[b] = t;
-    total += t;
+    const int64_t j = b * kBlock;
+    blk[b] = sum_f64(e + j, std::min(V - j, static_cast<int64_t>(kBlock)));
+    total += blk[b];
   }
   const double target = u * total;
   double acc = 0;
