@@ -116,8 +116,9 @@ struct Cut {
   int64_t id = 0;
 };
 
-// keys that order floats >= 0 as their bits do
-inline uint32_t nonneg_key(float f) { return bits(f + 0.0f); }
+// keys that order floats >= 0 as their bits do (the sign bit cleared: -0 is 0, and a NaN, which has no
+// mass, stays inside the histograms)
+inline uint32_t nonneg_key(float f) { return bits(f) & 0x7FFFFFFFu; }
 
 // the key of token i: -z (top-p: most likely first) or |mean - z| (typical-p), computed from z as needed
 // rather than stored, so that a row's working set (logits, z, e) stays in a core's L2
@@ -274,7 +275,7 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
     e[i] = z[i] >= kMinExp ? std::exp(z[i]) : 0.0f;
     S += e[i];
   }
-  if (P < 1) {
+  if (P < 1 && S > 0) {
     const Cut c = find_cut(KeyOf{z, 0.0f, false}, e, V, P * S, s);
     if (c.found) S = drop_above(e, z, V, key_value(c.key), c.id, 0.0f, neg_z);
   }
