@@ -105,7 +105,7 @@ def scale_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tenso
     values past float32's range (inf, then NaN from softmax, then token 0 whatever the logits): the limit,
     argmax, is what such a row gets."""
     x = logits.clamp(max=FMAX)
-    inv_t = (1.0 / temperature.double()).clamp(max=FMAX).to(logits.device, torch.float32)
+    inv_t = (1.0 / temperature.double()).clamp(max=FMAX).float().to(logits.device)
     return (x - x.amax(dim=-1, keepdim=True)) * inv_t[:, None]
 
 
@@ -113,7 +113,7 @@ def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """transformers' TopPLogitsWarper, with a top_p per row."""
     sorted_z, order = torch.sort(z, descending=False, stable=True)
     cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
-    drop = cum <= (1 - top_p.double()).to(z.device, torch.float32)[:, None]  # 1 - p rounded as transformers does
+    drop = cum <= (1 - top_p.double()).float().to(z.device)[:, None]  # 1 - p rounded as transformers does
     drop[:, -1] = False
     return z.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
@@ -121,7 +121,7 @@ def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 def _min_p(z: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """transformers' MinPLogitsWarper, with a min_p per row."""
     probs = torch.softmax(z, dim=-1)
-    low = probs < min_p.to(z.device, torch.float32)[:, None] * probs.amax(dim=-1, keepdim=True)
+    low = probs < min_p.float().to(z.device)[:, None] * probs.amax(dim=-1, keepdim=True)
     return z.masked_fill(low, float("-inf"))
 
 
@@ -132,7 +132,7 @@ def _typical_p(z: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     shifted = torch.abs(-normalized - ent)
     sorted_s, order = torch.sort(shifted, descending=False)
     cum = z.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-    last = (cum < mass.to(z.device, torch.float32)[:, None]).sum(dim=1).clamp(max=z.size(-1) - 1)
+    last = (cum < mass.float().to(z.device)[:, None]).sum(dim=1).clamp(max=z.size(-1) - 1)
     drop = sorted_s > sorted_s.gather(1, last.view(-1, 1))
     drop[:, 0] = False
     return z.masked_fill(drop.scatter(1, order, drop), float("-inf"))
@@ -178,7 +178,7 @@ def draw(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     e = filter_scaled(logits, t).exp()
     fine = torch.float64 if logits.device.type != "mps" else torch.float32  # (MPS has no float64)
     cum = e.to(fine).cumsum(dim=-1)
-    u = table[:, 5].to(logits.device, fine)
+    u = table[:, 5].to(fine).to(logits.device)  # cast on the CPU: MPS has no float64
     tok = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
     last = e.size(-1) - 1 - (e > 0).flip(-1).int().argmax(dim=-1)  # u * total rounded up to the total
     tok = torch.where(tok > last, last, tok)
