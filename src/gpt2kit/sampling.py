@@ -170,8 +170,8 @@ def draw(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     (k,) int64 on the logits' device. Each row keeps what transformers' warpers keep and takes the first
     token whose running probability, in vocabulary order, exceeds u."""
     ext = _kernel()
-    if ext is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return ext.sample_rows(logits.contiguous(), table.contiguous())
+    if ext is not None and logits.device.type == "cpu":
+        return ext.sample_rows(logits.float().contiguous(), table.contiguous())
     greedy = (table[:, 0] == 0).to(logits.device)
     t = table.clone()
     t[:, 0] = torch.where(t[:, 0] == 0, 1.0, t[:, 0])  # greedy rows are drawn too, then replaced
