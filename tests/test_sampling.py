@@ -190,3 +190,11 @@ def test_the_kernel_and_pytorch_draw_the_same_tokens(ext, monkeypatch):
     monkeypatch.setattr(kernels, "_ext", None)
     monkeypatch.setattr("gpt2kit.sampling._tried_kernel", True)
     assert torch.equal(draw(logits, table), ours)
+
+
+def test_a_row_with_no_finite_logits_still_gives_a_token_id(path):
+    # a row whose every token is banned (-inf) has no distribution; it must not crash or read out of range
+    logits = torch.tensor([[float("-inf")] * 5, [0.0, float("-inf"), 1.0, float("-inf"), 2.0]])
+    for p in (SamplingParams(top_p=0.9), SamplingParams(typical_p=0.5, min_p=0.1), SamplingParams(top_k=2)):
+        toks = draw(logits, params_table([p] * 2, torch.tensor([0.3, 0.7]))).tolist()
+        assert 0 <= toks[0] < 5 and toks[1] in (0, 2, 4)
