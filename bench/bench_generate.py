@@ -1,11 +1,15 @@
 """Decode speed of gpt2kit vs transformers on the same random-initialised weights, side by side.
 
     python bench/bench_generate.py                 # 124M, float32 and int8, 2 threads: batch 1 and 8, TTFT
+    python bench/bench_generate.py --config small --batches 32 --no-int8 --no-ttft   # 3 x 96, batch 32
     python bench/bench_generate.py --config tiny   # quick smoke run
     python bench/bench_generate.py --peer ctranslate2   # also CTranslate2 on the same weights (peer_ctranslate2.py)
 
-Prints tokens/s for both, the ratio, and the memory-bandwidth limit (weight bytes read per decode step
-against this machine's measured bandwidth)."""
+Each case decodes greedily and with the sampling settings users run (top-k 40 at T 0.8, top-p 0.9 at T 0.9,
+min-p 0.1 at T 1.0), gpt2kit against transformers' generate() (do_sample=True with the same warpers) on the
+same weights. Prints ms per step and tokens/s for both, the ratio, each sampled case's cost over greedy, the
+memory-bandwidth limit (weight bytes read per decode step against this machine's measured bandwidth), and
+the time gpt2kit takes to pick the tokens alone, from fixed logits."""
 
 from __future__ import annotations
 
@@ -37,23 +41,49 @@ def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / best
 
 
+# sampling settings: name -> GenerationConfig fields (transformers gets the same as generate() arguments)
+MODES = {
+    "greedy": dict(temperature=0.0),
+    "top-k": dict(temperature=0.8, top_k=40),
+    "top-p": dict(temperature=0.9, top_p=0.9),
+    "min-p": dict(temperature=1.0, min_p=0.1),
+}
+# benchmark-only model shapes beside the library's presets
+CONFIGS = {"small": dict(n_layer=3, n_head=3, n_embd=96)}  # issue #18's small model (3 layers, 96 wide)
+
+
+def model_config(name: str):
+    from gpt2kit.config import GPTConfig
+
+    return GPTConfig(**CONFIGS[name]) if name in CONFIGS else GPTConfig.from_name(name)
+
+
 def make_checkpoint(config_name: str, out: Path, std: float = 0.02) -> Path:
     from gpt2kit.checkpoints import save_model
-    from gpt2kit.config import GPTConfig
     from gpt2kit.model import GPT
     from gpt2kit.tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(config_name))
+    model = GPT(model_config(config_name))
     save_model(model, Tokenizer.from_dir(VOCAB), out)
     return out
 
 
-def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype,
-                 reps: int, quantize: str | None = None) -> tuple[float, float]:
-    """Best-of-`reps` tokens/s for gpt2kit and transformers, their runs alternating so that anything else
-    happening on the machine hits both sides alike. quantize="int8": gpt2kit decodes with int8 weights,
-    transformers stays in `dtype`."""
+def hf_kwargs(mode: str) -> dict:
+    """transformers' generate() arguments for a sampling mode: its warpers, and nothing it would add by
+    default (top_k=50 when sampling)."""
+    m = MODES[mode]
+    if m["temperature"] == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": m["temperature"], "top_k": m.get("top_k", 0),
+            "top_p": m.get("top_p", 1.0), "min_p": m.get("min_p")}
+
+
+def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch.dtype, reps: int,
+                 quantize: str | None = None, modes: tuple[str, ...] = ("greedy",)) -> dict[str, tuple[float, float]]:
+    """Best-of-`reps` tokens/s for gpt2kit and transformers in each sampling mode, their runs alternating so
+    that anything else happening on the machine hits both sides alike. quantize="int8": gpt2kit decodes
+    with int8 weights, transformers stays in `dtype`."""
     from transformers import GPT2LMHeadModel
 
     from gpt2kit.checkpoints import load_model
@@ -65,25 +95,47 @@ def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch
     print(f"gpt2kit CPU decoding path: {path_used}", flush=True)
     hf = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).eval()
     ids = [list(range(1000, 1000 + prompt_len))] * batch
-    cfg = GenerationConfig(max_new_tokens=new, temperature=0, stop_at_eot=False)
-    kw = {"do_sample": False, "pad_token_id": 50256, "eos_token_id": None}
+    out = {}
+    for mode in modes:
+        cfg = GenerationConfig(max_new_tokens=new, stop_at_eot=False, seed=0, **MODES[mode])
+        kw = {"pad_token_id": 50256, "eos_token_id": None, **hf_kwargs(mode)}
 
-    def ours(n: int) -> None:
-        outs = run_stream(stream_rows(model, tok, ["x"] * batch, replace(cfg, max_new_tokens=n), prompt_ids=ids))
-        assert all(len(o.tokens) == n for o in outs)
+        def ours(n: int, cfg: GenerationConfig = cfg) -> None:
+            outs = run_stream(stream_rows(model, tok, ["x"] * batch, replace(cfg, max_new_tokens=n), prompt_ids=ids))
+            assert all(len(o.tokens) == n for o in outs)
 
-    def theirs(n: int) -> None:
-        with torch.inference_mode():
-            out = hf.generate(torch.tensor(ids), max_new_tokens=n, min_new_tokens=n, **kw)
-        assert out.shape[1] == prompt_len + n
+        def theirs(n: int, kw: dict = kw) -> None:
+            with torch.inference_mode():
+                out = hf.generate(torch.tensor(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+            assert out.shape[1] == prompt_len + n
 
-    ours(8)
-    theirs(8)  # warm-up
-    best = [float("inf"), float("inf")]
-    for _ in range(reps):
-        for i, f in enumerate((ours, theirs)):
-            best[i] = min(best[i], _timed(lambda f=f: f(new)))
-    return batch * new / best[0], batch * new / best[1]
+        ours(8)
+        theirs(8)  # warm-up
+        best = [float("inf"), float("inf")]
+        for _ in range(reps):
+            for i, f in enumerate((ours, theirs)):
+                best[i] = min(best[i], _timed(lambda f=f: f(new)))
+        out[mode] = (batch * new / best[0], batch * new / best[1])
+    return out
+
+
+def pick_cost(batches: list[int], vocab: int = 50257, reps: int = 30) -> dict[tuple[str, int], float]:
+    """ms per call of decode.next_tokens alone (gpt2kit's token picking) on fixed random logits of the
+    vocabulary's size, per mode and batch size: what sampling adds to a step, without the model."""
+    from gpt2kit.decode import GenerationConfig, Row, next_tokens
+    from gpt2kit.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(VOCAB)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for b in batches:
+        logits = torch.randn(b, vocab, generator=g) * 2
+        for mode in MODES:
+            rows = [Row(i, "", [1], GenerationConfig(seed=0, **MODES[mode]), tok, torch.device("cpu"))
+                    for i in range(b)]
+            next_tokens(rows, logits)
+            out[mode, b] = min(_timed(lambda rows=rows, x=logits: next_tokens(rows, x)) for _ in range(reps)) * 1e3
+    return out
 
 
 TTFT_HF = """
@@ -172,48 +224,71 @@ def ttft(path: Path) -> tuple[float, float]:
     return min(t[0] for t in times), min(t[1] for t in times)
 
 
+def print_decode(name: str, b: int, res: dict[str, tuple[float, float]]) -> None:
+    """One line per mode: ms per step and tok/s for both sides, the ratio, and a sampled mode's cost over
+    greedy (ms per step, both sides)."""
+    greedy = res.get("greedy")
+    for mode, (ours, theirs) in res.items():
+        ms, ms_hf = 1e3 * b / ours, 1e3 * b / theirs
+        extra = ""
+        if greedy and mode != "greedy":
+            extra = (f"{ms / (1e3 * b / greedy[0]) - 1:>+10.1%}{ms_hf / (1e3 * b / greedy[1]) - 1:>+10.1%}")
+        print(f"{f'decode {name} batch {b} {mode}':<34}{ms:>9.2f}{ours:>10.1f}{ms_hf:>9.2f}{theirs:>10.1f}"
+              f"{ours / theirs:>7.2f}x{extra}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="gpt2")
+    ap.add_argument("--config", default="gpt2", help="a model preset (gpt2, tiny, ...) or small (3 layers, 96 wide)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"sampling settings to run, of {', '.join(MODES)}")
     ap.add_argument("--bf16", action="store_true", help="also run bfloat16 weights")
     ap.add_argument("--no-int8", action="store_true", help="skip int8 weight-only decoding")
     ap.add_argument("--no-ttft", action="store_true")
     ap.add_argument("--peer", choices=["ctranslate2"], action="append", default=[],
                     help="also measure this peer on the same weights (float32 and int8, greedy and sampled)")
     args = ap.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if unknown := set(modes) - set(MODES):
+        ap.error(f"unknown --modes {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    batches = [int(x) for x in args.batches.split(",")]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, config {args.config}, "
           f"prompt {args.prompt_len}, new tokens {args.new}, best of {args.reps}")
+    print("modes: " + "; ".join(f"{m} {MODES[m]}" for m in modes))
     bw = measure_bandwidth()
     gc.collect()
     with tempfile.TemporaryDirectory() as d:
         path = make_checkpoint(args.config, Path(d) / "m")
-        from gpt2kit.config import GPTConfig
-        cfg = GPTConfig.from_name(args.config)
+        cfg = model_config(args.config)
         # bytes read per decode step: every weight once (wte is shared with the LM head), no wpe table
         weight_bytes = (cfg.num_params() - cfg.n_positions * cfg.n_embd) * 4
         print(f"memory bandwidth {bw / 1e9:.1f} GB/s; float32 weights {weight_bytes / 1e6:.0f} MB "
               f"-> limit {bw / weight_bytes:.1f} tokens/s at batch 1")
-        print(f"{'case':<28}{'gpt2kit tok/s':>15}{'transformers':>15}{'ratio':>8}")
+        print(f"{'case':<34}{'ms/step':>9}{'tok/s':>10}{'hf ms':>9}{'hf tok/s':>10}{'ratio':>8}"
+              f"{'vs greedy':>10}{'hf vs gr.':>10}")
         dtypes = [("float32", torch.float32, None)] + ([("bfloat16", torch.bfloat16, None)] if args.bf16 else [])
         dtypes += [] if args.no_int8 else [("int8", torch.float32, "int8")]  # against transformers in float32
         for name, dt, quantize in dtypes:
-            for b in [int(x) for x in args.batches.split(",")]:
-                ours, theirs = bench_decode(path, b, args.prompt_len, args.new, dt, args.reps, quantize)
+            for b in batches:
+                res = bench_decode(path, b, args.prompt_len, args.new, dt, args.reps, quantize, modes)
                 gc.collect()
-                print(f"{f'decode {name} batch {b}':<28}{ours:>15.1f}{theirs:>15.1f}{ours / theirs:>7.2f}x")
-                if b == 1 and name == "float32":
+                print_decode(name, b, res)
+                if b == 1 and name == "float32" and "greedy" in res:
                     # measured again right after the decoding runs, keeping the highest: one reading taken
                     # while a neighbour was busy would understate the limit and flatter the percentage
+                    ours, theirs = res["greedy"]
                     bw = max(bw, measure_bandwidth())
-                    print(f"{'  of bandwidth limit':<28}{ours / (bw / weight_bytes):>14.0%}"
-                          f"{theirs / (bw / weight_bytes):>15.0%}   (bandwidth {bw / 1e9:.1f} GB/s, "
+                    print(f"{'  greedy, of bandwidth limit':<34}{ours / (bw / weight_bytes):>19.0%}"
+                          f"{theirs / (bw / weight_bytes):>19.0%}   (bandwidth {bw / 1e9:.1f} GB/s, "
                           f"limit {bw / weight_bytes:.1f} tok/s)")
+        cost = pick_cost(batches, cfg.vocab_size)
+        print("picking the tokens alone (decode.next_tokens on fixed logits), ms per call: "
+              + "; ".join(f"batch {b}: " + ", ".join(f"{m} {cost[m, b]:.2f}" for m in MODES) for b in batches))
         if args.bf16:
             rel, top1, same = drift(path, torch.bfloat16, args.new)
             print(f"bfloat16 drift from float32: max |dlogit| {rel:.2%} of max |logit|, top-1 agreement "
@@ -224,7 +299,7 @@ def main() -> None:
                   f"over 64 decoding steps, greedy tokens identical for the first {same} of {args.new}")
         if not args.no_ttft:
             ours, theirs = ttft(path)
-            print(f"{'time to first token (s)':<28}{ours:>15.2f}{theirs:>15.2f}{theirs / ours:>7.2f}x")
+            print(f"time to first token: gpt2kit {ours:.2f} s, transformers {theirs:.2f} s ({theirs / ours:.2f}x)")
         if "ctranslate2" in args.peer:
             from peer_ctranslate2 import report  # lazy: a benchmark-only dependency, only with --peer
 

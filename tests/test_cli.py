@@ -31,6 +31,14 @@ def test_generate_prompted_is_reproducible_with_a_seed(capsys, tiny_model_dir):
     assert with_prompt == "Hello there" + out1
 
 
+def test_generate_typical_p_samples_from_the_typical_set(capsys, tiny_model_dir):
+    args = ("generate", "Hello there", "-m", tiny_model_dir, "--length", 12, "--seed", 3, "--format", "jsonl")
+    code, out, _ = run(capsys, *args, "--typical-p", "1e-6")
+    assert code == 0 and json.loads(out)["tokens"]
+    assert run(capsys, *args, "--typical-p", "1e-6")[1] == out  # a set of one or a few tokens, seeded
+    assert run(capsys, *args)[1] != out
+
+
 def test_generate_max_new_tokens_is_another_name_for_length(capsys, tiny_model_dir):
     args = ("generate", "--prompt", "Hi", "-m", tiny_model_dir, "--seed", 1, "--format", "jsonl", "--no-stop-at-eot")
     code, out, _ = run(capsys, *args, "--max-new-tokens", 7)
@@ -67,6 +75,7 @@ def test_generate_prompt_file_and_output_file(capsys, tiny_model_dir, tmp_path):
     (("--prompt", ""), "empty prompt"),
     (("x", "--top-p", "0"), "top-p"),
     (("x", "--top-p", "1.5"), "top-p"),
+    (("x", "--typical-p", "0"), "typical-p"),
     (("x", "--temperature", "-1"), "temperature"),
     (("x", "--length", "0"), "length"),
     (("x", "--unconditional"), "--unconditional takes no prompt"),

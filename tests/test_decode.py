@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2kit import kernels
 from gpt2kit.checkpoints import load_model
 from gpt2kit.decode import (
     GenerationConfig,
@@ -67,19 +68,30 @@ def test_a_row_that_fills_its_window_slides_and_goes_on(loaded):
     assert len(out.tokens) == 40 and out.finish_reason == "length"
 
 
-def test_next_tokens_gives_each_row_of_a_mixed_batch_the_token_it_would_get_alone(loaded):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_next_tokens_gives_each_row_of_a_mixed_batch_the_token_it_would_get_alone(loaded, kernel, request,
+                                                                                   monkeypatch):
+    if kernel:
+        request.getfixturevalue("ext")
+    else:
+        monkeypatch.setattr(kernels, "_ext", None)
+        monkeypatch.setattr("gpt2kit.sampling._tried_kernel", True)
     model, tok = loaded
     torch.manual_seed(0)
-    logits = torch.randn(5, 300) * 3
+    logits = torch.randn(6, 300) * 3
     cfgs = [GenerationConfig(temperature=0), GenerationConfig(seed=1, top_p=0.9), GenerationConfig(seed=2, top_p=0.9),
-            GenerationConfig(seed=3, repetition_penalty=1.5), GenerationConfig(seed=4, temperature=0.7, min_p=0.05)]
+            GenerationConfig(seed=3, repetition_penalty=1.5), GenerationConfig(seed=4, temperature=0.7, min_p=0.05),
+            GenerationConfig(seed=5, top_k=40, temperature=0.8, typical_p=0.9)]
     rows = [Row(i, "", [5, 6, 7], c, tok, torch.device("cpu")) for i, c in enumerate(cfgs)]
     alone = [Row(i, "", [5, 6, 7], c, tok, torch.device("cpu")) for i, c in enumerate(cfgs)]
     # advance()'s order: each row's logits processors (here the repetition penalty), then next_tokens
-    picked = next_tokens(rows, apply_processors([r.processors for r in rows], logits))
-    for r, lg, t in zip(alone, logits, picked):
-        seen = torch.tensor(r.context) if r.cfg.repetition_penalty != 1.0 else None
-        assert sample(lg, r.params, r.gen, seen) == t
+    for step in range(3):
+        picked = next_tokens(rows, apply_processors([r.processors for r in rows], logits))
+        for r, lg, t in zip(alone, logits, picked):
+            seen = torch.tensor(r.context) if r.cfg.repetition_penalty != 1.0 else None
+            assert sample(lg, r.params, r.key, step, seen) == t
+            assert next_tokens([r], apply_processors([r.processors], lg[None])) == [t]  # the row alone in its batch
+        assert [r.draws for r in rows] == [step + 1] * 6
 
 
 def _private_imports(path: Path) -> list[str]:

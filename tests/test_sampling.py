@@ -1,29 +1,61 @@
 import pytest
 import torch
 
+from gpt2kit import kernels
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.processors import apply_repetition_penalty
-from gpt2kit.sampling import SamplingParams, filter_logits, sample
+from gpt2kit.sampling import SamplingParams, draw, filter_logits, params_table, sample, uniforms
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 3.0 - 1e-3])
 
 
-def draws(params, n=2000, logits=LOGITS, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.tensor([sample(logits, params, g) for _ in range(n)])
+@pytest.fixture(params=["torch", "kernel"])
+def path(request, monkeypatch):
+    """Run a test on both of draw()'s paths: PyTorch's, and the compiled kernel (where it builds)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_ext", None)
+        monkeypatch.setattr("gpt2kit.sampling._tried_kernel", True)
+    else:
+        request.getfixturevalue("ext")
+    return request.param
 
 
-def test_temperature_zero_is_argmax_and_ties_go_to_lowest_id():
+def draws(params, n=2000, logits=LOGITS, key=0):
+    """The first n tokens of a row with `key`, drawn as n rows of one batch."""
+    us = uniforms(torch.full((n,), key), torch.arange(n))
+    return draw(logits.expand(n, -1).contiguous(), params_table([params] * n, us))
+
+
+def splitmix64(key: int, step: int) -> float:
+    m = (1 << 64) - 1
+    z = (key + (step + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return ((z ^ (z >> 31)) >> 11) * 2.0 ** -53
+
+
+def test_uniforms_are_splitmix64_of_key_and_step():
+    keys = [0, 1, 12345, (1 << 63) - 1, 2**62 + 7]
+    for key in keys:
+        got = uniforms(torch.full((50,), key), torch.arange(50)).tolist()
+        assert got == [splitmix64(key, s) for s in range(50)]
+    u = uniforms(torch.full((20000,), 3), torch.arange(20000))
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_temperature_zero_is_argmax_and_ties_go_to_lowest_id(path):
     assert sample(LOGITS, SamplingParams(temperature=0)) == 1
     assert sample(torch.tensor([2.0, 5.0, 5.0]), SamplingParams(temperature=0)) == 1
 
 
-def test_top_k_one_and_tiny_top_p_are_argmax():
+def test_top_k_one_and_tiny_top_p_are_argmax(path):
     assert set(draws(SamplingParams(top_k=1), 200).tolist()) == {1}
     assert set(draws(SamplingParams(top_p=1e-6), 200).tolist()) == {1}
+    # typical-p keeps the token whose -log p is nearest the entropy (~1.3): 4, just less likely than 1
+    assert set(draws(SamplingParams(typical_p=1e-6), 200).tolist()) == {4}
 
 
-def test_top_k_keeps_exactly_k():
+def test_top_k_keeps_exactly_k(path):
     out = filter_logits(LOGITS, top_k=2)
     assert torch.isfinite(out).tolist() == [False, True, False, False, True]
     assert set(draws(SamplingParams(top_k=2)).tolist()) == {1, 4}
@@ -42,16 +74,20 @@ def test_min_p_drops_tokens_below_fraction_of_top():
     assert kept.tolist() == [False, True, True, False, True]
 
 
-def test_sampling_matches_the_distribution():
+def test_sampling_matches_the_distribution(path):
     counts = torch.bincount(draws(SamplingParams(temperature=1.0), 20000), minlength=5).float() / 20000
     assert torch.allclose(counts, torch.softmax(LOGITS, 0), atol=0.015)
     hot = torch.bincount(draws(SamplingParams(temperature=0.5), 20000), minlength=5).float() / 20000
     assert torch.allclose(hot, torch.softmax(LOGITS / 0.5, 0), atol=0.015)
+    top = torch.bincount(draws(SamplingParams(top_p=0.8), 20000), minlength=5).float() / 20000
+    assert torch.allclose(top, torch.softmax(filter_logits(LOGITS, top_p=0.8), 0), atol=0.015)
 
 
-def test_same_seed_same_draws():
-    assert torch.equal(draws(SamplingParams(), 50, seed=3), draws(SamplingParams(), 50, seed=3))
-    assert not torch.equal(draws(SamplingParams(), 50, seed=3), draws(SamplingParams(), 50, seed=4))
+def test_same_key_same_draws_and_a_row_alone_draws_what_it_draws_in_a_batch(path):
+    assert torch.equal(draws(SamplingParams(), 50, key=3), draws(SamplingParams(), 50, key=3))
+    assert not torch.equal(draws(SamplingParams(), 50, key=3), draws(SamplingParams(), 50, key=4))
+    batch = draws(SamplingParams(top_p=0.9), 30, key=7).tolist()
+    assert [sample(LOGITS, SamplingParams(top_p=0.9), key=7, step=s) for s in range(30)] == batch
 
 
 def test_repetition_penalty_follows_the_ctrl_rule():
@@ -62,35 +98,96 @@ def test_repetition_penalty_follows_the_ctrl_rule():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                dict(min_p=2), dict(repetition_penalty=0)])
+                                dict(min_p=2), dict(repetition_penalty=0), dict(typical_p=0),
+                                dict(typical_p=1.5)])
 def test_bad_parameters_are_rejected(kw):
     with pytest.raises(Gpt2kitError):
         SamplingParams(**kw).validate()
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(temperature=1e-300), dict(temperature=1e-300, top_p=0.9),
-                                dict(temperature=1e-300, top_k=3), dict(temperature=1e-300, min_p=0.1)])
-def test_a_tiny_temperature_that_overflows_float32_is_still_argmax(kw):
+                                dict(temperature=1e-300, top_k=3), dict(temperature=1e-300, min_p=0.1),
+                                dict(temperature=1e-300, typical_p=0.5)])
+def test_a_tiny_temperature_that_overflows_float32_is_still_argmax(path, kw):
     # LOGITS / 1e-40 is +-inf in float32: softmax of that is NaN, which sampled token 0 whatever the logits
     assert set(draws(SamplingParams(**kw), 50).tolist()) == {1}
 
 
-def test_a_repetition_penalty_near_zero_samples_a_seen_token_not_token_0():
+def test_a_repetition_penalty_near_zero_samples_a_seen_token_not_token_0(path):
     logits = torch.tensor([1.0, 3.0, 2.0, 0.5])  # positive logits of seen tokens / 1e-300 = inf
-    g = torch.Generator().manual_seed(0)
-    picks = {sample(logits, SamplingParams(repetition_penalty=1e-300), g, seen=torch.tensor([2, 3])) for _ in range(50)}
+    picks = {sample(logits, SamplingParams(repetition_penalty=1e-300), key=0, step=s, seen=torch.tensor([2, 3]))
+             for s in range(50)}
     assert picks <= {2, 3}
 
 
-def test_filters_together_keep_what_transformers_warpers_keep():
-    # top-k, then top-p, then min-p, as transformers orders its warpers: with min-p first, top-p would count
-    # its mass over fewer tokens and keep another set
-    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+def _warped(logits, temperature, top_k, top_p, min_p, typical_p):
+    """What transformers' warpers keep, in the order generate() applies them."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p else []
+    warpers += [TypicalLogitsWarper(typical_p)] if typical_p < 1 else []
+    for w in warpers:
+        logits = w(None, logits)
+    return torch.isfinite(logits)
+
+
+CASES = [(1.0, 0, 0.9, 0.05, 1.0), (1.0, 50, 0.8, 0.1, 1.0), (0.8, 200, 0.95, 0.02, 1.0), (1.0, 0, 0.5, 0.3, 1.0),
+         (0.8, 40, 1.0, 0.0, 1.0), (0.9, 0, 0.9, 0.0, 1.0), (1.0, 0, 1.0, 0.1, 1.0), (1.0, 0, 1.0, 0.0, 0.9),
+         (0.7, 0, 1.0, 0.0, 0.2), (1.0, 30, 0.9, 0.05, 0.8), (1.0, 1000, 1e-4, 0.0, 1.0), (1.0, 1, 0.9, 0.0, 1.0),
+         (1.3, 499, 0.999, 0.0, 0.95), (1.0, 0, 0.3, 0.0, 0.5)]
+
+
+def _same_kept(kept, want, logits, ties, slack=0):
+    """Equal kept sets; with `slack`, up to that many rows may swap a pair of tokens at the boundary (float32
+    rounding: on flat logits transformers' typical-p orders near-equal surprises by its cancellation error)."""
+    if ties:
+        # Tokens tied with the last one top-p keeps: transformers keeps those its (unstable) sort puts last,
+        # an order of no meaning; we keep the higher ids. So each row keeps as many tokens of each value.
+        return all(torch.equal(lg[k].sort().values, lg[w].sort().values) for lg, k, w in zip(logits, kept, want))
+    diff = (kept != want).sum(dim=1)
+    return torch.equal(kept.sum(dim=1), want.sum(dim=1)) and int((diff > 0).sum()) <= slack and int(diff.max()) <= 2
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.02, "ties"])  # peaked, flat (as random weights give), many ties
+def test_filters_keep_what_transformers_warpers_keep(ext, scale):
+    # top-k, then top-p, then min-p, then typical-p, as transformers orders its warpers: with min-p first,
+    # top-p would count its mass over fewer tokens and keep another set
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 500, generator=g) * 3
-    for top_k, top_p, min_p in ((0, 0.9, 0.05), (50, 0.8, 0.1), (200, 0.95, 0.02), (0, 0.5, 0.3)):
-        ref = logits
-        for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)]:
-            ref = warper(None, ref)
-        ours = filter_logits(logits, top_k, top_p, min_p)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p, min_p)
+    ties = scale == "ties"
+    logits = torch.randint(0, 6, (64, 500), generator=g).float() if ties else torch.randn(64, 500, generator=g) * scale
+    for case in CASES:
+        want = _warped(logits, *case)
+        table = params_table([SamplingParams(*case[:4], typical_p=case[4])] * 64, torch.zeros(64))
+        torch_kept = torch.isfinite(filter_logits(logits / case[0], *case[1:]))
+        assert _same_kept(torch_kept, want, logits, ties), case  # the same arithmetic as transformers
+        kernel_kept = ext.filter_rows(logits, table) > 0
+        assert _same_kept(kernel_kept, want, logits, ties, slack=1), case
+        assert _same_kept(kernel_kept, torch_kept, logits, False, slack=1), case  # ties: both keep higher ids
+
+
+def test_the_kernel_and_pytorch_draw_the_same_tokens(ext, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    n, V = 300, 2000
+    logits = torch.randn(n, V, generator=g) * torch.rand(n, 1, generator=g) * 4
+    params = [SamplingParams(*case[:4], typical_p=case[4]) for case in CASES] + [SamplingParams(temperature=0)]
+    rows = [params[i % len(params)] for i in range(n)]
+    table = params_table(rows, uniforms(torch.arange(n), torch.zeros(n, dtype=torch.long)))
+    ours = ext.sample_rows(logits, table)
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr("gpt2kit.sampling._tried_kernel", True)
+    assert torch.equal(draw(logits, table), ours)
+
+
+def test_a_row_with_no_finite_logits_still_gives_a_token_id(path):
+    # a row whose every token is banned (-inf) has no distribution; it must not crash or read out of range
+    logits = torch.tensor([[float("-inf")] * 5, [0.0, float("-inf"), 1.0, float("-inf"), 2.0]])
+    for p in (SamplingParams(top_p=0.9), SamplingParams(typical_p=0.5, min_p=0.1), SamplingParams(top_k=2)):
+        toks = draw(logits, params_table([p] * 2, torch.tensor([0.3, 0.7]))).tolist()
+        assert 0 <= toks[0] < 5 and toks[1] in (0, 2, 4)

@@ -325,6 +325,7 @@ def test_schema_errors_are_422(server, client):
     ({"temperature": -1}, "temperature", "temperature must be >= 0"),
     ({"top_p": 0}, "top_p", "top-p"),
     ({"top_k": -2}, "top_k", "top-k"),
+    ({"typical_p": 0}, "typical_p", "typical-p"),
     ({"repetition_penalty": 0}, "repetition_penalty", "repetition penalty"),
     ({"stop": [""]}, "stop", "stop string"),
     ({"seed": -5}, "seed", "seed"),

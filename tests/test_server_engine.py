@@ -311,13 +311,12 @@ def test_scoring_a_prompt_that_fills_the_context(engine, reference):
 @pytest.mark.parametrize("temperature", [1e-40, 1e-300])
 def test_rows_sampled_at_a_tiny_temperature_take_each_rows_argmax(temperature):
     # logits / 1e-40 overflow float32: softmax gave NaN and every row token 0; sample() has the same guard
-    from gpt2kit.sampling import SamplingParams, sample
-    from gpt2kit.server.batching import sample_rows
+    from gpt2kit.sampling import SamplingParams, draw, params_table, sample, uniforms
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, -1.0, 0.0, 4.5], [-3.0, -2.0, -2.5, -1.0]])
     params = SamplingParams(temperature=temperature, top_k=3)
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    assert sample_rows(logits, params, gens) == [1, 3, 3]
-    assert [sample(row, params, torch.Generator().manual_seed(i)) for i, row in enumerate(logits)] == [1, 3, 3]
+    us = uniforms(torch.arange(3), torch.zeros(3, dtype=torch.long))
+    assert draw(logits, params_table([params] * 3, us)).tolist() == [1, 3, 3]
+    assert [sample(row, params, key=i) for i, row in enumerate(logits)] == [1, 3, 3]
 
 
 def test_one_wake_up_per_step_for_all_streams_of_a_loop(engine, reference):

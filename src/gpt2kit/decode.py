@@ -11,7 +11,7 @@ generate.py's loop and the server's batching engine are both built from these:
         for each active row: slide_window(model, row, b)              # re-prefill a row that filled its window
         logits = decode_step(model, rows)[:, :n_vocab]                # (B, V): every row's newest token
 
-Every row keeps its own position, generator and stopping state, so rows of different prompt lengths share
+Every row keeps its own position, random key and stopping state, so rows of different prompt lengths share
 forward passes without padding masks, and a row's text depends only on its prompt, its seed and its
 parameters, never on the batch it runs in."""
 
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import codecs
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from gpt2kit.cuda_graphs import prepare_cuda_decoding_
@@ -31,7 +29,7 @@ from gpt2kit.errors import Gpt2kitError
 from gpt2kit.kernels import prepare_cpu_decoding_
 from gpt2kit.model import GPT
 from gpt2kit.processors import ProcessorParams, RowProcessors, apply_processors, normalize_logit_bias
-from gpt2kit.sampling import SamplingParams, sample, sample_rows, token_logprobs
+from gpt2kit.sampling import SamplingParams, draw, params_table, row_key, token_logprobs, uniforms
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit")
@@ -45,6 +43,7 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    typical_p: float = 1.0
     stop: tuple[str, ...] = ()
     stop_at_eot: bool = True
     seed: int | None = None
@@ -130,7 +129,8 @@ class GenerationConfig:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, typical_p=self.typical_p)
 
     @property
     def processing(self) -> ProcessorParams:
@@ -177,20 +177,9 @@ class Delta:
     token_info: list[TokenInfo] = field(default_factory=list)
 
 
-def row_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
-    """Sample `index` of a request seeded `seed` gets its own generator (mixed, so seed 1/index 0 and
-    seed 0/index 1 differ)."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    else:
-        g.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g
-
-
 class Row:
     """One sample being generated: the tokens the model sees, its next cache position, its sampling
-    parameters and generator, and its text, streaming and stop state."""
+    parameters and random key, and its text, streaming and stop state."""
 
     def __init__(self, index: int, prompt: str, prompt_ids: Sequence[int], cfg: GenerationConfig,
                  tok: Tokenizer, device: torch.device):
@@ -198,7 +187,8 @@ class Row:
         self.cfg = cfg
         self.params = cfg.sampling
         self.tok = tok
-        self.gen = row_generator(cfg.seed, index, device)
+        self.key = row_key(cfg.seed, index)  # its n-th sampled token draws sampling.uniforms(key, n)
+        self.draws = 0
         self.context = list(prompt_ids)  # what the model sees (slides when longer than the window)
         self.pos = 0  # next cache position to write
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -355,27 +345,18 @@ def slide_window(model: GPT, row: Row, slot: int) -> bool:
 
 
 def next_tokens(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
-    """Each row's next token from its logits (k, V): greedy rows by one argmax (one host sync for the
-    batch), sampled rows with equal parameters in one pass (sampling.sample_rows), rows with a repetition
-    penalty one by one. Every row gets the token sampling.sample() would give it alone."""
-    picks: list[int | None] = [None] * len(rows)
+    """Each row's next token from its logits (k, V), every row in one pass (sampling.draw) with its own
+    parameters and its own random number, one host sync for the batch; a batch of greedy rows is one
+    argmax. A row gets the token sampling.sample() would give it alone."""
     if all(r.cfg.argmax for r in rows):
         return logits.argmax(dim=-1).tolist()
-    greedy = [i for i, r in enumerate(rows) if r.cfg.argmax]
-    if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-            picks[i] = t
-    groups: dict[SamplingParams, list[int]] = {}
-    for i, r in enumerate(rows):
-        if not r.cfg.argmax and r.cfg.repetition_penalty == 1.0:
-            groups.setdefault(r.params, []).append(i)
-    for params, idx in groups.items():
-        for i, t in zip(idx, sample_rows(logits[idx], params, [rows[i].gen for i in idx])):
-            picks[i] = t
-    for i, r in enumerate(rows):
-        if picks[i] is None:  # a repetition penalty (already applied by advance()) needs its scaling guard
-            picks[i] = sample(logits[i], r.params, r.gen)
-    return picks  # type: ignore[return-value]
+    # the logits processors (repetition penalty included) ran in advance(); scale_logits' shift by each row's
+    # maximum keeps a penalised row's huge logits finite
+    us = uniforms(torch.tensor([r.key for r in rows]), torch.tensor([r.draws for r in rows]))
+    tokens = draw(logits, params_table([r.params for r in rows], us)).tolist()
+    for r in rows:
+        r.draws += 1
+    return tokens
 
 
 def token_info(logits: torch.Tensor, token: int, top_n: int) -> TokenInfo:

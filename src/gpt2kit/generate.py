@@ -24,7 +24,6 @@ from gpt2kit.decode import (
     decode_step,
     prefill,
     prepare_decoding_,
-    row_generator,
     slide_window,
     start_window,
     token_info,
@@ -38,7 +37,7 @@ from gpt2kit.tokenizer import Tokenizer
 
 # the step API's types and helpers, importable from here as they always were
 __all__ = ["Completion", "Delta", "GenerationConfig", "Generator", "TokenInfo", "once", "prepare_decoding_",
-           "row_generator", "run_stream", "start_window", "stream_rows", "window_notice"]
+           "run_stream", "start_window", "stream_rows", "window_notice"]
 
 
 def once(fn: Callable[[], None] | None) -> Callable[[], None] | None:

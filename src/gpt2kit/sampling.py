@@ -1,14 +1,26 @@
-"""Pure functions from next-token logits to tokens. No model, no state beyond an explicit generator."""
+"""Pure functions from next-token logits to tokens: the filters (temperature, top-k, top-p, min-p,
+typical-p) and the draw, for a batch of rows that each have their own parameters and random numbers.
+
+A row's random number for its n-th sampled token is a hash of (its key, n) (`uniforms`), and the token is
+drawn by inverse CDF over the kept tokens in vocabulary order, so a row's text depends only on its own seed
+and index, never on the other rows of its batch. On a CPU the compiled kernel (kernels/cpu_sample.cpp) does
+a batch in one pass; elsewhere (CUDA, MPS, or without the kernel) `draw` runs the same steps with PyTorch,
+mirroring transformers' warpers; both pick the same tokens (up to float32 rounding at a boundary)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from gpt2kit import kernels
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.processors import apply_repetition_penalty
+
+FMAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -18,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus; 1 disables
     min_p: float = 0.0  # drop tokens below min_p * p(most likely); 0 disables
     repetition_penalty: float = 1.0  # CTRL-style, as in transformers; 1 disables
+    typical_p: float = 1.0  # locally typical sampling (Meister et al., 2022); 1 disables
 
     def validate(self) -> SamplingParams:
         if not self.temperature >= 0:
@@ -28,6 +41,8 @@ class SamplingParams:
             raise Gpt2kitError(f"top-p must be in (0, 1] (1 disables it), got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise Gpt2kitError(f"min-p must be in [0, 1] (0 disables it), got {self.min_p}")
+        if not 0 < self.typical_p <= 1:
+            raise Gpt2kitError(f"typical-p must be in (0, 1] (1 disables it), got {self.typical_p}")
         if not self.repetition_penalty > 0:
             raise Gpt2kitError(f"repetition penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
         return self
@@ -36,70 +51,169 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Set excluded logits to -inf. logits (..., V), already divided by temperature. Top-k, then top-p, then
-    min-p: the order of transformers' logits warpers, so that together they keep the same tokens. The most
-    likely token always survives, so top_p -> 0 and top_k = 1 both mean argmax."""
-    neg_inf = float("-inf")
-    if top_k > 0 and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, neg_inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first one is always kept)
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), neg_inf)
-    if min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
-    return logits
+    def row(self) -> list[float]:
+        """This row's columns of `draw`'s parameter table (all but the random number)."""
+        return [self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p]
 
 
-def scale_logits(logits: torch.Tensor, temperature: float, repetition_penalty: float = 1.0) -> torch.Tensor:
-    """logits (..., V) / temperature. A tiny temperature (or a repetition penalty near 0 or huge) could take
-    logits past float32's range: inf, then NaN from softmax, then token 0 whatever the logits. Then each row's
-    top logit is shifted to 0 first, in float64 (where the temperature itself does not underflow to 0; on the
-    CPU, as MPS has no float64), which keeps the limit: argmax. Decided from the parameters alone, so the
-    usual path waits for nothing."""
-    if max(repetition_penalty, 1 / repetition_penalty) <= 1e30 * temperature:
-        return logits / temperature
-    x = logits.to("cpu", torch.float64).clamp(max=torch.finfo(torch.float32).max)
-    return ((x - x.amax(dim=-1, keepdim=True)) / temperature).to(logits.device, torch.float32)
+# ---- random numbers: one uniform per row and token, from a counter-based hash (splitmix64) ------------
+
+_M64 = (1 << 64) - 1
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+def _s64(x: int) -> int:
+    """An unsigned 64-bit constant as the int64 that has its bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def row_key(seed: int | None, index: int) -> int:
+    """Sample `index` of a request seeded `seed` gets its own key (mixed, so seed 1/index 0 and seed 0/index
+    1 differ); without a seed, a random one."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """keys, steps (k,) int64 -> (k,) float64 in [0, 1): splitmix64's output for state key + (step + 1) *
+    golden ratio, so each (key, step) has its own number and no generator state exists. int64 arithmetic
+    wraps like uint64; right shifts are masked to be logical."""
+    z = keys + (steps + 1) * _GOLDEN
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    return ((z >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53
+
+
+# ---- the filters and the draw ------------------------------------------------------------------------
+
+def scale_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits (k, V), temperature (k,) > 0 -> (logits - each row's max) / temperature, <= 0 with the top at
+    0. Shifting first keeps a tiny temperature (or logits made huge by a repetition penalty) from taking
+    values past float32's range (inf, then NaN from softmax, then token 0 whatever the logits): the limit,
+    argmax, is what such a row gets."""
+    x = logits.clamp(max=FMAX)
+    inv_t = (1.0 / temperature.double()).clamp(max=FMAX).float().to(logits.device)
+    return (x - x.amax(dim=-1, keepdim=True)) * inv_t[:, None]
+
+
+def _top_p(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """transformers' TopPLogitsWarper, with a top_p per row."""
+    sorted_z, order = torch.sort(z, descending=False, stable=True)
+    cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - top_p.double()).float().to(z.device)[:, None]  # 1 - p rounded as transformers does
+    drop[:, -1] = False
+    return z.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def _min_p(z: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """transformers' MinPLogitsWarper, with a min_p per row."""
+    probs = torch.softmax(z, dim=-1)
+    low = probs < min_p.float().to(z.device)[:, None] * probs.amax(dim=-1, keepdim=True)
+    return z.masked_fill(low, float("-inf"))
+
+
+def _typical_p(z: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper, with a mass per row."""
+    normalized = torch.log_softmax(z, dim=-1)
+    ent = -(normalized * normalized.exp()).nansum(-1, keepdim=True)
+    shifted = torch.abs(-normalized - ent)
+    sorted_s, order = torch.sort(shifted, descending=False)
+    cum = z.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass.float().to(z.device)[:, None]).sum(dim=1).clamp(max=z.size(-1) - 1)
+    drop = sorted_s > sorted_s.gather(1, last.view(-1, 1))
+    drop[:, 0] = False
+    return z.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def filter_scaled(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """PyTorch's path: logits (k, V) and the parameter table (k, >= 5: temperature > 0, top_k, top_p, min_p,
+    typical_p) -> scaled logits z (k, V), -inf where a filter drops the token. Temperature, then top-k, top-p,
+    min-p and typical-p, transformers' order, each as its warper computes it; a filter runs only on the rows
+    that use it, and no row's tokens depend on another's."""
+    t = table.cpu()
+    V = logits.size(-1)
+    z = scale_logits(logits.float(), t[:, 0])
+    top_k = t[:, 1].long()
+    on = (top_k > 0) & (top_k < V)
+    if bool(on.any()):
+        k = top_k.clamp(min=1, max=V)
+        vals = torch.topk(logits.float().clamp(max=FMAX), int(k[on].max()), dim=-1).values
+        kth = vals.gather(1, (k.clamp(max=vals.size(1)) - 1).to(z.device)[:, None])
+        kth = torch.where(on.to(z.device)[:, None], kth, float("-inf"))
+        z = z.masked_fill(logits.float().clamp(max=FMAX) < kth, float("-inf"))
+    for col, f in ((2, _top_p), (3, _min_p), (4, _typical_p)):
+        rows = (t[:, col] > 0) & (t[:, col] < 1) if col != 3 else t[:, col] > 0
+        if bool(rows.all()):
+            z = f(z, t[:, col])
+        elif bool(rows.any()):
+            idx = rows.nonzero()[:, 0].to(z.device)
+            z = z.index_copy(0, idx, f(z[idx], t[rows, col]))
+    return z
+
+
+def draw(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """logits (k, V) and the parameter table (k, 6) float64 on the CPU: temperature (0: argmax, ties to the
+    lowest id), top_k, top_p, min_p, typical_p, and the row's uniform random number u in [0, 1) -> tokens
+    (k,) int64 on the logits' device. Each row keeps what transformers' warpers keep and takes the first
+    token whose running probability, in vocabulary order, exceeds u."""
+    ext = _kernel()
+    if ext is not None and logits.device.type == "cpu":
+        return ext.sample_rows(logits.float().contiguous(), table.contiguous())
+    greedy = (table[:, 0] == 0).to(logits.device)
+    t = table.clone()
+    t[:, 0] = torch.where(t[:, 0] == 0, 1.0, t[:, 0])  # greedy rows are drawn too, then replaced
+    e = filter_scaled(logits, t).exp()
+    fine = torch.float64 if logits.device.type != "mps" else torch.float32  # (MPS has no float64)
+    cum = e.to(fine).cumsum(dim=-1)
+    u = table[:, 5].to(fine).to(logits.device)  # cast on the CPU: MPS has no float64
+    tok = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    last = e.size(-1) - 1 - (e > 0).flip(-1).int().argmax(dim=-1)  # u * total rounded up to the total
+    tok = torch.where(tok > last, last, tok)
+    return torch.where(greedy, logits.argmax(dim=-1), tok)
+
+
+_tried_kernel = False
+
+
+def _kernel():
+    """The compiled kernel when one is built already (never builds: decoding's set-up does)."""
+    global _tried_kernel
+    if kernels.loaded() is None and not _tried_kernel:
+        _tried_kernel = True
+        kernels.load(build=False, quiet=True)
+    return kernels.loaded()
+
+
+def params_table(params: Sequence[SamplingParams], us: torch.Tensor) -> torch.Tensor:
+    """draw's parameter table (k, 6) for rows with `params` and random numbers `us` (k,)."""
+    table = torch.tensor([p.row() + [0.0] for p in params], dtype=torch.float64)
+    table[:, 5] = us
+    return table
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  typical_p: float = 1.0) -> torch.Tensor:
+    """logits (..., V) with the dropped tokens at -inf, as transformers' top-k, top-p, min-p and typical
+    warpers (in that order) leave them; PyTorch's path of `draw`."""
+    x = logits.float().reshape(-1, logits.size(-1))
+    table = torch.tensor([[1.0, top_k, top_p, min_p, typical_p]] * x.size(0), dtype=torch.float64)
+    z = filter_scaled(x, table)
+    return torch.where(torch.isinf(z) & (z < 0), float("-inf"), x).view(logits.shape)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, key: int = 0, step: int = 0,
            seen: torch.Tensor | None = None) -> int:
-    """One row: logits (V,) -> token id. Greedy when temperature == 0 (ties go to the lowest id)."""
+    """One row: logits (V,) -> token id, with the random number of (key, step) (see `uniforms`). Greedy
+    when temperature == 0 (ties go to the lowest id). A row of a batch gets the same token from `draw`."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = filter_logits(scale_logits(logits, params.temperature, params.repetition_penalty),
-                           params.top_k, params.top_p, params.min_p)
-    probs = torch.softmax(logits, dim=-1)
-    # Exponential-race sampling (argmax of p / E, E ~ Exp(1)) draws exactly from `probs` and uses a fixed
-    # number of random numbers per token, so a row's text depends only on its own seed, never on which
-    # other rows share its batch.
-    e = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return int(torch.argmax(probs / e))
-
-
-def sample_rows(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> list[int]:
-    """sample() for k rows that share `params` (no repetition penalty), in one pass: the same steps on
-    logits (k, V), and each row's exponential draws from its own generator, so every row gets the token
-    sample() would give it. One pass instead of k keeps small CPU ops from dominating."""
-    if params.greedy:
-        return logits.float().argmax(dim=-1).tolist()
-    scaled = filter_logits(scale_logits(logits.float(), params.temperature), params.top_k, params.top_p, params.min_p)
-    probs = torch.softmax(scaled, dim=-1)  # (k, V)
-    e = torch.empty_like(probs)
-    for row, g in zip(e, generators):
-        row.exponential_(1.0, generator=g)
-    return torch.argmax(probs / e, dim=-1).tolist()
+    u = uniforms(torch.tensor([key]), torch.tensor([step]))
+    return int(draw(logits[None], params_table([params], u))[0])
 
 
 def token_logprobs(logits: torch.Tensor, top_n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
     s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    s.add_argument("--typical-p", type=float, default=1.0,
+                   help="typical sampling mass in (0, 1]: keep the tokens nearest the expected surprise (1: off)")
     s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
     s.add_argument("--seed", type=int, help="same seed, same text")
     s.add_argument("--nsamples", type=int, default=1, help="samples to generate; 0 means endless")
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise Gpt2kitError(f"--batch-size must be > 0, got {args.batch_size}")
     cfg = GenerationConfig(
         max_new_tokens=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+        min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
         stop_at_eot=args.stop_at_eot, seed=args.seed,
         no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, logit_bias=_logit_bias(args.logit_bias), bad_words=tuple(args.ban),

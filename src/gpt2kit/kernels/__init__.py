@@ -3,7 +3,8 @@
 For decoding float32 models (cpu_decode.cpp says why they are hand-written): a small-batch linear layer,
 and a whole one-token step of GPT-2 built on it (blocks, KV-cache attention, ln_f, LM head). For float32
 training (cpu_train.cpp says why): causal attention and GELU, forward and backward, the cross-entropy's
-softmax, and the gradient norm. It needs an x86-64 CPU with AVX2/FMA (it uses AVX-512 where the CPU has
+softmax, and the gradient norm. For sampling (cpu_sample.cpp): every row's filters and its draw, in one
+pass over a batch of logits. It needs an x86-64 CPU with AVX2/FMA (it uses AVX-512 where the CPU has
 it) and a C++ compiler; without them, or with GPT2KIT_CPU_KERNELS=0, everything runs on PyTorch's own
 kernels with the same results (to float32 rounding). `python -m gpt2kit.kernels` builds it ahead of time
 (scripts/setup.sh does), so that no later command waits for the compiler.
@@ -28,7 +29,8 @@ from torch import nn
 from gpt2kit.errors import Gpt2kitError
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp"]  # one extension; cpu_decode.cpp defines it
+# one extension; cpu_decode.cpp defines it
+SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_train.cpp", HERE / "cpu_sample.cpp"]
 HEADERS = [HERE / "simd.h"]
 MAX_ROWS = 32  # above this many input rows MKL's blocked GEMM is the better choice
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]

@@ -303,6 +303,7 @@ torch::Tensor decode_step(const torch::Tensor& x_in, const std::vector<torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_training_kernels(m);  // cpu_train.cpp
+  register_sampling_kernels(m);  // cpu_sample.cpp
   m.def("linear", &linear, "y = x @ W.T + b for small M (float32, AVX2/FMA)");
   m.def("decode_step", &decode_step, "one GPT-2 decoding step, every row at position pos: logits (B, vocab)");
 }

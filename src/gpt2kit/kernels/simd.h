@@ -138,3 +138,5 @@ inline float sigmoid_2u(float x, float* du) {
 
 // cpu_train.cpp's functions, added to the extension module that cpu_decode.cpp defines
 void register_training_kernels(pybind11::module& m);
+// cpu_sample.cpp's functions, likewise
+void register_sampling_kernels(pybind11::module& m);

@@ -8,5 +8,4 @@ from gpt2kit.server.engine import (  # noqa: F401
     QueueFull,
     QueueTimeout,
     Stream,
-    sample_rows,
 )

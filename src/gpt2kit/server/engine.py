@@ -40,11 +40,9 @@ from gpt2kit.decode import (
 )
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
-from gpt2kit.sampling import sample_rows
 from gpt2kit.tokenizer import Tokenizer
 
-__all__ = ["BatchEngine", "EngineClosed", "EngineStats", "PromptInfo", "QueueFull", "QueueTimeout", "Stream",
-           "sample_rows"]
+__all__ = ["BatchEngine", "EngineClosed", "EngineStats", "PromptInfo", "QueueFull", "QueueTimeout", "Stream"]
 
 log = logging.getLogger("gpt2kit.server")
 

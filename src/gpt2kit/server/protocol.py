@@ -45,6 +45,7 @@ class CompletionRequest(BaseModel):
     # GPT-2 controls beyond OpenAI's API (the openai client sends them via extra_body)
     top_k: int | None = Field(0, description="0 disables")
     min_p: float | None = Field(0.0, description="0 disables")
+    typical_p: float | None = Field(1.0, description="typical sampling mass; 1 disables")
     repetition_penalty: float | None = Field(1.0, description="1 disables")
     no_repeat_ngram_size: int | None = Field(0, description="no n-gram of this many tokens occurs twice; 0 disables")
     bad_words: list[str] | None = Field(None, description="texts never generated")

@@ -68,6 +68,7 @@ _PARAM_WORDS = (("presence penalty", "presence_penalty"), ("frequency penalty", 
                 ("logit bias", "logit_bias"), ("bad word", "bad_words"), ("no-repeat n-gram", "no_repeat_ngram_size"),
                 ("min tokens", "min_tokens"),
                 ("temperature", "temperature"), ("top-k", "top_k"), ("top-p", "top_p"), ("min-p", "min_p"),
+                ("typical-p", "typical_p"),
                 ("repetition penalty", "repetition_penalty"), ("stop string", "stop"),
                 ("length", "max_tokens"), ("seed", "seed"), ("logprobs", "logprobs"), ("prompt", "prompt"))
 
@@ -267,6 +268,7 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
         top_k=req.top_k or 0,
         top_p=1.0 if req.top_p is None else req.top_p,
         min_p=req.min_p or 0.0,
+        typical_p=1.0 if req.typical_p is None else req.typical_p,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         stop=stop,
         seed=req.seed,

@@ -1,0 +1,388 @@
+// gpt2kit's sampling kernel: from next-token logits (B, V) to one token per row, each row with its own
+// temperature, top-k, top-p, min-p, typical-p and uniform random number (sampling.py's `draw`).
+//
+// Why by hand: PyTorch needs a full sort of the 50,257 logits for top-p (4.4 ms a row on 2 cores; a 124M
+// decoding step is ~23 ms) and a dozen passes over (B, V) for the rest, which at batch 32 on a small model
+// cost several times the model. Here a row takes a few vectorised passes over its logits: the top-k
+// threshold by a heap, exp and sums, and each of top-p and typical-p by a radix selection (a histogram of
+// the float keys' bits finds the bucket where the mass crosses, and only that bucket's few tokens are
+// sorted), then the draw by inverse CDF in vocabulary order. Rows run in parallel.
+//
+// Semantics, shared with sampling.py's PyTorch path (which mirrors transformers' warpers, and whose kept
+// sets these equal up to float32 rounding at a boundary): z = (x - max x) / T; top-k keeps x >= the k-th
+// largest x; top-p keeps the tokens, most likely first (ties: higher id first, as transformers' stable
+// ascending sort leaves them), until the kept mass reaches top_p; min-p keeps p >= min_p * max p; typical-p
+// keeps |z - E[z]| <= the smallest s whose set {|z - E[z]| <= s} holds typical_p of the mass; each over what
+// the filters before it kept.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <queue>
+#include <vector>
+
+namespace {
+
+constexpr int kCols = 6;  // params columns: temperature, top_k, top_p, min_p, typical_p, u
+constexpr float kMinExp = -87.0f;  // e^z below this is 0 here (float32 underflow: no mass)
+constexpr int kBlock = 64;  // the draw sums the kept mass in blocks of this many tokens
+
+struct Scratch {
+  std::vector<float> z, e;
+  std::vector<double> hist;
+  std::vector<int64_t> cand, cand2;
+  std::vector<double> blocks;
+  void fit(int64_t V) {
+    if (static_cast<int64_t>(z.size()) < V + 8) {
+      z.resize(V + 8);
+      e.resize(V + 8);
+      blocks.resize(V / kBlock + 2);
+    }
+    hist.resize(4096 + 4 * 2048);
+  }
+};
+
+inline uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// max of x (values above FLT_MAX count as FLT_MAX) and the first index holding it
+inline float row_max(const float* x, int64_t V, int64_t* arg) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  float best = gpt2kit::hmax(m);
+  for (; i < V; ++i) best = std::max(best, x[i]);
+  best = std::min(best, FLT_MAX);
+  for (int64_t j = 0; j < V; ++j)
+    if (std::min(x[j], FLT_MAX) >= best) {
+      *arg = j;
+      break;
+    }
+  return best;
+}
+
+// the k-th largest of x (0 < k < V), counting repeated values: a min-heap of the k largest seen so far;
+// eight values at a time are compared with its smallest first, so that most of the row costs one compare.
+float kth_largest(const float* x, int64_t V, int64_t k) {
+  if (k > 4096) {
+    std::vector<float> c(x, x + V);
+    std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), std::greater<float>());
+    return c[k - 1];
+  }
+  std::priority_queue<float, std::vector<float>, std::greater<float>> heap;
+  int64_t i = 0;
+  for (; i < k; ++i) heap.push(x[i]);
+  float low = heap.top();
+  for (; i + 8 <= V; i += 8) {
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(low), _CMP_GT_OQ));
+    while (mask) {
+      int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (x[i + j] > low) {
+        heap.pop();
+        heap.push(x[i + j]);
+        low = heap.top();
+      }
+    }
+  }
+  for (; i < V; ++i)
+    if (x[i] > low) {
+      heap.pop();
+      heap.push(x[i]);
+      low = heap.top();
+    }
+  return low;
+}
+
+// Among the tokens with e > 0, in the order (key ascending, id descending), the first at which the running
+// mass (its own e included) reaches `target`: found = false when none does (the mass falls short by
+// rounding). A radix selection: a histogram of the keys' top 12 bits finds the bucket where the mass
+// crosses, a second over the next 12 bits of that bucket's tokens narrows it, and the few tokens left are
+// sorted and walked.
+struct Cut {
+  bool found = false;
+  uint32_t key = 0;
+  int64_t id = 0;
+};
+
+// keys that order floats >= 0 as their bits do (the sign bit cleared: -0 is 0, and a NaN, which has no
+// mass, stays inside the histograms)
+inline uint32_t nonneg_key(float f) { return bits(f) & 0x7FFFFFFFu; }
+
+// the key of token i: -z (top-p: most likely first) or |mean - z| (typical-p), computed from z as needed
+// rather than stored, so that a row's working set (logits, z, e) stays in a core's L2
+struct KeyOf {
+  const float* z;
+  float mean;
+  bool typical;
+  uint32_t operator[](int64_t i) const { return nonneg_key(typical ? std::fabs(mean - z[i]) : -z[i]); }
+};
+
+Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch& s) {
+  Cut cut;
+  std::vector<double>& h = s.hist;
+  // level 1 in four interleaved histograms (keys >= 0 as floats: at most 0x7F8 buckets each), so that
+  // neighbouring tokens in one bucket, common in flat distributions, do not wait on each other's adds
+  std::fill(h.begin(), h.end(), 0.0);
+  double* h4 = h.data() + 4096;
+  int64_t i0 = 0;
+  for (; i0 + 4 <= V; i0 += 4)
+    for (int q = 0; q < 4; ++q) h4[q * 2048 + (key[i0 + q] >> 20)] += e[i0 + q];  // e = 0 adds nothing
+  for (; i0 < V; ++i0) h4[key[i0] >> 20] += e[i0];
+  for (int b = 0; b < 2048; ++b) h[b] = (h4[b] + h4[2048 + b]) + (h4[4096 + b] + h4[6144 + b]);
+  double acc = 0;
+  int b1 = 0;
+  for (; b1 < 2048; ++b1) {
+    if (acc + h[b1] >= target) break;
+    acc += h[b1];
+  }
+  if (b1 == 2048) return cut;
+  // the bucket's tokens, without a branch per token (a token lands in it at random: a branch mispredicts)
+  s.cand.resize(V + 1);
+  int64_t n = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    s.cand[n] = i;
+    n += (e[i] > 0) & ((key[i] >> 20) == static_cast<uint32_t>(b1));
+  }
+  s.cand.resize(n);
+  std::fill(h.begin(), h.begin() + 4096, 0.0);
+  for (int64_t i : s.cand) h[(key[i] >> 8) & 0xFFF] += e[i];
+  int b2 = 0;
+  for (; b2 < 4096; ++b2) {
+    if (acc + h[b2] >= target) break;
+    acc += h[b2];
+  }
+  if (b2 == 4096) {  // rounding: the sums by bucket crossed where these do not; the bucket's last token
+    b2 = 4095;
+    while (b2 > 0 && h[b2] == 0) --b2;
+    // its tokens' mass is already in acc: undo it, so the walk below ends on the bucket's last token
+    acc -= h[b2];
+  }
+  s.cand2.clear();
+  for (auto it = s.cand.rbegin(); it != s.cand.rend(); ++it)  // ids descending
+    if (((key[*it] >> 8) & 0xFFF) == static_cast<uint32_t>(b2)) s.cand2.push_back(*it);
+  std::stable_sort(s.cand2.begin(), s.cand2.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+  for (int64_t i : s.cand2) {
+    acc += e[i];
+    cut.key = key[i];
+    cut.id = i;
+    if (acc >= target) break;
+  }
+  cut.found = !s.cand2.empty();
+  return cut;
+}
+
+
+// sum of e[0..n) in double, eight floats at a time (two chains of four doubles: a single running double
+// would wait on each add's latency)
+inline double sum_f64(const float* e, int64_t n) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(e + i);
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  double t[4];
+  _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
+  double s = (t[0] + t[1]) + (t[2] + t[3]);
+  for (; i < n; ++i) s += e[i];
+  return s;
+}
+
+// e[j] = 0 where drop(value of j) > cut, or == cut and j < id (top-p's ties: higher ids first); returns the
+// new sum. `value(j)` is -z (top-p) or |mean - z| (typical-p), both >= 0 and ordered as their keys.
+template <class F>
+double drop_above(float* e, const float* z, int64_t V, float cut, int64_t id, float mean, F value_vec) {
+  const __m256 vcut = _mm256_set1_ps(cut);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = value_vec(_mm256_loadu_ps(z + i), mean);
+    const __m256 ev = _mm256_loadu_ps(e + i);
+    _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_cmp_ps(v, vcut, _CMP_GT_OQ), ev));
+    if (i < id) {  // ties with the cut below its id go too
+      int tie = _mm256_movemask_ps(_mm256_cmp_ps(v, vcut, _CMP_EQ_OQ));
+      while (tie) {
+        const int j = __builtin_ctz(tie);
+        tie &= tie - 1;
+        if (i + j < id) e[i + j] = 0;
+      }
+    }
+  }
+  for (; i < V; ++i) {
+    float v[8] = {0};
+    float zz[8] = {z[i], 0, 0, 0, 0, 0, 0, 0};
+    _mm256_storeu_ps(v, value_vec(_mm256_loadu_ps(zz), mean));
+    if (v[0] > cut || (v[0] == cut && i < id)) e[i] = 0;
+  }
+  return sum_f64(e, V);
+}
+
+inline __m256 neg_z(__m256 z, float) { return _mm256_sub_ps(_mm256_setzero_ps(), z); }
+inline __m256 dist_z(__m256 z, float mean) {
+  return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(_mm256_set1_ps(mean), z));
+}
+
+inline float key_value(uint32_t k) {
+  float f;
+  std::memcpy(&f, &k, 4);
+  return f;
+}
+
+// One row: fills s.z (scaled logits) and s.e (e^z of the kept tokens, 0 for the rest); returns the sum of
+// s.e, or -1 for a greedy row (then *arg is its token).
+double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg) {
+  const double T = p[0], P = p[2], MP = p[3], TP = p[4];
+  const int64_t K = static_cast<int64_t>(p[1]);
+  const float m = row_max(x, V, arg);
+  if (T == 0) return -1;
+  const float inv_t = static_cast<float>(std::min(1.0 / T, static_cast<double>(FLT_MAX)));
+  const float kth = (K > 0 && K < V) ? kth_largest(x, V, K) : -INFINITY;
+  float* z = s.z.data();
+  float* e = s.e.data();
+  // z, e and their sum, eight at a time
+  const __m256 vm = _mm256_set1_ps(m), vinv = _mm256_set1_ps(inv_t), vkth = _mm256_set1_ps(kth);
+  const __m256 vbig = _mm256_set1_ps(FLT_MAX), vlow = _mm256_set1_ps(kMinExp), ninf = _mm256_set1_ps(-INFINITY);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, vbig), vm), vinv);
+    zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
+    const __m256 live = _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ);
+    const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), live);
+    _mm256_storeu_ps(z + i, zv);
+    _mm256_storeu_ps(e + i, ev);
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(ev)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1)));
+  }
+  double sum4[4];
+  _mm256_storeu_pd(sum4, _mm256_add_pd(acc0, acc1));
+  double S = (sum4[0] + sum4[1]) + (sum4[2] + sum4[3]);
+  for (; i < V; ++i) {
+    z[i] = x[i] < kth ? -INFINITY : (std::min(x[i], FLT_MAX) - m) * inv_t;
+    e[i] = z[i] >= kMinExp ? std::exp(z[i]) : 0.0f;
+    S += e[i];
+  }
+  if (P < 1 && S > 0) {
+    const Cut c = find_cut(KeyOf{z, 0.0f, false}, e, V, P * S, s);
+    if (c.found) S = drop_above(e, z, V, key_value(c.key), c.id, 0.0f, neg_z);
+  }
+  if (MP > 0) {
+    const float mp = static_cast<float>(MP);
+    for (int64_t j = 0; j < V; ++j) e[j] = e[j] < mp ? 0.0f : e[j];
+    S = sum_f64(e, V);
+  }
+  if (TP < 1 && S > 0) {
+    double ez[4] = {0, 0, 0, 0};  // four chains, as in sum_f64
+    int64_t j = 0;
+    for (; j + 4 <= V; j += 4)
+      for (int q = 0; q < 4; ++q)
+        if (e[j + q] > 0) ez[q] += static_cast<double>(e[j + q]) * z[j + q];
+    for (; j < V; ++j)
+      if (e[j] > 0) ez[0] += static_cast<double>(e[j]) * z[j];
+    const float mean = static_cast<float>(((ez[0] + ez[1]) + (ez[2] + ez[3])) / S);  // -log p - H = E[z] - z
+    const Cut c = find_cut(KeyOf{z, mean, true}, e, V, TP * S, s);
+    if (c.found) S = drop_above(e, z, V, key_value(c.key), 0, mean, dist_z);  // ties at the cut all stay
+  }
+  return S;
+}
+
+// inverse CDF in vocabulary order: the first token whose running kept mass exceeds u * (the kept mass)
+int64_t draw_row(const float* e, int64_t V, double u, Scratch& s) {
+  const int64_t nb = (V + kBlock - 1) / kBlock;
+  double* blk = s.blocks.data();
+  double total = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j = b * kBlock;
+    blk[b] = sum_f64(e + j, std::min(V - j, static_cast<int64_t>(kBlock)));
+    total += blk[b];
+  }
+  const double target = u * total;
+  double acc = 0;
+  int64_t last = -1;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (blk[b] > 0) last = b;
+    if (acc + blk[b] > target) {
+      for (int64_t j = b * kBlock, end = std::min(V, j + kBlock); j < end; ++j) {
+        acc += e[j];
+        if (e[j] > 0 && acc > target) return j;
+      }
+    }
+    acc += blk[b];
+  }
+  if (last < 0) return -1;
+  for (int64_t j = std::min(V, (last + 1) * kBlock) - 1; j >= last * kBlock; --j)
+    if (e[j] > 0) return j;  // u * total rounded up to the total: the last kept token
+  return -1;
+}
+
+void check_inputs(const torch::Tensor& logits, const torch::Tensor& params) {
+  gpt2kit::check_f32(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be (B, V)");
+  TORCH_CHECK(params.scalar_type() == at::kDouble && params.is_contiguous() && params.device().is_cpu() &&
+                  params.dim() == 2 && params.size(0) == logits.size(0) && params.size(1) == kCols,
+              "params must be a contiguous float64 CPU tensor (B, 6)");
+}
+
+// tokens (B,) int64 from logits (B, V) and params (B, 6): temperature (0: argmax), top_k, top_p, min_p,
+// typical_p, u in [0, 1)
+torch::Tensor sample_rows(const torch::Tensor& logits, const torch::Tensor& params) {
+  check_inputs(logits, params);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  torch::Tensor out = torch::empty({B}, logits.options().dtype(at::kLong));
+  const float* x = logits.data_ptr<float>();
+  const double* p = params.data_ptr<double>();
+  int64_t* tok = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+    thread_local Scratch s;
+    s.fit(V);
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t arg = 0;
+      const double S = filter_row(x + r * V, V, p + r * kCols, s, &arg);
+      int64_t t = S > 0 ? draw_row(s.e.data(), V, p[r * kCols + 5], s) : -1;
+      tok[r] = t >= 0 ? t : arg;  // greedy, or nothing left with mass (all logits -inf): the argmax
+    }
+  });
+  return out;
+}
+
+// what sample_rows keeps: e^z (B, V) of each kept token relative to the row's most likely one, 0 elsewhere
+torch::Tensor filter_rows(const torch::Tensor& logits, const torch::Tensor& params) {
+  check_inputs(logits, params);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  torch::Tensor out = torch::zeros({B, V}, logits.options());
+  const float* x = logits.data_ptr<float>();
+  const double* p = params.data_ptr<double>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+    thread_local Scratch s;
+    s.fit(V);
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t arg = 0;
+      if (filter_row(x + r * V, V, p + r * kCols, s, &arg) < 0)
+        o[r * V + arg] = 1;
+      else
+        std::copy(s.e.begin(), s.e.begin() + V, o + r * V);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_sampling_kernels(pybind11::module& m) {
+  m.def("sample_rows", &sample_rows, "one token per row of logits (B, V) with per-row params (B, 6)");
+  m.def("filter_rows", &filter_rows, "the kept tokens' e^z (B, V) that sample_rows draws from");
+}
