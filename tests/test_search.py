@@ -218,6 +218,13 @@ def test_beam_search_refuses_streaming_endless_and_more_samples_than_beams(gen):
         gen.generate("Hi " * 100, cfg, max_new_tokens=100)
 
 
+def test_contrastive_search_refuses_several_or_endless_samples_of_a_prompt(gen):
+    cfg = GenerationConfig(max_new_tokens=4, penalty_alpha=0.6, top_k=4)
+    for n in (2, 0):
+        with pytest.raises(Gpt2kitError, match="deterministic: every sample"):
+            gen.generate("Hi", cfg, nsamples=n)
+
+
 def cli(capsys, *argv):
     from gpt2kit.cli import main
     code = main([str(a) for a in argv])

@@ -217,6 +217,9 @@ class Generator:
             raise Gpt2kitError(f"nsamples must be >= 0 (0 means endless), got {nsamples}")
         if batch_size is not None and batch_size <= 0:
             raise Gpt2kitError(f"batch size must be > 0, got {batch_size}")
+        if cfg.search == "contrastive" and nsamples != 1:
+            raise Gpt2kitError(f"contrastive search is deterministic: every sample of a prompt would be the same; "
+                               f"give nsamples 1 (--nsamples 1), not {nsamples}")
         notice = once(on_window_slide)  # one notice for the whole call, however many batches
         if cfg.search == "beam":
             yield from self._beam_batches(prompt, cfg, nsamples, batch_size, notice)
