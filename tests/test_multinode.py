@@ -97,12 +97,15 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(run) if "loss" in r or "val_loss" in r]
 
 
-@pytest.fixture(scope="module")
-def two_nodes(model_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """The two-node run, and beside it (at the same time) the 2-process --standalone run."""
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def two_nodes(model_dir, tmp_path_factory, request) -> tuple[Path, Path]:
+    """The two-node run, and beside it (at the same time) the 2-process --standalone run; data-parallel
+    (DDP) and sharded (--fsdp) alike."""
     tmp = tmp_path_factory.mktemp("multinode")
-    nodes = _nodes(_args(model_dir, tmp / "nodes"), _env(), _free_port())
-    standalone = _launch(["--standalone", "--nproc-per-node", "2"], _args(model_dir, tmp / "standalone"), _env())
+    extra = ["--fsdp"] if request.param == "fsdp" else []
+    nodes = _nodes(_args(model_dir, tmp / "nodes") + extra, _env(), _free_port())
+    standalone = _launch(["--standalone", "--nproc-per-node", "2"], _args(model_dir, tmp / "standalone") + extra,
+                         _env())
     results = _finish([*nodes, standalone])
     for rc, err in results:
         assert rc == 0, err
