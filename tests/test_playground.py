@@ -251,3 +251,24 @@ def test_new_controls_are_sent_only_when_set(page):
     page.click("#generate")
     sync_api.expect(page.locator("#error")).to_contain_text('"50256 -100" is not TOKEN_ID:BIAS')
     assert len(sent) == 2
+
+
+def test_new_controls_reach_the_server_and_shape_the_text(page, tiny_dir):
+    # the real server takes every control the page sends and gives the text Generator gives with them
+    page.fill("#prompt", "The playground says")
+    set_range(page, "#temperature", 0)
+    set_range(page, "#max_tokens", 30)
+    page.click("#more summary")
+    set_range(page, "#presence_penalty", 0.5)
+    set_range(page, "#frequency_penalty", 0.5)
+    page.fill("#no_repeat_ngram_size", "2")
+    page.fill("#min_tokens", "5")
+    page.fill("#logit_bias", "50256:-100")
+    page.fill("#bad_words", "the")
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("finished", timeout=30_000)
+    assert not page.is_visible("#error")
+    cfg = GenerationConfig(max_new_tokens=30, temperature=0, presence_penalty=0.5, frequency_penalty=0.5,
+                           no_repeat_ngram_size=2, min_tokens=5, logit_bias={50256: -100}, bad_words=("the",))
+    want = Generator(*load_model(tiny_dir)).generate("The playground says", cfg)[0].text
+    assert page.inner_text("#output") == "The playground says" + want
