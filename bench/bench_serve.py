@@ -2,7 +2,8 @@
 Loopback only, bounded in request count and time.
 
     python bench/bench_serve.py                 # 124M random weights, 32 clients, 1,000-request memory run
-    python bench/bench_serve.py --config tiny   # the small model, where the server's own overhead shows
+    python bench/bench_serve.py --config small  # 3 layers x 96 (issue #18's small model): the server's overhead shows
+    python bench/bench_serve.py --config tiny   # 2 layers x 64
 
 Starts `gpt2kit serve` as its own process on 127.0.0.1 with a randomly initialised model. For greedy and for
 top-k 40 at temperature 0.8 (--sampling), it measures three things on the same 32 prompts (seeded, the same
@@ -50,7 +51,9 @@ def make_checkpoint(config_name: str, out: Path) -> Path:
     from gpt2kit.tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    return save_model(GPT(GPTConfig.from_name(config_name)), Tokenizer.from_dir(VOCAB), out)
+    # "small": issue #18's small model (3 layers, 96 wide), as in bench_generate.py
+    config = GPTConfig(n_layer=3, n_head=3, n_embd=96) if config_name == "small" else GPTConfig.from_name(config_name)
+    return save_model(GPT(config), Tokenizer.from_dir(VOCAB), out)
 
 
 def rss_bytes(pid: int) -> int:
@@ -268,7 +271,8 @@ async def main_async(args: argparse.Namespace, url: str, pid: int, inproc: dict[
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="gpt2", help="model preset with random weights (default gpt2 = 124M; tiny)")
+    p.add_argument("--config", default="gpt2",
+                   help="model preset with random weights (default gpt2 = 124M; tiny: 2 x 64; small: 3 x 96)")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
