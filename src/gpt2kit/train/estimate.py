@@ -199,6 +199,21 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
+def run_strategy(cfg: TrainConfig) -> str:
+    """estimate_memory's strategy for a run's settings."""
+    return "fsdp-offload" if cfg.fsdp_cpu_offload else "fsdp" if cfg.fsdp else "ddp"
+
+
+def run_estimate(cfg: TrainConfig, config: GPTConfig, block: int, world: int, dtype: str,
+                 fused_head: bool) -> MemoryEstimate:
+    """estimate_memory for the run `cfg` of the architecture `config` over `world` processes, `dtype` the
+    precision it trains in (float32, or bfloat16/float16 autocast)."""
+    return estimate_memory(config, batch_size=cfg.batch_size, block_size=block, dtype=dtype,
+                           grad_checkpointing=cfg.grad_checkpointing, strategy=run_strategy(cfg), world=world,
+                           lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, freeze=cfg.freeze,
+                           fused_head=fused_head)
+
+
 def describe(cfg: TrainConfig, world: int) -> str:
     """`gpt2kit finetune --estimate-memory`'s report for the run `cfg` over `world` processes (its settings
     are checked first; an estimate needs no data and no run directory)."""
@@ -209,13 +224,9 @@ def describe(cfg: TrainConfig, world: int) -> str:
     if dtype == "auto":
         dtype = "float32" if cfg.device == "cpu" else "bfloat16"
         assumed = f" (--dtype auto, taken as {dtype}{'' if cfg.device == 'cpu' else ', a GPU with bfloat16'})"
-    offload = bool(getattr(cfg, "fsdp_cpu_offload", False))
-    strategy = "fsdp-offload" if offload else "fsdp" if getattr(cfg, "fsdp", False) else "ddp"
     block = cfg.block_size or min(config.n_positions, 1024)
-    est = estimate_memory(config, batch_size=cfg.batch_size, block_size=block, dtype=dtype,
-                          grad_checkpointing=cfg.grad_checkpointing, strategy=strategy, world=world,
-                          lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, freeze=cfg.freeze,
-                          fused_head=cfg.device == "cpu" and not cfg.compile)
+    est = run_estimate(cfg, config, block, world, dtype, fused_head=cfg.device == "cpu" and not cfg.compile)
+    strategy = run_strategy(cfg)
     how = {"ddp": "DDP" if world > 1 else "one process", "fsdp": "FSDP", "fsdp-offload": "FSDP with CPU offload"}
     precision = "float32" if dtype == "float32" else f"{dtype} autocast"
     lines = [f"memory estimate for {name} ({est.parameters:,} parameters, {config.n_layer} layers; "

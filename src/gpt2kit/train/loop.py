@@ -322,8 +322,7 @@ class _Run:
             raise Gpt2kitError(f"cannot continue {self.dir} to {plural(cfg.steps, 'step')}: it has done "
                                f"{self.state.step} already (--steps and --epochs with --resume give the new total)")
         # a batch that cannot fit is refused before the commit, so it leaves no run (and --overwrite deletes nothing)
-        warn = memory_warning(self.model, cfg, cfg.block_size, self.device, sum(p.numel() for p in self.trainer.params),
-                              shards=dist.world if cfg.fsdp else 1)
+        warn = memory_warning(self.model.config, cfg, cfg.block_size, self.device, dist.world)
         dist.agree((lambda: self.rundir.commit(cfg, self.tok, self.state.step)) if dist.main else None)
         if warn:
             say(f"warning: {warn}")

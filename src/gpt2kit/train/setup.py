@@ -27,6 +27,7 @@ from gpt2kit.model import GPT
 from gpt2kit.tokenizer import Tokenizer, find_vocab_files
 from gpt2kit.train.config import DEFAULT_PROMPTS, TrainConfig, default_cadence
 from gpt2kit.train.distributed import _Dist
+from gpt2kit.train.estimate import run_estimate
 from gpt2kit.train.fsdp import is_sharded_checkpoint
 from gpt2kit.train.rundir import STAGING
 from gpt2kit.train.trainer import freeze, set_dropout
@@ -34,20 +35,12 @@ from gpt2kit.train.trainer import freeze, set_dropout
 _EVAL_TOKENS = 32768  # validation targets an evaluation scores by default
 
 
-def memory_warning(model: GPT, cfg: TrainConfig, block: int, device: torch.device, trainable: int,
-                   shards: int = 1) -> str | None:
-    """A rough peak-memory estimate, to warn before the OS kills the process (CPU) or CUDA runs out; a run
-    that needs more than the device's whole memory is refused (a Gpt2kitError) before it starts. `shards`:
-    the processes --fsdp spreads the weights and optimizer state over (none of it on a GPU with CPU offload)."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    state = (4 * n + 12 * trainable) // shards  # weights + grads + Adam moments, float32
-    if cfg.fsdp_cpu_offload and device.type != "cpu":
-        state = 0
-    tokens = cfg.batch_size * block
-    per_layer = 34 * c.n_embd * 4 if not cfg.grad_checkpointing else c.n_embd * 4
-    acts = tokens * (c.n_layer * per_layer + 3 * c.vocab_size * 4)
-    need = state + acts
+def memory_warning(config: GPTConfig, cfg: TrainConfig, block: int, device: torch.device, world: int) -> str | None:
+    """train/estimate.py's peak-memory estimate of one process, to warn before the OS kills the process (CPU)
+    or CUDA runs out; a run that needs more than the device's whole memory is refused (a Gpt2kitError) before
+    it starts. With CPU offload on a GPU, the weights and optimizer state are in host RAM, not counted here."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if device.type == "cpu" else "bfloat16"
+    need = run_estimate(cfg, config, block, world, dtype, fused_head=device.type == "cpu" and not cfg.compile).total
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
     elif device.type == "cpu":
