@@ -3,10 +3,13 @@
 //
 // Why by hand: PyTorch needs a full sort of the 50,257 logits for top-p (4.4 ms a row on 2 cores; a 124M
 // decoding step is ~23 ms) and a dozen passes over (B, V) for the rest, which at batch 32 on a small model
-// cost several times the model. Here a row takes a few vectorised passes over its logits: the top-k
-// threshold by a heap, exp and sums, and each of top-p and typical-p by a radix selection (a histogram of
-// the float keys' bits finds the bucket where the mass crosses, and only that bucket's few tokens are
-// sorted), then the draw by inverse CDF in vocabulary order. Rows run in parallel.
+// cost several times the model. Here a row takes a few vectorised passes over its logits: the max and its
+// index, the top-k threshold by a heap, exp and sums, and each of top-p and typical-p by a radix selection
+// (a histogram of the float keys' bits finds the bucket where the mass crosses, and only that bucket's few
+// tokens are sorted), then the draw by inverse CDF in vocabulary order. Top-p, the common case, costs two
+// passes more than the draw alone: its first histogram is filled in the exp pass, and its drop sums the
+// kept mass by blocks for the draw; its z is recomputed from the logits rather than stored, so that a row's
+// working set (logits, e) stays in a core's L2. Rows run in parallel.
 //
 // Semantics, shared with sampling.py's PyTorch path (which mirrors transformers' warpers, and whose kept
 // sets these equal up to float32 rounding at a boundary): z = (x - max x) / T; top-k keeps x >= the k-th
@@ -68,7 +71,7 @@ inline float row_max(const float* x, int64_t V, int64_t* arg) {
   const __m256i step = _mm256_set1_epi32(8);
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
-    const __m256 v = _mm256_min_ps(_mm256_loadu_ps(x + i), big);
+    const __m256 v = _mm256_min_ps(big, _mm256_loadu_ps(x + i));  // a NaN stays NaN: never greater
     const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
     m = _mm256_blendv_ps(m, v, gt);
     at = _mm256_blendv_epi8(at, idx, _mm256_castps_si256(gt));
@@ -142,20 +145,50 @@ struct Cut {
 // mass, stays inside the histograms)
 inline uint32_t nonneg_key(float f) { return bits(f) & 0x7FFFFFFFu; }
 
-// the key of token i: -z (top-p: most likely first) or |mean - z| (typical-p), computed from z as needed
-// rather than stored, so that a row's working set (logits, z, e) stays in a core's L2
-struct KeyOf {
+// min(v, FLT_MAX) as _mm256_min_ps(v, FLT_MAX) takes it (a NaN gives FLT_MAX), so that a token's z is the
+// same float whether it is made eight at a time or alone
+inline float clamp_max(float v) { return v < FLT_MAX ? v : FLT_MAX; }
+
+// z = (x - m) / T, -inf where x < kth (top-k), from the logits as needed: top-p's passes read the logits again
+// rather than a stored z, so that a row's working set (logits, e) stays in a core's L2
+struct Scaled {
+  const float* x;
+  float m, inv_t, kth;
+  float operator()(int64_t i) const { return x[i] < kth ? -INFINITY : (clamp_max(x[i]) - m) * inv_t; }
+  __m256 vec(int64_t i) const {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, _mm256_set1_ps(FLT_MAX)), _mm256_set1_ps(m)),
+                                    _mm256_set1_ps(inv_t));
+    return _mm256_blendv_ps(zv, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(xv, _mm256_set1_ps(kth), _CMP_LT_OQ));
+  }
+};
+
+// the keys the cuts order tokens by, >= 0: value(i) as a float, vec(i) eight of them, key[i] as an integer.
+// Top-p: -z (most likely first).
+struct TopPKey {
+  Scaled z;
+  float value(int64_t i) const { return -z(i); }
+  __m256 vec(int64_t i) const { return _mm256_sub_ps(_mm256_setzero_ps(), z.vec(i)); }
+  uint32_t operator[](int64_t i) const { return nonneg_key(value(i)); }
+};
+
+// typical-p: |mean - z|, from a stored z
+struct TypicalKey {
   const float* z;
   float mean;
-  bool typical;
-  uint32_t operator[](int64_t i) const { return nonneg_key(typical ? std::fabs(mean - z[i]) : -z[i]); }
+  float value(int64_t i) const { return std::fabs(mean - z[i]); }
+  __m256 vec(int64_t i) const {
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(_mm256_set1_ps(mean), _mm256_loadu_ps(z + i)));
+  }
+  uint32_t operator[](int64_t i) const { return nonneg_key(value(i)); }
 };
 
 // level 1 of find_cut for keys not known while e was made (typical-p's): histograms of e by the keys' top 12
 // bits (keys >= 0 as floats: at most 0x7F8 buckets), four interleaved so that neighbouring tokens in one
 // bucket, common in flat distributions, do not wait on each other's adds; token i goes to histogram i % 4
 // (the last V % 4 tokens to the first)
-void level1_hist(const KeyOf& key, const float* e, int64_t V, double* h4) {
+template <class Key>
+void level1_hist(const Key& key, const float* e, int64_t V, double* h4) {
   std::fill(h4, h4 + 4 * 2048, 0.0);
   int64_t i0 = 0;
   for (; i0 + 4 <= V; i0 += 4)
@@ -177,10 +210,9 @@ struct PackTable {
 };
 const PackTable kPack;
 
-// find_cut with s.level1() already holding level 1's histograms; value_vec(z, mean) gives eight tokens'
-// keys as floats (the same values as `key`)
-template <class F>
-Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch& s, F value_vec) {
+// find_cut with s.level1() already holding level 1's histograms
+template <class Key>
+Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& s) {
   Cut cut;
   double* h = s.hist.data();
   const double* h4 = s.level1();
@@ -203,7 +235,7 @@ Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch
     const __m256i step = _mm256_set1_epi32(8);
     int64_t i = 0;
     for (; i + 8 <= V; i += 8, ids = _mm256_add_epi32(ids, step)) {
-      const __m256i k = _mm256_and_si256(_mm256_castps_si256(value_vec(_mm256_loadu_ps(s.z.data() + i), key.mean)), magn);
+      const __m256i k = _mm256_and_si256(_mm256_castps_si256(key.vec(i)), magn);
       const __m256 in = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(k, 20), want)),
                                       _mm256_cmp_ps(_mm256_loadu_ps(e + i), zero, _CMP_GT_OQ));
       const int mask = _mm256_movemask_ps(in);
@@ -260,14 +292,14 @@ inline double sum_f64(const float* e, int64_t n) {
   return s;
 }
 
-// e[j] = 0 where drop(value of j) > cut, or == cut and j < id (top-p's ties: higher ids first); returns the
-// new sum. `value(j)` is -z (top-p) or |mean - z| (typical-p), both >= 0 and ordered as their keys.
-template <class F>
-double drop_above(float* e, const float* z, int64_t V, float cut, int64_t id, float mean, F value_vec) {
+// e[j] = 0 where key.value(j) > cut, or == cut and j < id (top-p's ties: higher ids first); returns the
+// new sum.
+template <class Key>
+double drop_above(float* e, const Key& key, int64_t V, float cut, int64_t id) {
   const __m256 vcut = _mm256_set1_ps(cut);
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
-    const __m256 v = value_vec(_mm256_loadu_ps(z + i), mean);
+    const __m256 v = key.vec(i);
     const __m256 ev = _mm256_loadu_ps(e + i);
     _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_cmp_ps(v, vcut, _CMP_GT_OQ), ev));
     if (i < id) {  // ties with the cut below its id go too
@@ -280,17 +312,10 @@ double drop_above(float* e, const float* z, int64_t V, float cut, int64_t id, fl
     }
   }
   for (; i < V; ++i) {
-    float v[8] = {0};
-    float zz[8] = {z[i], 0, 0, 0, 0, 0, 0, 0};
-    _mm256_storeu_ps(v, value_vec(_mm256_loadu_ps(zz), mean));
-    if (v[0] > cut || (v[0] == cut && i < id)) e[i] = 0;
+    const float v = key.value(i);
+    if (v > cut || (v == cut && i < id)) e[i] = 0;
   }
   return sum_f64(e, V);
-}
-
-inline __m256 neg_z(__m256 z, float) { return _mm256_sub_ps(_mm256_setzero_ps(), z); }
-inline __m256 dist_z(__m256 z, float mean) {
-  return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(_mm256_set1_ps(mean), z));
 }
 
 inline float key_value(uint32_t k) {
@@ -299,11 +324,13 @@ inline float key_value(uint32_t k) {
   return f;
 }
 
-// z = (x - m) / T (-inf where x < kth: top-k), e = e^z (0 below kMinExp) and their sum, eight at a time.
+// e = e^z (0 below kMinExp) and their sum, eight at a time; with kStoreZ, z too (typical-p's mean and keys).
 // With kHist, also top-p's level-1 histograms of e by the key -z (find_cut's, filled as level1_hist would),
 // so that top-p needs no pass of its own to find the bucket where its mass crosses.
-template <bool kHist>
-double scale_exp(const float* x, int64_t V, float m, float inv_t, float kth, float* z, float* e, double* h4) {
+template <bool kHist, bool kStoreZ>
+double scale_exp(const Scaled& sc, int64_t V, float* z, float* e, double* h4) {
+  const float* x = sc.x;
+  const float m = sc.m, inv_t = sc.inv_t, kth = sc.kth;
   if (kHist) std::fill(h4, h4 + 4 * 2048, 0.0);
   const __m256 vm = _mm256_set1_ps(m), vinv = _mm256_set1_ps(inv_t), vkth = _mm256_set1_ps(kth);
   const __m256 vbig = _mm256_set1_ps(FLT_MAX), vlow = _mm256_set1_ps(kMinExp), ninf = _mm256_set1_ps(-INFINITY);
@@ -316,7 +343,7 @@ double scale_exp(const float* x, int64_t V, float m, float inv_t, float kth, flo
     zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
     const __m256 live = _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ);
     const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), live);
-    _mm256_storeu_ps(z + i, zv);
+    if (kStoreZ) _mm256_storeu_ps(z + i, zv);
     _mm256_storeu_ps(e + i, ev);
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(ev)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1));
     acc0 = _mm256_add_pd(acc0, lo);
@@ -335,17 +362,18 @@ double scale_exp(const float* x, int64_t V, float m, float inv_t, float kth, flo
   _mm256_storeu_pd(sum4, _mm256_add_pd(acc0, acc1));
   double S = (sum4[0] + sum4[1]) + (sum4[2] + sum4[3]);
   for (const int64_t whole = V - V % 4; i < V; ++i) {
-    z[i] = x[i] < kth ? -INFINITY : (std::min(x[i], FLT_MAX) - m) * inv_t;
-    e[i] = z[i] >= kMinExp ? std::exp(z[i]) : 0.0f;
+    const float zi = sc(i);
+    if (kStoreZ) z[i] = zi;
+    e[i] = zi >= kMinExp ? std::exp(zi) : 0.0f;
     S += e[i];
-    if (kHist) h4[(i < whole ? (i & 3) * 2048 : 0) + (nonneg_key(-z[i]) >> 20)] += e[i];
+    if (kHist) h4[(i < whole ? (i & 3) * 2048 : 0) + (nonneg_key(-zi) >> 20)] += e[i];
   }
   return S;
 }
 
 // top-p's drop (as drop_above with neg_z) fused with the draw's first step: the kept mass by blocks of
 // kBlock tokens (each summed as sum_f64 sums) into blk; returns their total
-double drop_above_blocks(float* e, const float* z, int64_t V, float cut, int64_t id, double* blk) {
+double drop_above_blocks(float* e, const TopPKey& key, int64_t V, float cut, int64_t id, double* blk) {
   const __m256 vcut = _mm256_set1_ps(cut);
   const __m256i vid = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(id, INT32_MAX)));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -355,7 +383,7 @@ double drop_above_blocks(float* e, const float* z, int64_t V, float cut, int64_t
     __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
     int64_t i = j;
     for (; i + 8 <= end; i += 8) {
-      const __m256 v = neg_z(_mm256_loadu_ps(z + i), 0.0f);
+      const __m256 v = key.vec(i);
       const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)), lane);
       // dropped: above the cut, or at it with a lower id than the cut's (top-p's ties: higher ids first)
       const __m256 drop = _mm256_or_ps(
@@ -370,7 +398,7 @@ double drop_above_blocks(float* e, const float* z, int64_t V, float cut, int64_t
     _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
     double sum = (t[0] + t[1]) + (t[2] + t[3]);
     for (; i < end; ++i) {
-      const float v = -z[i];
+      const float v = key.value(i);
       if (v > cut || (v == cut && i < id)) e[i] = 0;
       sum += e[i];
     }
@@ -380,7 +408,7 @@ double drop_above_blocks(float* e, const float* z, int64_t V, float cut, int64_t
   return total;
 }
 
-// One row: fills s.z (scaled logits) and s.e (e^z of the kept tokens, 0 for the rest); returns the sum of
+// One row: fills s.e (e^z of the kept tokens, 0 for the rest; s.z: z, for typical-p); returns the sum of
 // s.e, or -1 for a greedy row (then *arg is its token). *blocks tells whether s.blocks already holds the
 // kept mass by blocks (draw_row's first step, done by top-p's drop when no filter follows it).
 double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool* blocks) {
@@ -393,14 +421,17 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
   const float kth = (K > 0 && K < V) ? kth_largest(x, V, K) : -INFINITY;
   float* z = s.z.data();
   float* e = s.e.data();
-  double S = P < 1 ? scale_exp<true>(x, V, m, inv_t, kth, z, e, s.level1())
-                   : scale_exp<false>(x, V, m, inv_t, kth, z, e, nullptr);
+  const Scaled sc{x, m, inv_t, kth};
+  double* h4 = s.level1();
+  double S = P < 1 ? (TP < 1 ? scale_exp<true, true>(sc, V, z, e, h4) : scale_exp<true, false>(sc, V, z, e, h4))
+                   : (TP < 1 ? scale_exp<false, true>(sc, V, z, e, h4) : scale_exp<false, false>(sc, V, z, e, h4));
   if (P < 1 && S > 0) {
-    const Cut c = find_cut(KeyOf{z, 0.0f, false}, e, V, P * S, s, neg_z);
+    const TopPKey key{sc};
+    const Cut c = find_cut(key, e, V, P * S, s);
     if (c.found && (MP > 0 || TP < 1)) {
-      S = drop_above(e, z, V, key_value(c.key), c.id, 0.0f, neg_z);
+      S = drop_above(e, key, V, key_value(c.key), c.id);
     } else if (c.found) {
-      S = drop_above_blocks(e, z, V, key_value(c.key), c.id, s.blocks.data());
+      S = drop_above_blocks(e, key, V, key_value(c.key), c.id, s.blocks.data());
       *blocks = true;
     }
   }
@@ -418,10 +449,10 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
     for (; j < V; ++j)
       if (e[j] > 0) ez[0] += static_cast<double>(e[j]) * z[j];
     const float mean = static_cast<float>(((ez[0] + ez[1]) + (ez[2] + ez[3])) / S);  // -log p - H = E[z] - z
-    const KeyOf key{z, mean, true};
-    level1_hist(key, e, V, s.level1());
-    const Cut c = find_cut(key, e, V, TP * S, s, dist_z);
-    if (c.found) S = drop_above(e, z, V, key_value(c.key), 0, mean, dist_z);  // ties at the cut all stay
+    const TypicalKey key{z, mean};
+    level1_hist(key, e, V, h4);
+    const Cut c = find_cut(key, e, V, TP * S, s);
+    if (c.found) S = drop_above(e, key, V, key_value(c.key), 0);  // ties at the cut all stay
   }
   return S;
 }
