@@ -490,6 +490,7 @@ int64_t draw_row(const float* e, int64_t V, double u, Scratch& s, bool ready) {
 void check_inputs(const torch::Tensor& logits, const torch::Tensor& params) {
   gpt2kit::check_f32(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V)");
+  TORCH_CHECK(logits.size(1) < INT32_MAX, "the vocabulary must have fewer than 2^31 - 1 tokens");  // int32 ids
   TORCH_CHECK(params.scalar_type() == at::kDouble && params.is_contiguous() && params.device().is_cpu() &&
                   params.dim() == 2 && params.size(0) == logits.size(0) && params.size(1) == kCols,
               "params must be a contiguous float64 CPU tensor (B, 6)");
