@@ -3,10 +3,13 @@
 //
 // Why by hand: PyTorch needs a full sort of the 50,257 logits for top-p (4.4 ms a row on 2 cores; a 124M
 // decoding step is ~23 ms) and a dozen passes over (B, V) for the rest, which at batch 32 on a small model
-// cost several times the model. Here a row takes a few vectorised passes over its logits: the top-k
-// threshold by a heap, exp and sums, and each of top-p and typical-p by a radix selection (a histogram of
-// the float keys' bits finds the bucket where the mass crosses, and only that bucket's few tokens are
-// sorted), then the draw by inverse CDF in vocabulary order. Rows run in parallel.
+// cost several times the model. Here a row takes a few vectorised passes over its logits: the max and its
+// index, the top-k threshold by a heap, exp and sums, and each of top-p and typical-p by a radix selection
+// (a histogram of the float keys' bits finds the bucket where the mass crosses, and only that bucket's few
+// tokens are sorted), then the draw by inverse CDF in vocabulary order. Top-p, the common case, costs two
+// passes more than the draw alone: its first histogram is filled in the exp pass, and its drop sums the
+// kept mass by blocks for the draw; its z is recomputed from the logits rather than stored, so that a row's
+// working set (logits, e) stays in a core's L2. Rows run in parallel.
 //
 // Semantics, shared with sampling.py's PyTorch path (which mirrors transformers' warpers, and whose kept
 // sets these equal up to float32 rounding at a boundary): z = (x - max x) / T; top-k keeps x >= the k-th
@@ -37,17 +40,20 @@ constexpr int kBlock = 64;  // the draw sums the kept mass in blocks of this man
 
 struct Scratch {
   std::vector<float> z, e;
-  std::vector<double> hist;
-  std::vector<int64_t> cand, cand2;
+  std::vector<double> hist;  // level 1: four interleaved histograms of 2048 buckets, then their sum (4096)
+  std::vector<int32_t> cand;
+  std::vector<int64_t> cand2;
   std::vector<double> blocks;
   void fit(int64_t V) {
     if (static_cast<int64_t>(z.size()) < V + 8) {
       z.resize(V + 8);
       e.resize(V + 8);
+      cand.resize(V + 8);
       blocks.resize(V / kBlock + 2);
     }
     hist.resize(4096 + 4 * 2048);
   }
+  double* level1() { return hist.data() + 4096; }
 };
 
 inline uint32_t bits(float f) {
@@ -56,19 +62,38 @@ inline uint32_t bits(float f) {
   return u;
 }
 
-// max of x (values above FLT_MAX count as FLT_MAX) and the first index holding it
+// max of x (values above FLT_MAX count as FLT_MAX; NaN never wins) and the first index holding it, in one
+// pass: each lane keeps its own first maximum, then the lowest index among the lanes that hold the row's.
 inline float row_max(const float* x, int64_t V, int64_t* arg) {
+  const __m256 big = _mm256_set1_ps(FLT_MAX);
   __m256 m = _mm256_set1_ps(-INFINITY);
+  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
+  const __m256i step = _mm256_set1_epi32(8);
   int64_t i = 0;
-  for (; i + 8 <= V; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-  float best = gpt2kit::hmax(m);
-  for (; i < V; ++i) best = std::max(best, x[i]);
-  best = std::min(best, FLT_MAX);
-  for (int64_t j = 0; j < V; ++j)
-    if (std::min(x[j], FLT_MAX) >= best) {
-      *arg = j;
-      break;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_min_ps(big, _mm256_loadu_ps(x + i));  // a NaN stays NaN: never greater
+    const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, v, gt);
+    at = _mm256_blendv_epi8(at, idx, _mm256_castps_si256(gt));
+    idx = _mm256_add_epi32(idx, step);
+  }
+  float lanes[8];
+  int32_t where[8];
+  _mm256_storeu_ps(lanes, m);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(where), at);
+  float best = -INFINITY;
+  int64_t first = 0;
+  for (int q = 0; q < 8; ++q)
+    if (lanes[q] > best || (lanes[q] == best && where[q] < first)) {
+      best = lanes[q];
+      first = where[q];
     }
+  for (; i < V; ++i)
+    if (std::min(x[i], FLT_MAX) > best) {
+      best = std::min(x[i], FLT_MAX);
+      first = i;
+    }
+  *arg = first;
   return best;
 }
 
@@ -120,26 +145,77 @@ struct Cut {
 // mass, stays inside the histograms)
 inline uint32_t nonneg_key(float f) { return bits(f) & 0x7FFFFFFFu; }
 
-// the key of token i: -z (top-p: most likely first) or |mean - z| (typical-p), computed from z as needed
-// rather than stored, so that a row's working set (logits, z, e) stays in a core's L2
-struct KeyOf {
-  const float* z;
-  float mean;
-  bool typical;
-  uint32_t operator[](int64_t i) const { return nonneg_key(typical ? std::fabs(mean - z[i]) : -z[i]); }
+// min(v, FLT_MAX) as _mm256_min_ps(v, FLT_MAX) takes it (a NaN gives FLT_MAX), so that a token's z is the
+// same float whether it is made eight at a time or alone
+inline float clamp_max(float v) { return v < FLT_MAX ? v : FLT_MAX; }
+
+// z = (x - m) / T, -inf where x < kth (top-k), from the logits as needed: top-p's passes read the logits again
+// rather than a stored z, so that a row's working set (logits, e) stays in a core's L2
+struct Scaled {
+  const float* x;
+  float m, inv_t, kth;
+  float operator()(int64_t i) const { return x[i] < kth ? -INFINITY : (clamp_max(x[i]) - m) * inv_t; }
+  __m256 vec(int64_t i) const {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, _mm256_set1_ps(FLT_MAX)), _mm256_set1_ps(m)),
+                                    _mm256_set1_ps(inv_t));
+    return _mm256_blendv_ps(zv, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(xv, _mm256_set1_ps(kth), _CMP_LT_OQ));
+  }
 };
 
-Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch& s) {
-  Cut cut;
-  std::vector<double>& h = s.hist;
-  // level 1 in four interleaved histograms (keys >= 0 as floats: at most 0x7F8 buckets each), so that
-  // neighbouring tokens in one bucket, common in flat distributions, do not wait on each other's adds
-  std::fill(h.begin(), h.end(), 0.0);
-  double* h4 = h.data() + 4096;
+// the keys the cuts order tokens by, >= 0: value(i) as a float, vec(i) eight of them, key[i] as an integer.
+// Top-p: -z (most likely first).
+struct TopPKey {
+  Scaled z;
+  float value(int64_t i) const { return -z(i); }
+  __m256 vec(int64_t i) const { return _mm256_sub_ps(_mm256_setzero_ps(), z.vec(i)); }
+  uint32_t operator[](int64_t i) const { return nonneg_key(value(i)); }
+};
+
+// typical-p: |mean - z|, from a stored z
+struct TypicalKey {
+  const float* z;
+  float mean;
+  float value(int64_t i) const { return std::fabs(mean - z[i]); }
+  __m256 vec(int64_t i) const {
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(_mm256_set1_ps(mean), _mm256_loadu_ps(z + i)));
+  }
+  uint32_t operator[](int64_t i) const { return nonneg_key(value(i)); }
+};
+
+// level 1 of find_cut for keys not known while e was made (typical-p's): histograms of e by the keys' top 12
+// bits (keys >= 0 as floats: at most 0x7F8 buckets), four interleaved so that neighbouring tokens in one
+// bucket, common in flat distributions, do not wait on each other's adds; token i goes to histogram i % 4
+// (the last V % 4 tokens to the first)
+template <class Key>
+void level1_hist(const Key& key, const float* e, int64_t V, double* h4) {
+  std::fill(h4, h4 + 4 * 2048, 0.0);
   int64_t i0 = 0;
   for (; i0 + 4 <= V; i0 += 4)
     for (int q = 0; q < 4; ++q) h4[q * 2048 + (key[i0 + q] >> 20)] += e[i0 + q];  // e = 0 adds nothing
   for (; i0 < V; ++i0) h4[key[i0] >> 20] += e[i0];
+}
+
+// for each 8-bit mask, the positions of its set bits, first to last: left-packs a vector's selected lanes
+struct PackTable {
+  uint64_t lanes[256];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t v = 0;
+      for (int j = 0, n = 0; j < 8; ++j)
+        if (m >> j & 1) v |= static_cast<uint64_t>(j) << (8 * n++);
+      lanes[m] = v;
+    }
+  }
+};
+const PackTable kPack;
+
+// find_cut with s.level1() already holding level 1's histograms
+template <class Key>
+Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& s) {
+  Cut cut;
+  double* h = s.hist.data();
+  const double* h4 = s.level1();
   for (int b = 0; b < 2048; ++b) h[b] = (h4[b] + h4[2048 + b]) + (h4[4096 + b] + h4[6144 + b]);
   double acc = 0;
   int b1 = 0;
@@ -148,16 +224,32 @@ Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch
     acc += h[b1];
   }
   if (b1 == 2048) return cut;
-  // the bucket's tokens, without a branch per token (a token lands in it at random: a branch mispredicts)
-  s.cand.resize(V + 1);
+  // the bucket's tokens, ids ascending, eight at a time and without a branch per token (a token lands in
+  // it at random: a branch would mispredict): the selected lanes' ids are packed to the front and stored
+  int32_t* cand = s.cand.data();
   int64_t n = 0;
-  for (int64_t i = 0; i < V; ++i) {
-    s.cand[n] = i;
-    n += (e[i] > 0) & ((key[i] >> 20) == static_cast<uint32_t>(b1));
+  {
+    const __m256i magn = _mm256_set1_epi32(0x7FFFFFFF), want = _mm256_set1_epi32(b1);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i step = _mm256_set1_epi32(8);
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8, ids = _mm256_add_epi32(ids, step)) {
+      const __m256i k = _mm256_and_si256(_mm256_castps_si256(key.vec(i)), magn);
+      const __m256 in = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(k, 20), want)),
+                                      _mm256_cmp_ps(_mm256_loadu_ps(e + i), zero, _CMP_GT_OQ));
+      const int mask = _mm256_movemask_ps(in);
+      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n), _mm256_permutevar8x32_epi32(ids, perm));
+      n += __builtin_popcount(mask);
+    }
+    for (; i < V; ++i) {
+      cand[n] = static_cast<int32_t>(i);
+      n += (e[i] > 0) & ((key[i] >> 20) == static_cast<uint32_t>(b1));
+    }
   }
-  s.cand.resize(n);
-  std::fill(h.begin(), h.begin() + 4096, 0.0);
-  for (int64_t i : s.cand) h[(key[i] >> 8) & 0xFFF] += e[i];
+  std::fill(h, h + 4096, 0.0);
+  for (int64_t j = 0; j < n; ++j) h[(key[cand[j]] >> 8) & 0xFFF] += e[cand[j]];
   int b2 = 0;
   for (; b2 < 4096; ++b2) {
     if (acc + h[b2] >= target) break;
@@ -170,8 +262,8 @@ Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch
     acc -= h[b2];
   }
   s.cand2.clear();
-  for (auto it = s.cand.rbegin(); it != s.cand.rend(); ++it)  // ids descending
-    if (((key[*it] >> 8) & 0xFFF) == static_cast<uint32_t>(b2)) s.cand2.push_back(*it);
+  for (int64_t j = n - 1; j >= 0; --j)  // ids descending
+    if (((key[cand[j]] >> 8) & 0xFFF) == static_cast<uint32_t>(b2)) s.cand2.push_back(cand[j]);
   std::stable_sort(s.cand2.begin(), s.cand2.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
   for (int64_t i : s.cand2) {
     acc += e[i];
@@ -182,7 +274,6 @@ Cut find_cut(const KeyOf& key, const float* e, int64_t V, double target, Scratch
   cut.found = !s.cand2.empty();
   return cut;
 }
-
 
 // sum of e[0..n) in double, eight floats at a time (two chains of four doubles: a single running double
 // would wait on each add's latency)
@@ -201,14 +292,14 @@ inline double sum_f64(const float* e, int64_t n) {
   return s;
 }
 
-// e[j] = 0 where drop(value of j) > cut, or == cut and j < id (top-p's ties: higher ids first); returns the
-// new sum. `value(j)` is -z (top-p) or |mean - z| (typical-p), both >= 0 and ordered as their keys.
-template <class F>
-double drop_above(float* e, const float* z, int64_t V, float cut, int64_t id, float mean, F value_vec) {
+// e[j] = 0 where key.value(j) > cut, or == cut and j < id (top-p's ties: higher ids first); returns the
+// new sum.
+template <class Key>
+double drop_above(float* e, const Key& key, int64_t V, float cut, int64_t id) {
   const __m256 vcut = _mm256_set1_ps(cut);
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
-    const __m256 v = value_vec(_mm256_loadu_ps(z + i), mean);
+    const __m256 v = key.vec(i);
     const __m256 ev = _mm256_loadu_ps(e + i);
     _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_cmp_ps(v, vcut, _CMP_GT_OQ), ev));
     if (i < id) {  // ties with the cut below its id go too
@@ -221,17 +312,10 @@ double drop_above(float* e, const float* z, int64_t V, float cut, int64_t id, fl
     }
   }
   for (; i < V; ++i) {
-    float v[8] = {0};
-    float zz[8] = {z[i], 0, 0, 0, 0, 0, 0, 0};
-    _mm256_storeu_ps(v, value_vec(_mm256_loadu_ps(zz), mean));
-    if (v[0] > cut || (v[0] == cut && i < id)) e[i] = 0;
+    const float v = key.value(i);
+    if (v > cut || (v == cut && i < id)) e[i] = 0;
   }
   return sum_f64(e, V);
-}
-
-inline __m256 neg_z(__m256 z, float) { return _mm256_sub_ps(_mm256_setzero_ps(), z); }
-inline __m256 dist_z(__m256 z, float mean) {
-  return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(_mm256_set1_ps(mean), z));
 }
 
 inline float key_value(uint32_t k) {
@@ -240,20 +324,17 @@ inline float key_value(uint32_t k) {
   return f;
 }
 
-// One row: fills s.z (scaled logits) and s.e (e^z of the kept tokens, 0 for the rest); returns the sum of
-// s.e, or -1 for a greedy row (then *arg is its token).
-double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg) {
-  const double T = p[0], P = p[2], MP = p[3], TP = p[4];
-  const int64_t K = static_cast<int64_t>(p[1]);
-  const float m = row_max(x, V, arg);
-  if (T == 0) return -1;
-  const float inv_t = static_cast<float>(std::min(1.0 / T, static_cast<double>(FLT_MAX)));
-  const float kth = (K > 0 && K < V) ? kth_largest(x, V, K) : -INFINITY;
-  float* z = s.z.data();
-  float* e = s.e.data();
-  // z, e and their sum, eight at a time
+// e = e^z (0 below kMinExp) and their sum, eight at a time; with kStoreZ, z too (typical-p's mean and keys).
+// With kHist, also top-p's level-1 histograms of e by the key -z (find_cut's, filled as level1_hist would),
+// so that top-p needs no pass of its own to find the bucket where its mass crosses.
+template <bool kHist, bool kStoreZ>
+double scale_exp(const Scaled& sc, int64_t V, float* z, float* e, double* h4) {
+  const float* x = sc.x;
+  const float m = sc.m, inv_t = sc.inv_t, kth = sc.kth;
+  if (kHist) std::fill(h4, h4 + 4 * 2048, 0.0);
   const __m256 vm = _mm256_set1_ps(m), vinv = _mm256_set1_ps(inv_t), vkth = _mm256_set1_ps(kth);
   const __m256 vbig = _mm256_set1_ps(FLT_MAX), vlow = _mm256_set1_ps(kMinExp), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256i magn = _mm256_set1_epi32(0x7FFFFFFF);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
@@ -262,22 +343,97 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
     zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
     const __m256 live = _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ);
     const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), live);
-    _mm256_storeu_ps(z + i, zv);
+    if (kStoreZ) _mm256_storeu_ps(z + i, zv);
     _mm256_storeu_ps(e + i, ev);
-    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(ev)));
-    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1)));
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(ev)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1));
+    acc0 = _mm256_add_pd(acc0, lo);
+    acc1 = _mm256_add_pd(acc1, hi);
+    if (kHist) {  // key -z >= 0: the bits of |z| (z <= 0)
+      alignas(32) uint32_t k[8];
+      alignas(32) double d[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(k),
+                         _mm256_srli_epi32(_mm256_and_si256(_mm256_castps_si256(zv), magn), 20));
+      _mm256_store_pd(d, lo);
+      _mm256_store_pd(d + 4, hi);
+      for (int q = 0; q < 8; ++q) h4[(q & 3) * 2048 + k[q]] += d[q];
+    }
   }
   double sum4[4];
   _mm256_storeu_pd(sum4, _mm256_add_pd(acc0, acc1));
   double S = (sum4[0] + sum4[1]) + (sum4[2] + sum4[3]);
-  for (; i < V; ++i) {
-    z[i] = x[i] < kth ? -INFINITY : (std::min(x[i], FLT_MAX) - m) * inv_t;
-    e[i] = z[i] >= kMinExp ? std::exp(z[i]) : 0.0f;
+  for (const int64_t whole = V - V % 4; i < V; ++i) {
+    const float zi = sc(i);
+    if (kStoreZ) z[i] = zi;
+    e[i] = zi >= kMinExp ? std::exp(zi) : 0.0f;
     S += e[i];
+    if (kHist) h4[(i < whole ? (i & 3) * 2048 : 0) + (nonneg_key(-zi) >> 20)] += e[i];
   }
+  return S;
+}
+
+// top-p's drop (as drop_above with neg_z) fused with the draw's first step: the kept mass by blocks of
+// kBlock tokens (each summed as sum_f64 sums) into blk; returns their total
+double drop_above_blocks(float* e, const TopPKey& key, int64_t V, float cut, int64_t id, double* blk) {
+  const __m256 vcut = _mm256_set1_ps(cut);
+  const __m256i vid = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(id, INT32_MAX)));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  double total = 0;
+  for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {
+    const int64_t end = std::min(V, j + kBlock);
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    int64_t i = j;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 v = key.vec(i);
+      const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)), lane);
+      // dropped: above the cut, or at it with a lower id than the cut's (top-p's ties: higher ids first)
+      const __m256 drop = _mm256_or_ps(
+          _mm256_cmp_ps(v, vcut, _CMP_GT_OQ),
+          _mm256_and_ps(_mm256_cmp_ps(v, vcut, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vid, ids))));
+      const __m256 ev = _mm256_andnot_ps(drop, _mm256_loadu_ps(e + i));
+      _mm256_storeu_ps(e + i, ev);
+      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(ev)));
+      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1)));
+    }
+    double t[4];
+    _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
+    double sum = (t[0] + t[1]) + (t[2] + t[3]);
+    for (; i < end; ++i) {
+      const float v = key.value(i);
+      if (v > cut || (v == cut && i < id)) e[i] = 0;
+      sum += e[i];
+    }
+    blk[b] = sum;
+    total += sum;
+  }
+  return total;
+}
+
+// One row: fills s.e (e^z of the kept tokens, 0 for the rest; s.z: z, for typical-p); returns the sum of
+// s.e, or -1 for a greedy row (then *arg is its token). *blocks tells whether s.blocks already holds the
+// kept mass by blocks (draw_row's first step, done by top-p's drop when no filter follows it).
+double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool* blocks) {
+  const double T = p[0], P = p[2], MP = p[3], TP = p[4];
+  const int64_t K = static_cast<int64_t>(p[1]);
+  *blocks = false;
+  const float m = row_max(x, V, arg);
+  if (T == 0) return -1;
+  const float inv_t = static_cast<float>(std::min(1.0 / T, static_cast<double>(FLT_MAX)));
+  const float kth = (K > 0 && K < V) ? kth_largest(x, V, K) : -INFINITY;
+  float* z = s.z.data();
+  float* e = s.e.data();
+  const Scaled sc{x, m, inv_t, kth};
+  double* h4 = s.level1();
+  double S = P < 1 ? (TP < 1 ? scale_exp<true, true>(sc, V, z, e, h4) : scale_exp<true, false>(sc, V, z, e, h4))
+                   : (TP < 1 ? scale_exp<false, true>(sc, V, z, e, h4) : scale_exp<false, false>(sc, V, z, e, h4));
   if (P < 1 && S > 0) {
-    const Cut c = find_cut(KeyOf{z, 0.0f, false}, e, V, P * S, s);
-    if (c.found) S = drop_above(e, z, V, key_value(c.key), c.id, 0.0f, neg_z);
+    const TopPKey key{sc};
+    const Cut c = find_cut(key, e, V, P * S, s);
+    if (c.found && (MP > 0 || TP < 1)) {
+      S = drop_above(e, key, V, key_value(c.key), c.id);
+    } else if (c.found) {
+      S = drop_above_blocks(e, key, V, key_value(c.key), c.id, s.blocks.data());
+      *blocks = true;
+    }
   }
   if (MP > 0) {
     const float mp = static_cast<float>(MP);
@@ -293,20 +449,23 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
     for (; j < V; ++j)
       if (e[j] > 0) ez[0] += static_cast<double>(e[j]) * z[j];
     const float mean = static_cast<float>(((ez[0] + ez[1]) + (ez[2] + ez[3])) / S);  // -log p - H = E[z] - z
-    const Cut c = find_cut(KeyOf{z, mean, true}, e, V, TP * S, s);
-    if (c.found) S = drop_above(e, z, V, key_value(c.key), 0, mean, dist_z);  // ties at the cut all stay
+    const TypicalKey key{z, mean};
+    level1_hist(key, e, V, h4);
+    const Cut c = find_cut(key, e, V, TP * S, s);
+    if (c.found) S = drop_above(e, key, V, key_value(c.key), 0);  // ties at the cut all stay
   }
   return S;
 }
 
-// inverse CDF in vocabulary order: the first token whose running kept mass exceeds u * (the kept mass)
-int64_t draw_row(const float* e, int64_t V, double u, Scratch& s) {
+// inverse CDF in vocabulary order: the first token whose running kept mass exceeds u * (the kept mass);
+// `ready`: s.blocks already holds the kept mass by blocks
+int64_t draw_row(const float* e, int64_t V, double u, Scratch& s, bool ready) {
   const int64_t nb = (V + kBlock - 1) / kBlock;
   double* blk = s.blocks.data();
   double total = 0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j = b * kBlock;
-    blk[b] = sum_f64(e + j, std::min(V - j, static_cast<int64_t>(kBlock)));
+    if (!ready) blk[b] = sum_f64(e + j, std::min(V - j, static_cast<int64_t>(kBlock)));
     total += blk[b];
   }
   const double target = u * total;
@@ -331,6 +490,7 @@ int64_t draw_row(const float* e, int64_t V, double u, Scratch& s) {
 void check_inputs(const torch::Tensor& logits, const torch::Tensor& params) {
   gpt2kit::check_f32(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, V)");
+  TORCH_CHECK(logits.size(1) < INT32_MAX, "the vocabulary must have fewer than 2^31 - 1 tokens");  // int32 ids
   TORCH_CHECK(params.scalar_type() == at::kDouble && params.is_contiguous() && params.device().is_cpu() &&
                   params.dim() == 2 && params.size(0) == logits.size(0) && params.size(1) == kCols,
               "params must be a contiguous float64 CPU tensor (B, 6)");
@@ -350,8 +510,9 @@ torch::Tensor sample_rows(const torch::Tensor& logits, const torch::Tensor& para
     s.fit(V);
     for (int64_t r = r0; r < r1; ++r) {
       int64_t arg = 0;
-      const double S = filter_row(x + r * V, V, p + r * kCols, s, &arg);
-      int64_t t = S > 0 ? draw_row(s.e.data(), V, p[r * kCols + 5], s) : -1;
+      bool blocks = false;
+      const double S = filter_row(x + r * V, V, p + r * kCols, s, &arg, &blocks);
+      int64_t t = S > 0 ? draw_row(s.e.data(), V, p[r * kCols + 5], s, blocks) : -1;
       tok[r] = t >= 0 ? t : arg;  // greedy, or nothing left with mass (all logits -inf): the argmax
     }
   });
@@ -371,7 +532,8 @@ torch::Tensor filter_rows(const torch::Tensor& logits, const torch::Tensor& para
     s.fit(V);
     for (int64_t r = r0; r < r1; ++r) {
       int64_t arg = 0;
-      if (filter_row(x + r * V, V, p + r * kCols, s, &arg) < 0)
+      bool blocks = false;
+      if (filter_row(x + r * V, V, p + r * kCols, s, &arg, &blocks) < 0)
         o[r * V + arg] = 1;
       else
         std::copy(s.e.begin(), s.e.begin() + V, o + r * V);
