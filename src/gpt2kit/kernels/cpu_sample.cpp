@@ -42,6 +42,7 @@ struct Scratch {
   std::vector<float> z, e;
   std::vector<double> hist;  // level 1: four interleaved histograms of 2048 buckets, then their sum (4096)
   std::vector<int32_t> cand;
+  std::vector<uint32_t> candk;  // the candidates' keys, packed as cand is
   std::vector<int64_t> cand2;
   std::vector<double> blocks;
   void fit(int64_t V) {
@@ -49,6 +50,7 @@ struct Scratch {
       z.resize(V + 8);
       e.resize(V + 8);
       cand.resize(V + 8);
+      candk.resize(V + 8);
       blocks.resize(V / kBlock + 2);
     }
     hist.resize(4096 + 4 * 2048);
@@ -227,6 +229,7 @@ Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& 
   // the bucket's tokens, ids ascending, eight at a time and without a branch per token (a token lands in
   // it at random: a branch would mispredict): the selected lanes' ids are packed to the front and stored
   int32_t* cand = s.cand.data();
+  uint32_t* candk = s.candk.data();
   int64_t n = 0;
   {
     const __m256i magn = _mm256_set1_epi32(0x7FFFFFFF), want = _mm256_set1_epi32(b1);
@@ -241,15 +244,17 @@ Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& 
       const int mask = _mm256_movemask_ps(in);
       const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n), _mm256_permutevar8x32_epi32(ids, perm));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(candk + n), _mm256_permutevar8x32_epi32(k, perm));
       n += __builtin_popcount(mask);
     }
     for (; i < V; ++i) {
       cand[n] = static_cast<int32_t>(i);
-      n += (e[i] > 0) & ((key[i] >> 20) == static_cast<uint32_t>(b1));
+      candk[n] = key[i];
+      n += (e[i] > 0) & ((candk[n] >> 20) == static_cast<uint32_t>(b1));
     }
   }
   std::fill(h, h + 4096, 0.0);
-  for (int64_t j = 0; j < n; ++j) h[(key[cand[j]] >> 8) & 0xFFF] += e[cand[j]];
+  for (int64_t j = 0; j < n; ++j) h[(candk[j] >> 8) & 0xFFF] += e[cand[j]];
   int b2 = 0;
   for (; b2 < 4096; ++b2) {
     if (acc + h[b2] >= target) break;
@@ -263,7 +268,7 @@ Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& 
   }
   s.cand2.clear();
   for (int64_t j = n - 1; j >= 0; --j)  // ids descending
-    if (((key[cand[j]] >> 8) & 0xFFF) == static_cast<uint32_t>(b2)) s.cand2.push_back(cand[j]);
+    if (((candk[j] >> 8) & 0xFFF) == static_cast<uint32_t>(b2)) s.cand2.push_back(cand[j]);
   std::stable_sort(s.cand2.begin(), s.cand2.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
   for (int64_t i : s.cand2) {
     acc += e[i];
