@@ -119,8 +119,7 @@ def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch
         for mode in modes:
             for i, f in enumerate(runs[mode]):
                 best[mode][i] = min(best[mode][i], _timed(lambda f=f: f(new)))
-    out = {mode: (batch * new / b[0], batch * new / b[1]) for mode, b in best.items()}
-    return out
+    return {mode: (batch * new / b[0], batch * new / b[1]) for mode, b in best.items()}
 
 
 def pick_cost(batches: list[int], vocab: int = 50257, reps: int = 30) -> dict[tuple[str, int], float]:
