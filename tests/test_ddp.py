@@ -200,3 +200,23 @@ def test_resume_hint_of_a_run_on_several_machines(monkeypatch):
     assert "each of the 2 machines" in resume_hint("runs/x", 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resume_hint("runs/x", 2) == "`torchrun --nproc_per_node 2 -m gpt2kit finetune --resume runs/x`"
+
+
+def test_a_failing_torchrun_worker_ignores_its_launchers_sigterm():
+    # torchrun sends SIGTERM to a job's other processes once one fails; a process that is itself failing then
+    # must still record the failure and say why (the two-node test met this race on a slow machine)
+    from gpt2kit import train
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        for distributed, after in ((True, signal.SIG_IGN), (False, old)):
+            signal.signal(signal.SIGTERM, old)
+            with pytest.raises(RuntimeError), train._Interrupt(print, distributed=distributed):
+                assert signal.getsignal(signal.SIGTERM) is not old  # in the loop: finish the step, save
+                raise RuntimeError("the other process is gone")
+            assert signal.getsignal(signal.SIGTERM) is after
+        signal.signal(signal.SIGTERM, old)
+        with train._Interrupt(print, distributed=True):  # a loop that ends well gives the handler back
+            pass
+        assert signal.getsignal(signal.SIGTERM) is old
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -57,11 +57,16 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class _Interrupt:
-    """First Ctrl-C (or SIGTERM): finish the step, save, exit cleanly. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM): finish the step, save, exit cleanly. Second Ctrl-C: stop at once.
 
-    def __init__(self, say):
+    Once the loop has ended with an error, a SIGTERM is ignored: the process is already stopping, and torchrun,
+    when one of its job's processes fails, sends the others SIGTERM, which must not cut short the recording of
+    the failure in run.json or the line that says why (torchrun sends SIGKILL 30 s later if one lingers)."""
+
+    def __init__(self, say, *, distributed: bool = False):
         self.flag = False
         self.say = say
+        self.distributed = distributed
         self.old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
@@ -76,9 +81,10 @@ class _Interrupt:
         self.flag = True
         self.say("stopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for sig, handler in self.old.items():
-            signal.signal(sig, handler)
+            failing_worker = sig == signal.SIGTERM and exc_type is not None and self.distributed
+            signal.signal(sig, signal.SIG_IGN if failing_worker else handler)
 
 
 class _Run:
@@ -245,7 +251,7 @@ class _Run:
                 self.dist.agree(self.rundir.prepare if self.dist.main else None)
                 self.dist.check_shared_dir(self.dir)  # (several machines: a shared filesystem)
                 self._setup()
-                with _Interrupt(self.say) as interrupt:
+                with _Interrupt(self.say, distributed=self.dist.world > 1) as interrupt:
                     status, stopped_early = self._loop(interrupt)
         except BaseException as e:
             peer = self.dist.initialized and _peer_failed(e)
