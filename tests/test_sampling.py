@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,50 @@ def test_filters_keep_what_transformers_warpers_keep(ext, scale):
         kernel_kept = ext.filter_rows(logits, table) > 0
         assert _same_kept(kernel_kept, want, logits, ties, slack=1), case
         assert _same_kept(kernel_kept, torch_kept, logits, False, slack=1), case  # ties: both keep higher ids
+
+
+def _vocab_rows(shape: str, n: int = 6, V: int = 50257) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if shape == "flat":  # as random weights give them
+        return torch.randn(n, V, generator=g) * 0.2
+    if shape == "zipf":  # as trained weights give them: a few likely tokens and a long tail, order scrambled
+        rank = torch.arange(1, V + 1).float()
+        rows = [(-(1.0 + 0.5 * i / n) * rank.log() + 0.3 * torch.randn(V, generator=g))[torch.randperm(V, generator=g)]
+                for i in range(n)]
+        return torch.stack(rows)
+    if shape == "ties":
+        return torch.randint(0, 40, (n, V), generator=g).float() / 8
+    # misjudged: every 32nd token (those the kernel's estimate samples) far likelier than the rest, so that
+    # its first guess at the cut misses and the row takes the histogram's way
+    x = torch.randn(n, V, generator=g) * 0.01 - 3
+    x[:, ::32] += 3
+    return x
+
+
+@pytest.mark.parametrize("shape", ["flat", "zipf", "ties", "misjudged"])
+def test_top_p_at_full_vocabulary_keeps_exactly_the_smallest_set(ext, shape):
+    # the kernel's top-p estimates where its cut lies (from the likeliest tokens and a sample of the rest)
+    # and checks the estimate, falling back to a histogram of every token: either way the kept set must be
+    # exactly the smallest one, most likely first (ties: higher ids first), whose mass reaches top_p, as a
+    # float64 sort of the kernel's own e^z finds it
+    logits = _vocab_rows(shape)
+    n, V = logits.shape
+    for temperature, top_k, top_p in [(0.9, 0, 0.9), (1.0, 0, 0.5), (1.0, 0, 0.999), (1.0, 0, 1e-4), (0.7, 2000, 0.95),
+                                      (1.5, 0, 0.9)]:
+        def kept_by(p: SamplingParams) -> torch.Tensor:
+            return ext.filter_rows(logits, params_table([p] * n, torch.zeros(n)))
+        e = kept_by(SamplingParams(temperature, top_k)).double()  # every token's e^z, as the kernel makes it
+        kept = kept_by(SamplingParams(temperature, top_k, top_p)) > 0
+        x = logits.clamp(max=torch.finfo(torch.float32).max)
+        z = (x - x.amax(dim=1, keepdim=True)) * torch.tensor(1 / temperature, dtype=torch.float32)
+        for r in range(n):
+            er, zr = e[r].numpy(), z[r].numpy()
+            order = np.lexsort((-np.arange(V), -zr))  # z descending, then ids descending
+            order = order[er[order] > 0]
+            last = int((np.cumsum(er[order]) < top_p * er.sum()).sum())
+            want = np.zeros(V, dtype=bool)
+            want[order[:last + 1]] = True
+            assert np.array_equal(kept[r].numpy(), want), (shape, temperature, top_k, top_p, r)
 
 
 def test_the_kernel_and_pytorch_draw_the_same_tokens(ext, monkeypatch):

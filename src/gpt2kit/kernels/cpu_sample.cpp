@@ -4,12 +4,14 @@
 // Why by hand: PyTorch needs a full sort of the 50,257 logits for top-p (4.4 ms a row on 2 cores; a 124M
 // decoding step is ~23 ms) and a dozen passes over (B, V) for the rest, which at batch 32 on a small model
 // cost several times the model. Here a row takes a few vectorised passes over its logits: the max and its
-// index, the top-k threshold by a heap, exp and sums, and each of top-p and typical-p by a radix selection
+// index, the top-k threshold by a heap, exp and sums, top-p's and typical-p's cuts, then the draw by inverse
+// CDF in vocabulary order, which reads only as far as the token it picks. A cut is found by radix selection
 // (a histogram of the float keys' bits finds the bucket where the mass crosses, and only that bucket's few
-// tokens are sorted), then the draw by inverse CDF in vocabulary order. Top-p, the common case, costs two
-// passes more than the draw alone: its first histogram is filled in the exp pass, and its drop sums the
-// kept mass by blocks for the draw; its z is recomputed from the logits rather than stored, so that a row's
-// working set (logits, e) stays in a core's L2. Rows run in parallel.
+// tokens are sorted). Top-p alone, the common case, first estimates where its cut lies (top_p_bracket, from
+// the most likely tokens and a sample of the rest), so that the exp pass keeps only the tokens near it and
+// no pass of its own is needed; a row whose estimate misses takes the histogram's way. Its z is recomputed
+// from the logits rather than stored, so that a row's working set (logits, e) stays in a core's L2. Rows
+// run in parallel.
 //
 // Semantics, shared with sampling.py's PyTorch path (which mirrors transformers' warpers, and whose kept
 // sets these equal up to float32 rounding at a boundary): z = (x - max x) / T; top-k keeps x >= the k-th
@@ -37,6 +39,12 @@ namespace {
 constexpr int kCols = 6;  // params columns: temperature, top_k, top_p, min_p, typical_p, u
 constexpr float kMinExp = -87.0f;  // e^z below this is 0 here (float32 underflow: no mass)
 constexpr int kBlock = 64;  // the draw sums the kept mass in blocks of this many tokens
+// top-p's bracket (top_p_bracket)
+constexpr float kTopZ = 8.3177662f;  // ln 4096: tokens with at least 1/4096 of the top one's mass are exact
+constexpr int64_t kTopCap = 4096;  // a row with more such tokens estimates them all
+constexpr int kStride = 32;  // the rest is estimated from every kStride-th token
+constexpr int kBins = 512;
+constexpr double kSigmas = 4.0;  // the bracket's margin, in standard errors of the estimate
 
 struct Scratch {
   std::vector<float> z, e;
@@ -44,16 +52,20 @@ struct Scratch {
   std::vector<int32_t> cand;
   std::vector<uint32_t> candk;  // the candidates' keys, packed as cand is
   std::vector<int64_t> cand2;
-  std::vector<double> blocks;
+  std::vector<float> topz, sz, se;  // top_p_bracket's exact and sampled tokens' z, the samples' e
+  std::vector<double> bins;
   void fit(int64_t V) {
     if (static_cast<int64_t>(z.size()) < V + 8) {
       z.resize(V + 8);
       e.resize(V + 8);
       cand.resize(V + 8);
       candk.resize(V + 8);
-      blocks.resize(V / kBlock + 2);
     }
     hist.resize(4096 + 4 * 2048);
+    topz.resize(kTopCap + 16);  // (row_max_top's tail may add up to 7 past kTopCap + 8)
+    sz.resize(V / kStride + 16);
+    se.resize(V / kStride + kTopCap + 32);
+    bins.resize(2 * kBins);
   }
   double* level1() { return hist.data() + 4096; }
 };
@@ -141,6 +153,7 @@ struct Cut {
   bool found = false;
   uint32_t key = 0;
   int64_t id = 0;
+  double mass = 0;  // the running mass at the cut: what the tokens up to it hold
 };
 
 // keys that order floats >= 0 as their bits do (the sign bit cleared: -0 is 0, and a NaN, which has no
@@ -212,6 +225,10 @@ struct PackTable {
 };
 const PackTable kPack;
 
+template <class Key>
+Cut cut_in_bucket(const Key& key, const float* e, const int32_t* cand, const uint32_t* candk, int64_t n, double acc,
+                  double target, Scratch& s);
+
 // find_cut with s.level1() already holding level 1's histograms
 template <class Key>
 Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& s) {
@@ -253,6 +270,16 @@ Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& 
       n += (e[i] > 0) & ((candk[n] >> 20) == static_cast<uint32_t>(b1));
     }
   }
+  return cut_in_bucket(key, e, cand, candk, n, acc, target, s);
+}
+
+// level 2 of find_cut and the walk: the cut among the n tokens cand (ids ascending, keys candk) of one level-1
+// bucket, before which the tokens hold `acc`
+template <class Key>
+Cut cut_in_bucket(const Key& key, const float* e, const int32_t* cand, const uint32_t* candk, int64_t n, double acc,
+                  double target, Scratch& s) {
+  Cut cut;
+  double* h = s.hist.data();
   std::fill(h, h + 4096, 0.0);
   for (int64_t j = 0; j < n; ++j) h[(candk[j] >> 8) & 0xFFF] += e[cand[j]];
   int b2 = 0;
@@ -277,6 +304,7 @@ Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& 
     if (acc >= target) break;
   }
   cut.found = !s.cand2.empty();
+  cut.mass = acc;
   return cut;
 }
 
@@ -376,69 +404,417 @@ double scale_exp(const Scaled& sc, int64_t V, float* z, float* e, double* h4) {
   return S;
 }
 
-// top-p's drop (as drop_above with neg_z) fused with the draw's first step: the kept mass by blocks of
-// kBlock tokens (each summed as sum_f64 sums) into blk; returns their total
-double drop_above_blocks(float* e, const TopPKey& key, int64_t V, float cut, int64_t id, double* blk) {
-  const __m256 vcut = _mm256_set1_ps(cut);
-  const __m256i vid = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(id, INT32_MAX)));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  double total = 0;
-  for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {
-    const int64_t end = std::min(V, j + kBlock);
-    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
-    int64_t i = j;
-    for (; i + 8 <= end; i += 8) {
-      const __m256 v = key.vec(i);
-      const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)), lane);
-      // dropped: above the cut, or at it with a lower id than the cut's (top-p's ties: higher ids first)
-      const __m256 drop = _mm256_or_ps(
-          _mm256_cmp_ps(v, vcut, _CMP_GT_OQ),
-          _mm256_and_ps(_mm256_cmp_ps(v, vcut, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vid, ids))));
-      const __m256 ev = _mm256_andnot_ps(drop, _mm256_loadu_ps(e + i));
-      _mm256_storeu_ps(e + i, ev);
-      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(ev)));
-      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1)));
+// ---- top-p by a bracket: most rows find their cut without a histogram of every token ----------------------
+//
+// Before e is made, the mass curve (mass above z, against z) is estimated: exactly for the tokens with z >=
+// -kTopZ (each at least e^-kTopZ of the most likely one's mass), from every kStride-th token for the rest.
+// From it comes a bracket [lo, hi] of z that holds top-p's crossing with a margin of kSigmas standard errors
+// of the estimate. The exp pass then sums the mass above hi and packs the tokens inside the bracket, and the
+// cut is found among those few. When the bracket misses (the mass above hi already reaches the target, or
+// the mass down to lo does not), the row takes find_cut's way; either way the cut is exact.
+
+struct Bracket {
+  bool ok = false;
+  float lo = 0, hi = 0;
+};
+
+// row_max, and in the same pass the x of every token within `margin` of its lane's running max (into s.topz,
+// *nt of them; more than kTopCap: *nt > kTopCap and the rest go unrecorded), a superset of the tokens within
+// margin of the row's max
+float row_max_top(const float* x, int64_t V, int64_t* arg, float margin, Scratch& s, int64_t* nt_out) {
+  float* top = s.topz.data();
+  int64_t nt = 0;
+  const __m256 big = _mm256_set1_ps(FLT_MAX), vmargin = _mm256_set1_ps(margin);
+  __m256 m = _mm256_set1_ps(-INFINITY), thr = m;
+  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
+  const __m256i step = _mm256_set1_epi32(8);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_min_ps(big, _mm256_loadu_ps(x + i));
+    const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, v, gt);
+    at = _mm256_blendv_epi8(at, idx, _mm256_castps_si256(gt));
+    idx = _mm256_add_epi32(idx, step);
+    if (nt <= kTopCap) {
+      if ((i & 511) == 0) {  // every 512 tokens, the threshold from the max of all lanes so far
+        __m256 h = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+        h = _mm256_max_ps(h, _mm256_permute_ps(h, 0x4E));
+        h = _mm256_max_ps(h, _mm256_permute_ps(h, 0xB1));
+        thr = _mm256_sub_ps(h, vmargin);
+      }
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_max_ps(thr, _mm256_sub_ps(m, vmargin)), _CMP_GE_OQ));
+      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+      _mm256_storeu_ps(top + nt, _mm256_permutevar8x32_ps(v, perm));
+      nt += __builtin_popcount(mask);
     }
-    double t[4];
-    _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
-    double sum = (t[0] + t[1]) + (t[2] + t[3]);
-    for (; i < end; ++i) {
-      const float v = key.value(i);
-      if (v > cut || (v == cut && i < id)) e[i] = 0;
-      sum += e[i];
-    }
-    blk[b] = sum;
-    total += sum;
   }
-  return total;
+  float lanes[8];
+  int32_t where[8];
+  _mm256_storeu_ps(lanes, m);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(where), at);
+  float best = -INFINITY;
+  int64_t first = 0;
+  for (int q = 0; q < 8; ++q)
+    if (lanes[q] > best || (lanes[q] == best && where[q] < first)) {
+      best = lanes[q];
+      first = where[q];
+    }
+  for (; i < V; ++i) {
+    const float v = std::min(x[i], FLT_MAX);
+    if (v > best) {
+      best = v;
+      first = i;
+    }
+    if (nt <= kTopCap) top[nt++] = v;  // (a few tokens: kept whatever their value; top_p_bracket filters)
+  }
+  *arg = first;
+  *nt_out = nt;
+  return best;
 }
 
-// One row: fills s.e (e^z of the kept tokens, 0 for the rest; s.z: z, for typical-p); returns the sum of
-// s.e, or -1 for a greedy row (then *arg is its token). *blocks tells whether s.blocks already holds the
-// kept mass by blocks (draw_row's first step, done by top-p's drop when no filter follows it).
-double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool* blocks) {
+Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t nt) {
+  Bracket out;
+  // the exact part: the tokens with z >= -kTopZ, from those row_max_top kept (s.topz: their x, nt of them)
+  float* topz = s.topz.data();
+  if (nt > kTopCap) {  // row_max_top kept too many before its lanes' max grew: again, against the row's max
+    nt = 0;
+    const __m256 floor = _mm256_set1_ps(-kTopZ);
+    int64_t i = 0;
+    for (; i + 8 <= V && nt <= kTopCap; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(sc.x + i);
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), floor, _CMP_GE_OQ));  // (no branch on it)
+      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+      _mm256_storeu_ps(topz + nt, _mm256_permutevar8x32_ps(xv, perm));
+      nt += __builtin_popcount(mask);
+    }
+    for (; i < V && nt <= kTopCap; ++i)
+      if (sc(i) >= -kTopZ) topz[nt++] = sc.x[i];
+  }
+  if (nt <= kTopCap) {
+    int64_t kept = 0;
+    for (int64_t j = 0; j < nt; ++j) {
+      const float xj = topz[j];
+      const float zj = xj < sc.kth ? -INFINITY : (clamp_max(xj) - sc.m) * sc.inv_t;
+      if (zj >= -kTopZ) topz[kept++] = zj;
+    }
+    nt = kept;
+  }
+  const bool exact = nt <= kTopCap;  // else the row is flat: every token is estimated
+  // the estimated part: every kStride-th token not in the exact part, eight at a time
+  float* sz = s.sz.data();
+  float* se = s.se.data();
+  int64_t ns = 0;
+  {
+    const __m256i lanes = _mm256_setr_epi32(0, kStride, 2 * kStride, 3 * kStride, 4 * kStride, 5 * kStride,
+                                            6 * kStride, 7 * kStride);
+    const __m256 vm = _mm256_set1_ps(sc.m), vinv = _mm256_set1_ps(sc.inv_t), vkth = _mm256_set1_ps(sc.kth);
+    const __m256 vbig = _mm256_set1_ps(FLT_MAX), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 7 * kStride < V; i += 8 * kStride) {
+      const __m256 xv = _mm256_i32gather_ps(sc.x + i, lanes, 4);
+      __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, vbig), vm), vinv);
+      zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
+      _mm256_storeu_ps(sz + ns, zv);
+      _mm256_storeu_ps(se + ns, gpt2kit::vexp(zv));
+      ns += 8;
+    }
+    for (; i < V; i += kStride, ++ns) {
+      sz[ns] = sc(i);
+      se[ns] = std::exp(std::max(sz[ns], kMinExp));
+    }
+  }
+  // the curve by bins of z over [zmin, 0]: mass (exact + estimated) and the estimate's variance
+  float zmin = 0;
+  for (int64_t j = 0; j < ns; ++j)
+    if (sz[j] >= kMinExp) zmin = std::min(zmin, sz[j]);
+  if (exact)
+    for (int64_t j = 0; j < nt; ++j) zmin = std::min(zmin, topz[j]);
+  if (!(zmin < 0)) return out;  // every token ties with the most likely one
+  double* mass = s.bins.data();
+  double* var = mass + kBins;
+  std::fill(mass, mass + 2 * kBins, 0.0);
+  const float scale = kBins / -zmin;
+  auto bin = [&](float z) { return std::min(kBins - 1, static_cast<int>((z - zmin) * scale)); };
+  const double w = kStride, wv = kStride * (kStride - 1.0);  // Horvitz-Thompson: each sample stands for kStride
+  for (int64_t j = 0; j < ns; ++j) {
+    if (!(sz[j] >= zmin) || (exact && sz[j] >= -kTopZ)) continue;  // no mass, or counted exactly
+    const int b = bin(sz[j]);
+    mass[b] += w * se[j];
+    var[b] += wv * static_cast<double>(se[j]) * se[j];
+  }
+  if (exact) {
+    float* tope = s.se.data() + ns;  // (after the samples' e)
+    for (int64_t j = 0; j < nt; j += 8) _mm256_storeu_ps(tope + j, gpt2kit::vexp(_mm256_loadu_ps(topz + j)));
+    for (int64_t j = 0; j < nt; ++j) mass[bin(topz[j])] += tope[j];
+  }
+  double total = 0, vtotal = 0;
+  for (int b = 0; b < kBins; ++b) {
+    total += mass[b];
+    vtotal += var[b];
+  }
+  // from the top bin down: d = (mass at or above the bin's low edge) - P * total, and its standard error
+  double above = 0, vabove = 0;
+  int hi = kBins, lo = -1;  // hi: the lowest bin still surely short of the target; lo: the first surely past
+  for (int b = kBins - 1; b >= 0; --b) {
+    above += mass[b];
+    vabove += var[b];
+    const double d = above - P * total;
+    const double v = kSigmas * kSigmas * ((1 - P) * (1 - P) * vabove + P * P * (vtotal - vabove));
+    if (d * d > v) {  // |d| > kSigmas standard errors
+      if (d < 0) {
+        hi = b;
+      } else {
+        lo = b;
+        break;
+      }
+    }
+  }
+  if (lo < 0) return out;
+  out.ok = true;
+  out.lo = zmin + lo / scale;
+  out.hi = hi == kBins ? 0.0f : zmin + hi / scale;  // hi == kBins: nothing is surely kept but the bracket
+  return out;
+}
+
+// adds a float vector's eight lanes to two double accumulators
+inline void add_f64(__m256d& a0, __m256d& a1, __m256 v) {
+  a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+inline double hsum(__m256d a0, __m256d a1) {
+  double t[4];
+  _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+// scale_exp for a bracket: e, and its sum (returned); the mass with z > hi (*sure) and, packed as find_cut
+// packs its candidates, the ids of the tokens with lo <= z <= hi and e > 0 (s.cand, *n; their keys -z in
+// s.candk). The sum is summed as scale_exp sums it, so that the cut is the one find_cut would find.
+double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& br, double* sure, Scratch& s,
+                         int64_t* n_out) {
+  const __m256 vm = _mm256_set1_ps(sc.m), vinv = _mm256_set1_ps(sc.inv_t), vkth = _mm256_set1_ps(sc.kth);
+  const __m256 vbig = _mm256_set1_ps(FLT_MAX), vlow = _mm256_set1_ps(kMinExp), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 vlo = _mm256_set1_ps(br.lo), vhi = _mm256_set1_ps(br.hi), zero = _mm256_setzero_ps();
+  const __m256i step = _mm256_set1_epi32(8), magn = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int32_t* cand = s.cand.data();
+  uint32_t* candk = s.candk.data();
+  int64_t n = 0;
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = acc0, up0 = acc0, up1 = acc0;
+  const int64_t whole = V - V % 8;
+  int64_t i = 0;
+  alignas(32) float zb[64];
+  while (i < whole) {
+    // e for a block of 64 tokens (their z kept in zb), then the block's bracket: two loops, for the
+    // second's short steps overlap the first's long exp chains, where one loop would wait on them
+    const int64_t i0 = i, end = std::min(whole, i + 64);
+    for (; i < end; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(sc.x + i);
+      __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, vbig), vm), vinv);
+      zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
+      const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ));
+      _mm256_store_ps(zb + (i - i0), zv);
+      _mm256_storeu_ps(e + i, ev);
+      add_f64(acc0, acc1, ev);
+    }
+    for (int64_t j = i0; j < end; j += 8, ids = _mm256_add_epi32(ids, step)) {
+      const __m256 zv = _mm256_load_ps(zb + (j - i0)), ev = _mm256_loadu_ps(e + j);
+      add_f64(up0, up1, _mm256_and_ps(ev, _mm256_cmp_ps(zv, vhi, _CMP_GT_OQ)));
+      const __m256 in = _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(zv, vlo, _CMP_GE_OQ),
+                                                    _mm256_cmp_ps(zv, vhi, _CMP_LE_OQ)),
+                                      _mm256_cmp_ps(ev, zero, _CMP_GT_OQ));
+      const int mask = _mm256_movemask_ps(in);  // (stored whatever it is: a branch on it would mispredict)
+      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+      const __m256i k = _mm256_and_si256(_mm256_castps_si256(zv), magn);  // key -z: the bits of |z| (z <= 0)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n), _mm256_permutevar8x32_epi32(ids, perm));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(candk + n), _mm256_permutevar8x32_epi32(k, perm));
+      n += __builtin_popcount(mask);
+    }
+  }
+  double S = hsum(acc0, acc1), up = hsum(up0, up1);
+  for (; i < V; ++i) {
+    const float zi = sc(i);
+    e[i] = zi >= kMinExp ? std::exp(zi) : 0.0f;
+    S += e[i];
+    if (zi > br.hi) up += e[i];
+    if (zi >= br.lo && zi <= br.hi && e[i] > 0) {
+      cand[n] = static_cast<int32_t>(i);
+      candk[n++] = nonneg_key(-zi);
+    }
+  }
+  *sure = up;
+  *n_out = n;
+  return S;
+}
+
+// the cut among a bracket's n tokens (see top_p_bracket), before which the tokens hold `sure`: found = false
+// when the bracket missed it. One histogram over the span of their keys (a flat row's bracket is narrow, and
+// find_cut's level 1 would put all of it in one bucket), then the bucket where the mass crosses is sorted.
+Cut cut_in_bracket(const TopPKey& key, const float* e, double sure, int64_t n, double target, Scratch& s) {
+  Cut cut;
+  if (!(sure < target) || n == 0) return cut;
+  const int32_t* cand = s.cand.data();
+  const uint32_t* candk = s.candk.data();
+  uint32_t kmin = UINT32_MAX, kmax = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    kmin = std::min(kmin, candk[j]);
+    kmax = std::max(kmax, candk[j]);
+  }
+  int shift = 0;
+  while (((kmax - kmin) >> shift) >= 4096) ++shift;
+  double* h = s.hist.data();
+  std::fill(h, h + 4096, 0.0);
+  for (int64_t j = 0; j < n; ++j) h[(candk[j] - kmin) >> shift] += e[cand[j]];
+  double acc = sure;
+  int b = 0;
+  for (; b < 4096; ++b) {
+    if (acc + h[b] >= target) break;
+    acc += h[b];
+  }
+  if (b == 4096) return cut;
+  s.cand2.clear();
+  for (int64_t j = n - 1; j >= 0; --j)  // ids descending
+    if (((candk[j] - kmin) >> shift) == static_cast<uint32_t>(b)) s.cand2.push_back(cand[j]);
+  std::stable_sort(s.cand2.begin(), s.cand2.end(), [&](int64_t a, int64_t c) { return key[a] < key[c]; });
+  for (int64_t i : s.cand2) {
+    acc += e[i];
+    cut.key = key[i];
+    cut.id = i;
+    if (acc >= target) break;
+  }
+  cut.found = true;  // (the bucket's sum crossed where its walk did not, by rounding: its last token)
+  cut.mass = acc;
+  return cut;
+}
+
+// The draw: inverse CDF in vocabulary order, the first kept token whose running mass exceeds u * total, where
+// total (the kept mass) is known already. Blocks of kBlock tokens are summed only up to the one where the
+// running mass passes the target, then that block is walked token by token. Kept says which tokens count:
+// sum(j, end) is the kept mass of a block (summed as sum_f64 sums), at(i) whether token i is kept.
+template <class Kept>
+int64_t draw_lazy(const float* e, int64_t V, double u, double total, const Kept& kept) {
+  const double target = u * total;
+  double acc = 0;
+  int64_t last = -1;  // the last block holding kept mass
+  for (int64_t j = 0; j < V; j += kBlock) {
+    const int64_t end = std::min(V, j + kBlock);
+    const double sum = kept.sum(j, end);
+    if (sum > 0) last = j;
+    if (acc + sum > target) {
+      for (int64_t i = j; i < end; ++i)
+        if (e[i] > 0 && kept.at(i)) {
+          acc += e[i];
+          if (acc > target) return i;
+        }
+      break;  // the block's sum passed the target where its running sum did not (rounding): its last token
+    }
+    acc += sum;
+  }
+  if (last < 0) return -1;
+  for (int64_t i = std::min(V, last + kBlock) - 1; i >= last; --i)
+    if (e[i] > 0 && kept.at(i)) return i;  // u * total rounded up to the total: the last kept token
+  return -1;
+}
+
+// every token with e > 0 is kept
+struct AllKept {
+  const float* e;
+  double sum(int64_t j, int64_t end) const { return sum_f64(e + j, end - j); }
+  bool at(int64_t) const { return true; }
+};
+
+// top-p's kept tokens without a drop pass: key below the cut, or at it with an id >= the cut's (top-p's ties:
+// higher ids first)
+struct TopPKept {
+  const float* e;
+  TopPKey key;
+  float cut;
+  int64_t id;
+  double sum(int64_t j, int64_t end) const {  // (dropped: z below -cut, or at it with an id below the cut's)
+    const __m256 zc = _mm256_set1_ps(-cut);
+    const __m256i vid = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(id, INT32_MAX)));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0;
+    int64_t i = j;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 z = key.z.vec(i);
+      const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)), lane);
+      const __m256 drop = _mm256_or_ps(
+          _mm256_cmp_ps(z, zc, _CMP_LT_OQ),
+          _mm256_and_ps(_mm256_cmp_ps(z, zc, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vid, ids))));
+      add_f64(a0, a1, _mm256_andnot_ps(drop, _mm256_loadu_ps(e + i)));
+    }
+    double sum = hsum(a0, a1);
+    for (; i < end; ++i)
+      if (at(i)) sum += e[i];
+    return sum;
+  }
+  bool at(int64_t i) const {
+    const float v = key.value(i);
+    return !(v > cut || (v == cut && i < id));
+  }
+};
+
+// what filter_row leaves for the draw: e holds the kept tokens' e^z (0 elsewhere) and `total` their sum; or,
+// with top_p set, e holds every token's and the kept ones are those TopPKept keeps (the drop is left to the
+// draw, which reads only as far as it needs)
+struct Kept {
+  double total = 0;  // < 0: a greedy row
+  bool top_p = false;
+  TopPKey key{Scaled{nullptr, 0, 0, 0}};
+  float cut = 0;
+  int64_t id = 0;
+};
+
+// One row's filters: fills s.e (e^z of the kept tokens, 0 for the rest; s.z: z, for typical-p). *arg is the
+// row's argmax. Top-p, when no filter follows it and `lazy`, leaves its drop to the draw (see Kept).
+Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool lazy) {
   const double T = p[0], P = p[2], MP = p[3], TP = p[4];
   const int64_t K = static_cast<int64_t>(p[1]);
-  *blocks = false;
-  const float m = row_max(x, V, arg);
-  if (T == 0) return -1;
+  Kept out;
+  const bool bracketed = P < 1 && TP == 1 && T > 0;  // top-p alone: by a bracket (top_p_bracket)
+  int64_t nt = 0;
+  const float m = bracketed ? row_max_top(x, V, arg, static_cast<float>(std::min(kTopZ * T, 1e30)), s, &nt)
+                            : row_max(x, V, arg);
+  if (T == 0) {
+    out.total = -1;
+    return out;
+  }
   const float inv_t = static_cast<float>(std::min(1.0 / T, static_cast<double>(FLT_MAX)));
   const float kth = (K > 0 && K < V) ? kth_largest(x, V, K) : -INFINITY;
   float* z = s.z.data();
   float* e = s.e.data();
   const Scaled sc{x, m, inv_t, kth};
   double* h4 = s.level1();
-  double S = P < 1 ? (TP < 1 ? scale_exp<true, true>(sc, V, z, e, h4) : scale_exp<true, false>(sc, V, z, e, h4))
-                   : (TP < 1 ? scale_exp<false, true>(sc, V, z, e, h4) : scale_exp<false, false>(sc, V, z, e, h4));
-  if (P < 1 && S > 0) {
-    const TopPKey key{sc};
-    const Cut c = find_cut(key, e, V, P * S, s);
-    if (c.found && (MP > 0 || TP < 1)) {
-      S = drop_above(e, key, V, key_value(c.key), c.id);
-    } else if (c.found) {
-      S = drop_above_blocks(e, key, V, key_value(c.key), c.id, s.blocks.data());
-      *blocks = true;
+  Bracket bracket;
+  const TopPKey key{sc};
+  Cut c;
+  double S;
+  const bool br_ok = bracketed && (bracket = top_p_bracket(sc, V, P, s, nt)).ok;
+  if (br_ok) {
+    double sure;
+    int64_t n;
+    S = scale_exp_bracket(sc, V, e, bracket, &sure, s, &n);
+    if (S > 0 && !(c = cut_in_bracket(key, e, sure, n, P * S, s)).found) {  // missed: find_cut's way
+      level1_hist(key, e, V, h4);
+      c = find_cut(key, e, V, P * S, s);
     }
+  } else {
+    S = P < 1 ? (TP < 1 ? scale_exp<true, true>(sc, V, z, e, h4) : scale_exp<true, false>(sc, V, z, e, h4))
+              : (TP < 1 ? scale_exp<false, true>(sc, V, z, e, h4) : scale_exp<false, false>(sc, V, z, e, h4));
+    if (P < 1 && S > 0) c = find_cut(key, e, V, P * S, s);
+  }
+  if (P < 1 && S > 0) {
+    if (c.found && lazy && MP == 0 && TP == 1) {
+      out.total = c.mass;
+      out.top_p = true;
+      out.key = key;
+      out.cut = key_value(c.key);
+      out.id = c.id;
+      return out;
+    }
+    if (c.found) S = drop_above(e, key, V, key_value(c.key), c.id);
   }
   if (MP > 0) {
     const float mp = static_cast<float>(MP);
@@ -459,37 +835,15 @@ double filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_
     const Cut c = find_cut(key, e, V, TP * S, s);
     if (c.found) S = drop_above(e, key, V, key_value(c.key), 0);  // ties at the cut all stay
   }
-  return S;
+  out.total = S;
+  return out;
 }
 
-// inverse CDF in vocabulary order: the first token whose running kept mass exceeds u * (the kept mass);
-// `ready`: s.blocks already holds the kept mass by blocks
-int64_t draw_row(const float* e, int64_t V, double u, Scratch& s, bool ready) {
-  const int64_t nb = (V + kBlock - 1) / kBlock;
-  double* blk = s.blocks.data();
-  double total = 0;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t j = b * kBlock;
-    if (!ready) blk[b] = sum_f64(e + j, std::min(V - j, static_cast<int64_t>(kBlock)));
-    total += blk[b];
-  }
-  const double target = u * total;
-  double acc = 0;
-  int64_t last = -1;
-  for (int64_t b = 0; b < nb; ++b) {
-    if (blk[b] > 0) last = b;
-    if (acc + blk[b] > target) {
-      for (int64_t j = b * kBlock, end = std::min(V, j + kBlock); j < end; ++j) {
-        acc += e[j];
-        if (e[j] > 0 && acc > target) return j;
-      }
-    }
-    acc += blk[b];
-  }
-  if (last < 0) return -1;
-  for (int64_t j = std::min(V, (last + 1) * kBlock) - 1; j >= last * kBlock; --j)
-    if (e[j] > 0) return j;  // u * total rounded up to the total: the last kept token
-  return -1;
+// the row's token, drawn with u from what filter_row kept; -1 when nothing has mass
+int64_t draw_row(const float* e, int64_t V, double u, const Kept& k) {
+  if (!(k.total > 0)) return -1;
+  return k.top_p ? draw_lazy(e, V, u, k.total, TopPKept{e, k.key, k.cut, k.id})
+                 : draw_lazy(e, V, u, k.total, AllKept{e});
 }
 
 void check_inputs(const torch::Tensor& logits, const torch::Tensor& params) {
@@ -515,9 +869,8 @@ torch::Tensor sample_rows(const torch::Tensor& logits, const torch::Tensor& para
     s.fit(V);
     for (int64_t r = r0; r < r1; ++r) {
       int64_t arg = 0;
-      bool blocks = false;
-      const double S = filter_row(x + r * V, V, p + r * kCols, s, &arg, &blocks);
-      int64_t t = S > 0 ? draw_row(s.e.data(), V, p[r * kCols + 5], s, blocks) : -1;
+      const Kept k = filter_row(x + r * V, V, p + r * kCols, s, &arg, true);
+      const int64_t t = draw_row(s.e.data(), V, p[r * kCols + 5], k);
       tok[r] = t >= 0 ? t : arg;  // greedy, or nothing left with mass (all logits -inf): the argmax
     }
   });
@@ -537,8 +890,7 @@ torch::Tensor filter_rows(const torch::Tensor& logits, const torch::Tensor& para
     s.fit(V);
     for (int64_t r = r0; r < r1; ++r) {
       int64_t arg = 0;
-      bool blocks = false;
-      if (filter_row(x + r * V, V, p + r * kCols, s, &arg, &blocks) < 0)
+      if (filter_row(x + r * V, V, p + r * kCols, s, &arg, false).total < 0)
         o[r * V + arg] = 1;
       else
         std::copy(s.e.begin(), s.e.begin() + V, o + r * V);
