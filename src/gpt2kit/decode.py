@@ -352,7 +352,7 @@ def next_tokens(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
         return logits.argmax(dim=-1).tolist()
     # the logits processors (repetition penalty included) ran in advance(); scale_logits' shift by each row's
     # maximum keeps a penalised row's huge logits finite
-    us = uniforms(torch.tensor([r.key for r in rows]), torch.tensor([r.draws for r in rows]))
+    us = uniforms([r.key for r in rows], [r.draws for r in rows])
     tokens = draw(logits, params_table([r.params for r in rows], us)).tolist()
     for r in rows:
         r.draws += 1

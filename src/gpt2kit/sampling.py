@@ -58,15 +58,7 @@ class SamplingParams:
 
 # ---- random numbers: one uniform per row and token, from a counter-based hash (splitmix64) ------------
 
-_M64 = (1 << 64) - 1
-
-
-def _s64(x: int) -> int:
-    """An unsigned 64-bit constant as the int64 that has its bits."""
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GOLDEN, _MIX1, _MIX2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def row_key(seed: int | None, index: int) -> int:
@@ -77,15 +69,18 @@ def row_key(seed: int | None, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """keys, steps (k,) int64 -> (k,) float64 in [0, 1): splitmix64's output for state key + (step + 1) *
-    golden ratio, so each (key, step) has its own number and no generator state exists. int64 arithmetic
-    wraps like uint64; right shifts are masked to be logical."""
-    z = keys + (steps + 1) * _GOLDEN
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
-    z = z ^ ((z >> 31) & ((1 << 33) - 1))
-    return ((z >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53
+def uniforms(keys: torch.Tensor | Sequence[int], steps: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """keys, steps (k,) -> (k,) float64 in [0, 1): splitmix64's output for state key + (step + 1) * golden
+    ratio, so each (key, step) has its own number and no generator state exists. In numpy's uint64, which
+    wraps as splitmix64 does (a decoding step calls this: torch's dispatch on tiny tensors costs ten times
+    more)."""
+    k = np.asarray(keys.cpu() if isinstance(keys, torch.Tensor) else keys, dtype=np.int64).astype(np.uint64)
+    n = np.asarray(steps.cpu() if isinstance(steps, torch.Tensor) else steps, dtype=np.int64).astype(np.uint64)
+    z = k + (n + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
 
 
 # ---- the filters and the draw ------------------------------------------------------------------------
@@ -190,9 +185,10 @@ def _kernel():
 
 def params_table(params: Sequence[SamplingParams], us: torch.Tensor) -> torch.Tensor:
     """draw's parameter table (k, 6) for rows with `params` and random numbers `us` (k,)."""
-    table = torch.tensor([p.row() + [0.0] for p in params], dtype=torch.float64)
-    table[:, 5] = us
-    return table
+    table = np.empty((len(params), 6))
+    table[:, :5] = [p.row() for p in params]
+    table[:, 5] = us.numpy() if isinstance(us, torch.Tensor) else us
+    return torch.from_numpy(table)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -212,7 +208,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, key: int = 0, step: int
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    u = uniforms(torch.tensor([key]), torch.tensor([step]))
+    u = uniforms([key], [step])
     return int(draw(logits[None], params_table([params], u))[0])
 
 
