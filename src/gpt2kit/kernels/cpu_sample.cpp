@@ -52,7 +52,7 @@ struct Scratch {
   std::vector<int32_t> cand;
   std::vector<uint32_t> candk;  // the candidates' keys, packed as cand is
   std::vector<int64_t> cand2;
-  std::vector<float> topz, sz, se;  // top_p_bracket's exact and sampled tokens' z, the samples' e
+  std::vector<float> topz, sz, se, zsorted;  // top_p_bracket's exact and sampled tokens' z, the samples' e
   std::vector<double> bins;
   void fit(int64_t V) {
     if (static_cast<int64_t>(z.size()) < V + 8) {
@@ -406,8 +406,9 @@ double scale_exp(const Scaled& sc, int64_t V, float* z, float* e, double* h4) {
 
 // ---- top-p by a bracket: most rows find their cut without a histogram of every token ----------------------
 //
-// Before e is made, the mass curve (mass above z, against z) is estimated: exactly for the tokens with z >=
-// -kTopZ (each at least e^-kTopZ of the most likely one's mass), from every kStride-th token for the rest.
+// Before e is made, the mass curve (mass above z, against z) is estimated: exactly for the likeliest tokens
+// (those with z >= -kTopZ, each at least e^-kTopZ of the most likely one's mass, or fewer where those are
+// too many), from every kStride-th token for the rest.
 // From it comes a bracket [lo, hi] of z that holds top-p's crossing with a margin of kSigmas standard errors
 // of the estimate. The exp pass then sums the mass above hi and packs the tokens inside the bracket, and the
 // cut is found among those few. When the bracket misses (the mass above hi already reaches the target, or
@@ -474,33 +475,7 @@ float row_max_top(const float* x, int64_t V, int64_t* arg, float margin, Scratch
 
 Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t nt) {
   Bracket out;
-  // the exact part: the tokens with z >= -kTopZ, from those row_max_top kept (s.topz: their x, nt of them)
-  float* topz = s.topz.data();
-  if (nt > kTopCap) {  // row_max_top kept too many before its lanes' max grew: again, against the row's max
-    nt = 0;
-    const __m256 floor = _mm256_set1_ps(-kTopZ);
-    int64_t i = 0;
-    for (; i + 8 <= V && nt <= kTopCap; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(sc.x + i);
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), floor, _CMP_GE_OQ));  // (no branch on it)
-      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
-      _mm256_storeu_ps(topz + nt, _mm256_permutevar8x32_ps(xv, perm));
-      nt += __builtin_popcount(mask);
-    }
-    for (; i < V && nt <= kTopCap; ++i)
-      if (sc(i) >= -kTopZ) topz[nt++] = sc.x[i];
-  }
-  if (nt <= kTopCap) {
-    int64_t kept = 0;
-    for (int64_t j = 0; j < nt; ++j) {
-      const float xj = topz[j];
-      const float zj = xj < sc.kth ? -INFINITY : (clamp_max(xj) - sc.m) * sc.inv_t;
-      if (zj >= -kTopZ) topz[kept++] = zj;
-    }
-    nt = kept;
-  }
-  const bool exact = nt <= kTopCap;  // else the row is flat: every token is estimated
-  // the estimated part: every kStride-th token not in the exact part, eight at a time
+  // the sample: every kStride-th token, eight at a time
   float* sz = s.sz.data();
   float* se = s.se.data();
   int64_t ns = 0;
@@ -523,6 +498,46 @@ Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t
       se[ns] = std::exp(std::max(sz[ns], kMinExp));
     }
   }
+  // the exact part: the tokens with z >= ztop, from those row_max_top kept (s.topz: their x, nt of them).
+  // Where more than kTopCap lie above -kTopZ and the sample finds the mass uneven (a wide bulk, as some of a
+  // trained model's rows have; not a flat row, which the sample alone estimates well), ztop rises to where
+  // the sample puts about half of kTopCap, and the row is read again for them.
+  float* topz = s.topz.data();
+  float ztop = -kTopZ;
+  double s1 = 0, s2 = 0;  // the sample's mass and sum of squares: s1^2 / s2 is its effective size
+  for (int64_t j = 0; j < ns; ++j) {
+    s1 += se[j];
+    s2 += static_cast<double>(se[j]) * se[j];
+  }
+  if (nt > kTopCap && s1 * s1 < 0.25 * ns * s2) {
+    std::vector<float>& z = s.zsorted;
+    z.assign(sz, sz + ns);
+    const int64_t q = std::min<int64_t>(ns - 1, kTopCap / kStride / 2);
+    std::nth_element(z.begin(), z.begin() + q, z.end(), std::greater<float>());
+    ztop = std::max(ztop, z[q]);
+    nt = 0;
+    const __m256 floor = _mm256_set1_ps(ztop);
+    int64_t i = 0;
+    for (; i + 8 <= V && nt <= kTopCap; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(sc.x + i);
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), floor, _CMP_GE_OQ));  // (no branch on it)
+      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+      _mm256_storeu_ps(topz + nt, _mm256_permutevar8x32_ps(xv, perm));
+      nt += __builtin_popcount(mask);
+    }
+    for (; i < V && nt <= kTopCap; ++i)
+      if (sc(i) >= ztop) topz[nt++] = sc.x[i];
+  }
+  if (nt <= kTopCap) {
+    int64_t kept = 0;
+    for (int64_t j = 0; j < nt; ++j) {
+      const float xj = topz[j];
+      const float zj = xj < sc.kth ? -INFINITY : (clamp_max(xj) - sc.m) * sc.inv_t;
+      if (zj >= ztop) topz[kept++] = zj;
+    }
+    nt = kept;
+  }
+  const bool exact = nt <= kTopCap;  // else every token is estimated
   // the curve by bins of z over [zmin, 0]: mass (exact + estimated) and the estimate's variance
   float zmin = 0;
   for (int64_t j = 0; j < ns; ++j)
@@ -537,7 +552,7 @@ Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t
   auto bin = [&](float z) { return std::min(kBins - 1, static_cast<int>((z - zmin) * scale)); };
   const double w = kStride, wv = kStride * (kStride - 1.0);  // Horvitz-Thompson: each sample stands for kStride
   for (int64_t j = 0; j < ns; ++j) {
-    if (!(sz[j] >= zmin) || (exact && sz[j] >= -kTopZ)) continue;  // no mass, or counted exactly
+    if (!(sz[j] >= zmin) || (exact && sz[j] >= ztop)) continue;  // no mass, or counted exactly
     const int b = bin(sz[j]);
     mass[b] += w * se[j];
     var[b] += wv * static_cast<double>(se[j]) * se[j];
