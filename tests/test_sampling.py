@@ -236,3 +236,39 @@ def test_a_row_with_no_finite_logits_still_gives_a_token_id(path):
     for p in (SamplingParams(top_p=0.9), SamplingParams(typical_p=0.5, min_p=0.1), SamplingParams(top_k=2)):
         toks = draw(logits, params_table([p] * 2, torch.tensor([0.3, 0.7]))).tolist()
         assert 0 <= toks[0] < 5 and toks[1] in (0, 2, 4)
+
+
+@pytest.mark.parametrize("shape", ["flat", "zipf", "ties"])
+def test_rows_narrowed_by_top_k_or_min_p_keep_and_draw_what_pytorch_does(ext, shape, monkeypatch):
+    # top-k, and min-p without top-p, bound the kept set before any sum, so the kernel filters and draws on
+    # only the tokens they may keep (one pass with a rising threshold for top-k): at the full vocabulary, the
+    # kept sets and the drawn tokens must be PyTorch's
+    logits = _vocab_rows(shape, n=8)
+    n = logits.size(0)
+    cases = [(0.8, 40, 1.0, 0.0, 1.0), (1.0, 1000, 1.0, 0.0, 1.0), (1.0, 6000, 0.9, 0.0, 1.0), (1.0, 0, 1.0, 0.1, 1.0),
+             (2.0, 0, 1.0, 0.9, 1.0), (1.0, 0, 1.0, 0.05, 0.8), (1.0, 50, 0.95, 0.05, 1.0), (0.7, 200, 1.0, 0.0, 0.9)]
+    for case in cases:
+        if shape == "flat" and case[4] < 1:
+            continue  # PyTorch's typical-p orders a flat row's near-equal surprises by its cancellation error
+        p = SamplingParams(*case[:4], typical_p=case[4])
+        table = params_table([p] * n, uniforms(torch.arange(n), torch.zeros(n, dtype=torch.long)))
+        kept = ext.filter_rows(logits, table) > 0
+        want = torch.isfinite(filter_logits(logits / case[0], *case[1:]))
+        assert _same_kept(kept, want, logits, shape == "ties", slack=1), (shape, case)
+        ours = ext.sample_rows(logits, table)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "_ext", None)
+            m.setattr("gpt2kit.sampling._tried_kernel", True)
+            assert torch.equal(draw(logits, table), ours), (shape, case)
+
+
+def test_greedy_rows_take_the_first_maximum_on_both_paths(ext):
+    from gpt2kit.sampling import argmax
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randint(0, 5, (16, 50257), generator=g).float()  # many tied maxima
+    logits[3, 7] = float("inf")
+    logits[4] = float("-inf")
+    assert torch.equal(ext.argmax_rows(logits), logits.argmax(dim=-1))
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    table = params_table([SamplingParams(temperature=0)] * 16, torch.zeros(16))
+    assert torch.equal(ext.sample_rows(logits, table), logits.argmax(dim=-1))

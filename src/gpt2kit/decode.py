@@ -29,7 +29,7 @@ from gpt2kit.errors import Gpt2kitError
 from gpt2kit.kernels import prepare_cpu_decoding_
 from gpt2kit.model import GPT
 from gpt2kit.processors import ProcessorParams, RowProcessors, apply_processors, normalize_logit_bias
-from gpt2kit.sampling import SamplingParams, draw, params_table, row_key, token_logprobs, uniforms
+from gpt2kit.sampling import SamplingParams, argmax, draw, params_table, row_key, token_logprobs, uniforms
 from gpt2kit.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2kit")
@@ -349,7 +349,7 @@ def next_tokens(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
     parameters and its own random number, one host sync for the batch; a batch of greedy rows is one
     argmax. A row gets the token sampling.sample() would give it alone."""
     if all(r.cfg.argmax for r in rows):
-        return logits.argmax(dim=-1).tolist()
+        return argmax(logits).tolist()
     # the logits processors (repetition penalty included) ran in advance(); scale_logits' shift by each row's
     # maximum keeps a penalised row's huge logits finite
     us = uniforms([r.key for r in rows], [r.draws for r in rows])

@@ -54,21 +54,31 @@ struct Scratch {
   std::vector<int64_t> cand2;
   std::vector<float> topz, sz, se, zsorted;  // top_p_bracket's exact and sampled tokens' z, the samples' e
   std::vector<double> bins;
+  std::vector<double> blk;  // scale_exp_bracket: each kBlock-token block's mass above the bracket
+  std::vector<float> xc;  // a narrowed row (narrow_row): its logits and token ids
+  std::vector<int32_t> ids;
   void fit(int64_t V) {
     if (static_cast<int64_t>(z.size()) < V + 8) {
       z.resize(V + 8);
       e.resize(V + 8);
       cand.resize(V + 8);
       candk.resize(V + 8);
+      xc.resize(V + 8);
+      ids.resize(V + 8);
     }
     hist.resize(4096 + 4 * 2048);
     topz.resize(kTopCap + 16);  // (row_max_top's tail may add up to 7 past kTopCap + 8)
     sz.resize(V / kStride + 16);
     se.resize(V / kStride + kTopCap + 32);
     bins.resize(2 * kBins);
+    blk.resize(V / kBlock + 2);
   }
   double* level1() { return hist.data() + 4096; }
 };
+
+// e^z for one float as the vector passes make it, so that a token's e does not depend on where in a row
+// (or in a narrowed row) it lies
+inline float exp1(float z) { return _mm256_cvtss_f32(gpt2kit::vexp(_mm256_set1_ps(z))); }
 
 inline uint32_t bits(float f) {
   uint32_t u;
@@ -397,7 +407,7 @@ double scale_exp(const Scaled& sc, int64_t V, float* z, float* e, double* h4) {
   for (const int64_t whole = V - V % 4; i < V; ++i) {
     const float zi = sc(i);
     if (kStoreZ) z[i] = zi;
-    e[i] = zi >= kMinExp ? std::exp(zi) : 0.0f;
+    e[i] = zi >= kMinExp ? exp1(zi) : 0.0f;
     S += e[i];
     if (kHist) h4[(i < whole ? (i & 3) * 2048 : 0) + (nonneg_key(-zi) >> 20)] += e[i];
   }
@@ -495,7 +505,7 @@ Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t
     }
     for (; i < V; i += kStride, ++ns) {
       sz[ns] = sc(i);
-      se[ns] = std::exp(std::max(sz[ns], kMinExp));
+      se[ns] = exp1(std::max(sz[ns], kMinExp));
     }
   }
   // the exact part: the tokens with z >= ztop, from those row_max_top kept (s.topz: their x, nt of them).
@@ -603,9 +613,9 @@ inline double hsum(__m256d a0, __m256d a1) {
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
-// scale_exp for a bracket: e, and its sum (returned); the mass with z > hi (*sure) and, packed as find_cut
-// packs its candidates, the ids of the tokens with lo <= z <= hi and e > 0 (s.cand, *n; their keys -z in
-// s.candk). The sum is summed as scale_exp sums it, so that the cut is the one find_cut would find.
+// scale_exp for a bracket: e, and its sum (returned); the mass with z > hi (*sure; by block of kBlock tokens
+// in s.blk, for the draw) and, packed as find_cut packs its candidates, the ids of the tokens with
+// lo <= z <= hi and e > 0 (s.cand, *n; their keys -z in s.candk). The sum is summed as scale_exp sums it.
 double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& br, double* sure, Scratch& s,
                          int64_t* n_out) {
   const __m256 vm = _mm256_set1_ps(sc.m), vinv = _mm256_set1_ps(sc.inv_t), vkth = _mm256_set1_ps(sc.kth);
@@ -616,7 +626,9 @@ double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& b
   int32_t* cand = s.cand.data();
   uint32_t* candk = s.candk.data();
   int64_t n = 0;
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = acc0, up0 = acc0, up1 = acc0;
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = acc0;
+  double* blk = s.blk.data();
+  double up = 0;
   const int64_t whole = V - V % 8;
   int64_t i = 0;
   alignas(32) float zb[64];
@@ -633,6 +645,7 @@ double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& b
       _mm256_storeu_ps(e + i, ev);
       add_f64(acc0, acc1, ev);
     }
+    __m256d up0 = _mm256_setzero_pd(), up1 = up0;
     for (int64_t j = i0; j < end; j += 8, ids = _mm256_add_epi32(ids, step)) {
       const __m256 zv = _mm256_load_ps(zb + (j - i0)), ev = _mm256_loadu_ps(e + j);
       add_f64(up0, up1, _mm256_and_ps(ev, _mm256_cmp_ps(zv, vhi, _CMP_GT_OQ)));
@@ -646,13 +659,19 @@ double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& b
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(candk + n), _mm256_permutevar8x32_epi32(k, perm));
       n += __builtin_popcount(mask);
     }
+    blk[i0 / kBlock] = hsum(up0, up1);
+    up += blk[i0 / kBlock];
   }
-  double S = hsum(acc0, acc1), up = hsum(up0, up1);
+  if (whole % kBlock == 0) blk[whole / kBlock] = 0;  // (the tail's block, when it starts one)
+  double S = hsum(acc0, acc1);
   for (; i < V; ++i) {
     const float zi = sc(i);
-    e[i] = zi >= kMinExp ? std::exp(zi) : 0.0f;
+    e[i] = zi >= kMinExp ? exp1(zi) : 0.0f;
     S += e[i];
-    if (zi > br.hi) up += e[i];
+    if (zi > br.hi) {
+      up += e[i];
+      blk[i / kBlock] += e[i];
+    }
     if (zi >= br.lo && zi <= br.hi && e[i] > 0) {
       cand[n] = static_cast<int32_t>(i);
       candk[n++] = nonneg_key(-zi);
@@ -676,18 +695,20 @@ Cut cut_in_bracket(const TopPKey& key, const float* e, double sure, int64_t n, d
     kmin = std::min(kmin, candk[j]);
     kmax = std::max(kmax, candk[j]);
   }
+  int nb = 64;  // buckets: about two candidates each, 64 to 4096
+  while (nb < 4096 && nb < n / 2) nb *= 2;
   int shift = 0;
-  while (((kmax - kmin) >> shift) >= 4096) ++shift;
+  while (((kmax - kmin) >> shift) >= static_cast<uint32_t>(nb)) ++shift;
   double* h = s.hist.data();
-  std::fill(h, h + 4096, 0.0);
+  std::fill(h, h + nb, 0.0);
   for (int64_t j = 0; j < n; ++j) h[(candk[j] - kmin) >> shift] += e[cand[j]];
   double acc = sure;
   int b = 0;
-  for (; b < 4096; ++b) {
+  for (; b < nb; ++b) {
     if (acc + h[b] >= target) break;
     acc += h[b];
   }
-  if (b == 4096) return cut;
+  if (b == nb) return cut;
   s.cand2.clear();
   for (int64_t j = n - 1; j >= 0; --j)  // ids descending
     if (((candk[j] - kmin) >> shift) == static_cast<uint32_t>(b)) s.cand2.push_back(cand[j]);
@@ -771,6 +792,30 @@ struct TopPKept {
   }
 };
 
+// top-p's kept tokens when its cut came from a bracket: a block's kept mass is its mass above the bracket
+// (s.blk) and that of its kept candidates (ids ascending: taken in turn, as draw_lazy asks for the blocks in
+// order), so the draw reads neither the logits nor e but in the block holding its token
+struct BracketKept {
+  const double* blk;
+  const int32_t* cand;
+  const uint32_t* candk;
+  const float* e;
+  int64_t n;
+  uint32_t cut;  // the cut's key and id: a candidate is kept at a key below it, or at it with an id >= its
+  int64_t id;
+  TopPKept tok;
+  mutable int64_t next = 0;  // the first candidate not yet taken
+  double sum(int64_t j, int64_t end) const {
+    double sum = blk[j / kBlock];
+    for (; next < n && cand[next] < end; ++next) {  // (a select, not a branch: about half are kept)
+      const bool kept = candk[next] < cut || (candk[next] == cut && cand[next] >= id);
+      sum += kept ? static_cast<double>(e[cand[next]]) : 0.0;
+    }
+    return sum;
+  }
+  bool at(int64_t i) const { return tok.at(i); }
+};
+
 // what filter_row leaves for the draw: e holds the kept tokens' e^z (0 elsewhere) and `total` their sum; or,
 // with top_p set, e holds every token's and the kept ones are those TopPKept keeps (the drop is left to the
 // draw, which reads only as far as it needs)
@@ -780,18 +825,21 @@ struct Kept {
   TopPKey key{Scaled{nullptr, 0, 0, 0}};
   float cut = 0;
   int64_t id = 0;
+  int64_t n = 0;  // > 0: the cut came from a bracket of n candidates (s.cand, s.candk, s.blk; BracketKept)
 };
 
 // One row's filters: fills s.e (e^z of the kept tokens, 0 for the rest; s.z: z, for typical-p). *arg is the
-// row's argmax. Top-p, when no filter follows it and `lazy`, leaves its drop to the draw (see Kept).
-Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool lazy) {
+// row's argmax (with max_known, a row that is not top-p's comes with its max and *arg found). Top-p, when no filter follows it and `lazy`, leaves its drop to the draw (see Kept).
+Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool lazy,
+                const float* max_known = nullptr) {
   const double T = p[0], P = p[2], MP = p[3], TP = p[4];
   const int64_t K = static_cast<int64_t>(p[1]);
   Kept out;
   const bool bracketed = P < 1 && TP == 1 && T > 0;  // top-p alone: by a bracket (top_p_bracket)
   int64_t nt = 0;
   const float m = bracketed ? row_max_top(x, V, arg, static_cast<float>(std::min(kTopZ * T, 1e30)), s, &nt)
-                            : row_max(x, V, arg);
+                  : max_known ? *max_known  // (with *arg: the caller found them)
+                              : row_max(x, V, arg);
   if (T == 0) {
     out.total = -1;
     return out;
@@ -807,11 +855,12 @@ Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t*
   Cut c;
   double S;
   const bool br_ok = bracketed && (bracket = top_p_bracket(sc, V, P, s, nt)).ok;
+  int64_t n = 0;
   if (br_ok) {
     double sure;
-    int64_t n;
     S = scale_exp_bracket(sc, V, e, bracket, &sure, s, &n);
     if (S > 0 && !(c = cut_in_bracket(key, e, sure, n, P * S, s)).found) {  // missed: find_cut's way
+      n = 0;
       level1_hist(key, e, V, h4);
       c = find_cut(key, e, V, P * S, s);
     }
@@ -827,6 +876,7 @@ Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t*
       out.key = key;
       out.cut = key_value(c.key);
       out.id = c.id;
+      out.n = n;
       return out;
     }
     if (c.found) S = drop_above(e, key, V, key_value(c.key), c.id);
@@ -854,11 +904,159 @@ Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t*
   return out;
 }
 
+// ---- narrowing: top-k and min-p bound the kept set before any sum ------------------------------------------
+//
+// Top-k (k at most an eighth of the row), and min-p when no top-p precedes it (top-p counts its mass over every
+// token top-k keeps, min-p's drops included), keep only tokens known from the logits and the row's max. Such a
+// row is first narrowed to the tokens they may keep, ids ascending, and the filters and the draw run on that
+// short row: for top-k 40, exp of 40 tokens instead of 50,257. A token's e^z is the same float either way
+// (the short row has the same max), the filters see the same tokens in the same order, and only the order in
+// which the draw's double sums add them differs.
+
+bool narrows(const double* p, int64_t V) {
+  const double T = p[0], P = p[2], MP = p[3];
+  const int64_t K = static_cast<int64_t>(p[1]);
+  return T > 0 && ((K > 0 && K <= V / 8) || (MP > 0 && P >= 1));
+}
+
+// the K-th largest of x (0 < K < V, counting repeated values; NaN never counts) with, in s.xc and s.ids (ids
+// ascending), every token at or above it; returns how many. One pass packs the tokens at or above a threshold
+// into a buffer; whenever the buffer holds `cap`, the threshold rises to its K-th largest and the buffer keeps
+// only those at or above it (so a heap's per-token work is not needed, and K in the thousands costs little more
+// than K = 40).
+float top_k_narrow(const float* x, int64_t V, int64_t K, Scratch& s, int64_t* n_out) {
+  float* xc = s.xc.data();
+  int32_t* id = s.ids.data();
+  std::vector<float>& tmp = s.zsorted;
+  int64_t cap = std::max<int64_t>(2 * K, 1024), n = 0;
+  float thr = -INFINITY;
+  auto select = [&]() {  // thr = the K-th largest in the buffer, and the buffer only what reaches it
+    tmp.assign(xc, xc + n);
+    std::nth_element(tmp.begin(), tmp.begin() + (K - 1), tmp.end(), std::greater<float>());
+    thr = tmp[K - 1];
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (xc[i] >= thr) {
+        xc[j] = xc[i];
+        id[j++] = id[i];
+      }
+    n = j;
+  };
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8, ids = _mm256_add_epi32(ids, step)) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(xv, _mm256_set1_ps(thr), _CMP_GE_OQ));
+    if (mask == 0) continue;  // most blocks, once the threshold has risen: a branch that predicts well
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+    _mm256_storeu_ps(xc + n, _mm256_permutevar8x32_ps(xv, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n), _mm256_permutevar8x32_epi32(ids, perm));
+    n += __builtin_popcount(mask);
+    if (n >= cap) {
+      select();
+      if (2 * n > cap) cap = 2 * n;  // many ties at the threshold: a bigger buffer, not a select per block
+    }
+  }
+  for (; i < V; ++i)
+    if (x[i] >= thr) {
+      xc[n] = x[i];
+      id[n++] = static_cast<int32_t>(i);
+    }
+  if (n > K) {
+    select();
+  } else if (n < K) {
+    thr = -INFINITY;  // fewer than K tokens that are not NaN: all of them
+  } else {
+    thr = *std::min_element(xc, xc + n);
+  }
+  *n_out = n;
+  return thr;
+}
+
+// the tokens a row narrows to (see narrows): their logits into s.xc and ids into s.ids; returns how many (0:
+// the row is better filtered whole, when *m_out and *arg_out may hold its max and argmax, else NaN).
+// min-p's test here is on z with a margin below ln(min_p) (the exact one, e < min_p, runs on the short row).
+int64_t narrow_row(const float* x, int64_t V, const double* p, Scratch& s, float* m_out, int64_t* arg_out) {
+  const double T = p[0], P = p[2], MP = p[3];
+  const int64_t K = static_cast<int64_t>(p[1]);
+  const bool minp = MP > 0 && P >= 1;
+  const float inv_t = static_cast<float>(std::min(1.0 / T, static_cast<double>(FLT_MAX)));
+  const float zfloor = minp ? static_cast<float>(std::log(MP)) - 1e-3f : -INFINITY;
+  float* xc = s.xc.data();
+  int32_t* id = s.ids.data();
+  int64_t n = 0, arg = 0;
+  if (K > 0 && K < V) {
+    top_k_narrow(x, V, K, s, &n);
+    if (minp) {  // the row's max is among the tokens top-k keeps
+      const Scaled sc{xc, row_max(xc, n, &arg), inv_t, -INFINITY};
+      int64_t j = 0;
+      for (int64_t i = 0; i < n; ++i)
+        if (sc(i) >= zfloor) {
+          xc[j] = xc[i];
+          id[j++] = id[i];
+        }
+      n = j;
+    }
+    return n;
+  }
+  // min-p alone; not worth it where every 32nd token says that more than a quarter of the row would stay
+  // (a flat row, as random weights give): 0, and the row is filtered whole
+  *m_out = row_max(x, V, arg_out);  // (kept for that whole row's filters)
+  const Scaled sc{x, *m_out, inv_t, -INFINITY};
+  int64_t hits = 0;
+  for (int64_t j = 0; j < V; j += kStride) hits += sc(j) >= zfloor;
+  if (4 * hits * kStride > V) return 0;
+  const __m256 vfloor = _mm256_set1_ps(zfloor);
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8, ids = _mm256_add_epi32(ids, step)) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), vfloor, _CMP_GE_OQ));
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+    _mm256_storeu_ps(xc + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n), _mm256_permutevar8x32_epi32(ids, perm));
+    n += __builtin_popcount(mask);
+  }
+  for (; i < V; ++i)
+    if (sc(i) >= zfloor) {
+      xc[n] = x[i];
+      id[n++] = static_cast<int32_t>(i);
+    }
+  return n;
+}
+
+// filter_row on the row as sample_rows and filter_rows take it: narrowed where narrows() says so (and
+// narrow_row finds it worth it), when
+// *ids is set to the narrowed row's token ids and *n to its length (else nullptr and V); s.e is indexed as
+// that row is
+Kept filter_any(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool lazy,
+                const int32_t** ids, int64_t* n) {
+  *ids = nullptr;
+  *n = V;
+  float m = NAN;
+  if (narrows(p, V)) {
+    *n = narrow_row(x, V, p, s, &m, arg);
+    if (*n > 0) {
+      *ids = s.ids.data();
+      double q[kCols];
+      std::copy(p, p + kCols, q);
+      q[1] = 0;  // (top-k is done)
+      return filter_row(s.xc.data(), *n, q, s, arg, lazy);
+    }
+    *n = V;
+  }
+  return filter_row(x, V, p, s, arg, lazy, std::isnan(m) ? nullptr : &m);
+}
+
 // the row's token, drawn with u from what filter_row kept; -1 when nothing has mass
-int64_t draw_row(const float* e, int64_t V, double u, const Kept& k) {
+int64_t draw_row(const float* e, int64_t V, double u, const Kept& k, const Scratch& s) {
   if (!(k.total > 0)) return -1;
-  return k.top_p ? draw_lazy(e, V, u, k.total, TopPKept{e, k.key, k.cut, k.id})
-                 : draw_lazy(e, V, u, k.total, AllKept{e});
+  if (!k.top_p) return draw_lazy(e, V, u, k.total, AllKept{e});
+  const TopPKept tok{e, k.key, k.cut, k.id};
+  if (k.n == 0) return draw_lazy(e, V, u, k.total, tok);
+  return draw_lazy(e, V, u, k.total,
+                   BracketKept{s.blk.data(), s.cand.data(), s.candk.data(), e, k.n, bits(k.cut), k.id, tok});
 }
 
 void check_inputs(const torch::Tensor& logits, const torch::Tensor& params) {
@@ -883,11 +1081,29 @@ torch::Tensor sample_rows(const torch::Tensor& logits, const torch::Tensor& para
     thread_local Scratch s;
     s.fit(V);
     for (int64_t r = r0; r < r1; ++r) {
-      int64_t arg = 0;
-      const Kept k = filter_row(x + r * V, V, p + r * kCols, s, &arg, true);
-      const int64_t t = draw_row(s.e.data(), V, p[r * kCols + 5], k);
-      tok[r] = t >= 0 ? t : arg;  // greedy, or nothing left with mass (all logits -inf): the argmax
+      int64_t arg = 0, n = 0;
+      const int32_t* ids = nullptr;
+      const Kept k = filter_any(x + r * V, V, p + r * kCols, s, &arg, true, &ids, &n);
+      const int64_t t = draw_row(s.e.data(), n, p[r * kCols + 5], k, s);
+      tok[r] = ids == nullptr ? (t >= 0 ? t : arg) : ids[t >= 0 ? t : arg];  // t < 0: greedy, or nothing
+      // left with mass (all logits -inf): the argmax (a narrowed row holds the row's first maximum)
     }
+  });
+  return out;
+}
+
+// each row's argmax (B,) int64: its first maximum, values above FLT_MAX counting as FLT_MAX and NaN never
+// winning, as sample_rows' greedy rows pick (PyTorch's argmax, a pass of its own, is ~15x slower at batch 32)
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
+  gpt2kit::check_f32(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "logits must be (B, V), V > 0");
+  TORCH_CHECK(logits.size(1) < INT32_MAX, "the vocabulary must have fewer than 2^31 - 1 tokens");  // int32 ids
+  const int64_t B = logits.size(0), V = logits.size(1);
+  torch::Tensor out = torch::empty({B}, logits.options().dtype(at::kLong));
+  const float* x = logits.data_ptr<float>();
+  int64_t* tok = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_max(x + r * V, V, tok + r);
   });
   return out;
 }
@@ -904,11 +1120,14 @@ torch::Tensor filter_rows(const torch::Tensor& logits, const torch::Tensor& para
     thread_local Scratch s;
     s.fit(V);
     for (int64_t r = r0; r < r1; ++r) {
-      int64_t arg = 0;
-      if (filter_row(x + r * V, V, p + r * kCols, s, &arg, false).total < 0)
+      int64_t arg = 0, n = 0;
+      const int32_t* ids = nullptr;
+      if (filter_any(x + r * V, V, p + r * kCols, s, &arg, false, &ids, &n).total < 0)
         o[r * V + arg] = 1;
-      else
+      else if (ids == nullptr)
         std::copy(s.e.begin(), s.e.begin() + V, o + r * V);
+      else
+        for (int64_t j = 0; j < n; ++j) o[r * V + ids[j]] = s.e[j];
     }
   });
   return out;
@@ -918,5 +1137,6 @@ torch::Tensor filter_rows(const torch::Tensor& logits, const torch::Tensor& para
 
 void register_sampling_kernels(pybind11::module& m) {
   m.def("sample_rows", &sample_rows, "one token per row of logits (B, V) with per-row params (B, 6)");
+  m.def("argmax_rows", &argmax_rows, "each row's first maximum of logits (B, V), as sample_rows' greedy rows");
   m.def("filter_rows", &filter_rows, "the kept tokens' e^z (B, V) that sample_rows draws from");
 }
