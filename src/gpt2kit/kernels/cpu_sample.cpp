@@ -86,32 +86,44 @@ inline uint32_t bits(float f) {
   return u;
 }
 
-// max of x (values above FLT_MAX count as FLT_MAX; NaN never wins) and the first index holding it, in one
-// pass: each lane keeps its own first maximum, then the lowest index among the lanes that hold the row's.
-inline float row_max(const float* x, int64_t V, int64_t* arg) {
-  const __m256 big = _mm256_set1_ps(FLT_MAX);
+// The max of a row of logits (values above FLT_MAX count as FLT_MAX; NaN never wins) and the first index
+// holding it, eight logits at a time: each lane keeps its own first maximum, and of the lanes that hold the
+// row's max, the lowest index wins.
+struct RunningMax {
   __m256 m = _mm256_set1_ps(-INFINITY);
   __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
-  const __m256i step = _mm256_set1_epi32(8);
-  int64_t i = 0;
-  for (; i + 8 <= V; i += 8) {
-    const __m256 v = _mm256_min_ps(big, _mm256_loadu_ps(x + i));  // a NaN stays NaN: never greater
+  // takes the next eight logits, x[0..8); returns them as counted (clamped to FLT_MAX; a NaN stays NaN)
+  __m256 add(const float* x) {
+    const __m256 v = _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_loadu_ps(x));
     const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
     m = _mm256_blendv_ps(m, v, gt);
     at = _mm256_blendv_epi8(at, idx, _mm256_castps_si256(gt));
-    idx = _mm256_add_epi32(idx, step);
+    idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+    return v;
   }
-  float lanes[8];
-  int32_t where[8];
-  _mm256_storeu_ps(lanes, m);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(where), at);
-  float best = -INFINITY;
-  int64_t first = 0;
-  for (int q = 0; q < 8; ++q)
-    if (lanes[q] > best || (lanes[q] == best && where[q] < first)) {
-      best = lanes[q];
-      first = where[q];
-    }
+  // the max over the lanes (-inf when none was added), *first the lowest index holding it
+  float lanes(int64_t* first) const {
+    float lane[8];
+    int32_t where[8];
+    _mm256_storeu_ps(lane, m);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(where), at);
+    float best = -INFINITY;
+    *first = 0;
+    for (int q = 0; q < 8; ++q)
+      if (lane[q] > best || (lane[q] == best && where[q] < *first)) {
+        best = lane[q];
+        *first = where[q];
+      }
+    return best;
+  }
+};
+
+inline float row_max(const float* x, int64_t V, int64_t* arg) {
+  RunningMax rm;
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) rm.add(x + i);
+  int64_t first;
+  float best = rm.lanes(&first);
   for (; i < V; ++i)
     if (std::min(x[i], FLT_MAX) > best) {
       best = std::min(x[i], FLT_MAX);
@@ -180,12 +192,12 @@ struct Scaled {
   const float* x;
   float m, inv_t, kth;
   float operator()(int64_t i) const { return x[i] < kth ? -INFINITY : (clamp_max(x[i]) - m) * inv_t; }
-  __m256 vec(int64_t i) const {
-    const __m256 xv = _mm256_loadu_ps(x + i);
+  __m256 of(__m256 xv) const {  // z of eight logits
     const __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, _mm256_set1_ps(FLT_MAX)), _mm256_set1_ps(m)),
                                     _mm256_set1_ps(inv_t));
     return _mm256_blendv_ps(zv, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(xv, _mm256_set1_ps(kth), _CMP_LT_OQ));
   }
+  __m256 vec(int64_t i) const { return of(_mm256_loadu_ps(x + i)); }
 };
 
 // the keys the cuts order tokens by, >= 0: value(i) as a float, vec(i) eight of them, key[i] as an integer.
@@ -235,6 +247,24 @@ struct PackTable {
 };
 const PackTable kPack;
 
+// stores the lanes of v that mask selects at p, packed to the front in order (all eight lanes are written:
+// p needs room for eight); returns how many were selected. No branch on the mask: where lanes are selected
+// at random, one would mispredict.
+inline __m256i pack_perm(int mask) {
+  return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+}
+
+inline int store_packed(float* p, __m256 v, int mask) {
+  _mm256_storeu_ps(p, _mm256_permutevar8x32_ps(v, pack_perm(mask)));
+  return __builtin_popcount(mask);
+}
+
+template <class Int>  // int32_t or uint32_t lanes
+inline int store_packed(Int* p, __m256i v, int mask) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permutevar8x32_epi32(v, pack_perm(mask)));
+  return __builtin_popcount(mask);
+}
+
 template <class Key>
 Cut cut_in_bucket(const Key& key, const float* e, const int32_t* cand, const uint32_t* candk, int64_t n, double acc,
                   double target, Scratch& s);
@@ -269,10 +299,8 @@ Cut find_cut(const Key& key, const float* e, int64_t V, double target, Scratch& 
       const __m256 in = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(k, 20), want)),
                                       _mm256_cmp_ps(_mm256_loadu_ps(e + i), zero, _CMP_GT_OQ));
       const int mask = _mm256_movemask_ps(in);
-      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n), _mm256_permutevar8x32_epi32(ids, perm));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(candk + n), _mm256_permutevar8x32_epi32(k, perm));
-      n += __builtin_popcount(mask);
+      store_packed(cand + n, ids, mask);
+      n += store_packed(candk + n, k, mask);
     }
     for (; i < V; ++i) {
       cand[n] = static_cast<int32_t>(i);
@@ -371,19 +399,15 @@ inline float key_value(uint32_t k) {
 // With kHist, also top-p's level-1 histograms of e by the key -z (find_cut's, filled as level1_hist would),
 // so that top-p needs no pass of its own to find the bucket where its mass crosses.
 template <bool kHist, bool kStoreZ>
-double scale_exp(const Scaled& sc, int64_t V, float* z, float* e, double* h4) {
-  const float* x = sc.x;
-  const float m = sc.m, inv_t = sc.inv_t, kth = sc.kth;
+double scale_exp(const Scaled& scaled, int64_t V, float* z, float* e, double* h4) {
+  const Scaled sc = scaled;  // (a local copy: stores to e cannot change it, so it is not reloaded per block)
   if (kHist) std::fill(h4, h4 + 4 * 2048, 0.0);
-  const __m256 vm = _mm256_set1_ps(m), vinv = _mm256_set1_ps(inv_t), vkth = _mm256_set1_ps(kth);
-  const __m256 vbig = _mm256_set1_ps(FLT_MAX), vlow = _mm256_set1_ps(kMinExp), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 vlow = _mm256_set1_ps(kMinExp);
   const __m256i magn = _mm256_set1_epi32(0x7FFFFFFF);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, vbig), vm), vinv);
-    zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
+    const __m256 zv = sc.vec(i);
     const __m256 live = _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ);
     const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), live);
     if (kStoreZ) _mm256_storeu_ps(z + i, zv);
@@ -435,17 +459,13 @@ struct Bracket {
 float row_max_top(const float* x, int64_t V, int64_t* arg, float margin, Scratch& s, int64_t* nt_out) {
   float* top = s.topz.data();
   int64_t nt = 0;
-  const __m256 big = _mm256_set1_ps(FLT_MAX), vmargin = _mm256_set1_ps(margin);
-  __m256 m = _mm256_set1_ps(-INFINITY), thr = m;
-  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
-  const __m256i step = _mm256_set1_epi32(8);
+  const __m256 vmargin = _mm256_set1_ps(margin);
+  RunningMax rm;
+  __m256 thr = rm.m;
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
-    const __m256 v = _mm256_min_ps(big, _mm256_loadu_ps(x + i));
-    const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
-    m = _mm256_blendv_ps(m, v, gt);
-    at = _mm256_blendv_epi8(at, idx, _mm256_castps_si256(gt));
-    idx = _mm256_add_epi32(idx, step);
+    const __m256 v = rm.add(x + i);
+    const __m256 m = rm.m;
     if (nt <= kTopCap) {
       if ((i & 511) == 0) {  // every 512 tokens, the threshold from the max of all lanes so far
         __m256 h = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
@@ -454,22 +474,11 @@ float row_max_top(const float* x, int64_t V, int64_t* arg, float margin, Scratch
         thr = _mm256_sub_ps(h, vmargin);
       }
       const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_max_ps(thr, _mm256_sub_ps(m, vmargin)), _CMP_GE_OQ));
-      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
-      _mm256_storeu_ps(top + nt, _mm256_permutevar8x32_ps(v, perm));
-      nt += __builtin_popcount(mask);
+      nt += store_packed(top + nt, v, mask);
     }
   }
-  float lanes[8];
-  int32_t where[8];
-  _mm256_storeu_ps(lanes, m);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(where), at);
-  float best = -INFINITY;
-  int64_t first = 0;
-  for (int q = 0; q < 8; ++q)
-    if (lanes[q] > best || (lanes[q] == best && where[q] < first)) {
-      best = lanes[q];
-      first = where[q];
-    }
+  int64_t first;
+  float best = rm.lanes(&first);
   for (; i < V; ++i) {
     const float v = std::min(x[i], FLT_MAX);
     if (v > best) {
@@ -492,13 +501,9 @@ Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t
   {
     const __m256i lanes = _mm256_setr_epi32(0, kStride, 2 * kStride, 3 * kStride, 4 * kStride, 5 * kStride,
                                             6 * kStride, 7 * kStride);
-    const __m256 vm = _mm256_set1_ps(sc.m), vinv = _mm256_set1_ps(sc.inv_t), vkth = _mm256_set1_ps(sc.kth);
-    const __m256 vbig = _mm256_set1_ps(FLT_MAX), ninf = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
     for (; i + 7 * kStride < V; i += 8 * kStride) {
-      const __m256 xv = _mm256_i32gather_ps(sc.x + i, lanes, 4);
-      __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, vbig), vm), vinv);
-      zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
+      const __m256 zv = sc.of(_mm256_i32gather_ps(sc.x + i, lanes, 4));
       _mm256_storeu_ps(sz + ns, zv);
       _mm256_storeu_ps(se + ns, gpt2kit::vexp(zv));
       ns += 8;
@@ -530,10 +535,7 @@ Bracket top_p_bracket(const Scaled& sc, int64_t V, double P, Scratch& s, int64_t
     int64_t i = 0;
     for (; i + 8 <= V && nt <= kTopCap; i += 8) {
       const __m256 xv = _mm256_loadu_ps(sc.x + i);
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), floor, _CMP_GE_OQ));  // (no branch on it)
-      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
-      _mm256_storeu_ps(topz + nt, _mm256_permutevar8x32_ps(xv, perm));
-      nt += __builtin_popcount(mask);
+      nt += store_packed(topz + nt, xv, _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), floor, _CMP_GE_OQ)));
     }
     for (; i < V && nt <= kTopCap; ++i)
       if (sc(i) >= ztop) topz[nt++] = sc.x[i];
@@ -616,10 +618,10 @@ inline double hsum(__m256d a0, __m256d a1) {
 // scale_exp for a bracket: e, and its sum (returned); the mass with z > hi (*sure; by block of kBlock tokens
 // in s.blk, for the draw) and, packed as find_cut packs its candidates, the ids of the tokens with
 // lo <= z <= hi and e > 0 (s.cand, *n; their keys -z in s.candk). The sum is summed as scale_exp sums it.
-double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& br, double* sure, Scratch& s,
+double scale_exp_bracket(const Scaled& scaled, int64_t V, float* e, const Bracket& br, double* sure, Scratch& s,
                          int64_t* n_out) {
-  const __m256 vm = _mm256_set1_ps(sc.m), vinv = _mm256_set1_ps(sc.inv_t), vkth = _mm256_set1_ps(sc.kth);
-  const __m256 vbig = _mm256_set1_ps(FLT_MAX), vlow = _mm256_set1_ps(kMinExp), ninf = _mm256_set1_ps(-INFINITY);
+  const Scaled sc = scaled;  // (a local copy: stores to e cannot change it, so it is not reloaded per block)
+  const __m256 vlow = _mm256_set1_ps(kMinExp);
   const __m256 vlo = _mm256_set1_ps(br.lo), vhi = _mm256_set1_ps(br.hi), zero = _mm256_setzero_ps();
   const __m256i step = _mm256_set1_epi32(8), magn = _mm256_set1_epi32(0x7FFFFFFF);
   __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -637,9 +639,7 @@ double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& b
     // second's short steps overlap the first's long exp chains, where one loop would wait on them
     const int64_t i0 = i, end = std::min(whole, i + 64);
     for (; i < end; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(sc.x + i);
-      __m256 zv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(xv, vbig), vm), vinv);
-      zv = _mm256_blendv_ps(zv, ninf, _mm256_cmp_ps(xv, vkth, _CMP_LT_OQ));
+      const __m256 zv = sc.vec(i);
       const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ));
       _mm256_store_ps(zb + (i - i0), zv);
       _mm256_storeu_ps(e + i, ev);
@@ -652,12 +652,10 @@ double scale_exp_bracket(const Scaled& sc, int64_t V, float* e, const Bracket& b
       const __m256 in = _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(zv, vlo, _CMP_GE_OQ),
                                                     _mm256_cmp_ps(zv, vhi, _CMP_LE_OQ)),
                                       _mm256_cmp_ps(ev, zero, _CMP_GT_OQ));
-      const int mask = _mm256_movemask_ps(in);  // (stored whatever it is: a branch on it would mispredict)
-      const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
+      const int mask = _mm256_movemask_ps(in);
       const __m256i k = _mm256_and_si256(_mm256_castps_si256(zv), magn);  // key -z: the bits of |z| (z <= 0)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n), _mm256_permutevar8x32_epi32(ids, perm));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(candk + n), _mm256_permutevar8x32_epi32(k, perm));
-      n += __builtin_popcount(mask);
+      store_packed(cand + n, ids, mask);
+      n += store_packed(candk + n, k, mask);
     }
     blk[i0 / kBlock] = hsum(up0, up1);
     up += blk[i0 / kBlock];
@@ -949,10 +947,8 @@ float top_k_narrow(const float* x, int64_t V, int64_t K, Scratch& s, int64_t* n_
     const __m256 xv = _mm256_loadu_ps(x + i);
     const int mask = _mm256_movemask_ps(_mm256_cmp_ps(xv, _mm256_set1_ps(thr), _CMP_GE_OQ));
     if (mask == 0) continue;  // most blocks, once the threshold has risen: a branch that predicts well
-    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
-    _mm256_storeu_ps(xc + n, _mm256_permutevar8x32_ps(xv, perm));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n), _mm256_permutevar8x32_epi32(ids, perm));
-    n += __builtin_popcount(mask);
+    store_packed(xc + n, xv, mask);
+    n += store_packed(id + n, ids, mask);
     if (n >= cap) {
       select();
       if (2 * n > cap) cap = 2 * n;  // many ties at the threshold: a bigger buffer, not a select per block
@@ -1013,10 +1009,8 @@ int64_t narrow_row(const float* x, int64_t V, const double* p, Scratch& s, float
   int64_t i = 0;
   for (; i + 8 <= V; i += 8, ids = _mm256_add_epi32(ids, step)) {
     const int mask = _mm256_movemask_ps(_mm256_cmp_ps(sc.vec(i), vfloor, _CMP_GE_OQ));
-    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kPack.lanes[mask])));
-    _mm256_storeu_ps(xc + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), perm));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n), _mm256_permutevar8x32_epi32(ids, perm));
-    n += __builtin_popcount(mask);
+    store_packed(xc + n, _mm256_loadu_ps(x + i), mask);
+    n += store_packed(id + n, ids, mask);
   }
   for (; i < V; ++i)
     if (sc(i) >= zfloor) {
