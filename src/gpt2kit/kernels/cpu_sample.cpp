@@ -1020,10 +1020,9 @@ int64_t narrow_row(const float* x, int64_t V, const double* p, Scratch& s, float
   return n;
 }
 
-// filter_row on the row as sample_rows and filter_rows take it: narrowed where narrows() says so (and
-// narrow_row finds it worth it), when
-// *ids is set to the narrowed row's token ids and *n to its length (else nullptr and V); s.e is indexed as
-// that row is
+// filter_row on a row as sample_rows and filter_rows take it, narrowed first where narrows() says so and
+// narrow_row finds it worth it. *ids and *n: the narrowed row's token ids and length (nullptr and V when the
+// row was filtered whole); s.e and *arg index that row.
 Kept filter_any(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool lazy,
                 const int32_t** ids, int64_t* n) {
   *ids = nullptr;
