@@ -395,21 +395,23 @@ inline float key_value(uint32_t k) {
   return f;
 }
 
-// e = e^z (0 below kMinExp) and their sum, eight at a time; with kStoreZ, z too (typical-p's mean and keys).
+// e = e^z (0 below kMinExp; with kFloor, 0 below `floor` too: min-p straight after temperature, in the same
+// pass) and their sum, eight at a time, in sum_f64's order; with kStoreZ, z too (typical-p's mean and keys).
 // With kHist, also top-p's level-1 histograms of e by the key -z (find_cut's, filled as level1_hist would),
 // so that top-p needs no pass of its own to find the bucket where its mass crosses.
-template <bool kHist, bool kStoreZ>
-double scale_exp(const Scaled& scaled, int64_t V, float* z, float* e, double* h4) {
+template <bool kHist, bool kStoreZ, bool kFloor = false>
+double scale_exp(const Scaled& scaled, int64_t V, float* z, float* e, double* h4, float floor = 0) {
   const Scaled sc = scaled;  // (a local copy: stores to e cannot change it, so it is not reloaded per block)
   if (kHist) std::fill(h4, h4 + 4 * 2048, 0.0);
-  const __m256 vlow = _mm256_set1_ps(kMinExp);
+  const __m256 vlow = _mm256_set1_ps(kMinExp), vfloor = _mm256_set1_ps(floor);
   const __m256i magn = _mm256_set1_epi32(0x7FFFFFFF);
   __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 8 <= V; i += 8) {
     const __m256 zv = sc.vec(i);
     const __m256 live = _mm256_cmp_ps(zv, vlow, _CMP_GE_OQ);
-    const __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), live);
+    __m256 ev = _mm256_and_ps(gpt2kit::vexp(zv), live);
+    if (kFloor) ev = _mm256_and_ps(ev, _mm256_cmp_ps(ev, vfloor, _CMP_GE_OQ));
     if (kStoreZ) _mm256_storeu_ps(z + i, zv);
     _mm256_storeu_ps(e + i, ev);
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(ev)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1));
@@ -432,6 +434,7 @@ double scale_exp(const Scaled& scaled, int64_t V, float* z, float* e, double* h4
     const float zi = sc(i);
     if (kStoreZ) z[i] = zi;
     e[i] = zi >= kMinExp ? exp1(zi) : 0.0f;
+    if (kFloor && e[i] < floor) e[i] = 0;
     S += e[i];
     if (kHist) h4[(i < whole ? (i & 3) * 2048 : 0) + (nonneg_key(-zi) >> 20)] += e[i];
   }
@@ -827,7 +830,8 @@ struct Kept {
 };
 
 // One row's filters: fills s.e (e^z of the kept tokens, 0 for the rest; s.z: z, for typical-p). *arg is the
-// row's argmax (with max_known, a row that is not top-p's comes with its max and *arg found). Top-p, when no filter follows it and `lazy`, leaves its drop to the draw (see Kept).
+// row's argmax (with max_known, a row that is not top-p's comes with its max and *arg found). Top-p, when no
+// filter follows it and `lazy`, leaves its drop to the draw (see Kept).
 Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t* arg, bool lazy,
                 const float* max_known = nullptr) {
   const double T = p[0], P = p[2], MP = p[3], TP = p[4];
@@ -862,10 +866,14 @@ Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t*
       level1_hist(key, e, V, h4);
       c = find_cut(key, e, V, P * S, s);
     }
+  } else if (P < 1) {
+    S = TP < 1 ? scale_exp<true, true>(sc, V, z, e, h4) : scale_exp<true, false>(sc, V, z, e, h4);
+    if (S > 0) c = find_cut(key, e, V, P * S, s);
+  } else if (MP > 0) {  // min-p straight after temperature: dropped in the exp pass
+    const float mp = static_cast<float>(MP);
+    S = TP < 1 ? scale_exp<false, true, true>(sc, V, z, e, h4, mp) : scale_exp<false, false, true>(sc, V, z, e, h4, mp);
   } else {
-    S = P < 1 ? (TP < 1 ? scale_exp<true, true>(sc, V, z, e, h4) : scale_exp<true, false>(sc, V, z, e, h4))
-              : (TP < 1 ? scale_exp<false, true>(sc, V, z, e, h4) : scale_exp<false, false>(sc, V, z, e, h4));
-    if (P < 1 && S > 0) c = find_cut(key, e, V, P * S, s);
+    S = TP < 1 ? scale_exp<false, true>(sc, V, z, e, h4) : scale_exp<false, false>(sc, V, z, e, h4);
   }
   if (P < 1 && S > 0) {
     if (c.found && lazy && MP == 0 && TP == 1) {
@@ -879,7 +887,7 @@ Kept filter_row(const float* x, int64_t V, const double* p, Scratch& s, int64_t*
     }
     if (c.found) S = drop_above(e, key, V, key_value(c.key), c.id);
   }
-  if (MP > 0) {
+  if (MP > 0 && P < 1) {  // (min-p after top-p, over what its cut kept; without top-p, scale_exp dropped them)
     const float mp = static_cast<float>(MP);
     for (int64_t j = 0; j < V; ++j) e[j] = e[j] < mp ? 0.0f : e[j];
     S = sum_f64(e, V);
