@@ -463,7 +463,7 @@ def wait_idle(srv, timeout: float = 10) -> dict:
 def test_full_queue_answers_429(one_row_server):
     srv = one_row_server
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-    long = {"model": "tiny", "prompt": "long", "max_tokens": 1000, "stream": True}
+    long = {"model": "tiny", "prompt": "long", "max_tokens": 1000, "stream": True, "extra_body": {"min_tokens": 1000}}
     first = client.completions.create(**long)  # takes the only row
     next(iter(first))
     second = client.completions.create(**long)  # waits in the queue
@@ -485,7 +485,7 @@ def test_disconnect_mid_stream_frees_the_slot(one_row_server):
     srv = one_row_server
     before = httpx.get(srv.url + "/health").json()["tokens"]
     with httpx.stream("POST", srv.url + "/v1/completions",
-                      json={"prompt": "go on", "max_tokens": 1000, "stream": True}) as r:
+                      json={"prompt": "go on", "max_tokens": 1000, "min_tokens": 1000, "stream": True}) as r:
         lines = r.iter_lines()  # keep it: a dropped iterator closes the connection
         next(ln for ln in lines if ln.startswith("data: "))
         assert httpx.get(srv.url + "/health").json()["active"] == 1
@@ -501,7 +501,10 @@ def test_client_giving_up_frees_the_slot(tiny_dir):
     try:
         before = httpx.get(srv.url + "/health").json()["tokens"]
         with pytest.raises(httpx.TimeoutException):  # a non-streaming request whose client leaves
-            httpx.post(srv.url + "/v1/completions", json={"prompt": "wait", "max_tokens": 100_000}, timeout=0.5)
+            # min_tokens: a random model draws <|endoftext|> about once in 50,257 tokens, often enough to end
+            # the completion before 0.5 s in about one run in fifty
+            httpx.post(srv.url + "/v1/completions", timeout=0.5,
+                       json={"prompt": "wait", "max_tokens": 100_000, "min_tokens": 100_000})
         h = wait_idle(srv)
         assert h["active"] == 0 and h["tokens"] - before < 100_000
     finally:
@@ -512,7 +515,8 @@ def test_request_timeout_ends_with_length(tiny_dir):
     srv = start(tiny_dir, request_timeout=0.3, max_tokens=100_000)  # (more than 0.3 s of tokens anywhere)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-        r = client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+        r = client.completions.create(model="tiny", prompt="x", max_tokens=100_000,
+                                       extra_body={"min_tokens": 100_000})
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens < 100_000
     finally:
         srv.stop()
@@ -523,7 +527,8 @@ def test_a_request_that_times_out_in_the_queue_is_503(tiny_dir):
     app = create_app(model, tok, ServerSettings(model_name="tiny", max_batch=1, request_timeout=0.3))
     srv = BackgroundServer(app)
     srv.start()
-    hog = app.state.engine.submit(tok.encode("x"), GenerationConfig(max_new_tokens=100_000))  # the only row
+    long = GenerationConfig(max_new_tokens=100_000, stop_at_eot=False)
+    hog = app.state.engine.submit(tok.encode("x"), long)  # the only row
     try:
         next(hog)
         # waits in the queue for its whole timeout: an error, not an empty 200 "length" completion
@@ -596,11 +601,12 @@ def test_shutdown_answers_the_requests_in_flight(tiny_dir):
 
     def streamed():
         with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                          json={"prompt": "a", "max_tokens": 1000, "stream": True}) as r:
+                          json={"prompt": "a", "max_tokens": 1000, "min_tokens": 1000, "stream": True}) as r:
             got["stream"] = [ln for ln in r.iter_lines() if ln]
 
     def plain():
-        got["plain"] = httpx.post(url + "/v1/completions", json={"prompt": "b", "max_tokens": 1000}, timeout=30)
+        got["plain"] = httpx.post(url + "/v1/completions", timeout=30,
+                                  json={"prompt": "b", "max_tokens": 1000, "min_tokens": 1000})
 
     threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
     for t, key in zip(threads, ("active", "queued")):

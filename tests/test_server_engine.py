@@ -190,7 +190,8 @@ def test_deadline_ends_with_length(engine):
 def test_a_row_that_times_out_in_the_queue_raises_queue_timeout(tiny_dir):
     model, tok = load_model(tiny_dir)
     with BatchEngine(model, tok, max_batch=1) as eng:
-        hog = eng.submit([1, 2], GenerationConfig(max_new_tokens=100_000))  # holds the only row, no deadline
+        long = GenerationConfig(max_new_tokens=100_000, stop_at_eot=False)
+        hog = eng.submit([1, 2], long)  # holds the only row, no deadline
         next(hog)
         waiting = eng.submit_many([([3], 0), ([4], 1)], GenerationConfig(max_new_tokens=4), timeout=0.2)
         with pytest.raises(QueueTimeout, match=r"waited its whole timeout of 0\.2 s \(--request-timeout\) for "
