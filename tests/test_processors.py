@@ -21,6 +21,7 @@ from gpt2kit.processors import (
     apply_repetition_penalty,
     bad_word_sequences,
     banned_ngram_tokens,
+    follow,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -108,6 +109,31 @@ def test_the_pure_ngram_scan_agrees_with_the_table():
         for t in cont:
             st.push(t)
             assert st.banned() == banned_ngram_tokens(st.history, n)
+
+
+def test_beams_that_follow_each_other_keep_the_state_of_their_own_tokens(tokenizer):
+    """follow() moves or forks the states as beams continue each other: every beam's state then processes
+    logits as a fresh state built from its own prompt + tokens does."""
+    import random
+    rnd = random.Random(0)
+    kw = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25, no_repeat_ngram_size=2,
+              bad_words=("the cat",), min_tokens=6)
+    prompt = tokenizer.encode("the dog and the")
+    tokens = [7, 9, 11, 3797, 262, 7, 9, EOT] + tokenizer.encode(" the")  # a few, so that beams repeat them
+    root = state(tokenizer, prompt, **kw)
+    states, paths = [root] * 4, [[] for _ in range(4)]  # four beams sharing the prompt's state, as at the start
+    scores = torch.randn(4, V)
+    for _ in range(12):
+        src = [rnd.randrange(4) for _ in range(4)]
+        new = [rnd.choice(tokens) for _ in range(4)]
+        states, paths = follow(states, src, new), [paths[j] + [t] for j, t in zip(src, new)]
+        assert len({id(s) for s in states}) == 4
+        fresh = [state(tokenizer, prompt, **kw) for _ in paths]
+        for f, path in zip(fresh, paths):
+            for t in path:
+                f.push(t)
+        assert torch.equal(apply_processors(states, scores), apply_processors(fresh, scores))
+        assert [s.history for s in states] == [f.history for f in fresh]
 
 
 # ---- OpenAI's penalties and logit_bias: the definitions ------------------------------------------------

@@ -52,12 +52,12 @@ def ids(gen):
     return [gen.tokenizer.encode(p) for p in PROMPTS]
 
 
-def hf_beams(hf, prompt, n, length, eos, length_penalty, early_stopping):
+def hf_beams(hf, prompt, n, length, eos, length_penalty=1.0, early_stopping=False, **kw):
     """transformers' N best beams for one prompt: (generated tokens, each ending at its first EOS), scores."""
     out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                       num_beams=n, num_return_sequences=n, do_sample=False, max_new_tokens=length,
                       length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos,
-                      pad_token_id=eos, return_dict_in_generate=True, output_scores=True)
+                      pad_token_id=eos, return_dict_in_generate=True, output_scores=True, **kw)
     beams = []
     for seq in out.sequences[:, len(prompt):].tolist():
         beams.append(seq[:seq.index(eos) + 1] if eos in seq else seq)
@@ -175,7 +175,8 @@ def test_contrastive_search_streams_logprobs_and_stops(gen):
 @pytest.mark.parametrize("overrides,msg", [
     (dict(num_beams=0), "num_beams must be an integer >= 1"),
     (dict(num_beams=3, temperature=0.7),
-     "beam search (num_beams > 1) neither samples nor applies logits processors: drop temperature"),
+     "beam search (num_beams > 1) does not sample: drop temperature"),
+    (dict(num_beams=3, typical_p=0.9), "drop typical_p"),
     (dict(num_beams=3, top_p=0.9), "drop top_p"),
     (dict(num_beams=3, top_k=40), "drop top_k"),
     (dict(num_beams=3, logprobs=1), "beam search does not report logprobs"),
@@ -183,7 +184,7 @@ def test_contrastive_search_streams_logprobs_and_stops(gen):
     (dict(penalty_alpha=0.6), "needs top_k candidates"),
     (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha must be in [0, 1]"),
     (dict(penalty_alpha=-0.1, top_k=4), "penalty_alpha must be in [0, 1]"),
-    (dict(penalty_alpha=0.6, top_k=4, min_p=0.1), "contrastive search (penalty_alpha > 0) neither samples"),
+    (dict(penalty_alpha=0.6, top_k=4, min_p=0.1), "contrastive search (penalty_alpha > 0) does not sample"),
     (dict(penalty_alpha=0.6, top_k=4, num_beams=2), "choose one"),
 ])
 def test_bad_search_settings_are_one_line_errors(overrides, msg):
@@ -192,18 +193,105 @@ def test_bad_search_settings_are_one_line_errors(overrides, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-def test_searches_refuse_the_logits_processors_fields_they_would_ignore():
-    @dataclasses.dataclass(frozen=True)
-    class WithProcessors(GenerationConfig):  # the controls' fields, as gpt2kit.processors adds them
-        no_repeat_ngram_size: int = 0
-        bad_words: tuple[str, ...] = ()
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties over the tokens generated after a prompt of `start` tokens, as
+    a transformers logits processor: the reference that ours are checked against inside transformers' searches."""
 
-    WithProcessors(num_beams=2).validate()
-    with pytest.raises(Gpt2kitError) as e:
-        WithProcessors(num_beams=2, no_repeat_ngram_size=2, bad_words=("x",)).validate()
-    assert str(e.value).endswith("drop no_repeat_ngram_size (--no-repeat-ngram-size), bad_words (--ban)")
-    with pytest.raises(Gpt2kitError, match="contrastive search"):
-        WithProcessors(penalty_alpha=0.5, top_k=3, no_repeat_ngram_size=2).validate()
+    def __init__(self, start, presence, frequency):
+        self.start, self.presence, self.frequency = start, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for i, row in enumerate(input_ids[:, self.start:].tolist()):
+            for t in set(row):
+                scores[i, t] -= row.count(t) * self.frequency + self.presence
+        return scores
+
+
+def beam_texts(gen, n, length, **kw):
+    """Our n best beams per prompt through the Generator, as transformers writes them (EOS kept)."""
+    eos = gen.tokenizer.eot_token
+    outs = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=length, num_beams=n, **kw), nsamples=n)
+    beams = [o.tokens + [eos] * (o.finish_reason == "stop") for o in outs]
+    return [beams[i:i + n] for i in range(0, len(beams), n)]
+
+
+@pytest.fixture(scope="module")
+def hf_plain(tiny_model_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model,ours,theirs", [
+    # on the tiny model, whose beams repeat tokens and words
+    ("plain", dict(no_repeat_ngram_size=1), dict(no_repeat_ngram_size=1)),
+    ("plain", dict(repetition_penalty=1.3), dict(repetition_penalty=1.3)),
+    ("plain", dict(presence_penalty=1.0, frequency_penalty=0.5), "openai"),
+    ("plain", dict(bad_words=("Germany", " embarked")), "bad_words"),
+    # on the model whose beams end early at <|endoftext|>
+    ("eot", dict(min_tokens=8), dict(min_new_tokens=8)),
+    ("eot", dict(logit_bias={50256: -2.0, 11: 1.5}), dict(sequence_bias={(50256,): -2.0, (11,): 1.5})),
+    ("eot", dict(no_repeat_ngram_size=2, repetition_penalty=1.2, min_tokens=5, frequency_penalty=0.4), "all"),
+])
+def test_beam_search_with_logits_processors_matches_transformers(request, ids, model, ours, theirs):
+    """transformers applies its processors to the beams' log-probabilities (each beam over its own tokens);
+    ours too, with each beam's processor state forked from the beam it continues."""
+    from transformers import LogitsProcessorList
+
+    from gpt2kit.processors import bad_word_sequences
+
+    gen, hf = (request.getfixturevalue(f) for f in (("gen", "hf_plain") if model == "plain" else ("eot_gen", "hf")))
+    tok, n, length = gen.tokenizer, 3, 12
+    eos = tok.eot_token
+    mine = beam_texts(gen, n, length, **ours)
+    changed = False
+    for prompt, got in zip(ids, mine):
+        kw = dict(theirs) if isinstance(theirs, dict) else {}
+        if theirs in ("openai", "all"):
+            penalties = OpenAIPenalties(len(prompt), ours.get("presence_penalty", 0), ours["frequency_penalty"])
+            kw = dict(logits_processor=LogitsProcessorList([penalties]))
+        if theirs == "all":
+            kw.update(no_repeat_ngram_size=2, repetition_penalty=1.2, min_new_tokens=5)
+        if theirs == "bad_words":
+            kw = dict(bad_words_ids=bad_word_sequences(ours["bad_words"], tok.encode))
+        want, _ = hf_beams(hf, prompt, n, length, eos, **kw)
+        assert got == want
+        changed |= want != hf_beams(hf, prompt, n, length, eos)[0]
+    assert changed  # the control changes some beams, so the comparison means something
+
+
+def slow_processed_contrastive(model, prompt, k, alpha, length, process):
+    """slow_contrastive with `process` (transformers' logits processors: input ids (1, T), logits (1, V) ->
+    logits) applied before the candidates are chosen, as transformers' contrastive search applies them."""
+    seq = list(prompt)
+    for _ in range(length):
+        h = model(torch.tensor([seq]), return_hidden=True)[0]  # (T, C)
+        p = F.softmax(process(torch.tensor([seq]), model.lm_head(h[-1]).float()[None])[0], dim=-1)
+        probs, cand = p.topk(k)
+        scores = []
+        for pv, v in zip(probs.tolist(), cand.tolist()):
+            hv = model(torch.tensor([seq + [v]]), return_hidden=True)[0, -1]
+            scores.append((1 - alpha) * pv - alpha * F.cosine_similarity(h, hv[None], dim=-1).max().item())
+        seq.append(cand[max(range(k), key=lambda i: scores[i])].item())
+    return seq[len(prompt):]
+
+
+@torch.inference_mode()
+def test_contrastive_search_with_logits_processors_matches_the_formula_on_processed_logits(gen, ids):
+    from transformers import LogitsProcessorList
+    from transformers.generation import logits_process as lp
+
+    length, k, alpha = 12, 4, 0.6
+    cfg = GenerationConfig(max_new_tokens=length, penalty_alpha=alpha, top_k=k, stop_at_eot=False,
+                           no_repeat_ngram_size=2, repetition_penalty=1.3, presence_penalty=0.8)
+    outs = gen.generate(PROMPTS, cfg)
+    plain = gen.generate(PROMPTS, dataclasses.replace(cfg, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                                                      presence_penalty=0.0))
+    assert [o.tokens for o in outs] != [o.tokens for o in plain]
+    for prompt, out in zip(ids, outs):
+        process = LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.3), OpenAIPenalties(len(prompt), 0.8, 0),
+                                       lp.NoRepeatNGramLogitsProcessor(2)])
+        assert out.tokens == slow_processed_contrastive(gen.model, prompt, k, alpha, length, process)
 
 
 def test_beam_search_refuses_streaming_endless_and_more_samples_than_beams(gen):
@@ -248,12 +336,24 @@ def test_cli_beam_and_contrastive_search_print_what_the_generator_gives(capsys, 
                        "--top-k", 4)
     want = gen.generate("Hello there", GenerationConfig(max_new_tokens=8, penalty_alpha=0.6, top_k=4))[0].text
     assert code == 0 and out == want + "\n"
+    # with the repetition controls
+    code, out, _ = cli(capsys, "generate", "Hello there", "-m", tiny_model_dir, "-n", 8, "--num-beams", 3,
+                       "--no-repeat-ngram-size", 1, "--repetition-penalty", 1.2, "--ban", "Germany")
+    want = gen.generate("Hello there", GenerationConfig(max_new_tokens=8, num_beams=3, no_repeat_ngram_size=1,
+                                                        repetition_penalty=1.2, bad_words=("Germany",)))[0]
+    assert code == 0 and out == want.text + "\n" and len(set(want.tokens)) == len(want.tokens)
+    code, out, _ = cli(capsys, "generate", "Hello there", "-m", tiny_model_dir, "-n", 8, "--penalty-alpha", 0.6,
+                       "--top-k", 4, "--presence-penalty", 1.5, "--logit-bias", "11=2")
+    want = gen.generate("Hello there", GenerationConfig(max_new_tokens=8, penalty_alpha=0.6, top_k=4,
+                                                        presence_penalty=1.5, logit_bias={11: 2.0}))[0].text
+    assert code == 0 and out == want + "\n"
 
 
 @pytest.mark.parametrize("argv,msg", [
     (("--num-beams", 0), "num_beams must be an integer >= 1"),
     (("--num-beams", 3, "-t", 0.7), "drop temperature (--temperature)"),
     (("--num-beams", 3, "--top-p", 0.9), "drop top_p (--top-p)"),
+    (("--num-beams", 3, "--typical-p", 0.9), "drop typical_p (--typical-p)"),
     (("--num-beams", 2, "--nsamples", 3), "give --nsamples in that range, not 3"),
     (("--num-beams", 2, "--nsamples", 0), "give --nsamples in that range, not 0"),
     (("--penalty-alpha", 0.6), "needs top_k candidates"),

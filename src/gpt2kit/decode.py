@@ -91,7 +91,8 @@ class GenerationConfig:
         return self
 
     def _validate_search(self) -> None:
-        """Beam and contrastive search pick tokens deterministically: sampling controls would be ignored."""
+        """Beam and contrastive search pick tokens deterministically: sampling controls would be ignored. The
+        logits processors (repetition penalty included) apply to them as they do to sampling."""
         if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
             raise Gpt2kitError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
         if self.early_stopping not in (True, False, "never"):
@@ -111,14 +112,10 @@ class GenerationConfig:
             raise Gpt2kitError(f"{search} does not sample: drop top_k (--top-k)")
         # 1.0 is the default temperature and 0 means greedy: neither samples anything here
         bad = [name for name, on in (("temperature", self.temperature not in (0.0, 1.0)), ("top_p", self.top_p < 1.0),
-                                     ("min_p", self.min_p > 0.0),
-                                     ("repetition_penalty", self.repetition_penalty != 1.0)) if on]
-        # the logits processors (gpt2kit.processors' fields, where present) are not applied by the searches
-        bad += [name for name, off in _PROCESSOR_FIELDS if getattr(self, name, off) != off]
+                                     ("min_p", self.min_p > 0.0), ("typical_p", self.typical_p < 1.0)) if on]
         if bad:
-            flag = {"bad_words": "--ban"}
-            raise Gpt2kitError(f"{search} neither samples nor applies logits processors: drop "
-                               + ", ".join(f"{n} ({flag.get(n, '--' + n.replace('_', '-'))})" for n in bad))
+            raise Gpt2kitError(f"{search} does not sample: drop "
+                               + ", ".join(f"{n} (--{n.replace('_', '-')})" for n in bad))
         if self.num_beams > 1 and self.logprobs is not None:
             raise Gpt2kitError("beam search does not report logprobs; drop logprobs or num_beams (--num-beams)")
 
@@ -143,10 +140,6 @@ class GenerationConfig:
         processors (repetition penalty included) first, so the argmax is over the processed logits."""
         return self.temperature == 0
 
-
-# GenerationConfig fields of logits processors, with the value that turns each off
-_PROCESSOR_FIELDS = (("no_repeat_ngram_size", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                     ("logit_bias", ()), ("bad_words", ()), ("min_tokens", 0), ("typical_p", 1.0))
 
 
 @dataclass

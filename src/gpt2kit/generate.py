@@ -32,6 +32,7 @@ from gpt2kit.decode import (
 )
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
+from gpt2kit.processors import apply_processors
 from gpt2kit.search import beam_search, contrastive_steps
 from gpt2kit.tokenizer import Tokenizer
 
@@ -111,7 +112,10 @@ def _contrastive_rows(model: GPT, tok: Tokenizer, rows: list[Row], cfg: Generati
                       on_window_slide: Callable[[], None] | None) -> Generator_[Delta, None, list[Completion]]:
     """stream_rows for contrastive search (gpt2kit.search.contrastive_steps): finished rows ride along."""
     window = _search_window(model, rows, cfg, on_window_slide)
-    steps = contrastive_steps(model, [r.context for r in rows], cfg.top_k, cfg.penalty_alpha, window, n_vocab)
+    states = [r.processors for r in rows]
+    process = (lambda logits: apply_processors(states, logits)) if any(states) else None
+    steps = contrastive_steps(model, [r.context for r in rows], cfg.top_k, cfg.penalty_alpha, window, n_vocab,
+                              process)
     try:
         for tokens, logits in steps:
             for i, (r, t) in enumerate(zip(rows, tokens)):
@@ -145,12 +149,13 @@ def beam_rows(model: GPT, tok: Tokenizer, prompts: Sequence[str], cfg: Generatio
     _search_window(model, heads, cfg, on_window_slide)
     stops = None
     if cfg.stop:
-        def stops(b: int, tokens: list[int]) -> bool:
+        def stops(b: int, tokens: list[int]) -> bool:  # as Row.push: no stop string before min_tokens
             text = tok.decode(tokens)
-            return any(s in text for s in cfg.stop)
+            return len(tokens) >= cfg.min_tokens and any(s in text for s in cfg.stop)
     found = beam_search(model, [r.context for r in heads], cfg.num_beams, cfg.max_new_tokens,
                         eos=tok.eot_token if cfg.stop_at_eot else None, length_penalty=cfg.length_penalty,
-                        early_stopping=cfg.early_stopping, n_vocab=n_vocab, stops=stops)
+                        early_stopping=cfg.early_stopping, n_vocab=n_vocab, stops=stops,
+                        processors=[r.processors for r in heads])
     out = []
     for j, (p, c) in enumerate(zip(prompts, ids)):
         for i, hyp in enumerate(found[j][:nsamples]):

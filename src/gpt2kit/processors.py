@@ -11,6 +11,7 @@ What each control looks at:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -155,6 +156,11 @@ class _Buffer:
     def view(self) -> np.ndarray:
         return self.a[:self.n]
 
+    def copy(self) -> _Buffer:
+        new = _Buffer.__new__(_Buffer)
+        new.a, new.n = self.a.copy(), self.n
+        return new
+
 
 class RowProcessors:
     """One row's controls and the state they need, updated token by token (`push`) in plain Python and numpy
@@ -178,7 +184,7 @@ class RowProcessors:
         self.gen_counts = _Buffer(np.float64)
         self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
         self.bias_vals = np.array([b for _, b in params.logit_bias], dtype=np.float64)
-        self.ngrams: dict[tuple[int, ...], set[int]] = {}
+        self.ngrams: dict[tuple[int, ...], tuple[int, ...]] = {}  # n - 1 tokens -> the tokens that followed
         self.bad = bad_word_sequences(params.bad_words, encode)
         self.bad_single = sorted({s[0] for s in self.bad if len(s) == 1})
         self.bad_multi = [s for s in self.bad if len(s) > 1]
@@ -199,8 +205,10 @@ class RowProcessors:
             self.seen_ids.append(token)
         n = self.p.no_repeat_ngram_size
         if n > 0 and len(self.history) >= n:
-            gram = self.history[-n:]
-            self.ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+            key, last = tuple(self.history[-n:-1]), self.history[-1]
+            seen = self.ngrams.get(key, ())
+            if last not in seen:  # a new tuple, not an append: fork() shares the old ones
+                self.ngrams[key] = seen + (last,)
 
     def push(self, token: int) -> None:
         """Record a generated token."""
@@ -215,6 +223,14 @@ class RowProcessors:
             else:
                 self.gen_counts.a[i] += 1.0
 
+    def fork(self) -> RowProcessors:
+        """An independent copy, for a beam that continues another (the settings and bias arrays shared)."""
+        new = copy.copy(self)
+        new.history, new.seen, new.gen_pos = list(self.history), set(self.seen), dict(self.gen_pos)
+        new.seen_ids, new.gen_ids, new.gen_counts = self.seen_ids.copy(), self.gen_ids.copy(), self.gen_counts.copy()
+        new.ngrams = dict(self.ngrams)
+        return new
+
     def banned(self) -> list[int]:
         """Token ids that must not come next."""
         out: set[int] = set(self.bad_single)
@@ -226,6 +242,25 @@ class RowProcessors:
         if self.generated < self.p.min_tokens:
             out.add(self.eot)
         return sorted(out)
+
+
+def follow(states: Sequence[RowProcessors | None], src: Sequence[int], tokens: Sequence[int]
+           ) -> list[RowProcessors | None]:
+    """Beam search's reordering: row i continues row src[i] with tokens[i] -> the rows' new states. A state
+    that one row continues is moved (no copy); one that several continue is forked for all but the first."""
+    taken: set[int] = set()
+    out: list[RowProcessors | None] = []
+    for j in src:
+        s = states[j]
+        if s is not None and id(s) in taken:
+            s = s.fork()  # before any push below, so a copy of the state as it was
+        elif s is not None:
+            taken.add(id(s))
+        out.append(s)
+    for s, t in zip(out, tokens):
+        if s is not None:
+            s.push(t)
+    return out
 
 
 def _entries(parts: list[tuple[int, np.ndarray, np.ndarray | float]], width: int, device: torch.device

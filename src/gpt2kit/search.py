@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from gpt2kit.decode import prefill
 from gpt2kit.errors import Gpt2kitError
 from gpt2kit.model import GPT
+from gpt2kit.processors import RowProcessors, apply_processors, follow
 
 NEG = -1.0e9  # transformers' "impossible" score: added, not set, so that the order of the rest is kept
 
@@ -60,14 +61,17 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, max_new_tokens: int, *,
                 eos: int | None, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 n_vocab: int | None = None, stops: Callable[[int, list[int]], bool] | None = None,
-                ) -> list[list[Hypothesis]]:
+                processors: Sequence[RowProcessors | None] | None = None) -> list[list[Hypothesis]]:
     """Beam search for each context -> its num_beams finished hypotheses, best first.
 
     A hypothesis ends with token `eos` (None: never), at max_new_tokens, or when stops(b, tokens) says that
     context b's generated tokens hold a stop string. early_stopping: True ends a prompt once num_beams
     hypotheses are finished; False once the best running beam, scored at its current length, cannot beat the
     worst finished one; "never" scores it at max_new_tokens when length_penalty > 0 (transformers' rules).
-    Only the first n_vocab logits are candidates (default all)."""
+    Only the first n_vocab logits are candidates (default all). processors: each context's logits processors
+    (gpt2kit.processors, its prompt already seen; None for none), applied to every beam's log-probabilities
+    before the scores are summed, as transformers applies its logits processors in beam search; each beam
+    gets its own copy of the state (`follow`), and the given objects are used up."""
     device = model.device
     B, N, L = len(contexts), num_beams, max_new_tokens
     K = 2 * N  # candidates kept per step: at most N of them end (one EOS per beam), so N always run on
@@ -86,6 +90,8 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
     running = torch.full((B, N, L), -1, dtype=torch.long, device=device)  # generated tokens of each beam
     running_scores = torch.zeros(B, N, device=device)
     running_scores[:, 1:] = NEG  # the N beams start equal: only the first one's continuations count
+    # every beam's processors, the N beams of a prompt sharing one state until they differ
+    states = [p for p in processors for _ in range(N)] if processors and any(processors) else None
     finished = torch.full((B, N, L), -1, dtype=torch.long, device=device)
     finished_scores = torch.full((B, N), NEG, device=device)
     finished_lens = torch.zeros(B, N, dtype=torch.long, device=device)
@@ -99,6 +105,8 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
             pos = (lens + step - 1).repeat_interleave(N).view(B * N, 1)
             logits = model(x, pos, kv_len=int(lens.max()) + step)[:, -1, :n_vocab]  # (B*N, V)
             logprobs = F.log_softmax(logits.float(), dim=-1)
+        if states is not None:
+            logprobs = apply_processors(states, logprobs, inplace=True)
         scores = (logprobs.view(B, N, V) + running_scores[:, :, None]).view(B, N * V)
         top_scores, top_idx = torch.topk(scores, K)  # (B, K)
         src, tokens = top_idx // V, top_idx % V  # the beam each candidate extends, and its token
@@ -128,6 +136,8 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
         is_finished = _gather(torch.cat((is_finished, hits & top_n), dim=1), merged)
 
         model.select_cache_rows_((rows + running_src).view(-1), upto=int(lens.max()) + step)  # filled slots
+        if states is not None:
+            states = follow(states, (rows + running_src).view(-1).tolist(), running[:, :, step].reshape(-1).tolist())
 
         # transformers' early-stopping heuristic: can the best running beam still beat the worst finished one?
         best_len = L if early_stopping == "never" and length_penalty > 0 else step + 1
@@ -148,11 +158,15 @@ def beam_search(model: GPT, contexts: Sequence[Sequence[int]], num_beams: int, m
 @torch.inference_mode()
 def contrastive_steps(model: GPT, contexts: Sequence[Sequence[int]], top_k: int, penalty_alpha: float,
                       cache_len: int, n_vocab: int | None = None,
+                      process: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Contrastive search for each context, one token per row per step, for as long as the caller iterates
     (at most cache_len - the longest context steps) -> (the rows' next tokens, their logits (B, V) before the
     choice). Each step runs the top_k candidates of every row through the model at once (B*top_k cache rows);
-    the chosen candidate's keys, values and hidden state are kept."""
+    the chosen candidate's keys, values and hidden state are kept. process: the rows' logits processors, logits
+    (B, V) -> processed logits, applied before the candidates are chosen (as transformers' contrastive search
+    applies them); it is called after the caller has seen the previous step's tokens, and the logits yielded
+    are the model's own."""
     device = model.device
     B, k = len(contexts), min(top_k, n_vocab or model.config.vocab_size)
     if cache_len > model.config.n_positions or max(len(c) for c in contexts) >= cache_len:
@@ -171,7 +185,8 @@ def contrastive_steps(model: GPT, contexts: Sequence[Sequence[int]], top_k: int,
     logits = model.lm_head(hidden[batch, lens - 1])[:, :n_vocab]  # (B, V)
     pos = lens.clone()  # each row's next position
     while True:
-        probs, cand = torch.topk(F.softmax(logits.float(), dim=-1), k)  # (B, k)
+        scored = logits if process is None else process(logits)
+        probs, cand = torch.topk(F.softmax(scored.float(), dim=-1), k)  # (B, k)
         x = cand.reshape(B * k, 1)
         h = model(x, pos.repeat_interleave(k).view(B * k, 1), kv_len=int(pos.max()) + 1,
                   return_hidden=True)[:, 0]  # (B*k, C)
