@@ -925,6 +925,18 @@ bool narrows(const double* p, int64_t V) {
   return T > 0 && ((K > 0 && K <= V / 8) || (MP > 0 && P >= 1));
 }
 
+// keeps the first n tokens of xc and id where keep(i) holds, in order -> how many (keep may read xc[i])
+template <class Keep>
+int64_t compact(float* xc, int32_t* id, int64_t n, Keep keep) {
+  int64_t j = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (keep(i)) {
+      xc[j] = xc[i];
+      id[j++] = id[i];
+    }
+  return j;
+}
+
 // the K-th largest of x (0 < K < V, counting repeated values; NaN never counts) with, in s.xc and s.ids (ids
 // ascending), every token at or above it; returns how many. One pass packs the tokens at or above a threshold
 // into a buffer; whenever the buffer holds `cap`, the threshold rises to its K-th largest and the buffer keeps
@@ -940,13 +952,7 @@ float top_k_narrow(const float* x, int64_t V, int64_t K, Scratch& s, int64_t* n_
     tmp.assign(xc, xc + n);
     std::nth_element(tmp.begin(), tmp.begin() + (K - 1), tmp.end(), std::greater<float>());
     thr = tmp[K - 1];
-    int64_t j = 0;
-    for (int64_t i = 0; i < n; ++i)
-      if (xc[i] >= thr) {
-        xc[j] = xc[i];
-        id[j++] = id[i];
-      }
-    n = j;
+    n = compact(xc, id, n, [&](int64_t i) { return xc[i] >= thr; });
   };
   const __m256i step = _mm256_set1_epi32(8);
   __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -994,13 +1000,7 @@ int64_t narrow_row(const float* x, int64_t V, const double* p, Scratch& s, float
     top_k_narrow(x, V, K, s, &n);
     if (minp) {  // the row's max is among the tokens top-k keeps
       const Scaled sc{xc, row_max(xc, n, &arg), inv_t, -INFINITY};
-      int64_t j = 0;
-      for (int64_t i = 0; i < n; ++i)
-        if (sc(i) >= zfloor) {
-          xc[j] = xc[i];
-          id[j++] = id[i];
-        }
-      n = j;
+      n = compact(xc, id, n, [&](int64_t i) { return sc(i) >= zfloor; });
     }
     return n;
   }
