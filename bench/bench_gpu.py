@@ -4,6 +4,7 @@
     PYTHONPATH=src python3 bench/bench_gpu.py --configs gpt2,gpt2-medium,gpt2-xl --train-configs gpt2 --json gpu.json
     PYTHONPATH=src timeout -s TERM 570 python3 bench/bench_gpu.py --only decode --configs gpt2-large 2>&1
     .venv/bin/python bench/bench_gpu.py --device cpu --config tiny --quick              # CPU smoke test (seconds)
+    PYTHONPATH=src python3 bench/bench_gpu.py --only decode --configs gpt2 --modes greedy,top-k,top-p,min-p
 
 For every config (a GPTConfig preset) one random-initialised model is saved as a HuggingFace checkpoint in a
 temporary directory, and both libraries load those same weights from it. Sections (`--only`, default all):
@@ -13,11 +14,14 @@ parity  max |logit difference| between gpt2kit's GPT and transformers' GPT2LMHea
         side against the float32 logits); the float32 mean loss on both sides (transformers' labels=x shift);
         whether 64 greedy tokens from a 16-token prompt are identical (gpt2kit as Generator.load prepares it
         against transformers' generate), and where they first differ.
-decode  greedy tokens/s at batch 1 and 8 (32-token prompt, --new tokens) for three sides: "gpt2kit" (the model
+decode  tokens/s at batch 1 and 8 (32-token prompt, --new tokens) for three sides: "gpt2kit" (the model
         from Generator.load, with whatever fast decoding path it installs), "gpt2kit eager" (load_model, nothing
-        installed) and "transformers" (generate under inference_mode). Each side is warmed up once with a short
-        run, then the sides alternate --reps times and the best run counts. Time to first token (one prefill
-        plus the first token, batch 1) for the same three.
+        installed) and "transformers" (generate under inference_mode), greedy and with each of --modes, the
+        sampling settings of bench_generate.py (top-k 40 at T 0.8, top-p 0.9 at T 0.9, min-p 0.1; transformers
+        samples with the same warpers), with each sampled mode's step cost over greedy. Each side is warmed up
+        once with a short run, then the sides alternate --reps times and the best run counts. Time to first
+        token (one prefill plus the first token, batch 1, greedy) for the same three. --configs also takes
+        bench_generate.py's own shapes ("small": issue 18's 3 x 96 model, best at --batches 32).
 train   tokens/s of one full training step (forward, backward, clip 1.0, AdamW lr 1e-4, weight decay 0.01 on
         matrices, dropout 0) on the same batches of tinyshakespeare: gpt2kit's Trainer (what `gpt2kit finetune`
         runs), on CUDA also Trainer with TrainConfig(compile=True) in bfloat16, against the plain transformers
@@ -52,6 +56,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import CONFIGS, MODES, hf_kwargs, model_config  # noqa: E402  (the same settings and shapes)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -126,16 +133,15 @@ def reset_peak(dev: torch.device) -> None:
 
 
 def make_checkpoint(name: str, out: Path, dev: torch.device) -> Path:
-    """A random-initialised GPT(GPTConfig.from_name(name)) saved with the GPT-2 tokenizer. Built on `dev`
+    """A random-initialised GPT(model_config(name)) saved with the GPT-2 tokenizer. Built on `dev`
     (random init of the big presets takes minutes on a CPU, moments on a GPU); save_model writes float32."""
     from gpt2kit.checkpoints import save_model
-    from gpt2kit.config import GPTConfig
     from gpt2kit.model import GPT
     from gpt2kit.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     with torch.device(dev):
-        model = GPT(GPTConfig.from_name(name))
+        model = GPT(model_config(name))
     save_model(model, Tokenizer.from_dir(VOCAB), out)
     del model
     free()
@@ -223,9 +229,8 @@ def greedy_parity(path: Path, dev: torch.device, prompt: list[int], n: int) -> d
 
 def run_parity(name: str, path: Path, dev: torch.device, prompt: list[int]) -> dict:
     from gpt2kit.checkpoints import load_model
-    from gpt2kit.config import GPTConfig
 
-    cfg = GPTConfig.from_name(name)
+    cfg = model_config(name)
     T = min(128, cfg.n_positions)
     x = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1)).to(dev)
     res: dict[str, Any] = {"config": name, "batch": [2, T]}
@@ -253,23 +258,24 @@ def run_parity(name: str, path: Path, dev: torch.device, prompt: list[int]) -> d
 
 def decode_runners(path: Path, dev: torch.device, dtype: str, compiled: bool = False,
                    ) -> tuple[dict[str, Any], dict[str, str]]:
-    """side -> fn(prompts: list[list[int]], n) that decodes n greedy tokens for each prompt (or a Failed load)."""
+    """side -> fn(prompts: list[list[int]], n, mode) that decodes n tokens for each prompt with MODES[mode]
+    (or a Failed load)."""
     from gpt2kit.checkpoints import load_model
     from gpt2kit.generate import GenerationConfig, Generator, run_stream, stream_rows
 
     def gpt2kit_runner(model, tok):
-        def run(prompts: list[list[int]], n: int) -> None:
-            cfg = GenerationConfig(max_new_tokens=n, temperature=0, stop_at_eot=False)
+        def run(prompts: list[list[int]], n: int, mode: str = "greedy") -> None:
+            cfg = GenerationConfig(max_new_tokens=n, stop_at_eot=False, seed=0, **MODES[mode])
             outs = run_stream(stream_rows(model, tok, ["x"] * len(prompts), cfg, prompt_ids=prompts))
             assert all(len(o.tokens) == n for o in outs)
         return run
 
     def hf_runner(hf):
-        def run(prompts: list[list[int]], n: int) -> None:
+        def run(prompts: list[list[int]], n: int, mode: str = "greedy") -> None:
             ids = torch.tensor(prompts, device=dev)
             with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=EOT, eos_token_id=None)
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  pad_token_id=EOT, eos_token_id=None, **hf_kwargs(mode))
             assert out.shape[1] == ids.shape[1] + n
         return run
 
@@ -318,26 +324,32 @@ def best_of(dev: torch.device, runners: dict[str, Any], prompts: list[list[int]]
     return times
 
 
-def run_decode(name: str, path: Path, dev: torch.device, dtypes: list[str], batches: list[int], prompt: list[int],
-               new: int, reps: int, results: dict, save: Callable[[], None], compiled: bool = False) -> None:
-    from gpt2kit.config import GPTConfig
+def with_mode(runners: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The runners as best_of calls them, fn(prompts, n), decoding with MODES[mode]."""
+    return {s: r if failed(r) else (lambda prompts, n, r=r: r(prompts, n, mode)) for s, r in runners.items()}
 
-    n = min(new, GPTConfig.from_name(name).n_positions - len(prompt))
+
+def run_decode(name: str, path: Path, dev: torch.device, dtypes: list[str], batches: list[int], prompt: list[int],
+               new: int, reps: int, results: dict, save: Callable[[], None], compiled: bool = False,
+               modes: tuple[str, ...] = ("greedy",)) -> None:
+    n = min(new, model_config(name).n_positions - len(prompt))
     for dt in dtypes:
         runners, info = decode_runners(path, dev, dt, compiled)
         for b in batches:
-            times = best_of(dev, runners, [prompt] * b, n, min(8, n), reps, f"decode {name} {dt} batch {b}")
-            row = {"config": name, "dtype": dt, "batch": b, "prompt": len(prompt), "new": n, **info,
-                   "times_s": {s: t for s, t in times.items() if not failed(t)}}
-            for side, t in times.items():
-                row[side] = t if failed(t) else b * n / min(t)
-            results["decode"].append(row)
-            print(f"  decode {name} {dt} batch {b}: " + ", ".join(
-                f"{s} {v:.1f} tok/s" if not failed(v) else f"{s} FAILED" for s, v in
-                ((s, row[s]) for s in runners)), flush=True)
-            save()
+            for mode in modes:
+                times = best_of(dev, with_mode(runners, mode), [prompt] * b, n, min(8, n), reps,
+                                f"decode {name} {dt} batch {b} {mode}")
+                row = {"config": name, "dtype": dt, "batch": b, "mode": mode, "prompt": len(prompt), "new": n,
+                       **info, "times_s": {s: t for s, t in times.items() if not failed(t)}}
+                for side, t in times.items():
+                    row[side] = t if failed(t) else b * n / min(t)
+                results["decode"].append(row)
+                print(f"  decode {name} {dt} batch {b} {mode}: " + ", ".join(
+                    f"{s} {v:.1f} tok/s" if not failed(v) else f"{s} FAILED" for s, v in
+                    ((s, row[s]) for s in runners)), flush=True)
+                save()
         # time to first token: one prefill + the first token, batch 1
-        times = best_of(dev, runners, [prompt], 1, 1, reps, f"ttft {name} {dt}")
+        times = best_of(dev, with_mode(runners, "greedy"), [prompt], 1, 1, reps, f"ttft {name} {dt}")
         row = {"config": name, "dtype": dt, "prompt": len(prompt),
                **{s: t if failed(t) else min(t) * 1e3 for s, t in times.items()}}
         results["ttft"].append(row)
@@ -398,9 +410,7 @@ def train_side(side: str, path: Path, dev: torch.device, dtype: str, batches: li
 
 def run_train(name: str, path: Path, dev: torch.device, dtypes: list[str], ids: list[int], args, results: dict,
               save: Callable[[], None]) -> None:
-    from gpt2kit.config import GPTConfig
-
-    cfg = GPTConfig.from_name(name)
+    cfg = model_config(name)
     block = min(args.block, cfg.n_positions)
     tokens = args.train_batch * block
     batches = train_batches(ids, args.warmup + args.steps, args.train_batch, block, dev)
@@ -463,6 +473,22 @@ def dtype_label(dt: str, dev: torch.device) -> str:
     return "float32 (tf32 off)" if dt == "float32" and dev.type == "cuda" else dt
 
 
+def sampling_cost(decode: list[dict]) -> list[list[str]]:
+    """Rows of the sampled modes' step cost over greedy, per config, dtype and batch that has both."""
+    greedy = {(r["config"], r["dtype"], r["batch"]): r for r in decode if r.get("mode", "greedy") == "greedy"}
+    rows = []
+    for r in decode:
+        g = greedy.get((r["config"], r["dtype"], r["batch"]))
+        if r.get("mode", "greedy") == "greedy" or g is None:
+            continue
+        cells = []
+        for side in ("gpt2kit", "gpt2kit eager", "transformers"):
+            a, b = g.get(side), r.get(side)
+            cells.append("-" if failed(a) or failed(b) or not a or not b else f"{100 * (a / b - 1):+.1f}%")
+        rows.append([r["config"], r["dtype"], str(r["batch"]), r["mode"], *cells])
+    return rows
+
+
 def report(results: dict, dev: torch.device) -> str:
     out = []
     if results["parity"]:
@@ -497,7 +523,8 @@ def report(results: dict, dev: torch.device) -> str:
                        ["config", "gpt2kit loss", "transformers loss", "|diff|", "greedy identical", "first diff at"],
                        rows))
     if results["decode"]:
-        rows = [[r["config"], dtype_label(r["dtype"], dev), str(r["batch"]), num(r["gpt2kit"], ".1f"),
+        rows = [[r["config"], dtype_label(r["dtype"], dev), str(r["batch"]), r.get("mode", "greedy"),
+                 num(r["gpt2kit"], ".1f"),
                  num(r["gpt2kit eager"], ".1f"), num(r["transformers"], ".1f"),
                  ratio(r["gpt2kit"], r["transformers"]), ratio(r["gpt2kit eager"], r["transformers"]),
                  str(r["new"]), r.get("gpt2kit_fast_path", "?")]
@@ -507,11 +534,16 @@ def report(results: dict, dev: torch.device) -> str:
         extra = (["compiled tok/s", "compiled/transformers"]
                  if any("gpt2kit compiled" in x for x in results["decode"]) else [])
         r0 = results["decode"][0]
-        out.append(f"decode: greedy tokens/s, prompt {r0['prompt']} tokens, best of {results['meta']['reps']} "
+        out.append(f"decode: tokens/s, prompt {r0['prompt']} tokens, best of {results['meta']['reps']} "
                    f"(fast path = what Generator.load installed; transformers attention: "
                    f"{r0.get('transformers_attn', '?')})\n" + table(
-                       ["config", "dtype", "batch", "gpt2kit tok/s", "gpt2kit-eager tok/s", "transformers tok/s",
-                        "gpt2kit/transformers", "eager/transformers", "new", "fast path", *extra], rows))
+                       ["config", "dtype", "batch", "mode", "gpt2kit tok/s", "gpt2kit-eager tok/s",
+                        "transformers tok/s", "gpt2kit/transformers", "eager/transformers", "new", "fast path",
+                        *extra], rows))
+    if cost := sampling_cost(results["decode"]):
+        out.append("decode: a sampled step's cost over a greedy one (greedy tok/s / sampled tok/s - 1; issue 18: "
+                   "<= 5% for 124M at batch 1 and 8, <= 25% for the small model at batch 32)\n" + table(
+                       ["config", "dtype", "batch", "mode", "gpt2kit", "gpt2kit eager", "transformers"], cost))
     if results["ttft"]:
         rows = [[r["config"], dtype_label(r["dtype"], dev), num(r["gpt2kit"], ".2f"), num(r["gpt2kit eager"], ".2f"),
                  num(r["transformers"], ".2f"), ratio(r["transformers"], r["gpt2kit"]),
@@ -583,6 +615,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new", type=int, help="decode: new tokens per run (default 256; quick 32)")
     ap.add_argument("--reps", type=int, help="decode: timed runs per side, best counts (default 5; quick 3)")
     ap.add_argument("--batches", default="1,8", help="decode batch sizes")
+    ap.add_argument("--modes", default="greedy", help=f"decode: sampling settings, of {', '.join(MODES)} "
+                    "(bench_generate.py's); default greedy")
     ap.add_argument("--compiled-decode", action="store_true", help="decode: also time CUDA graphs recorded from a "
                     "torch.compile'd step (slow to start: one compilation per graph shape)")
     ap.add_argument("--decode-dtypes", help="default float32,bfloat16 on CUDA, float32 on the CPU")
@@ -610,6 +644,9 @@ def parse_args() -> argparse.Namespace:
     args.train_configs = ([c.strip() for c in args.train_configs.split(",") if c.strip()] if args.train_configs
                           else args.configs)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if unknown := [m for m in args.modes if m not in MODES]:
+        ap.error(f"unknown --modes {', '.join(unknown)}; choose from {', '.join(MODES)}")
     args.dtypes = [d.strip() for d in args.dtypes.split(",")]
     args.decode_dtypes = ([d.strip() for d in args.decode_dtypes.split(",")] if args.decode_dtypes
                           else ["float32", "bfloat16"] if args.device.startswith("cuda") else ["float32"])
@@ -618,8 +655,8 @@ def parse_args() -> argparse.Namespace:
             ap.error(f"unknown dtype {d!r}: use float32 or bfloat16")
     from gpt2kit.config import PRESETS
     for c in args.configs + args.train_configs:
-        if c not in PRESETS:
-            ap.error(f"unknown config {c!r}; choose from {', '.join(PRESETS)}")
+        if c not in PRESETS and c not in CONFIGS:
+            ap.error(f"unknown config {c!r}; choose from {', '.join([*PRESETS, *CONFIGS])}")
     return args
 
 
@@ -673,7 +710,7 @@ def main() -> None:
                     print(f"[{time.perf_counter() - t_start:.0f} s] parity {name} done", flush=True)
                 if "decode" in args.only and name in args.configs:
                     run_decode(name, path, dev, args.decode_dtypes, args.batches, prompt32, args.new, args.reps,
-                               results, save, args.compiled_decode)
+                               results, save, args.compiled_decode, args.modes)
                     print(f"[{time.perf_counter() - t_start:.0f} s] decode {name} done", flush=True)
                 if "train" in args.only and name in args.train_configs:
                     run_train(name, path, dev, args.dtypes, ids, args, results, save)

@@ -272,3 +272,36 @@ def test_greedy_rows_take_the_first_maximum_on_both_paths(ext):
     assert torch.equal(argmax(logits), logits.argmax(dim=-1))
     table = params_table([SamplingParams(temperature=0)] * 16, torch.zeros(16))
     assert torch.equal(ext.sample_rows(logits, table), logits.argmax(dim=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("mixed", [False, True])
+def test_sampling_a_batch_on_cuda_synchronises_the_host_the_same_number_of_times_for_any_batch(mixed):
+    """Issue 18: no host synchronisation per row on CUDA. Counted with PyTorch's sync debug mode: drawing a
+    batch of 32 rows waits on the GPU as often as drawing 2 (the parameter table's columns go to the GPU once
+    per filter, whatever the number of rows), and the tokens are those of the PyTorch path on the CPU."""
+    import warnings
+
+    settings = [SamplingParams(temperature=0.8, top_k=40), SamplingParams(temperature=0.9, top_p=0.9),
+                SamplingParams(min_p=0.1), SamplingParams(top_k=50, top_p=0.95, min_p=0.05, typical_p=0.9)]
+
+    def syncs(B: int) -> tuple[int, torch.Tensor, torch.Tensor, list[SamplingParams]]:
+        params = [settings[i % len(settings)] if mixed else settings[1] for i in range(B)]
+        logits = torch.randn(B, 50257, generator=torch.Generator().manual_seed(B)) * 3
+        table = params_table(params, uniforms(list(range(B)), [0] * B))
+        on_gpu = logits.cuda()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tokens = draw(on_gpu, table)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(caught), tokens, logits, params
+
+    few, _, _, _ = syncs(2 * len(settings) if mixed else 2)
+    many, tokens, logits, params = syncs(32)
+    assert many == few
+    want = torch.tensor([sample(logits[i], params[i], key=i, step=0) for i in range(32)])
+    assert (tokens.cpu() == want).float().mean() >= 0.95  # (float sums in another order may move a rare token)
