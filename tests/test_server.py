@@ -376,6 +376,18 @@ def test_logits_controls_are_accepted_and_act_as_in_generate(client, reference):
     assert r.choices[0].text == "SSS"
 
 
+def test_ignore_eos_runs_past_endoftext_to_max_tokens(server, client):
+    # logit_bias makes <|endoftext|> the likeliest token: it ends a completion at once, unless ignore_eos
+    body = dict(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logit_bias={"50256": 100})
+    c = client.completions.create(**body).choices[0]
+    assert c.text == "" and c.finish_reason == "stop"
+    r = client.completions.create(**body, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == "<|endoftext|>" * 4 and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 4
+    err = assert_error(post(server, {"prompt": "x", "ignore_eos": "yes"}), 422)
+    assert "ignore_eos" in err["message"]
+
+
 def test_oversize_inputs(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="word " * 150, max_tokens=4)

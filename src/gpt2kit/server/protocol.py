@@ -50,6 +50,7 @@ class CompletionRequest(BaseModel):
     no_repeat_ngram_size: int | None = Field(0, description="no n-gram of this many tokens occurs twice; 0 disables")
     bad_words: list[str] | None = Field(None, description="texts never generated")
     min_tokens: int | None = Field(0, description="no <|endoftext|> or stop string ends a completion before this")
+    ignore_eos: bool | None = Field(False, description="vLLM's: <|endoftext|> does not end a completion")
 
 
 # ---- /tokenize and /detokenize (vLLM's shapes; lm-evaluation-harness and other clients use them) ------

@@ -271,6 +271,7 @@ def plan_request(req: CompletionRequest, tok: Tokenizer, engine: BatchEngine, s:
         typical_p=1.0 if req.typical_p is None else req.typical_p,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         stop=stop,
+        stop_at_eot=not req.ignore_eos,
         seed=req.seed,
         logprobs=req.logprobs,
         presence_penalty=req.presence_penalty or 0.0,
