@@ -4,12 +4,17 @@
     python bench/bench_generate.py --config small --batches 32 --no-int8 --no-ttft   # 3 x 96, batch 32
     python bench/bench_generate.py --config tiny   # quick smoke run
     python bench/bench_generate.py --peer ctranslate2   # also CTranslate2 on the same weights (peer_ctranslate2.py)
+    python bench/bench_generate.py --searches --batches 1 --modes greedy --no-int8 --no-ttft   # beam, contrastive
 
 Each case decodes greedily and with the sampling settings users run (top-k 40 at T 0.8, top-p 0.9 at T 0.9,
 min-p 0.1 at T 1.0), gpt2kit against transformers' generate() (do_sample=True with the same warpers) on the
 same weights. Prints ms per step and tokens/s for both, the ratio, each sampled case's cost over greedy, the
 memory-bandwidth limit (weight bytes read per decode step against this machine's measured bandwidth), and
-the time gpt2kit takes to pick the tokens alone, from fixed logits."""
+the time gpt2kit takes to pick the tokens alone, from fixed logits. --searches adds the deterministic
+searches users run: beam search with 5 beams, plain and with no_repeat_ngram_size=2 and early stopping
+(transformers' decoding guide's recipe for GPT-2), against transformers' beam search; and contrastive search
+(alpha 0.6, k 4), against gpt2kit's own greedy step (transformers keeps contrastive search on the Hub, out of
+its core, and this machine cannot download it)."""
 
 from __future__ import annotations
 
@@ -120,6 +125,51 @@ def bench_decode(path: Path, batch: int, prompt_len: int, new: int, dtype: torch
             for i, f in enumerate(runs[mode]):
                 best[mode][i] = min(best[mode][i], _timed(lambda f=f: f(new)))
     return {mode: (batch * new / b[0], batch * new / b[1]) for mode, b in best.items()}
+
+
+# deterministic searches: name -> GenerationConfig fields (transformers gets the same generate() arguments)
+SEARCHES = {
+    "beam 5": dict(num_beams=5),
+    "beam 5, no-repeat 2, early": dict(num_beams=5, no_repeat_ngram_size=2, early_stopping=True),
+    "contrastive 0.6, k 4": dict(penalty_alpha=0.6, top_k=4),
+}
+
+
+def bench_searches(path: Path, prompt_len: int, new: int, reps: int) -> dict[str, tuple[float, float | None]]:
+    """ms per new token of each search for one prompt, gpt2kit (as Generator.load prepares the model) and
+    transformers (None for contrastive search, which transformers no longer ships), best of `reps`
+    alternating runs. Every run makes all `new` tokens (<|endoftext|> does not end it)."""
+    from transformers import GPT2LMHeadModel
+
+    from gpt2kit.generate import GenerationConfig, Generator
+
+    gen = Generator.load(str(path), device="cpu")
+    hf = GPT2LMHeadModel.from_pretrained(path).eval()
+    prompt = gen.tokenizer.decode(list(range(1000, 1000 + prompt_len)))
+    ids = torch.tensor([gen.tokenizer.encode(prompt)])
+    out = {}
+    for name, fields in SEARCHES.items():
+        cfg = GenerationConfig(max_new_tokens=new, stop_at_eot=False, **fields)
+
+        def ours(n: int, cfg: GenerationConfig = cfg) -> None:
+            (o,) = gen.generate(prompt, replace(cfg, max_new_tokens=n))
+            assert len(o.tokens) == n
+
+        def theirs(n: int, fields: dict = fields) -> None:
+            with torch.inference_mode():
+                o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n, pad_token_id=50256, eos_token_id=None, **fields)
+            assert o.shape[1] == ids.shape[1] + n
+
+        sides = [ours] + ([theirs] if "penalty_alpha" not in fields else [])
+        for f in sides:
+            f(8)  # warm-up
+        best = [float("inf")] * len(sides)
+        for _ in range(reps):
+            for i, f in enumerate(sides):
+                best[i] = min(best[i], _timed(lambda f=f: f(new)))
+        out[name] = (1e3 * best[0] / new, 1e3 * best[1] / new if len(best) > 1 else None)
+    return out
 
 
 def pick_cost(batches: list[int], vocab: int = 50257, reps: int = 30) -> dict[tuple[str, int], float]:
@@ -252,6 +302,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also run bfloat16 weights")
     ap.add_argument("--no-int8", action="store_true", help="skip int8 weight-only decoding")
     ap.add_argument("--no-ttft", action="store_true")
+    ap.add_argument("--searches", action="store_true", help="also beam and contrastive search, one prompt")
     ap.add_argument("--peer", choices=["ctranslate2"], action="append", default=[],
                     help="also measure this peer on the same weights (float32 and int8, greedy and sampled)")
     args = ap.parse_args()
@@ -276,12 +327,14 @@ def main() -> None:
               f"{'vs greedy':>10}{'hf vs gr.':>10}")
         dtypes = [("float32", torch.float32, None)] + ([("bfloat16", torch.bfloat16, None)] if args.bf16 else [])
         dtypes += [] if args.no_int8 else [("int8", torch.float32, "int8")]  # against transformers in float32
+        greedy_ms = None  # float32 batch 1, for the searches' comparison
         for name, dt, quantize in dtypes:
             for b in batches:
                 res = bench_decode(path, b, args.prompt_len, args.new, dt, args.reps, quantize, modes)
                 gc.collect()
                 print_decode(name, b, res)
                 if b == 1 and name == "float32" and "greedy" in res:
+                    greedy_ms = 1e3 / res["greedy"][0]
                     # measured again right after the decoding runs, keeping the highest: one reading taken
                     # while a neighbour was busy would understate the limit and flatter the percentage
                     ours, theirs = res["greedy"]
@@ -289,6 +342,12 @@ def main() -> None:
                     print(f"{'  greedy, of bandwidth limit':<34}{ours / (bw / weight_bytes):>19.0%}"
                           f"{theirs / (bw / weight_bytes):>19.0%}   (bandwidth {bw / 1e9:.1f} GB/s, "
                           f"limit {bw / weight_bytes:.1f} tok/s)")
+        if args.searches:
+            for name, (ms, ms_hf) in bench_searches(path, args.prompt_len, args.new, args.reps).items():
+                hf_ms, vs = (f"{ms_hf:.2f}", f"{ms_hf / ms:.2f}x") if ms_hf else ("-", "-")
+                over = f", {ms / greedy_ms:.2f}x gpt2kit's greedy batch-1 step" if greedy_ms else ""
+                print(f"{f'search {name}':<34}{ms:>9.2f}{'':>10}{hf_ms:>9}{'':>10}{vs:>8}"
+                      f"   (ms per new token{over})", flush=True)
         cost = pick_cost(batches, cfg.vocab_size)
         print("picking the tokens alone (decode.next_tokens on fixed logits), ms per call: "
               + "; ".join(f"batch {b}: " + ", ".join(f"{m} {cost[m, b]:.2f}" for m in MODES) for b in batches))
