@@ -81,6 +81,9 @@ def test_generate_prompt_file_and_output_file(capsys, tiny_model_dir, tmp_path):
     (("x", "--unconditional"), "--unconditional takes no prompt"),
     (("x", "--nsamples", "-1"), "nsamples"),
     (("x", "--seed", "-1"), "seed"),
+    (("x", "--seed", str(2**63)), "seed must be in [0, 2**63)"),  # as the server's range
+    (("x", "--temperature", "inf"), "temperature must be a finite number"),
+    (("x", "--repetition-penalty", "inf"), "repetition penalty must be a finite number"),
     (("x", "--batch-size", "0"), "--batch-size must be > 0"),
     (("--prompt-file", "/nonexistent/prompt.txt"), "cannot read --prompt-file /nonexistent/prompt.txt"),
     (("x", "--dtype", "float8"), "unknown dtype 'float8'"),
@@ -344,7 +347,7 @@ def test_window_notice_is_printed_once_per_run_not_per_batch(capsys, tiny_model_
     code, out, err = run(capsys, "generate", "Hello", "-m", tiny_model_dir, "--length", 300, "--nsamples", 4,
                          "--batch-size", 1, "--no-stop-at-eot", "--seed", 1)
     assert code == 0 and out.count("SAMPLE") == 4
-    assert err.count("sliding the window") == 1
+    assert err.count("the model sees only the most recent tokens") == 1
 
 
 def _first_jsonl_records(tiny_model_dir, n, *argv):
@@ -381,7 +384,7 @@ def test_endless_window_notice_comes_once(tiny_model_dir, tmp_path):
             p.kill()
             p.wait()
             p.stdout.close()
-    assert (tmp_path / "err").read_text().count("sliding the window") == 1
+    assert (tmp_path / "err").read_text().count("the model sees only the most recent tokens") == 1
 
 
 @pytest.mark.parametrize("verb", [("generate", "x"), ("eval", "--data", "d.txt")])

@@ -186,6 +186,12 @@ def test_contrastive_search_streams_logprobs_and_stops(gen):
     (dict(penalty_alpha=-0.1, top_k=4), "penalty_alpha must be in [0, 1]"),
     (dict(penalty_alpha=0.6, top_k=4, min_p=0.1), "contrastive search (penalty_alpha > 0) does not sample"),
     (dict(penalty_alpha=0.6, top_k=4, num_beams=2), "choose one"),
+    (dict(num_beams=3, length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(num_beams=3, length_penalty=float("inf")), "length_penalty must be a finite number"),
+    (dict(length_penalty=2.0), "length_penalty (--length-penalty) only applies to beam search: add num_beams > 1"),
+    (dict(early_stopping=True, length_penalty=0.5),
+     "length_penalty (--length-penalty) and early_stopping (--early-stopping) only apply to beam search"),
+    (dict(penalty_alpha=0.6, top_k=4, early_stopping="never"), "early_stopping (--early-stopping) only applies"),
 ])
 def test_bad_search_settings_are_one_line_errors(overrides, msg):
     with pytest.raises(Gpt2kitError, match=None) as e:
@@ -306,6 +312,23 @@ def test_beam_search_refuses_streaming_endless_and_more_samples_than_beams(gen):
         gen.generate("Hi " * 100, cfg, max_new_tokens=100)
 
 
+def test_searches_say_how_many_new_tokens_fit_and_take_that_many(gen, caplog):
+    """The context (128 here) holds the prompt + every new token: a short prompt leaves room for more than
+    half the context, and a long one is cut as far as half the context leaves room."""
+    import logging
+
+    short, long = "Hi", "Hi " * 100  # 1 and 100 tokens
+    cfg = GenerationConfig(max_new_tokens=4, num_beams=2, stop_at_eot=False)
+    for prompt, room in ((short, 127), (long, 64)):
+        for search in (dict(num_beams=2), dict(num_beams=1, penalty_alpha=0.6, top_k=2)):
+            with caplog.at_level(logging.WARNING, logger="gpt2kit"):
+                caplog.clear()
+                with pytest.raises(Gpt2kitError, match=f"ask for at most {room} new tokens"):
+                    gen.generate(prompt, cfg, max_new_tokens=room + 1, **search)
+                assert not caplog.records  # an error, and no notice about the prompt before it
+            assert len(gen.generate(prompt, cfg, max_new_tokens=room, **search)[0].tokens) == room
+
+
 def test_contrastive_search_refuses_several_or_endless_samples_of_a_prompt(gen):
     cfg = GenerationConfig(max_new_tokens=4, penalty_alpha=0.6, top_k=4)
     with pytest.raises(Gpt2kitError, match="deterministic: every sample"):
@@ -358,6 +381,8 @@ def test_cli_beam_and_contrastive_search_print_what_the_generator_gives(capsys, 
     (("--num-beams", 2, "--nsamples", 0), "give --nsamples in that range, not 0"),
     (("--penalty-alpha", 0.6), "needs top_k candidates"),
     (("--penalty-alpha", 1.2, "--top-k", 4), "penalty_alpha must be in [0, 1]"),
+    (("--length-penalty", 2), "only applies to beam search: add num_beams > 1 (--num-beams N) or drop it"),
+    (("--num-beams", 2, "--length-penalty", "nan"), "length_penalty must be a finite number"),
 ])
 def test_cli_bad_search_flags_are_one_line_errors_before_the_model_loads(capsys, tmp_path, argv, msg):
     code, _, err = cli(capsys, "generate", "x", *argv, "-m", tmp_path / "no-model")

@@ -322,7 +322,7 @@ def test_schema_errors_are_422(server, client):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
     ({"top_p": 0}, "top_p", "top-p"),
     ({"top_k": -2}, "top_k", "top-k"),
     ({"typical_p": 0}, "typical_p", "typical-p"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -79,8 +80,8 @@ class GenerationConfig:
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens <= 0:
             raise Gpt2kitError(f"length must be > 0 tokens, got {self.max_new_tokens}")
-        if self.seed is not None and self.seed < 0:
-            raise Gpt2kitError(f"seed must be >= 0, got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # (the server's range too)
+            raise Gpt2kitError(f"seed must be in [0, 2**63), got {self.seed}")
         if any(s == "" for s in self.stop):
             raise Gpt2kitError("a stop string must not be empty")
         self.sampling.validate()
@@ -99,6 +100,15 @@ class GenerationConfig:
             raise Gpt2kitError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not 0.0 <= self.penalty_alpha <= 1.0:
             raise Gpt2kitError(f"penalty_alpha must be in [0, 1] (0: off), got {self.penalty_alpha}")
+        if not math.isfinite(self.length_penalty):
+            raise Gpt2kitError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.num_beams == 1 and (self.length_penalty != 1.0 or self.early_stopping is not False):
+            used = [n for n, on in (("length_penalty", self.length_penalty != 1.0),
+                                    ("early_stopping", self.early_stopping is not False)) if on]
+            raise Gpt2kitError(" and ".join(f"{n} (--{n.replace('_', '-')})" for n in used)
+                               + (" only applies" if len(used) == 1 else " only apply")
+                               + " to beam search: add num_beams > 1 (--num-beams N) or drop "
+                               + ("it" if len(used) == 1 else "them"))
         search = ("beam search (num_beams > 1)" if self.num_beams > 1
                   else "contrastive search (penalty_alpha > 0)" if self.penalty_alpha > 0 else None)
         if search is None:
@@ -271,8 +281,8 @@ def start_window(n_context: int, max_new: int, window: int) -> int:
 
 
 def window_notice() -> None:
-    log.warning("prompt plus output is longer than the model's context; sliding the window "
-                "(the model sees only the most recent tokens)")
+    log.warning("prompt plus output is longer than the model's context: the prompt's start is cut, and sampling "
+                "slides the window when it fills (the model sees only the most recent tokens)")
 
 
 def check_prompts(model: GPT, tok: Tokenizer, contexts: Sequence[Sequence[int]]) -> None:

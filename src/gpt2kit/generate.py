@@ -99,12 +99,16 @@ def _search_window(model: GPT, rows: Sequence[Row], cfg: GenerationConfig,
                    on_window_slide: Callable[[], None] | None) -> int:
     """Fit the rows' prompts into a window for a search, which never slides it -> the window's length."""
     window = min(max(len(r.context) for r in rows) + cfg.max_new_tokens, model.config.n_positions)
-    if any([r.fit_window(window) for r in rows]) and on_window_slide is not None:
-        on_window_slide()
+    longest = max(len(r.context) for r in rows)
+    cut = [r.fit_window(window) for r in rows]  # (a prompt is cut only as far as half the window)
     if any(r.pos + cfg.max_new_tokens > window for r in rows):
-        raise Gpt2kitError(f"{cfg.max_new_tokens} new tokens after this prompt do not fit the model's context of "
-                           f"{window} tokens, and beam and contrastive search do not slide the window: ask for at "
-                           f"most {window // 2} new tokens")
+        # what fits: the room the longest prompt leaves, or half the window once a prompt may be cut
+        most = max(window - longest, window - window // 2)
+        raise Gpt2kitError(f"{cfg.max_new_tokens} new tokens after a prompt of {longest} tokens do not fit the "
+                           f"model's context of {window}, and beam and contrastive search do not slide the window: "
+                           f"ask for at most {most} new tokens")
+    if any(cut) and on_window_slide is not None:
+        on_window_slide()
     return window
 
 

@@ -34,8 +34,9 @@ class ProcessorParams:
     min_tokens: int = 0  # <|endoftext|> is suppressed until this many tokens are generated
 
     def validate(self) -> ProcessorParams:
-        if not self.repetition_penalty > 0:
-            raise Gpt2kitError(f"repetition penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise Gpt2kitError(f"repetition penalty must be a finite number > 0 (1 disables it), got "
+                               f"{self.repetition_penalty}")
         for name, v in (("presence", self.presence_penalty), ("frequency", self.frequency_penalty)):
             if not -2 <= v <= 2:
                 raise Gpt2kitError(f"{name} penalty must be in [-2, 2] (0 disables it), got {v}")

@@ -9,6 +9,7 @@ mirroring transformers' warpers; both pick the same tokens (up to float32 roundi
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ class SamplingParams:
     typical_p: float = 1.0  # locally typical sampling (Meister et al., 2022); 1 disables
 
     def validate(self) -> SamplingParams:
-        if not self.temperature >= 0:
-            raise Gpt2kitError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise Gpt2kitError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:
             raise Gpt2kitError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -43,8 +44,9 @@ class SamplingParams:
             raise Gpt2kitError(f"min-p must be in [0, 1] (0 disables it), got {self.min_p}")
         if not 0 < self.typical_p <= 1:
             raise Gpt2kitError(f"typical-p must be in (0, 1] (1 disables it), got {self.typical_p}")
-        if not self.repetition_penalty > 0:
-            raise Gpt2kitError(f"repetition penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise Gpt2kitError(f"repetition penalty must be a finite number > 0 (1 disables it), got "
+                               f"{self.repetition_penalty}")
         return self
 
     @property

@@ -236,7 +236,10 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         ctx = model.config.n_positions
-        self.max_len = min(max_len or ctx, ctx)
+        if max_len is not None and max_len > ctx:
+            raise Gpt2kitError(f"--max-len {max_len} is longer than the model's context of {ctx} positions: give at "
+                               f"most {ctx}, or leave it out for the whole context")
+        self.max_len = max_len or ctx
         if self.max_len < 2:
             raise Gpt2kitError(f"max length must be >= 2 positions, got {self.max_len}")
         self.prefill_budget = prefill_budget  # prompt tokens prefilled between two decode steps
@@ -350,8 +353,6 @@ class BatchEngine:
         (replace(cfg, max_new_tokens=1) if score_only else cfg).validate()
         if score_only and prompt_logprobs is None:
             raise Gpt2kitError("length must be > 0 tokens unless the prompt's logprobs are asked for")
-        if cfg.seed is not None and cfg.seed < 0:
-            raise Gpt2kitError(f"seed must be >= 0, got {cfg.seed}")
         if cfg.logprobs is not None and cfg.logprobs < 0:
             raise Gpt2kitError(f"logprobs must be >= 0, got {cfg.logprobs}")
         if not rows:
