@@ -85,6 +85,8 @@ def test_missing_extra_is_one_line(tiny_dir, monkeypatch, capsys):
     (["--api-key", "  "], "--api-key is empty"),
     (["--api-key", "key "], "--api-key begins or ends with whitespace"),
     (["--max-len", "1"], "--max-len must be >= 2"),
+    (["--max-len", "300"], "--max-len 300 is longer than the model's context of 128 positions: give at most 128"),
+    (["--max-prompt-tokens", "1000"], "--max-prompt-tokens 1000 is longer than the model's context of 128 tokens"),
     (["--port", "99999"], "--port 99999 is out of range"),
 ])
 def test_bad_flags(tiny_dir, capsys, flags, words):

@@ -873,6 +873,8 @@ def test_resume_rejects_a_hand_broken_config_and_a_corrupt_trainer_state(tmp_pat
     (["--lora-targets", "mlp"], "add --lora-rank"),
     (["--config", "tiny"], "add --init scratch"),
     (["--prompt", ""], "--prompt is empty"),
+    # before the data is read: no notes about encoding it come first
+    (["--block-size", "100000"], "--block-size 100000 exceeds the model's context of 64 tokens: give at most 64"),
 ])
 def test_rejected_values_are_one_line_and_create_nothing(tmp_path, tiny_dir, capsys, bad, expect):
     out = tmp_path / "run"
@@ -1167,6 +1169,8 @@ def test_numbered_runs_and_naming_them_by_number(tmp_path, tiny_dir, capsys, mon
     assert table[0].split()[:2] == ["#", "RUN"] and [ln.split()[:2] for ln in table[1:]] == [
         ["1", "runs/0001-jokes"], ["2", "runs/0002"], ["42", "runs/0042-x"]]
     assert main(["runs", "42", "--json"]) == 0 and json.loads(capsys.readouterr().out)["number"] == 42
+    assert main(["runs", "43"]) == 1  # a number no run has
+    assert capsys.readouterr().err == "error: no run numbered 43 in runs/: `gpt2kit runs runs` lists them\n"
     # a new run started from run 1 records its real path
     start = _tiny_args(Path("1"), Path("from-one"), "--column", "Joke")
     assert main(start) == 0

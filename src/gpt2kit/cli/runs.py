@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,11 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2kit.run_numbers import resolve_run_ref
+    from gpt2kit.errors import Gpt2kitError
+    from gpt2kit.run_numbers import DEFAULT_RUNS_DIR, resolve_run_ref
     from gpt2kit.runs import compare_runs, format_comparison, format_runs, list_runs
     found, seen = [], set()
     for d in args.dirs:
-        for r in list_runs(resolve_run_ref(d)):
+        ref = Path(resolve_run_ref(d))
+        if not ref.exists() and ref.name.isdigit():  # a run number that no run has
+            where = ref.parent if ref.parent != Path(".") else Path(DEFAULT_RUNS_DIR)
+            raise Gpt2kitError(f"no run numbered {int(ref.name)} in {where}/: `gpt2kit runs {where}` lists them")
+        for r in list_runs(ref):
             if r.path.resolve() not in seen:
                 seen.add(r.path.resolve())
                 found.append(r)

@@ -97,7 +97,10 @@ class CompletionServing:
         self.engine = engine
         self.settings = settings
         ctx = engine.model.config.n_positions
-        self.max_prompt = min(settings.max_prompt_tokens or ctx, ctx)
+        if settings.max_prompt_tokens is not None and settings.max_prompt_tokens > ctx:
+            raise Gpt2kitError(f"--max-prompt-tokens {settings.max_prompt_tokens} is longer than the model's context "
+                               f"of {ctx} tokens: give at most {ctx}, or leave it out for the whole context")
+        self.max_prompt = settings.max_prompt_tokens or ctx
 
     async def create_completion(self, req: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         engine, s = self.engine, self.settings

@@ -38,6 +38,7 @@ from gpt2kit.train.fsdp import SHARDS, gathered_model, is_sharded_checkpoint, lo
 from gpt2kit.train.rundir import RunDir, stage_checkpoint, write_checkpoint, write_named, writing
 from gpt2kit.train.setup import (
     build_model,
+    check_block_size,
     check_paths,
     check_sharing,
     make_batchers,
@@ -302,6 +303,7 @@ class _Run:
                 cfg, ckpt, run_dir=self.dir, device=self.device, resuming=self.resuming, moved_base=self.moved_base,
                 say=say)
         dist.agree(build)
+        check_block_size(cfg, self.model)  # before the data is read
         train, val, record = prepare_run_data(cfg, self.tok, run_dir=self.dir, resuming=self.resuming, dist=dist,
                                               say=say)
         self.rundir.record.update(record)

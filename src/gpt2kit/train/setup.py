@@ -264,13 +264,20 @@ def same_data(run_dir: Path, recorded: dict[str, Any], train: TokenCache, val: T
                                "original back, or start a new run")
 
 
-def resolve_config(cfg: TrainConfig, model: GPT, train: TokenCache, val: TokenCache | None, *, world: int,
-                   device: torch.device, say: Callable[[str], None]) -> TrainConfig:
-    """Fill every automatic value, so config.json records exactly what runs."""
+def check_block_size(cfg: TrainConfig, model: GPT) -> int:
+    """The block size the run trains on (--block-size, default the model's context up to 1,024), refused when
+    longer than the model's context; called before the data is read, so that a wrong flag fails at once."""
     ctx = model.config.n_positions
     block = cfg.block_size or min(ctx, 1024)
     if block > ctx:
-        raise Gpt2kitError(f"--block-size {block} exceeds the model's context of {ctx} tokens")
+        raise Gpt2kitError(f"--block-size {block} exceeds the model's context of {ctx} tokens: give at most {ctx}")
+    return block
+
+
+def resolve_config(cfg: TrainConfig, model: GPT, train: TokenCache, val: TokenCache | None, *, world: int,
+                   device: torch.device, say: Callable[[str], None]) -> TrainConfig:
+    """Fill every automatic value, so config.json records exactly what runs."""
+    block = check_block_size(cfg, model)
     if not cfg.line_by_line and 2 <= len(train) < block + 1:  # (Batcher would shrink it; record it here)
         say(f"warning: the training data has only {len(train)} tokens, fewer than block size {block} + 1; "
                  f"using blocks of {len(train) - 1} (pass --block-size {len(train) - 1} or less, or add data, "
