@@ -14,6 +14,7 @@ a bearer token, or with the token "bad", is refused with 401; the namespace "not
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -298,9 +299,48 @@ def test_server_down_empty_cache_fails_fast(tmp_path):
     with pytest.raises(Gpt2kitError) as e:
         hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=url)
     assert time.monotonic() - t < 5
-    assert _one_line(e) == ("cannot download 'gpt2' from the Hugging Face Hub (no network connection): connect to "
-                            "the internet, or pass --model a local directory holding config.json and "
+    assert _one_line(e) == ("cannot download 'gpt2' from the Hugging Face Hub (no network connection, or no answer): "
+                            "connect to the internet, or pass --model a local directory holding config.json and "
                             "model.safetensors")
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A Hub endpoint that accepts connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        s.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(s.accept()[0])
+            except OSError:
+                pass
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        s.close()
+
+
+def test_a_hub_that_never_answers_fails_instead_of_hanging(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "READ_TIMEOUT_S", 0.5)  # (60 s in use)
+    with silent_server() as url:
+        t = time.monotonic()
+        with pytest.raises(Gpt2kitError) as e:
+            hub.download("gpt2", cache_dir=str(tmp_path / "c"), endpoint=url)
+    assert time.monotonic() - t < 30
+    assert _one_line(e).startswith("cannot download 'gpt2' from the Hugging Face Hub (no network connection, or no "
+                                   "answer)")
 
 
 def test_offline_mode(fake_hub, tmp_path, monkeypatch):

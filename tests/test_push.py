@@ -180,6 +180,22 @@ def test_hub_unreachable_is_one_line(run_dir, monkeypatch):
     assert "unreachable" in _one_line(e)
 
 
+def test_a_hub_that_never_answers_or_offline_mode_is_one_line(run_dir, monkeypatch):
+    from gpt2kit.checkpoints import hub
+    from tests.test_hub import silent_server
+
+    monkeypatch.setattr(hub, "READ_TIMEOUT_S", 0.5)  # (60 s in use)
+    with silent_server() as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        with pytest.raises(Gpt2kitError) as e:
+            push(run_dir, "me/x")
+    assert "unreachable (no network connection, no answer" in _one_line(e)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(Gpt2kitError) as e:
+        push(run_dir, "me/x")
+    assert _one_line(e) == "cannot push to me/x: HF_HUB_OFFLINE is set; unset it to push"
+
+
 def test_adapter_only_and_unfinished_runs_say_what_to_do(tmp_path, run_dir):
     from gpt2kit.push import pick_model
     copy = tmp_path / "run"

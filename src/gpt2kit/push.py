@@ -309,7 +309,12 @@ def push(path: str | Path, repo: str, *, private: bool = False, which: str = "au
         card = (picked.model_dir / "README.md").read_bytes()  # the directory's own card, as its author wrote it
     else:
         card = model_card(picked, repo, license=license, has_plot=has_plot).encode()
+    from huggingface_hub import constants  # lazy, as above
+    if constants.HF_HUB_OFFLINE:
+        raise Gpt2kitError(f"cannot push to {repo}: HF_HUB_OFFLINE is set; unset it to push")
     log.info("pushing %s to %s", picked.why, repo)
+    from gpt2kit.checkpoints.hub import bound_timeouts  # lazy: imports huggingface_hub
+    bound_timeouts()
     api = HfApi(endpoint=endpoint, token=_token(token))
     try:
         url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
@@ -347,5 +352,5 @@ def _push_error(e: Exception, repo: str) -> Gpt2kitError | None:
         return Gpt2kitError(f"cannot push to {repo}: the Hugging Face Hub answered HTTP {status}: try again later")
     if find(NETWORK_ERRORS):
         return Gpt2kitError(f"cannot push to {repo}: the Hugging Face Hub is unreachable (no network connection, "
-                            "or HF_ENDPOINT is wrong): connect and try again")
+                            "no answer, or HF_ENDPOINT is wrong): connect and try again")
     return None

@@ -54,6 +54,42 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 NETWORK_ERRORS = _network_errors()
 
 
+# seconds a Hub call may wait for the next byte (and to connect): huggingface_hub's own HTTP client waits
+# forever on a server that accepts the connection and never answers
+READ_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+_bounded = False
+
+
+def bound_timeouts() -> None:
+    """Give huggingface_hub's HTTP client (1.x and later; 0.x's requests calls set their own) a read and a
+    connect timeout, so that a silent Hub fails with the network error instead of hanging. The read timeout
+    is per read: a long download or upload that keeps moving is not cut."""
+    global _bounded
+    if _bounded:
+        return
+    _bounded = True
+    try:
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils._http import default_client_factory
+    except ImportError:
+        return
+
+    def bound(request) -> None:  # its calls pass timeout=None explicitly: fill in what is None
+        t = dict(request.extensions.get("timeout") or {})
+        for key, limit in (("connect", CONNECT_TIMEOUT_S), ("read", READ_TIMEOUT_S), ("write", READ_TIMEOUT_S),
+                           ("pool", CONNECT_TIMEOUT_S)):
+            if t.get(key) is None:
+                t[key] = limit
+        request.extensions["timeout"] = t
+
+    def factory():
+        client = default_client_factory()
+        client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks.get("request", []), bound]}
+        return client
+    set_client_factory(factory)
+
+
 def repo_id(name: str) -> str:
     """'gpt2' -> 'openai-community/gpt2'; org-prefixed names pass through."""
     return REPO_IDS.get(name, name)
@@ -89,6 +125,7 @@ def download(name: str, revision: str | None = None, cache_dir: str | None = Non
     downloading only the files gpt2kit needs. A cached copy is returned without touching the network.
     `local_hint` ends the errors that suggest using a local copy instead (callers word it for their verb)."""
     rid = repo_id(name)
+    bound_timeouts()
 
     def fetch(weights: list[str], local_only: bool = False) -> Path:
         return Path(snapshot_download(rid, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
@@ -198,7 +235,8 @@ def _hub_error(e: Exception, name: str, revision: str | None, local_hint: str) -
                             f"try again later, or {local_hint}")
     if find(NETWORK_ERRORS) or find(LocalEntryNotFoundError):
         # snapshot_download reports "could not reach the Hub and nothing cached" as LocalEntryNotFoundError.
-        return Gpt2kitError(f"cannot download '{name}' from the Hugging Face Hub (no network connection): "
+        return Gpt2kitError(f"cannot download '{name}' from the Hugging Face Hub (no network connection, or no "
+                            "answer): "
                             f"connect to the internet, or {local_hint}")
     if find(HFValidationError):
         return Gpt2kitError(f"'{name}' is not a valid Hub model name: use 'org/name' or one of "
