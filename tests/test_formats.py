@@ -203,6 +203,20 @@ def test_convert_to_llmc_writes_llmcs_own_layout(tmp_path, tiny_model_dir, tiny_
     assert (tmp_path / "m.bin").read_bytes() == llmc_bytes(sd, tiny_gpt.config)  # byte for byte
     assert main(["convert", str(src), str(tmp_path / "m5.bin"), "--to", "llmc", "--dtype", "bfloat16"]) == 0
     assert (tmp_path / "m5.bin").read_bytes() == llmc_bytes(sd, tiny_gpt.config, version=5)
+    # OUT's name picks the format when --to is left out (a note says so); --to hf keeps the folder
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "named.bin")]) == 0
+    assert (tmp_path / "named.bin").read_bytes() == llmc_bytes(sd, tiny_gpt.config)
+    assert "note: writing an llm.c model file (OUT ends in .bin" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "folder.bin"), "--to", "hf"]) == 0
+    assert (tmp_path / "folder.bin" / "config.json").is_file()
+    # a format's own option under another format is an error, not ignored
+    assert main(["convert", str(src), str(tmp_path / "q"), "--outtype", "q8_0"]) == 1
+    assert capsys.readouterr().err == ("error: --outtype is for --to gguf, and this writes --to hf: drop --outtype, "
+                                       "or add --to gguf\n")
+    assert main(["convert", str(src), str(tmp_path / "q.bin"), "--quantization", "int8"]) == 1
+    assert capsys.readouterr().err.startswith("error: --quantization is for --to ctranslate2, and this writes --to "
+                                              "llmc")  # (the error alone, no note before it)
     # a padded vocabulary: header vocab_size is the tokenizer's, the rows are kept
     from tests.conftest import padded_vocab_model
     padded = save_model(padded_vocab_model(), None, tmp_path / "padded")

@@ -122,6 +122,9 @@ def test_lora_run_saves_small_checkpoints_and_merges(tmp_path):
 
     assert main(["merge", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 1  # not an adapter
     assert not (tmp_path / "x").exists()
+    # convert reads whole models: an adapter checkpoint is pointed to merge
+    with pytest.raises(Gpt2kitError, match=r"is a LoRA adapter, not a whole model: `gpt2kit merge .*step-4 --out DIR`"):
+        checkpoints.convert(ckpt, tmp_path / "c")
 
 
 def test_merge_writes_only_into_a_new_or_empty_directory(tmp_path, capsys):

@@ -120,6 +120,9 @@ def read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     if (path / "config.json").is_file():
         raise Gpt2kitError(f"{path} has config.json but no model.safetensors or pytorch_model.bin (nor a "
                            "model.safetensors.index.json with its shards): copy the weights in beside it")
+    if is_adapter_dir(path):  # (load_model merges one into its base; a checkpoint's reader does not)
+        raise Gpt2kitError(f"{path} is a LoRA adapter, not a whole model: `gpt2kit merge {path} --out DIR` writes its "
+                           "base with the adapter merged in, which this reads")
     raise Gpt2kitError(f"{path} is not a GPT-2 checkpoint: expected config.json + model.safetensors "
                        "(HuggingFace), hparams.json + model.ckpt.* (OpenAI TF), or a gpt2kit run directory")
 

@@ -102,7 +102,7 @@ def write_llmc(out: Path, config: GPTConfig, sd: dict[str, torch.Tensor], n_voca
         raise Gpt2kitError(f"llm.c's MLP is 4 * n_embd wide; this model's is {config.n_inner}, which llm.c cannot hold")
     if config.activation != "gelu_new":
         raise Gpt2kitError("llm.c computes GPT-2's tanh GELU; this model uses the exact GELU (a nanoGPT model) and "
-                           "would compute differently there: convert it to --to hf, gguf or ctranslate2 instead")
+                           "would compute differently there: convert it to --to hf or ctranslate2 instead")
     if config.layer_norm_epsilon != 1e-5:
         raise Gpt2kitError(f"llm.c's LayerNorm epsilon is 1e-5; this model's is {config.layer_norm_epsilon}")
     v_model = config.vocab_size

@@ -4,6 +4,8 @@ TensorFlow checkpoint layout, an llm.c model file, a GGUF file (llama.cpp) or a 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from gpt2kit.layout import CONVERT_FORMATS as FORMATS
 
@@ -20,13 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "llama.cpp; --to ctranslate2, a CTranslate2 model directory.")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--to", choices=FORMATS, default="hf",
-                   help="hf: HuggingFace format (default); openai-tf: OpenAI's TensorFlow checkpoint, float32; "
+    p.add_argument("--to", choices=FORMATS, default=None,
+                   help="hf: HuggingFace format (default; gguf when OUT ends in .gguf, llmc when it ends in .bin); "
+                   "openai-tf: OpenAI's TensorFlow checkpoint, float32; "
                    "llmc: llm.c model file; gguf: llama.cpp (needs gpt2kit[gguf]); ctranslate2: CTranslate2 "
                    "(needs gpt2kit[ctranslate2])")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: keep; --to hf only); "
                    "float32 (default) or bfloat16 with --to llmc")
-    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"),
+    p.add_argument("--outtype", default=None, choices=("f32", "f16", "q8_0"),
                    help="--to gguf: the stored type of the weight matrices (default f16, as llama.cpp's converter)")
     p.add_argument("--quantization", default=None,
                    choices=("int8", "int8_float32", "int16", "float16", "bfloat16", "float32"),
@@ -37,9 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpt2kit.checkpoints import convert
     from gpt2kit.cli.common import setup_logging
+    from gpt2kit.errors import Gpt2kitError
 
     setup_logging()  # the warning for a source without vocabulary files
-    out = convert(args.src, args.out, dtype=args.dtype, to=args.to, outtype=args.outtype,
+    # without --to, the format OUT's name asks for
+    to = args.to or {".gguf": "gguf", ".bin": "llmc"}.get(Path(args.out).suffix.lower(), "hf")
+    for flag, value, target in (("--outtype", args.outtype, "gguf"), ("--quantization", args.quantization,
+                                                                      "ctranslate2")):
+        if value is not None and to != target:
+            raise Gpt2kitError(f"{flag} is for --to {target}, and this writes --to {to}: drop {flag}, or add "
+                               f"--to {target}")
+    if args.to is None and to != "hf":
+        print(f"note: writing {'a GGUF file' if to == 'gguf' else 'an llm.c model file'} (OUT ends in "
+              f"{Path(args.out).suffix}; --to hf writes a HuggingFace folder of that name)", file=sys.stderr)
+    out = convert(args.src, args.out, dtype=args.dtype, to=to, outtype=args.outtype or "f16",
                   quantization=args.quantization)
     print(f"wrote {out}")
     return 0
