@@ -147,6 +147,11 @@ def test_cli_tasks_and_their_errors(capsys, tiny_model_dir, tmp_path):
     assert rec["bits_per_byte"] == pytest.approx(math.log2(rec["byte_perplexity"]))
     code, out, _ = run(capsys, *m, "--task", "rolling", "--data", docs, "--field", "page")
     assert code == 0 and out.startswith("perplexity ") and "word_perplexity" in out
+    # a block longer than the context is scored in windows of the context, with a note as the default task gives
+    code, out2, err = run(capsys, *m, "--task", "rolling", "--data", docs, "--field", "page", "--block-size", 500)
+    assert code == 0 and out2 == out
+    assert err.startswith("note: --block-size 500 is longer than the model's context; scoring windows of 128 "
+                          "tokens\n")  # (then the progress bar)
     lam = tmp_path / "lambada.jsonl"
     lam.write_text("".join(json.dumps({"text": c + " sea"}) + "\n" for c in LAMBADA_CONTEXTS))
     code, out, _ = run(capsys, *m, "--task", "lambada", "--data", lam, "--format", "jsonl")

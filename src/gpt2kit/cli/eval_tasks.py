@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gpt2kit.cli.common import load_generator
@@ -44,6 +45,10 @@ def run_task(args: argparse.Namespace) -> int:
         data = tasks.read_choices(args.data[0], args.encoding)
     gen = load_generator(args)
     model, tok = gen.model, gen.tokenizer
+    n_ctx = model.config.n_positions
+    if args.block_size is not None and args.block_size > n_ctx:  # as the perplexity task says it
+        print(f"note: --block-size {args.block_size} is longer than the model's context; scoring windows of "
+              f"{n_ctx} tokens", file=sys.stderr)
     with progress_bar(total=None, unit="request", disable=args.format == "jsonl") as bar:
         if args.task == "rolling":
             r = tasks.rolling(model, tok, data, args.block_size, args.batch_size, args.detokenize, progress=bar.update)
