@@ -309,7 +309,7 @@ def push(path: str | Path, repo: str, *, private: bool = False, which: str = "au
         card = (picked.model_dir / "README.md").read_bytes()  # the directory's own card, as its author wrote it
     else:
         card = model_card(picked, repo, license=license, has_plot=has_plot).encode()
-    from huggingface_hub import constants  # lazy, as above
+    from huggingface_hub import constants  # lazy: slow to import; only pushing needs it
     if constants.HF_HUB_OFFLINE:
         raise Gpt2kitError(f"cannot push to {repo}: HF_HUB_OFFLINE is set; unset it to push")
     log.info("pushing %s to %s", picked.why, repo)

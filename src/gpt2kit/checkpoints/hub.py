@@ -70,8 +70,8 @@ def bound_timeouts() -> None:
         return
     _bounded = True
     try:
-        from huggingface_hub import set_client_factory
-        from huggingface_hub.utils._http import default_client_factory
+        from huggingface_hub import set_client_factory  # lazy: 1.x and later only (ImportError below)
+        from huggingface_hub.utils._http import default_client_factory  # lazy: likewise
     except ImportError:
         return
 
