@@ -126,13 +126,16 @@ def test_beam_search_ends_beams_at_endoftext_and_stop_strings(gen):
     assert stop not in cut.text and cut.finish_reason == "stop"
 
 
-def slow_contrastive(model, prompt, k, alpha, length):
+def slow_contrastive(model, prompt, k, alpha, length, process=None):
     """Su et al., 2022, eq. 5, straight from the definition: a full forward of every candidate continuation,
-    no cache. h is the last hidden state (ln_f's output)."""
+    no cache. h is the last hidden state (ln_f's output). `process` (transformers' logits processors: input
+    ids (1, T), logits (1, V) -> logits) is applied before the candidates are chosen, as transformers'
+    contrastive search applies them."""
     seq = list(prompt)
     for _ in range(length):
         h = model(torch.tensor([seq]), return_hidden=True)[0]  # (T, C)
-        p = F.softmax(model.lm_head(h[-1]).float(), dim=-1)
+        logits = model.lm_head(h[-1]).float()
+        p = F.softmax(logits if process is None else process(torch.tensor([seq]), logits[None])[0], dim=-1)
         probs, cand = p.topk(k)
         scores = []
         for pv, v in zip(probs.tolist(), cand.tolist()):
@@ -266,22 +269,6 @@ def test_beam_search_with_logits_processors_matches_transformers(request, ids, m
     assert changed  # the control changes some beams, so the comparison means something
 
 
-def slow_processed_contrastive(model, prompt, k, alpha, length, process):
-    """slow_contrastive with `process` (transformers' logits processors: input ids (1, T), logits (1, V) ->
-    logits) applied before the candidates are chosen, as transformers' contrastive search applies them."""
-    seq = list(prompt)
-    for _ in range(length):
-        h = model(torch.tensor([seq]), return_hidden=True)[0]  # (T, C)
-        p = F.softmax(process(torch.tensor([seq]), model.lm_head(h[-1]).float()[None])[0], dim=-1)
-        probs, cand = p.topk(k)
-        scores = []
-        for pv, v in zip(probs.tolist(), cand.tolist()):
-            hv = model(torch.tensor([seq + [v]]), return_hidden=True)[0, -1]
-            scores.append((1 - alpha) * pv - alpha * F.cosine_similarity(h, hv[None], dim=-1).max().item())
-        seq.append(cand[max(range(k), key=lambda i: scores[i])].item())
-    return seq[len(prompt):]
-
-
 @torch.inference_mode()
 def test_contrastive_search_with_logits_processors_matches_the_formula_on_processed_logits(gen, ids):
     from transformers import LogitsProcessorList
@@ -297,7 +284,7 @@ def test_contrastive_search_with_logits_processors_matches_the_formula_on_proces
     for prompt, out in zip(ids, outs):
         process = LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.3), OpenAIPenalties(len(prompt), 0.8, 0),
                                        lp.NoRepeatNGramLogitsProcessor(2)])
-        assert out.tokens == slow_processed_contrastive(gen.model, prompt, k, alpha, length, process)
+        assert out.tokens == slow_contrastive(gen.model, prompt, k, alpha, length, process)
 
 
 def test_beam_search_refuses_streaming_endless_and_more_samples_than_beams(gen):
